@@ -1,0 +1,3 @@
+from crossinit_cli.cli import main
+
+main()

@@ -1,0 +1,327 @@
+"""The command-line surface: Typer declarations only. Each command's work lives in `commands/`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+
+from crossinit_cli import __version__, ui
+from crossinit_cli.errors import CrossinitError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="crossinit",
+    help="Learn a face as a Stable Diffusion identity with Cross Initialization, then generate, edit, "
+    "evaluate and export it.\n\nExample: crossinit learn alice.jpg --fast && crossinit generate "
+    "'<alice> as an astronaut'",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_app = typer.Typer(
+    help="Show or change defaults (model, device, dtype, output dir) and where things live.\n\n"
+    "Example: crossinit config set model ./models/sd21-base",
+    no_args_is_help=False,
+    invoke_without_command=True,
+)
+app.add_typer(config_app, name="config")
+
+
+class State:
+    home: Path | None = None
+
+
+def _library() -> Any:
+    from crossinit_cli.config import library_home
+    from crossinit_cli.store import Library
+
+    return Library(library_home(State.home))
+
+
+def handles_errors(func: F) -> F:
+    """User mistakes -> one line on stderr and exit 1; Ctrl-C -> exit 130; no traceback either way."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            code = func(*args, **kwargs)
+        except CrossinitError as exc:
+            ui.error(str(exc))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            ui.error("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+        if code:
+            raise typer.Exit(code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"crossinit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    home: Annotated[
+        Optional[Path],
+        typer.Option("--home", envvar="CROSSINIT_HOME", help="Library location (default: your user data dir)."),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    State.home = home
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+class Format(str, Enum):
+    a1111 = "a1111"
+    a1111_pt = "a1111-pt"
+    diffusers = "diffusers"
+    official = "official"
+    invokeai = "invokeai"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    mps = "mps"
+    cpu = "cpu"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+@app.command("list")
+@handles_errors
+def list_cmd(as_json: JsonOpt = False) -> int:
+    """List stored identities.
+
+    Example: crossinit list --json | jq -r '.[].name'
+    """
+    from crossinit_cli.commands.library import list_identities
+
+    return list_identities(_library(), as_json=as_json)
+
+
+@app.command()
+@handles_errors
+def show(name: Annotated[str, typer.Argument(help="Identity name (case-insensitive).")], as_json: JsonOpt = False) -> int:
+    """Show everything stored about one identity, including its training record.
+
+    Example: crossinit show alice
+    """
+    from crossinit_cli.commands.library import show_identity
+
+    return show_identity(_library(), name, as_json=as_json)
+
+
+@app.command()
+@handles_errors
+def edit(
+    name: Annotated[str, typer.Argument(help="Identity name.")],
+    rename: Annotated[Optional[str], typer.Option("--rename", help="New name.")] = None,
+    note: Annotated[Optional[str], typer.Option("--note", help="Replace the notes ('' clears them).")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="Add a tag (repeatable).")] = None,
+    untag: Annotated[Optional[list[str]], typer.Option("--untag", help="Remove a tag (repeatable).")] = None,
+    strength: Annotated[
+        Optional[float],
+        typer.Option(
+            "--strength",
+            help="Scale the learned vectors' offset from their cross-init start: 1.0 = as learned, lower = "
+            "more editable, higher = more faithful. Reversible.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """Change a stored identity in place; with no flags, open its metadata in $EDITOR.
+
+    Example: crossinit edit alice --tag family --strength 0.8
+    """
+    from crossinit_cli.commands.library import edit_identity
+
+    return edit_identity(
+        _library(), name, rename=rename, note=note, tags=tag, untags=untag, strength=strength, as_json=as_json
+    )
+
+
+@app.command()
+@handles_errors
+def remove(
+    names: Annotated[list[str], typer.Argument(help="Identity names.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> int:
+    """Delete identities from the library.
+
+    Example: crossinit remove alice --yes
+    """
+    from crossinit_cli.commands.library import remove_identities
+
+    return remove_identities(_library(), names, yes=yes)
+
+
+@app.command()
+@handles_errors
+def export(
+    name: Annotated[str, typer.Argument(help="Identity name.")],
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="File layout (see docs/formats.md).")] = Format.a1111,
+    output: Annotated[
+        Optional[str],
+        typer.Option("--output", "-o", help="File, or folder (existing or ending in /), to write (default: ./<name>.<ext>)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Export an identity for AUTOMATIC1111, ComfyUI, Forge, InvokeAI, diffusers or the official code.
+
+    Example: crossinit export alice -o ~/stable-diffusion-webui/embeddings/
+    """
+    from crossinit_cli.commands.transfer import export_identity
+
+    return export_identity(_library(), name, fmt=fmt.value, output=output, force=force, as_json=as_json)
+
+
+@app.command("import")
+@handles_errors
+def import_cmd(
+    path: Annotated[Path, typer.Argument(help="Embedding file (.safetensors, .pt, .bin) or diffusers folder.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Name to store it under (default: from the file).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Base model it was learned on, to record.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Import an embedding file (any export format, or the official code's .bin).
+
+    Example: crossinit import 28017.bin --name celeb28017 --model stabilityai/stable-diffusion-2-1-base
+    """
+    from crossinit_cli.commands.transfer import import_identity
+
+    return import_identity(_library(), path, name=name, model=model, force=force, as_json=as_json)
+
+
+@app.command()
+@handles_errors
+def learn(
+    photos: Annotated[list[Path], typer.Argument(help="Photos (JPEG/PNG/WebP) or folders of them.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Identity name (default: first photo's stem).")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="The paper's fast mode (few dozen steps).")] = False,
+    full: Annotated[bool, typer.Option("--full", help="The paper's full mode: 320 steps, batch 8 (default).")] = False,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Override the number of steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Override the learning rate.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Override the batch size.")] = None,
+    reg_weight: Annotated[
+        Optional[float], typer.Option("--reg-weight", help="Override λ of the regulariser (1e-5).")
+    ] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")] = None,
+    device: Annotated[Optional[Device], typer.Option("--device", help="Where to train (default: auto).")] = None,
+    dtype: Annotated[Optional[Dtype], typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same result.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")] = False,
+    no_align: Annotated[bool, typer.Option("--no-align", help="Use photos as they are (no face alignment).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Learn an identity from photos of one person's face.
+
+    Example: crossinit learn alice.jpg --fast
+    """
+    if fast and full:
+        raise CrossinitError("choose one of --fast and --full")
+    from crossinit_cli.commands.learn import learn_identity
+
+    return learn_identity(
+        _library(), photos, name=name, mode="fast" if fast else "full", steps=steps, lr=lr,
+        batch_size=batch_size, reg_weight=reg_weight, model=model, device=device and device.value,
+        dtype=dtype and dtype.value, seed=seed, force=force, align=not no_align, quiet=quiet, as_json=as_json,
+    )
+
+
+@app.command()
+@handles_errors
+def generate(
+    prompt: Annotated[Optional[list[str]], typer.Argument(help="Prompt; name identities as <alice>.")] = None,
+    identity: Annotated[
+        Optional[str], typer.Option("--identity", "-i", help="Identity for a plain prompt ('a photo of <name>').")
+    ] = None,
+    n: Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")] = 1,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="First seed (image i uses seed + i).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps (default 30).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance (default 7.5).")] = None,
+    negative: Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")] = None,
+    size: Annotated[Optional[str], typer.Option("--size", help="WxH, multiples of 8 (default: model's size).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="dpm++ (default), ddim, euler, euler-a, pndm.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: config output_dir).")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="File of prompts, one a line; '-' for stdin.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")] = None,
+    device: Annotated[Optional[Device], typer.Option("--device", help="Where to sample (default: auto).")] = None,
+    dtype: Annotated[Optional[Dtype], typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
+    grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of each prompt's images.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Generate images with stored identities.
+
+    Example: crossinit generate "<alice> as an astronaut, oil painting" -n 4 --seed 7
+    """
+    from crossinit_cli.commands.generate import generate_images
+
+    return generate_images(
+        _library(), " ".join(prompt) if prompt else None, identity=identity, n=n, seed=seed, steps=steps,
+        guidance=guidance, negative=negative, size=size, scheduler=scheduler, out=out, prompts=prompts,
+        model=model, device=device and device.value, dtype=dtype and dtype.value, grid=grid, quiet=quiet,
+        as_json=as_json,
+    )
+
+
+@config_app.callback()
+@handles_errors
+def config_show(ctx: typer.Context, as_json: JsonOpt = False) -> int:
+    """Show the settings and the paths of the library and the config file."""
+    if ctx.invoked_subcommand is not None:
+        return 0
+    from crossinit_cli.commands.settings import show
+    from crossinit_cli.config import library_home
+
+    return show(library_home(State.home), as_json=as_json)
+
+
+@config_app.command("set")
+@handles_errors
+def config_set(
+    key: Annotated[str, typer.Argument(help="model, device, dtype or output_dir.")],
+    value: Annotated[str, typer.Argument(help="New value.")],
+) -> int:
+    """Set a default. Example: crossinit config set device cpu"""
+    from crossinit_cli.commands.settings import set_value
+
+    return set_value(key, value)
+
+
+@config_app.command("unset")
+@handles_errors
+def config_unset(key: Annotated[str, typer.Argument(help="model, device, dtype or output_dir.")]) -> int:
+    """Reset a default. Example: crossinit config unset device"""
+    from crossinit_cli.commands.settings import unset_value
+
+    return unset_value(key)
+
+
+def main() -> None:
+    app()

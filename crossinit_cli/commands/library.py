@@ -1,0 +1,189 @@
+"""`list`, `show`, `edit` and `remove`: looking at and changing stored identities (no torch needed)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from crossinit_cli import ui
+from crossinit_cli.errors import CrossinitError
+from crossinit_cli.store import Damaged, Identity, Library
+
+MAX_STRENGTH = 4.0
+
+
+def identity_record(library: Library, ident: Identity, *, detail: bool = False) -> dict[str, Any]:
+    """What `list --json` and `show --json` print for one identity."""
+    record = ident.to_dict()
+    record["token"] = ident.token
+    record["path"] = str(library.path_of(ident.name))
+    if detail:
+        import numpy as np
+
+        vectors = library.vectors(ident.name)
+        record["crops"] = [str(p) for p in library.crops(ident.name)]
+        record["vector_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.learned, axis=1)]
+        if vectors.init is not None:
+            record["init_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.init, axis=1)]
+    return record
+
+
+def _mode(ident: Identity) -> str:
+    steps = ident.training.get("steps")
+    mode = ident.training.get("mode") or ident.source.split(":")[0]
+    return f"{mode} ({steps} steps)" if steps else mode
+
+
+def list_identities(library: Library, *, as_json: bool) -> int:
+    entries = library.list()
+    if as_json:
+        records = []
+        for entry in entries:
+            if isinstance(entry, Damaged):
+                records.append({"name": entry.name, "damaged": True, "reason": entry.reason, "path": str(entry.path)})
+            else:
+                records.append({**identity_record(library, entry), "damaged": False})
+        ui.print_json(records)
+        return 0
+    if not entries:
+        ui.info(f"No identities yet in {library.home}. Learn one: crossinit learn photo.jpg --fast")
+        return 0
+    table = Table(box=None, pad_edge=False)
+    for column in ("name", "base model", "mode", "created", "tags", "notes"):
+        table.add_column(column, overflow="fold")
+    for entry in entries:
+        if isinstance(entry, Damaged):
+            table.add_row(escape(entry.name), f"[red]damaged: {escape(entry.reason)}[/]", "", "", "", "")
+            continue
+        table.add_row(
+            escape(entry.name), escape(entry.base_model), escape(_mode(entry)), entry.created[:10],
+            escape(", ".join(entry.tags)), escape(entry.notes.splitlines()[0] if entry.notes else ""),
+        )
+    ui.out().print(table)
+    damaged = sum(isinstance(e, Damaged) for e in entries)
+    if damaged:
+        ui.warn(f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}; `crossinit remove NAME` deletes one")
+    return 0
+
+
+def show_identity(library: Library, name: str, *, as_json: bool) -> int:
+    ident = library.get(name)
+    record = identity_record(library, ident, detail=True)
+    if as_json:
+        ui.print_json(record)
+        return 0
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in record.items():
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                table.add_row(f"{key}.{sub}", escape(str(subvalue)))
+        elif isinstance(value, list):
+            table.add_row(key, escape(", ".join(map(str, value))))
+        else:
+            table.add_row(key, escape(str(value)))
+    ui.out().print(table)
+    return 0
+
+
+def edit_identity(
+    library: Library,
+    name: str,
+    *,
+    rename: str | None = None,
+    note: str | None = None,
+    tags: list[str] | None = None,
+    untags: list[str] | None = None,
+    strength: float | None = None,
+    as_json: bool = False,
+) -> int:
+    ident = library.get(name)
+    changes: dict[str, Any] = {}
+    if note is not None:
+        changes["notes"] = note
+    if tags or untags:
+        new_tags = [t for t in ident.tags if t not in (untags or [])]
+        new_tags += [t for t in (tags or []) if t not in new_tags]
+        changes["tags"] = new_tags
+    if strength is not None:
+        if not 0.0 <= strength <= MAX_STRENGTH:
+            raise CrossinitError(f"--strength must be between 0 and {MAX_STRENGTH:g}, not {strength:g}")
+        if not ident.has_init:
+            raise CrossinitError(
+                f"identity {ident.name!r} has no cross-init start stored (it was imported), so its strength "
+                "cannot be scaled"
+            )
+        changes["strength"] = strength
+    nothing_asked = rename is None and not changes
+    if nothing_asked:
+        ident = _edit_in_editor(library, ident)
+    if changes:
+        ident = library.update(ident.name, **changes)
+    if rename is not None:
+        ident = library.rename(ident.name, rename)
+    if as_json:
+        ui.print_json(identity_record(library, ident))
+    else:
+        ui.info(f"updated [bold]{escape(ident.name)}[/]")
+    return 0
+
+
+def _edit_in_editor(library: Library, ident: Identity) -> Identity:
+    """Open the metadata in $VISUAL/$EDITOR as TOML and store what comes back."""
+    import tomli_w
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    if not editor:
+        raise CrossinitError("no edit flags given and $EDITOR is not set; see `crossinit edit --help`")
+    from crossinit_cli.store import _drop_none
+
+    text = tomli_w.dumps(_drop_none(ident.to_dict()))
+    with tempfile.TemporaryDirectory(prefix="crossinit-edit-") as tmp:
+        path = Path(tmp) / f"{library.path_of(ident.name).name}.toml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            done = subprocess.run([*shlex.split(editor), str(path)], check=False)
+        except OSError as exc:
+            raise CrossinitError(f"cannot run editor {editor!r}: {exc.strerror or exc}") from None
+        if done.returncode != 0:
+            raise CrossinitError(f"editor {editor!r} exited with status {done.returncode}; nothing changed")
+        edited = path.read_text(encoding="utf-8")
+    if edited == text:
+        ui.info("no changes")
+        return ident
+    try:
+        raw = tomllib.loads(edited)
+    except tomllib.TOMLDecodeError as exc:
+        raise CrossinitError(f"edited metadata is not valid TOML ({exc}); nothing changed") from None
+    return library.replace_meta(ident.name, raw)
+
+
+def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
+    for name in names:
+        library.get(name)  # every name must exist before anything is removed
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CrossinitError("refusing to remove without confirmation; pass --yes")
+        import typer
+
+        if not typer.confirm(f"Remove {', '.join(names)}? This deletes the learned vectors and crops"):
+            ui.info("nothing removed")
+            return 1
+    for name in names:
+        library.remove(name)
+        ui.info(f"removed [bold]{escape(name)}[/]")
+    return 0

@@ -1,0 +1,91 @@
+"""`export` and `import`: identities to and from the files other Stable Diffusion tools read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.markup import escape
+
+from crossinit_cli import formats, ui
+from crossinit_cli.errors import CrossinitError
+from crossinit_cli.store import Identity, Library, validate_name
+
+USAGE_HINTS = {
+    "a1111": "A1111/Forge: put it in stable-diffusion-webui/embeddings/ and write `{stem}` in a prompt; "
+    "ComfyUI: models/embeddings/, prompt `embedding:{stem}`",
+    "a1111-pt": "A1111: put it in stable-diffusion-webui/embeddings/ and write `{stem}` in a prompt",
+    "diffusers": 'pipe.load_textual_inversion("{path}", token="<{name}>"), then write <{name}> in a prompt',
+    "official": "the official Cross Initialization code's test scripts load it as learned embeddings",
+    "invokeai": "InvokeAI: put it in its models folder (or Model Manager > Add) and write <{stem}> in a prompt",
+}
+
+
+def _file_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".diffusers.safetensors", ".safetensors", ".pt", ".bin"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def export_identity(
+    library: Library, name: str, *, fmt: str, output: str | None, force: bool, as_json: bool
+) -> int:
+    if fmt not in formats.FORMATS:
+        raise CrossinitError(f"unknown format {fmt!r}; choose one of {', '.join(formats.FORMATS)}")
+    ident = library.get(name)
+    filename = formats.default_filename(ident.name, fmt)
+    if output is None:
+        path = Path.cwd() / filename
+    elif Path(output).is_dir() or output.endswith(("/", "\\")):
+        path = Path(output).expanduser() / filename
+    else:
+        path = Path(output).expanduser()
+    if path.exists() and not force:
+        raise CrossinitError(f"{path} already exists; pass --force to overwrite it")
+    vectors = library.effective_vectors(ident.name)
+    formats.export_vectors(
+        vectors, ident.name, fmt, path, base_model=ident.base_model, steps=int(ident.training.get("steps", 0))
+    )
+    hint = USAGE_HINTS[fmt].format(stem=_file_stem(path), name=ident.name, path=path)
+    if as_json:
+        ui.print_json(
+            {"name": ident.name, "format": fmt, "path": str(path), "shape": list(vectors.shape),
+             "strength": ident.strength, "usage": hint}
+        )
+    else:
+        ui.info(f"exported [bold]{escape(ident.name)}[/] ({fmt}) to {escape(str(path))}")
+        ui.info(escape(hint))
+    return 0
+
+
+def import_identity(
+    library: Library, path: Path, *, name: str | None, model: str | None, force: bool, as_json: bool
+) -> int:
+    loaded = formats.read_embedding_file(path)
+    chosen = name or loaded.suggested_name or _file_stem(path)
+    try:
+        chosen = validate_name(chosen)
+    except CrossinitError as exc:
+        if name:
+            raise
+        raise CrossinitError(f"{exc}; pass --name to choose a name") from None
+    tokens, width = loaded.vectors.shape
+    ident = Identity(
+        name=chosen,
+        tokens=tokens,
+        width=width,
+        base_model=model or loaded.base_model or "",
+        source=f"import:{loaded.layout}:{Path(path).resolve()}",
+        training={"steps": loaded.steps} if loaded.steps else {},
+    )
+    target = library.add(ident, loaded.vectors, force=force)
+    if as_json:
+        from crossinit_cli.commands.library import identity_record
+
+        ui.print_json(identity_record(library, library.get(chosen)))
+    else:
+        ui.info(
+            f"imported [bold]{escape(chosen)}[/] ({tokens}x{width}, {loaded.layout} layout) into {escape(str(target))}"
+        )
+    return 0

@@ -1,0 +1,100 @@
+"""Where things live (library home, config file) and the user's defaults in `config.toml`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from crossinit_cli.errors import CrossinitError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+APP_NAME = "crossinit"
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def library_home(override: Path | None = None) -> Path:
+    """The library directory: --home, then CROSSINIT_HOME, then the platform's user data dir."""
+    if override is not None:
+        return Path(override).expanduser()
+    env = os.environ.get("CROSSINIT_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def config_path() -> Path:
+    """The config file: CROSSINIT_CONFIG, then `config.toml` in the platform's user config dir."""
+    env = os.environ.get("CROSSINIT_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "config.toml"
+
+
+@dataclass
+class Config:
+    """User defaults; a command-line flag always wins over these."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    output_dir: str = "crossinit-out"
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def validate_key(key: str) -> str:
+    if key not in Config.keys():
+        raise CrossinitError(f"unknown config key {key!r}; known keys: {', '.join(Config.keys())}")
+    return key
+
+
+def validate(key: str, value: str) -> str:
+    validate_key(key)
+    if key == "device" and value not in DEVICES:
+        raise CrossinitError(f"device must be one of {', '.join(DEVICES)}, not {value!r}")
+    if key == "dtype" and value not in DTYPES:
+        raise CrossinitError(f"dtype must be one of {', '.join(DTYPES)}, not {value!r}")
+    if not value.strip():
+        raise CrossinitError(f"{key} cannot be empty")
+    return value
+
+
+def load_config(path: Path | None = None) -> Config:
+    path = path or config_path()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return Config()
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise CrossinitError(f"cannot read config {path}: {exc}; fix or delete it") from None
+    config = Config()
+    for key, value in raw.items():
+        if key in Config.keys() and isinstance(value, str):
+            setattr(config, key, validate(key, value))
+    return config
+
+
+def save_config(config: Config, path: Path | None = None) -> Path:
+    import tomli_w
+
+    from crossinit_cli.atomic import write_bytes_atomic
+
+    path = path or config_path()
+    defaults = Config()
+    changed = {k: v for k, v in asdict(config).items() if v != getattr(defaults, k)}
+    write_bytes_atomic(path, tomli_w.dumps(changed).encode())
+    return path

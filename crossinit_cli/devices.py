@@ -1,0 +1,131 @@
+"""Which device and precision to run on, and loading a Stable Diffusion model from wherever it lives.
+
+`--device auto` picks CUDA, then Apple MPS, then the CPU. Precision follows SPEC 6: bf16 (or fp16 where
+bf16 is unsupported) autocast on CUDA, fp32 on the CPU, fp32 weights on MPS for training and fp16 for
+sampling. A model is a hub id (from the local cache; `HF_HUB_OFFLINE` respected), a local diffusers
+folder, or a single-file `.safetensors`/`.ckpt` checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crossinit_cli.errors import CrossinitError
+
+if TYPE_CHECKING:
+    import torch
+
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a job runs: `device` ("cuda", "mps", "cpu"), `dtype` name and why it was chosen."""
+
+    device: str
+    dtype: str
+    reason: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, _DTYPE_NAMES[self.dtype])
+
+
+def resolve_device(requested: str = "auto") -> tuple[str, str]:
+    """(device, reason) for `--device`; an explicit device that is not there is a user error."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda", f"CUDA is available ({torch.cuda.get_device_name(0)})"
+        if has_mps:
+            return "mps", "Apple MPS is available"
+        return "cpu", "no CUDA or MPS device found"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise CrossinitError("--device cuda was asked for, but torch sees no CUDA device (CPU-only torch build?)")
+        return "cuda", "asked for with --device cuda"
+    if requested == "mps":
+        if not has_mps:
+            raise CrossinitError("--device mps was asked for, but MPS is not available on this machine")
+        return "mps", "asked for with --device mps"
+    if requested == "cpu":
+        return "cpu", "asked for with --device cpu"
+    raise CrossinitError(f"unknown device {requested!r}; use auto, cuda, mps or cpu")
+
+
+def resolve(requested_device: str = "auto", requested_dtype: str = "auto", *, training: bool = False) -> Placement:
+    """The device and the compute precision for a job."""
+    device, reason = resolve_device(requested_device)
+    if requested_dtype != "auto":
+        if requested_dtype not in _DTYPE_NAMES:
+            raise CrossinitError(f"unknown dtype {requested_dtype!r}; use auto, fp32, fp16 or bf16")
+        if device == "cpu" and requested_dtype == "fp16":
+            raise CrossinitError("fp16 is not supported on the CPU; use fp32 or bf16")
+        return Placement(device, requested_dtype, reason)
+    if device == "cuda":
+        import torch
+
+        return Placement(device, "bf16" if torch.cuda.is_bf16_supported() else "fp16", reason)
+    if device == "mps":
+        return Placement(device, "fp32" if training else "fp16", reason)
+    return Placement(device, "fp32", reason)
+
+
+def _missing_model(model: str) -> CrossinitError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    how = (
+        f"download it once with `hf download {model}` (or `huggingface-cli download {model}`), "
+        "or pass --model with a local diffusers folder or .safetensors checkpoint"
+    )
+    state = "offline mode (HF_HUB_OFFLINE) is on and it is not in the local cache" if offline else (
+        "it is neither a local path nor a model that could be fetched"
+    )
+    return CrossinitError(f"model {model!r} is not available: {state}; {how}")
+
+
+def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
+    """A StableDiffusionPipeline from a hub id, a diffusers folder or a single-file checkpoint, on the CPU."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(model).expanduser()
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        if path.is_file():
+            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise CrossinitError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+            return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+        if model.startswith((".", "/", "~")) or model.count("/") != 1:
+            raise CrossinitError(f"model {model!r}: no such file or folder, and not a hub id like owner/name")
+        return StableDiffusionPipeline.from_pretrained(model, **kwargs)
+    except CrossinitError:
+        raise
+    except OSError as exc:
+        # huggingface_hub's "not found / not cached / offline" errors are all OSError subclasses.
+        if path.exists():
+            raise CrossinitError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
+        raise _missing_model(model) from None
+
+
+def text_width(text_encoder: Any) -> int:
+    """The width of the text encoder's token embeddings (768 for SD 1.x, 1024 for SD 2.x)."""
+    return int(text_encoder.get_input_embeddings().weight.shape[1])
+
+
+def check_width(identity_name: str, identity_width: int, model: str, width: int) -> None:
+    if identity_width != width:
+        raise CrossinitError(
+            f"identity {identity_name!r} has {identity_width}-wide vectors but model {model!r} has a "
+            f"{width}-wide text encoder; use the base model it was learned on"
+        )

@@ -1,0 +1,401 @@
+"""The identity library: one directory per identity, written atomically under a library-wide lock.
+
+Layout under the library home:
+
+    identities/<key>/meta.toml            metadata (schema, name, base model, training record, ...)
+    identities/<key>/vectors.safetensors  "learned" float32[k, width], and "init" (the cross-init start)
+    identities/<key>/crops/000.png        the aligned face crops it was learned from
+    .lock                                 held while anything is written
+    .staging/                             entries being assembled (always under the lock)
+    .trash/                               entries being replaced or removed (restored if a write died)
+
+`<key>` is the name NFKC-normalised and case-folded, so names match case-insensitively. A new entry is
+assembled in `.staging/` and renamed into place, so a reader (or a process killed at any moment) sees the
+library before or after a write, never between. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import unicodedata
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crossinit_cli.atomic import TEMP_PREFIX, write_bytes_atomic
+from crossinit_cli.errors import CrossinitError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+SCHEMA = 1
+META = "meta.toml"
+VECTORS = "vectors.safetensors"
+CROPS = "crops"
+MAX_NAME = 64
+MAX_TOKENS = 16
+LOCK_TIMEOUT_S = 60.0
+_NAME_RE = re.compile(r"^\w[\w.\-]*$")
+_RESERVED = {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def validate_name(name: str) -> str:
+    """Return the name as stored (NFKC-normalised) or raise a one-line CrossinitError saying why not."""
+    shown = name.encode("unicode_escape").decode("ascii")[:80]
+    norm = unicodedata.normalize("NFKC", name)
+    if not norm:
+        raise CrossinitError("identity name is empty")
+    if len(norm) > MAX_NAME:
+        raise CrossinitError(f"identity name is {len(norm)} characters long; the limit is {MAX_NAME}")
+    if any(unicodedata.category(c).startswith("C") for c in norm):
+        raise CrossinitError(f"identity name {shown!r} contains control or invisible characters")
+    if "/" in norm or "\\" in norm or ".." in norm:
+        raise CrossinitError(f"identity name {shown!r} may not contain '/', '\\' or '..'")
+    if not _NAME_RE.match(norm):
+        raise CrossinitError(
+            f"identity name {shown!r} must start with a letter or digit and use only letters, digits, "
+            "'_', '-' and '.'"
+        )
+    if norm.split(".")[0].casefold() in _RESERVED:
+        raise CrossinitError(f"identity name {shown!r} is reserved on Windows; pick another")
+    return norm
+
+
+def name_key(name: str) -> str:
+    """The case-insensitive key an identity is stored under."""
+    return validate_name(name).casefold()
+
+
+@dataclass
+class Identity:
+    """Everything stored about one identity except its tensors and crops."""
+
+    name: str
+    tokens: int
+    width: int
+    base_model: str = ""
+    encoder_fingerprint: str = ""
+    has_init: bool = False
+    strength: float = 1.0
+    notes: str = ""
+    tags: list[str] = field(default_factory=list)
+    source: str = "learn"
+    created: str = field(default_factory=now)
+    modified: str = field(default_factory=now)
+    training: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    schema: int = SCHEMA
+
+    @property
+    def token(self) -> str:
+        """How prompts name this identity."""
+        return f"<{self.name}>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Identity:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in raw.items() if k in known}
+        ident = cls(**values)
+        if not isinstance(ident.name, str) or not isinstance(ident.tokens, int) or not isinstance(ident.width, int):
+            raise ValueError("name, tokens and width must be a string and two integers")
+        if not 1 <= ident.tokens <= MAX_TOKENS or ident.width < 1:
+            raise ValueError(f"tokens={ident.tokens} width={ident.width} out of range")
+        if ident.schema > SCHEMA:
+            raise ValueError(f"schema {ident.schema} is newer than this crossinit ({SCHEMA}); upgrade")
+        ident.tags = [str(t) for t in ident.tags]
+        ident.strength = float(ident.strength)
+        return ident
+
+
+@dataclass
+class Damaged:
+    """An entry that could not be read; `list` shows it instead of failing."""
+
+    name: str
+    path: Path
+    reason: str
+
+
+@dataclass
+class Vectors:
+    learned: np.ndarray
+    init: np.ndarray | None
+
+    def at_strength(self, strength: float) -> np.ndarray:
+        """init + strength * (learned - init): 1.0 is as learned, 0.0 the cross-init start."""
+        if self.init is None or strength == 1.0:
+            return self.learned.copy()
+        return (self.init + strength * (self.learned - self.init)).astype("float32")
+
+
+def check_vectors(array: np.ndarray, what: str) -> np.ndarray:
+    """A [k, width] finite float32 array, or a CrossinitError naming what is wrong."""
+    import numpy as np
+
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or not 1 <= array.shape[0] <= MAX_TOKENS or array.shape[1] < 1:
+        raise CrossinitError(f"{what}: expected vectors of shape [k, width] with k <= {MAX_TOKENS}, got {list(array.shape)}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise CrossinitError(f"{what}: expected floating-point vectors, got {array.dtype}")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise CrossinitError(f"{what}: vectors contain NaN or infinite values")
+    return array
+
+
+class Library:
+    """The identity library at `home`. Usable from Python: `Library(home).list()`."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)
+        self.entries = self.home / "identities"
+        self._staging = self.home / ".staging"
+        self._trash = self.home / ".trash"
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def path_of(self, name: str) -> Path:
+        return self.entries / name_key(name)
+
+    def exists(self, name: str) -> bool:
+        return (self.path_of(name) / META).is_file()
+
+    def list(self) -> list[Identity | Damaged]:
+        """Every entry, sorted by name; unreadable ones as `Damaged`."""
+        if not self.entries.is_dir():
+            return []
+        found: list[Identity | Damaged] = []
+        for path in sorted(self.entries.iterdir()):
+            if path.name.startswith(".") or not path.is_dir():
+                continue
+            try:
+                found.append(self._read_meta(path))
+            except CrossinitError as exc:
+                found.append(Damaged(path.name, path, str(exc)))
+        return found
+
+    def get(self, name: str) -> Identity:
+        path = self.path_of(name)
+        if not path.is_dir():
+            raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
+        return self._read_meta(path)
+
+    def vectors(self, name: str) -> Vectors:
+        import numpy as np
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        path = self.path_of(name) / VECTORS
+        try:
+            tensors = load_file(str(path))
+            learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
+            init = tensors.get("init")
+            init = None if init is None else check_vectors(np.asarray(init), f"identity {name!r} init")
+        except (OSError, KeyError, SafetensorError, ValueError) as exc:
+            raise CrossinitError(f"identity {name!r} is damaged: cannot read {path.name} ({exc})") from None
+        return Vectors(learned, init)
+
+    def effective_vectors(self, name: str) -> np.ndarray:
+        """The vectors prompts use: the learned ones at the identity's stored strength."""
+        return self.vectors(name).at_strength(self.get(name).strength)
+
+    def crops(self, name: str) -> list[Path]:
+        folder = self.path_of(name) / CROPS
+        return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+    def _read_meta(self, path: Path) -> Identity:
+        try:
+            raw = tomllib.loads((path / META).read_text(encoding="utf-8"))
+            ident = Identity.from_dict(raw)
+        except FileNotFoundError:
+            raise CrossinitError(f"entry {path.name!r} is damaged: {META} is missing") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CrossinitError(f"entry {path.name!r} is damaged: {reason}") from None
+        if not (path / VECTORS).is_file():
+            raise CrossinitError(f"entry {path.name!r} is damaged: {VECTORS} is missing")
+        # The directory is the source of truth for the key; a rename killed between its two steps
+        # leaves an old display name, which we correct on read.
+        if ident.name.casefold() != path.name:
+            ident.name = path.name
+        return ident
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the library-wide write lock (released by the OS if this process dies)."""
+        from filelock import FileLock, Timeout
+
+        try:
+            self.entries.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.home / ".lock"), timeout=LOCK_TIMEOUT_S)
+            lock.acquire()
+        except Timeout:
+            raise CrossinitError(
+                f"the library at {self.home} stayed locked by another crossinit process for "
+                f"{LOCK_TIMEOUT_S:.0f} s; try again"
+            ) from None
+        except OSError as exc:
+            raise CrossinitError(f"cannot write to the library at {self.home}: {exc.strerror or exc}") from None
+        try:
+            self._recover()
+            yield
+        finally:
+            lock.release()
+
+    def _recover(self) -> None:
+        """Finish or undo what a killed process left: staging dirs, trashed entries, temp files."""
+        if self._staging.is_dir():
+            shutil.rmtree(self._staging, ignore_errors=True)
+        if self._trash.is_dir():
+            for item in self._trash.iterdir():
+                key = item.name.split("~")[0]
+                target = self.entries / key
+                if not target.exists() and (item / META).is_file():
+                    item.rename(target)
+                else:
+                    shutil.rmtree(item, ignore_errors=True)
+        for tmp in self.entries.glob(f"*/{TEMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+
+    def add(
+        self,
+        identity: Identity,
+        learned: np.ndarray,
+        init: np.ndarray | None = None,
+        crops: Sequence[Image.Image] = (),
+        *,
+        force: bool = False,
+    ) -> Path:
+        """Store a new identity (replace an existing one only with `force`); returns its directory."""
+        from safetensors.numpy import save_file
+
+        identity.name = validate_name(identity.name)
+        learned = check_vectors(learned, f"identity {identity.name!r}")
+        tensors = {"learned": learned}
+        if init is not None:
+            init = check_vectors(init, f"identity {identity.name!r} init")
+            if init.shape != learned.shape:
+                raise CrossinitError(f"init shape {list(init.shape)} differs from learned {list(learned.shape)}")
+            tensors["init"] = init
+        identity.tokens, identity.width = learned.shape
+        identity.has_init = init is not None
+        identity.modified = now()
+        key = name_key(identity.name)
+        with self.locked():
+            target = self.entries / key
+            if target.exists() and not force:
+                raise CrossinitError(
+                    f"identity {identity.name!r} already exists; pass --force to replace it"
+                )
+            stage = self._staging / f"{key}~{uuid.uuid4().hex}"
+            try:
+                (stage / CROPS).mkdir(parents=True)
+                save_file(tensors, str(stage / VECTORS))
+                for i, crop in enumerate(crops):
+                    crop.save(stage / CROPS / f"{i:03d}.png")
+                (stage / META).write_bytes(_dump(identity))
+                if target.exists():
+                    self._trash.mkdir(exist_ok=True)
+                    old = self._trash / f"{key}~{uuid.uuid4().hex}"
+                    target.rename(old)
+                    stage.rename(target)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    stage.rename(target)
+            except OSError as exc:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise CrossinitError(f"cannot write identity {identity.name!r}: {exc.strerror or exc}") from None
+        return target
+
+    def update(self, name: str, **changes: Any) -> Identity:
+        """Change metadata fields of one identity in place (atomically)."""
+        with self.locked():
+            ident = self.get(name)
+            for key, value in changes.items():
+                if key not in Identity.__dataclass_fields__ or key in {"name", "tokens", "width", "schema"}:
+                    raise CrossinitError(f"field {key!r} cannot be changed this way")
+                setattr(ident, key, value)
+            ident.modified = now()
+            write_bytes_atomic(self.path_of(ident.name) / META, _dump(ident))
+            return ident
+
+    def replace_meta(self, name: str, raw: dict[str, Any]) -> Identity:
+        """Store edited metadata (from $EDITOR); name, tokens and width must stay as they are."""
+        with self.locked():
+            current = self.get(name)
+            try:
+                ident = Identity.from_dict(raw)
+            except (TypeError, ValueError) as exc:
+                raise CrossinitError(f"edited metadata is invalid: {exc}") from None
+            for fixed in ("tokens", "width", "has_init"):
+                if getattr(ident, fixed) != getattr(current, fixed):
+                    raise CrossinitError(f"{fixed!r} cannot be edited")
+            if ident.name.casefold() != current.name.casefold():
+                raise CrossinitError("use `crossinit edit NAME --rename NEW` to rename")
+            ident.name = validate_name(ident.name)
+            ident.modified = now()
+            write_bytes_atomic(self.path_of(name) / META, _dump(ident))
+            return ident
+
+    def rename(self, old: str, new: str) -> Identity:
+        new = validate_name(new)
+        with self.locked():
+            ident = self.get(old)
+            source, target = self.path_of(old), self.path_of(new)
+            if target.exists() and target != source:
+                raise CrossinitError(f"identity {new!r} already exists")
+            # The directory rename is the commit point; the display name follows.
+            if target != source:
+                source.rename(target)
+            ident.name = new
+            ident.modified = now()
+            write_bytes_atomic(target / META, _dump(ident))
+            return ident
+
+    def remove(self, name: str) -> None:
+        with self.locked():
+            path = self.path_of(name)
+            if not path.is_dir():
+                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
+            self._trash.mkdir(exist_ok=True)
+            # Renamed to a name `_recover` will not restore (its key part cannot match an entry).
+            gone = self._trash / f"~removed~{uuid.uuid4().hex}"
+            path.rename(gone)
+            shutil.rmtree(gone, ignore_errors=True)
+
+
+def _dump(identity: Identity) -> bytes:
+    import tomli_w
+
+    return tomli_w.dumps(_drop_none(identity.to_dict())).encode("utf-8")
+
+
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: drop None values (recursively)."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value if v is not None]
+    return value

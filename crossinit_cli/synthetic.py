@@ -1,0 +1,189 @@
+"""Randomly initialised Stable Diffusion pipelines built on disk, offline.
+
+`build_tiny_sd` makes a small model (seconds to build, milliseconds a step) with the same structure as
+SD 1.x/2.x: the tests and the CPU benchmark run crossinit's real code paths on it. `build_full_size_sd21`
+makes a random-init model with SD 2.1-base's exact shapes, which costs the same per step as the real
+weights: the GPU benchmark times it. Neither is a model anyone should generate pictures with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from functools import cache
+from pathlib import Path
+
+from crossinit_cli import resources
+
+_EXTRA_CORPUS = (
+    "a photo of the face of person portrait rendering cropped close-up bright dark clean dirty good cool "
+    "nice small weird large man woman smiling sad angry wearing hat glasses in the style of painting "
+    "sitting beach city night snow forest red blue green with on at by an is it"
+)
+
+
+@cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _train_bpe(words: list[str], merges_wanted: int) -> list[tuple[str, str]]:
+    """A few hundred CLIP-style BPE merges (words end in '</w>') learned from `words`."""
+    table = bytes_to_unicode()
+    counts = Counter(words)
+    split = {w: [table[b] for b in w.encode()] for w in counts}
+    for symbols in split.values():
+        symbols[-1] += "</w>"
+    merges: list[tuple[str, str]] = []
+    for _ in range(merges_wanted):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, symbols in split.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += counts[word]
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda item: (item[1], item[0]))[0]
+        merges.append(best)
+        for word, symbols in split.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            split[word] = out
+    return merges
+
+
+def write_tokenizer(folder: Path, merges_wanted: int = 400) -> int:
+    """Write a CLIP tokenizer (vocab.json, merges.txt) trained on the celebrity names; returns its size."""
+    names = resources.celeb_names()
+    words = [w.lower() for line in names for w in line.split()] + _EXTRA_CORPUS.split() * 3
+    merges = _train_bpe(words, merges_wanted)
+    chars = list(bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def build_tiny_sd(
+    folder: Path, *, width: int = 32, prediction_type: str = "epsilon", seed: int = 0
+) -> Path:
+    """A tiny random SD pipeline saved as a diffusers folder (64 px images, text width `width`)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tok_dir = folder / "_tokenizer_src"
+    write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer(
+        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=width * 2,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=width,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=width,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:
+    """A random-init model with stable-diffusion-2-1-base's shapes (865M UNet, 1024-wide OpenCLIP-H text)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tok_dir = folder / "_tokenizer_src"
+    write_tokenizer(tok_dir, merges_wanted=400)
+    tokenizer = CLIPTokenizer(
+        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77, pad_token="!",
+    )
+    torch.manual_seed(seed)
+    # The real vocabulary has 49408 rows; the cost of the table does not depend on the tokenizer.
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+            num_hidden_layers=23, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, layers_per_block=2, sample_size=512,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder

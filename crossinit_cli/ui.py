@@ -1,0 +1,43 @@
+"""Terminal output: data on stdout (rich tables, or one JSON document with --json), messages on stderr.
+
+rich honours NO_COLOR and drops styling when the stream is not a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import cache
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+
+@cache
+def out() -> Console:
+    return Console(highlight=False)
+
+
+@cache
+def err() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    """The one JSON document a --json command prints; nothing else goes to stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    err().print(message, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err().print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
+def error(message: str) -> None:
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    err().print(f"[bold red]error:[/] {escape(first)}", soft_wrap=True)

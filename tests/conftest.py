@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny random SD pipeline built once per session, and an isolated library/config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+DATA = Path(__file__).parent / "data"
+OFFICIAL = sorted((DATA / "official").glob("*.bin"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 1.x/2.x-shaped pipeline on disk (text width 32, 64 px images, epsilon)."""
+    from crossinit_cli.synthetic import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny pipeline with a v-prediction scheduler."""
+    from crossinit_cli.synthetic import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty library and config of this test's own (also for subprocesses, through the env)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("CROSSINIT_HOME", str(home))
+    monkeypatch.setenv("CROSSINIT_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.delenv("EDITOR", raising=False)
+    monkeypatch.delenv("VISUAL", raising=False)
+    return home
+
+
+@pytest.fixture()
+def library(home: Path):
+    from crossinit_cli.store import Library
+
+    return Library(home)
+
+
+@pytest.fixture()
+def cli(home: Path):
+    """Run the CLI in-process: cli("list", "--json") -> click Result (stdout and stderr separate)."""
+    from crossinit_cli.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: str, input: str | None = None):
+        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return run
