@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -74,7 +74,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     home: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--home", envvar="CROSSINIT_HOME", help="Library location (default: your user data dir)."),
     ] = None,
     version: Annotated[
@@ -123,7 +123,9 @@ def list_cmd(as_json: JsonOpt = False) -> int:
 
 @app.command()
 @handles_errors
-def show(name: Annotated[str, typer.Argument(help="Identity name (case-insensitive).")], as_json: JsonOpt = False) -> int:
+def show(
+    name: Annotated[str, typer.Argument(help="Identity name (case-insensitive).")], as_json: JsonOpt = False
+) -> int:
     """Show everything stored about one identity, including its training record.
 
     Example: crossinit show alice
@@ -137,12 +139,12 @@ def show(name: Annotated[str, typer.Argument(help="Identity name (case-insensiti
 @handles_errors
 def edit(
     name: Annotated[str, typer.Argument(help="Identity name.")],
-    rename: Annotated[Optional[str], typer.Option("--rename", help="New name.")] = None,
-    note: Annotated[Optional[str], typer.Option("--note", help="Replace the notes ('' clears them).")] = None,
-    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="Add a tag (repeatable).")] = None,
-    untag: Annotated[Optional[list[str]], typer.Option("--untag", help="Remove a tag (repeatable).")] = None,
+    rename: Annotated[str | None, typer.Option("--rename", help="New name.")] = None,
+    note: Annotated[str | None, typer.Option("--note", help="Replace the notes ('' clears them).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Add a tag (repeatable).")] = None,
+    untag: Annotated[list[str] | None, typer.Option("--untag", help="Remove a tag (repeatable).")] = None,
     strength: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--strength",
             help="Scale the learned vectors' offset from their cross-init start: 1.0 = as learned, lower = "
@@ -183,8 +185,10 @@ def export(
     name: Annotated[str, typer.Argument(help="Identity name.")],
     fmt: Annotated[Format, typer.Option("--format", "-f", help="File layout (see docs/formats.md).")] = Format.a1111,
     output: Annotated[
-        Optional[str],
-        typer.Option("--output", "-o", help="File, or folder (existing or ending in /), to write (default: ./<name>.<ext>)."),
+        str | None,
+        typer.Option(
+            "--output", "-o", help="File, or folder (existing or ending in /), to write (default: ./<name>.<ext>)."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
     as_json: JsonOpt = False,
@@ -202,8 +206,8 @@ def export(
 @handles_errors
 def import_cmd(
     path: Annotated[Path, typer.Argument(help="Embedding file (.safetensors, .pt, .bin) or diffusers folder.")],
-    name: Annotated[Optional[str], typer.Option("--name", help="Name to store it under (default: from the file).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Base model it was learned on, to record.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Name to store it under (default: from the file).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Base model it was learned on, to record.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")] = False,
     as_json: JsonOpt = False,
 ) -> int:
@@ -220,18 +224,18 @@ def import_cmd(
 @handles_errors
 def learn(
     photos: Annotated[list[Path], typer.Argument(help="Photos (JPEG/PNG/WebP) or folders of them.")],
-    name: Annotated[Optional[str], typer.Option("--name", help="Identity name (default: first photo's stem).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Identity name (default: first photo's stem).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="The paper's fast mode (few dozen steps).")] = False,
     full: Annotated[bool, typer.Option("--full", help="The paper's full mode: 320 steps, batch 8 (default).")] = False,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Override the number of steps.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Override the learning rate.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Override the batch size.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Override the number of steps.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Override the learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Override the batch size.")] = None,
     reg_weight: Annotated[
-        Optional[float], typer.Option("--reg-weight", help="Override λ of the regulariser (1e-5).")
+        float | None, typer.Option("--reg-weight", help="Override λ of the regulariser (1e-5).")
     ] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")] = None,
-    device: Annotated[Optional[Device], typer.Option("--device", help="Where to train (default: auto).")] = None,
-    dtype: Annotated[Optional[Dtype], typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")] = None,
+    device: Annotated[Device | None, typer.Option("--device", help="Where to train (default: auto).")] = None,
+    dtype: Annotated[Dtype | None, typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same result.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")] = False,
     no_align: Annotated[bool, typer.Option("--no-align", help="Use photos as they are (no face alignment).")] = False,
@@ -247,31 +251,50 @@ def learn(
     from crossinit_cli.commands.learn import learn_identity
 
     return learn_identity(
-        _library(), photos, name=name, mode="fast" if fast else "full", steps=steps, lr=lr,
-        batch_size=batch_size, reg_weight=reg_weight, model=model, device=device and device.value,
-        dtype=dtype and dtype.value, seed=seed, force=force, align=not no_align, quiet=quiet, as_json=as_json,
+        _library(),
+        photos,
+        name=name,
+        mode="fast" if fast else "full",
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        reg_weight=reg_weight,
+        model=model,
+        device=device and device.value,
+        dtype=dtype and dtype.value,
+        seed=seed,
+        force=force,
+        align=not no_align,
+        quiet=quiet,
+        as_json=as_json,
     )
 
 
 @app.command()
 @handles_errors
 def generate(
-    prompt: Annotated[Optional[list[str]], typer.Argument(help="Prompt; name identities as <alice>.")] = None,
+    prompt: Annotated[list[str] | None, typer.Argument(help="Prompt; name identities as <alice>.")] = None,
     identity: Annotated[
-        Optional[str], typer.Option("--identity", "-i", help="Identity for a plain prompt ('a photo of <name>').")
+        str | None, typer.Option("--identity", "-i", help="Identity for a plain prompt ('a photo of <name>').")
     ] = None,
     n: Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")] = 1,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="First seed (image i uses seed + i).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps (default 30).")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance (default 7.5).")] = None,
-    negative: Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")] = None,
-    size: Annotated[Optional[str], typer.Option("--size", help="WxH, multiples of 8 (default: model's size).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="dpm++ (default), ddim, euler, euler-a, pndm.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: config output_dir).")] = None,
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="File of prompts, one a line; '-' for stdin.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")] = None,
-    device: Annotated[Optional[Device], typer.Option("--device", help="Where to sample (default: auto).")] = None,
-    dtype: Annotated[Optional[Dtype], typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="First seed (image i uses seed + i).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampling steps (default 30).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help="Classifier-free guidance (default 7.5).")
+    ] = None,
+    negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt.")] = None,
+    size: Annotated[str | None, typer.Option("--size", help="WxH, multiples of 8 (default: model's size).")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option("--scheduler", help="dpm++ (default), ddim, euler, euler-a, pndm.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: config output_dir).")] = None,
+    prompts: Annotated[
+        str | None, typer.Option("--prompts", help="File of prompts, one a line; '-' for stdin.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")] = None,
+    device: Annotated[Device | None, typer.Option("--device", help="Where to sample (default: auto).")] = None,
+    dtype: Annotated[Dtype | None, typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of each prompt's images.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
@@ -283,9 +306,23 @@ def generate(
     from crossinit_cli.commands.generate import generate_images
 
     return generate_images(
-        _library(), " ".join(prompt) if prompt else None, identity=identity, n=n, seed=seed, steps=steps,
-        guidance=guidance, negative=negative, size=size, scheduler=scheduler, out=out, prompts=prompts,
-        model=model, device=device and device.value, dtype=dtype and dtype.value, grid=grid, quiet=quiet,
+        _library(),
+        " ".join(prompt) if prompt else None,
+        identity=identity,
+        n=n,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        negative=negative,
+        size=size,
+        scheduler=scheduler,
+        out=out,
+        prompts=prompts,
+        model=model,
+        device=device and device.value,
+        dtype=dtype and dtype.value,
+        grid=grid,
+        quiet=quiet,
         as_json=as_json,
     )
 

@@ -85,8 +85,10 @@ def _missing_model(model: str) -> CrossinitError:
         f"download it once with `hf download {model}` (or `huggingface-cli download {model}`), "
         "or pass --model with a local diffusers folder or .safetensors checkpoint"
     )
-    state = "offline mode (HF_HUB_OFFLINE) is on and it is not in the local cache" if offline else (
-        "it is neither a local path nor a model that could be fetched"
+    state = (
+        "offline mode (HF_HUB_OFFLINE) is on and it is not in the local cache"
+        if offline
+        else ("it is neither a local path nor a model that could be fetched")
     )
     return CrossinitError(f"model {model!r} is not available: {state}; {how}")
 

@@ -203,9 +203,7 @@ def _interpret(state: dict[str, Any], meta: dict[str, str], path: Path) -> Impor
         vectors = check_vectors(_as_array(value, where), where)
         stem = key[1:-1] if key.startswith("<") and key.endswith(">") else key
         return Imported(vectors, "diffusers", stem or None, meta.get("base_model") or None)
-    raise CrossinitError(
-        f"{where}: unrecognised embedding layout (keys: {', '.join(sorted(map(str, state))[:6])})"
-    )
+    raise CrossinitError(f"{where}: unrecognised embedding layout (keys: {', '.join(sorted(map(str, state))[:6])})")
 
 
 def _official_keys(state: dict[str, Any]) -> tuple[str, list[str]] | None:

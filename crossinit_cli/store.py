@@ -69,8 +69,7 @@ def validate_name(name: str) -> str:
         raise CrossinitError(f"identity name {shown!r} may not contain '/', '\\' or '..'")
     if not _NAME_RE.match(norm):
         raise CrossinitError(
-            f"identity name {shown!r} must start with a letter or digit and use only letters, digits, "
-            "'_', '-' and '.'"
+            f"identity name {shown!r} must start with a letter or digit and use only letters, digits, '_', '-' and '.'"
         )
     if norm.split(".")[0].casefold() in _RESERVED:
         raise CrossinitError(f"identity name {shown!r} is reserved on Windows; pick another")
@@ -154,7 +153,9 @@ def check_vectors(array: np.ndarray, what: str) -> np.ndarray:
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2 or not 1 <= array.shape[0] <= MAX_TOKENS or array.shape[1] < 1:
-        raise CrossinitError(f"{what}: expected vectors of shape [k, width] with k <= {MAX_TOKENS}, got {list(array.shape)}")
+        raise CrossinitError(
+            f"{what}: expected vectors of shape [k, width] with k <= {MAX_TOKENS}, got {list(array.shape)}"
+        )
     if not np.issubdtype(array.dtype, np.floating):
         raise CrossinitError(f"{what}: expected floating-point vectors, got {array.dtype}")
     array = array.astype(np.float32)
@@ -306,9 +307,7 @@ class Library:
         with self.locked():
             target = self.entries / key
             if target.exists() and not force:
-                raise CrossinitError(
-                    f"identity {identity.name!r} already exists; pass --force to replace it"
-                )
+                raise CrossinitError(f"identity {identity.name!r} already exists; pass --force to replace it")
             stage = self._staging / f"{key}~{uuid.uuid4().hex}"
             try:
                 (stage / CROPS).mkdir(parents=True)

@@ -77,13 +77,13 @@ def write_tokenizer(folder: Path, merges_wanted: int = 400) -> int:
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
     return len(vocab)
 
 
-def build_tiny_sd(
-    folder: Path, *, width: int = 32, prediction_type: str = "epsilon", seed: int = 0
-) -> Path:
+def build_tiny_sd(folder: Path, *, width: int = 32, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """A tiny random SD pipeline saved as a diffusers folder (64 px images, text width `width`)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -93,7 +93,9 @@ def build_tiny_sd(
     tok_dir = folder / "_tokenizer_src"
     write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer(
-        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+        str(tok_dir / "vocab.json"),
+        str(tok_dir / "merges.txt"),
+        model_max_length=77,
         pad_token="<|endoftext|>",
     )
     torch.manual_seed(seed)
@@ -134,12 +136,23 @@ def build_tiny_sd(
         sample_size=64,
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder))
     return folder
@@ -155,35 +168,60 @@ def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:
     tok_dir = folder / "_tokenizer_src"
     write_tokenizer(tok_dir, merges_wanted=400)
     tokenizer = CLIPTokenizer(
-        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77, pad_token="!",
+        str(tok_dir / "vocab.json"),
+        str(tok_dir / "merges.txt"),
+        model_max_length=77,
+        pad_token="!",
     )
     torch.manual_seed(seed)
     # The real vocabulary has 49408 rows; the cost of the table does not depend on the tokenizer.
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-            num_hidden_layers=23, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            num_hidden_layers=23,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+        sample_size=64,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
         use_linear_projection=True,
     )
     vae = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4, layers_per_block=2, sample_size=512,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder))
     return folder

@@ -64,8 +64,12 @@ def list_identities(library: Library, *, as_json: bool) -> int:
             table.add_row(escape(entry.name), f"[red]damaged: {escape(entry.reason)}[/]", "", "", "", "")
             continue
         table.add_row(
-            escape(entry.name), escape(entry.base_model), escape(_mode(entry)), entry.created[:10],
-            escape(", ".join(entry.tags)), escape(entry.notes.splitlines()[0] if entry.notes else ""),
+            escape(entry.name),
+            escape(entry.base_model),
+            escape(_mode(entry)),
+            entry.created[:10],
+            escape(", ".join(entry.tags)),
+            escape(entry.notes.splitlines()[0] if entry.notes else ""),
         )
     ui.out().print(table)
     damaged = sum(isinstance(e, Damaged) for e in entries)

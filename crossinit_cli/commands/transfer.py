@@ -28,9 +28,7 @@ def _file_stem(path: Path) -> str:
     return path.stem
 
 
-def export_identity(
-    library: Library, name: str, *, fmt: str, output: str | None, force: bool, as_json: bool
-) -> int:
+def export_identity(library: Library, name: str, *, fmt: str, output: str | None, force: bool, as_json: bool) -> int:
     if fmt not in formats.FORMATS:
         raise CrossinitError(f"unknown format {fmt!r}; choose one of {', '.join(formats.FORMATS)}")
     ident = library.get(name)
@@ -50,8 +48,14 @@ def export_identity(
     hint = USAGE_HINTS[fmt].format(stem=_file_stem(path), name=ident.name, path=path)
     if as_json:
         ui.print_json(
-            {"name": ident.name, "format": fmt, "path": str(path), "shape": list(vectors.shape),
-             "strength": ident.strength, "usage": hint}
+            {
+                "name": ident.name,
+                "format": fmt,
+                "path": str(path),
+                "shape": list(vectors.shape),
+                "strength": ident.strength,
+                "usage": hint,
+            }
         )
     else:
         ui.info(f"exported [bold]{escape(ident.name)}[/] ({fmt}) to {escape(str(path))}")

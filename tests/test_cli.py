@@ -1,0 +1,236 @@
+"""The commands that need no model: list, show, edit, remove, config, and the CLI's conventions."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossinit_cli.store import Identity, Library
+
+
+def _add(library: Library, name: str, *, init: bool = True, width: int = 32) -> None:
+    rng = np.random.default_rng(len(name))
+    learned = rng.standard_normal((2, width)).astype(np.float32)
+    library.add(
+        Identity(name=name, tokens=2, width=width, base_model="tiny", training={"mode": "fast", "steps": 25}),
+        learned,
+        learned * 0.5 if init else None,
+    )
+
+
+def test_list_json_is_the_only_stdout(cli, library: Library) -> None:
+    _add(library, "alice")
+    _add(library, "bob")
+    result = cli("list", "--json")
+    assert result.exit_code == 0
+    records = json.loads(result.stdout)
+    assert [r["name"] for r in records] == ["alice", "bob"]
+    assert records[0]["token"] == "<alice>" and records[0]["training"]["steps"] == 25
+    assert records[0]["damaged"] is False
+
+
+def test_list_human_and_empty(cli, library: Library) -> None:
+    result = cli("list")
+    assert result.exit_code == 0 and "No identities yet" in result.stderr and result.stdout == ""
+    _add(library, "alice")
+    result = cli("list")
+    assert "alice" in result.stdout and "fast (25 steps)" in result.stdout
+
+
+def test_list_reports_damaged_entries_and_keeps_going(cli, library: Library) -> None:
+    _add(library, "alice")
+    _add(library, "broken")
+    (library.path_of("broken") / "meta.toml").write_text("this is = = not toml")
+    result = cli("list", "--json")
+    assert result.exit_code == 0
+    records = {r["name"]: r for r in json.loads(result.stdout)}
+    assert records["broken"]["damaged"] is True and records["alice"]["damaged"] is False
+    human = cli("list")
+    assert "damaged" in human.stdout and "alice" in human.stdout and "1 damaged entry" in human.stderr
+
+
+def test_show_json_has_training_record_and_norms(cli, library: Library) -> None:
+    _add(library, "Alice")
+    result = cli("show", "ALICE", "--json")
+    record = json.loads(result.stdout)
+    assert record["name"] == "Alice" and record["training"] == {"mode": "fast", "steps": 25}
+    assert len(record["vector_norms"]) == 2 and len(record["init_norms"]) == 2
+    assert record["path"].endswith("identities/alice")
+    assert "training.mode" in cli("show", "alice").stdout
+
+
+def test_unknown_identity_is_one_line_exit_1(cli) -> None:
+    for args in (
+        ["show", "nobody"],
+        ["edit", "nobody", "--note", "x"],
+        ["export", "nobody"],
+        ["remove", "nobody", "--yes"],
+    ):
+        result = cli(*args)
+        assert result.exit_code == 1, args
+        assert result.stderr.count("\n") == 1 and "no identity named 'nobody'" in result.stderr
+        assert result.stdout == ""
+
+
+def test_usage_error_is_exit_2(cli) -> None:
+    assert cli("list", "--bogus").exit_code == 2
+    assert cli("export", "x", "--format", "jpeg").exit_code == 2
+
+
+def test_edit_flags(cli, library: Library) -> None:
+    _add(library, "alice")
+    result = cli("edit", "alice", "--note", "from holiday", "--tag", "family", "--tag", "2026", "--strength", "0.7")
+    assert result.exit_code == 0, result.stderr
+    ident = library.get("alice")
+    assert (ident.notes, ident.tags, ident.strength) == ("from holiday", ["family", "2026"], 0.7)
+    assert cli("edit", "alice", "--untag", "2026", "--rename", "Alicia").exit_code == 0
+    assert library.get("alicia").tags == ["family"] and not library.exists("alice")
+    assert library.get("alicia").strength == 0.7
+
+
+def test_strength_is_reversible(cli, library: Library) -> None:
+    _add(library, "alice")
+    learned = library.vectors("alice").learned
+    cli("edit", "alice", "--strength", "0.3")
+    assert not np.allclose(library.effective_vectors("alice"), learned)
+    cli("edit", "alice", "--strength", "1")
+    np.testing.assert_array_equal(library.effective_vectors("alice"), learned)
+
+
+def test_edit_refusals(cli, library: Library) -> None:
+    _add(library, "alice")
+    _add(library, "bob")
+    _add(library, "imported", init=False)
+    cases = {
+        ("edit", "alice", "--rename", "BOB"): "already exists",
+        ("edit", "alice", "--rename", "../evil"): "may not contain",
+        ("edit", "alice", "--strength", "-1"): "between 0",
+        ("edit", "imported", "--strength", "0.5"): "no cross-init start",
+        ("edit", "alice"): "$EDITOR is not set",
+    }
+    for args, message in cases.items():
+        result = cli(*args)
+        assert result.exit_code == 1 and message in result.stderr, (args, result.stderr)
+        assert result.stderr.count("\n") == 1
+    assert library.get("alice").strength == 1.0 and library.exists("alice")
+
+
+def _editor(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "editor.py"
+    script.write_text(f"import sys, pathlib\np = pathlib.Path(sys.argv[1])\n{body}\n")
+    return f"{sys.executable} {script}"
+
+
+def test_edit_in_editor(cli, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _add(library, "alice")
+    monkeypatch.setenv(
+        "EDITOR", _editor(tmp_path, "p.write_text(p.read_text().replace('notes = \"\"', 'notes = \"edited\"'))")
+    )
+    result = cli("edit", "alice")
+    assert result.exit_code == 0, result.stderr
+    assert library.get("alice").notes == "edited"
+
+
+def test_edit_in_editor_refuses_broken_toml(
+    cli, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _add(library, "alice")
+    meta = (library.path_of("alice") / "meta.toml").read_bytes()
+    monkeypatch.setenv("EDITOR", _editor(tmp_path, "p.write_text('width = [')"))
+    result = cli("edit", "alice")
+    assert result.exit_code == 1 and "not valid TOML" in result.stderr
+    monkeypatch.setenv("EDITOR", _editor(tmp_path, "p.write_text(p.read_text().replace('width = 32', 'width = 99'))"))
+    assert cli("edit", "alice").exit_code == 1
+    assert (library.path_of("alice") / "meta.toml").read_bytes() == meta
+
+
+def test_remove_needs_confirmation(cli, library: Library) -> None:
+    _add(library, "alice")
+    result = cli("remove", "alice")  # CliRunner's stdin is not a TTY
+    assert result.exit_code == 1 and "--yes" in result.stderr and library.exists("alice")
+    assert cli("remove", "ALICE", "--yes").exit_code == 0
+    assert library.list() == []
+
+
+def test_config_set_show_unset(cli, home: Path, tmp_path: Path) -> None:
+    assert cli("config", "set", "device", "cpu").exit_code == 0
+    assert cli("config", "set", "model", "/models/sd21").exit_code == 0
+    data = json.loads(cli("config", "--json").stdout)
+    assert data["settings"]["device"] == "cpu" and data["settings"]["model"] == "/models/sd21"
+    assert data["paths"] == {"library": str(home), "config": str(tmp_path / "config.toml")}
+    assert 'device = "cpu"' in (tmp_path / "config.toml").read_text()
+    assert cli("config", "unset", "device").exit_code == 0
+    assert json.loads(cli("config", "--json").stdout)["settings"]["device"] == "auto"
+    bad = cli("config", "set", "colour", "red")
+    assert bad.exit_code == 1 and "unknown config key" in bad.stderr
+
+
+def test_home_option_overrides_env(cli, tmp_path: Path) -> None:
+    other = tmp_path / "elsewhere"
+    result = cli("--home", other, "import", Path(__file__).parent / "data" / "official" / "28017.bin")
+    assert result.exit_code == 0, result.stderr
+    assert Library(other).exists("28017")
+
+
+def test_read_only_library_gives_one_line(cli, library: Library) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root ignores permission bits")
+    _add(library, "alice")
+    library.home.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        result = cli("edit", "alice", "--note", "x")
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    finally:
+        library.home.chmod(stat.S_IRWXU)
+
+
+def _modules_after(args: list[str], env: dict[str, str]) -> set[str]:
+    code = (
+        "import sys, json\n"
+        "from crossinit_cli.cli import app\n"
+        "try:\n    app(" + repr(args) + ")\nexcept SystemExit:\n    pass\n"
+        "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    return set(json.loads(done.stderr.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["list"],
+        ["list", "--json"],
+        ["show", "alice"],
+        ["edit", "alice", "--note", "n"],
+        ["remove", "alice", "--yes"],
+        ["config"],
+        ["learn", "--help"],
+        ["generate", "--help"],
+    ],
+)
+def test_fast_paths_do_not_import_torch(args: list[str], library: Library) -> None:
+    _add(library, "alice")
+    modules = _modules_after(args, dict(os.environ))
+    heavy = {"torch", "diffusers", "transformers"} & modules
+    assert not heavy, f"{args} imported {heavy}"
+
+
+def test_console_script_runs_and_exits_cleanly(home: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "crossinit_cli", "show", "ghost"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, NO_COLOR="1"),
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr == "error: no identity named 'ghost'; see `crossinit list`\n"
+    assert "\x1b[" not in done.stderr
