@@ -46,6 +46,19 @@ def _library() -> Any:
     return Library(library_home(State.home))
 
 
+def _complete_names(incomplete: str) -> list[str]:
+    """Shell completion of identity names, from the library's directory names (no metadata read)."""
+    try:
+        keys = sorted(p.name for p in _library().entries.iterdir() if p.name.startswith(incomplete.casefold()))
+    except OSError:
+        return []
+    # Names match case-insensitively; keep what was typed so the shell accepts the candidates.
+    return [incomplete + key[len(incomplete) :] for key in keys]
+
+
+NameArg = Annotated[str, typer.Argument(help="Identity name (case-insensitive).", autocompletion=_complete_names)]
+
+
 def handles_errors(func: F) -> F:
     """User mistakes -> one line on stderr and exit 1; Ctrl-C -> exit 130; no traceback either way."""
 
@@ -56,8 +69,9 @@ def handles_errors(func: F) -> F:
         except CrossinitError as exc:
             ui.error(str(exc))
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            ui.error("interrupted; nothing was written")
+        except KeyboardInterrupt as exc:
+            # A command that keeps finished work (generate) says so in the interrupt it re-raises.
+            ui.error(str(exc) or "interrupted; nothing was written")
             raise typer.Exit(130) from None
         if code:
             raise typer.Exit(code)
@@ -123,9 +137,7 @@ def list_cmd(as_json: JsonOpt = False) -> int:
 
 @app.command()
 @handles_errors
-def show(
-    name: Annotated[str, typer.Argument(help="Identity name (case-insensitive).")], as_json: JsonOpt = False
-) -> int:
+def show(name: NameArg, as_json: JsonOpt = False) -> int:
     """Show everything stored about one identity, including its training record.
 
     Example: crossinit show alice
@@ -138,7 +150,7 @@ def show(
 @app.command()
 @handles_errors
 def edit(
-    name: Annotated[str, typer.Argument(help="Identity name.")],
+    name: NameArg,
     rename: Annotated[str | None, typer.Option("--rename", help="New name.")] = None,
     note: Annotated[str | None, typer.Option("--note", help="Replace the notes ('' clears them).")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Add a tag (repeatable).")] = None,
@@ -167,7 +179,7 @@ def edit(
 @app.command()
 @handles_errors
 def remove(
-    names: Annotated[list[str], typer.Argument(help="Identity names.")],
+    names: Annotated[list[str], typer.Argument(help="Identity names.", autocompletion=_complete_names)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> int:
     """Delete identities from the library.
@@ -182,7 +194,7 @@ def remove(
 @app.command()
 @handles_errors
 def export(
-    name: Annotated[str, typer.Argument(help="Identity name.")],
+    name: NameArg,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="File layout (see docs/formats.md).")] = Format.a1111,
     output: Annotated[
         str | None,

@@ -21,7 +21,7 @@ import shutil
 import sys
 import unicodedata
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -328,17 +328,24 @@ class Library:
                 raise CrossinitError(f"cannot write identity {identity.name!r}: {exc.strerror or exc}") from None
         return target
 
-    def update(self, name: str, **changes: Any) -> Identity:
-        """Change metadata fields of one identity in place (atomically)."""
+    def modify(self, name: str, change: Callable[[Identity], None]) -> Identity:
+        """Apply `change` to the current metadata under the lock, so concurrent edits never lose one."""
         with self.locked():
             ident = self.get(name)
-            for key, value in changes.items():
-                if key not in Identity.__dataclass_fields__ or key in {"name", "tokens", "width", "schema"}:
-                    raise CrossinitError(f"field {key!r} cannot be changed this way")
-                setattr(ident, key, value)
+            fixed = (ident.name, ident.tokens, ident.width, ident.schema, ident.has_init)
+            change(ident)
+            if (ident.name, ident.tokens, ident.width, ident.schema, ident.has_init) != fixed:
+                raise CrossinitError("name, tokens, width, schema and has_init cannot be changed this way")
             ident.modified = now()
             write_bytes_atomic(self.path_of(ident.name) / META, _dump(ident))
             return ident
+
+    def update(self, name: str, **changes: Any) -> Identity:
+        """Set metadata fields of one identity in place (atomically)."""
+        unknown = set(changes) - set(Identity.__dataclass_fields__)
+        if unknown:
+            raise CrossinitError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        return self.modify(name, lambda ident: ident.__dict__.update(changes))
 
     def replace_meta(self, name: str, raw: dict[str, Any]) -> Identity:
         """Store edited metadata (from $EDITOR); name, tokens and width must stay as they are."""

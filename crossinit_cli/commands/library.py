@@ -111,13 +111,6 @@ def edit_identity(
     as_json: bool = False,
 ) -> int:
     ident = library.get(name)
-    changes: dict[str, Any] = {}
-    if note is not None:
-        changes["notes"] = note
-    if tags or untags:
-        new_tags = [t for t in ident.tags if t not in (untags or [])]
-        new_tags += [t for t in (tags or []) if t not in new_tags]
-        changes["tags"] = new_tags
     if strength is not None:
         if not 0.0 <= strength <= MAX_STRENGTH:
             raise CrossinitError(f"--strength must be between 0 and {MAX_STRENGTH:g}, not {strength:g}")
@@ -126,12 +119,20 @@ def edit_identity(
                 f"identity {ident.name!r} has no cross-init start stored (it was imported), so its strength "
                 "cannot be scaled"
             )
-        changes["strength"] = strength
-    nothing_asked = rename is None and not changes
-    if nothing_asked:
+
+    def change(current: Identity) -> None:
+        # Runs under the library lock on the latest metadata: tags from other processes are kept.
+        if note is not None:
+            current.notes = note
+        current.tags = [t for t in current.tags if t not in (untags or [])]
+        current.tags += [t for t in dict.fromkeys(tags or []) if t not in current.tags]
+        if strength is not None:
+            current.strength = strength
+
+    if rename is None and note is None and not tags and not untags and strength is None:
         ident = _edit_in_editor(library, ident)
-    if changes:
-        ident = library.update(ident.name, **changes)
+    else:
+        ident = library.modify(ident.name, change)
     if rename is not None:
         ident = library.rename(ident.name, rename)
     if as_json:

@@ -1,0 +1,1 @@
+complete --command crossinit --no-files --arguments "(env _CROSSINIT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) crossinit)" --condition "env _CROSSINIT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) crossinit"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets up a test environment from nothing and runs the whole test suite, slow tests included:
+# a venv (.venv-test), the CPU build of torch pinned, every other dependency pinned by requirements-test.txt.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"` for the quick suite).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${CROSSINIT_TEST_VENV:-.venv-test}"
+if [ ! -x "$venv/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$venv"
+fi
+py="$venv/bin/python"
+"$py" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+"$py" -m pip install --quiet --disable-pip-version-check -c requirements-test.txt -e ".[test]"
+export HF_HUB_OFFLINE=1
+"$py" -m ruff check crossinit_cli tests benchmarks scripts
+exec "$py" -m pytest -m "" "$@"
