@@ -1,0 +1,440 @@
+"""`generate`: prompts naming stored identities in, PNGs that record how they were made out.
+
+Everything that can be checked without the model (prompts, identity names and widths, size, scheduler,
+seeds, the output folder) is checked first, so a mistake costs no model load. The pipeline is then
+loaded once for all prompts, every identity is added to it once, and each prompt is one batched call.
+Files are written to a temp name and linked into place, so a reader (or Ctrl-C) never sees half a PNG
+and an existing file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import sys
+import tempfile
+import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+
+from crossinit_cli import __version__, config, devices, sample, ui
+from crossinit_cli.atomic import TEMP_PREFIX
+from crossinit_cli.errors import CrossinitError
+from crossinit_cli.store import Identity, Library, name_key
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+TEMPLATE = "a photo of <{name}>"
+MAX_SEED = 2**64 - 1
+SLUG_CHARS = 48
+
+
+@dataclass
+class Job:
+    """One prompt to sample: as the user wrote it (after `--identity` templating)."""
+
+    prompt: str
+    identities: list[Identity]
+    slug: str
+
+
+@dataclass
+class Written:
+    """One file `generate` wrote, as `--json` reports it."""
+
+    kind: str  # "image" or "grid"
+    path: Path
+    prompt: str
+    negative_prompt: str
+    seed: int
+    identities: list[str]
+    index: int | None = None
+    images: list[str] = field(default_factory=list)
+
+    def to_json(self, run: dict[str, Any]) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "kind": self.kind, "path": str(self.path), "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt, "seed": self.seed, "identities": self.identities,
+        }
+        if self.kind == "image":
+            record["index"] = self.index
+        else:
+            record["images"] = self.images
+        return {**record, **run}
+
+
+def generate_images(
+    library: Library,
+    prompt: str | None,
+    *,
+    identity: str | None = None,
+    n: int = 1,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    negative: str | None = None,
+    size: str | None = None,
+    scheduler: str | None = None,
+    out: Path | None = None,
+    prompts: str | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    grid: bool = False,
+    quiet: bool = False,
+    as_json: bool = False,
+) -> int:
+    cfg = config.load_config()
+    model = model or cfg.model
+    negative = negative or ""
+
+    # ---- everything cheap first: no model has been loaded if any of this fails -----------------
+    default = library.get(identity) if identity else None
+    texts = prompt_texts(prompt, prompts)
+    if not texts and default is None:
+        raise CrossinitError("no prompt given; pass a prompt, --prompts FILE (or - for stdin), or --identity NAME")
+    texts = [apply_template(t, default) for t in texts] or [apply_template("", default)]
+    known = resolve_identities(library, [*texts, negative])
+    jobs = [Job(t, [known[sample.ref_key(r)] for r in sample.identity_refs(t)], "") for t in texts]
+    for job in jobs:
+        job.slug = file_slug(job.prompt, job.identities)
+
+    if n < 1:
+        raise CrossinitError(f"-n must be at least 1, not {n}")
+    settings = sample.Settings(
+        width=0, height=0, steps=sample.DEFAULT_STEPS if steps is None else steps,
+        guidance=sample.DEFAULT_GUIDANCE if guidance is None else guidance, negative=negative,
+        scheduler=(scheduler or sample.DEFAULT_SCHEDULER).strip().lower(),
+    )
+    if settings.steps < 1:
+        raise CrossinitError(f"--steps must be at least 1, not {settings.steps}")
+    choice = sample.scheduler_choice(settings.scheduler)
+    wanted_size = sample.parse_size(size) if size is not None else None
+    base_seed = secrets.randbelow(2**32) if seed is None else seed
+    if not 0 <= base_seed <= MAX_SEED - (n - 1):
+        raise CrossinitError(f"--seed must be between 0 and {MAX_SEED - (n - 1)}, not {base_seed}")
+    seeds = [base_seed + i for i in range(n)]
+    out_dir = prepare_out_dir(Path(out) if out is not None else Path(cfg.output_dir))
+    placement = devices.resolve(device or cfg.device, dtype or cfg.dtype)
+
+    width = sample.peek_text_width(model)
+    for ident in known.values():
+        if width is not None:
+            devices.check_width(ident.name, ident.width, model, width)
+    vectors = {ident.name: library.effective_vectors(ident.name) for ident in known.values()}
+    for ident in known.values():
+        if ident.base_model and ident.base_model != model:
+            ui.warn(f"identity {ident.name!r} was learned on {ident.base_model}; generating with {model}")
+
+    # ---- the model: loaded once, identities added once ------------------------------------------
+    show = not quiet and ui.err().is_terminal
+    with _status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"):
+        pipe = sample.load(model, placement)
+    mapping = sample.add_identities(pipe, vectors, model=model)
+    settings.width, settings.height = wanted_size or sample.native_size(pipe)
+    negative_expanded = sample.expand_prompt(negative, mapping)
+    run = {
+        "steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler,
+        "sampler": choice.a1111, "width": settings.width, "height": settings.height, "model": model,
+        "device": placement.device, "dtype": placement.dtype,
+    }
+
+    written: list[Written] = []
+    try:
+        with _progress(show, len(jobs) * n) as bar:
+            for job in jobs:
+                expanded = sample.expand_prompt(job.prompt, mapping)
+                for name in sample.truncated_identities(pipe, expanded, mapping):
+                    ui.warn(f"prompt {_short(job.prompt)} is longer than the text encoder's window; <{name}> "
+                            "falls in the part that is cut off")
+                bar.start(job.prompt, settings.steps)
+                sample_settings = sample.Settings(**{**settings.__dict__, "negative": negative_expanded})
+                images = sample.sample(pipe, expanded, seeds, sample_settings, on_step=bar.step)
+                batch: list[Written] = []
+                for i, image in enumerate(images):
+                    meta = _metadata(job, expanded, negative, seeds[i], base_seed, i, run)
+                    path = save_png(image, out_dir, f"{job.slug}-{base_seed}-{i}", meta)
+                    record = Written("image", path, job.prompt, negative, seeds[i], _names(job), index=i)
+                    batch.append(record)
+                    written.append(record)
+                    if not as_json:
+                        ui.err().print(escape(str(path)), soft_wrap=True)
+                bar.images_done(len(images))
+                if grid:
+                    meta = _metadata(job, expanded, negative, base_seed, base_seed, None, run)
+                    meta["crossinit"]["images"] = [str(r.path) for r in batch]
+                    path = save_png(contact_sheet(images), out_dir, f"{job.slug}-{base_seed}-grid", meta)
+                    written.append(
+                        Written("grid", path, job.prompt, negative, base_seed, _names(job),
+                                images=[str(r.path) for r in batch])
+                    )
+                    if not as_json:
+                        ui.err().print(escape(str(path)), soft_wrap=True)
+    except KeyboardInterrupt:
+        if written:
+            raise KeyboardInterrupt(
+                f"interrupted; the {len(written)} file(s) already written to {out_dir} are complete"
+            ) from None
+        raise
+
+    if as_json:
+        ui.print_json([w.to_json(run) for w in written])
+    else:
+        images_written = sum(w.kind == "image" for w in written)
+        ui.info(
+            f"wrote {images_written} image{'s' if images_written != 1 else ''} to {escape(str(out_dir))} "
+            f"(seed {base_seed}{f'..{seeds[-1]}' if n > 1 else ''}, {settings.steps} steps, {choice.a1111}, "
+            f"{placement.device})"
+        )
+    return 0
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+
+
+def prompt_texts(prompt: str | None, prompts: str | None) -> list[str]:
+    """The prompts to run: the positional one, or one per line of `--prompts FILE|-`."""
+    if prompts is None:
+        return [prompt.strip()] if prompt is not None and prompt.strip() else []
+    if prompt is not None and prompt.strip():
+        raise CrossinitError("give either a prompt or --prompts, not both")
+    if prompts == "-":
+        if sys.stdin.isatty():
+            ui.info("reading prompts from stdin, one a line (Ctrl-D to finish)")
+        text = sys.stdin.read()
+        source = "stdin"
+    else:
+        try:
+            text = Path(prompts).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CrossinitError(f"cannot read prompts from {prompts}: {reason}") from None
+        source = prompts
+    lines = [line.strip() for line in text.splitlines()]
+    found = [line for line in lines if line and not line.startswith("#")]
+    if not found:
+        raise CrossinitError(f"no prompts in {source} (blank lines and # comments are skipped)")
+    return found
+
+
+def apply_template(text: str, identity: Identity | None) -> str:
+    """`--identity alice` with a prompt that names nobody: 'a photo of <alice>, <prompt>'."""
+    if identity is None or sample.identity_refs(text):
+        return text
+    start = TEMPLATE.format(name=identity.name)
+    return f"{start}, {text}" if text.strip() else start
+
+
+def resolve_identities(library: Library, texts: list[str]) -> dict[str, Identity]:
+    """{key: Identity} for every `<name>` in `texts`; an unknown name is a one-line error naming it."""
+    found: dict[str, Identity] = {}
+    for text in texts:
+        for written in sample.identity_refs(text):
+            key = sample.ref_key(written)
+            if key in found:
+                continue
+            try:
+                exists = library.path_of(written).is_dir()
+            except CrossinitError:
+                exists = False
+            if not exists:
+                raise CrossinitError(
+                    f"no identity named <{written}> (in prompt {_short(text)}); see `crossinit list`"
+                )
+            found[key] = library.get(written)  # a damaged entry says so itself
+    return found
+
+
+def file_slug(prompt: str, identities: list[Identity]) -> str:
+    """The identities' names (joined by '+'), or else a short ASCII slug of the prompt."""
+    if identities:
+        return "+".join(i.name for i in identities)[:80]
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")
+    if len(slug) > SLUG_CHARS:
+        slug = slug[:SLUG_CHARS].rsplit("-", 1)[0]
+    return slug or "image"
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return json.dumps(text if len(text) <= limit else text[: limit - 1] + "…", ensure_ascii=False)
+
+
+def _names(job: Job) -> list[str]:
+    return [i.name for i in job.identities]
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create the output folder and prove it is writable, before any model is loaded."""
+    out = out.expanduser()
+    if out.exists() and not out.is_dir():
+        raise CrossinitError(f"output folder {out} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CrossinitError(f"cannot write images to {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def save_png(image: Image.Image, folder: Path, stem: str, meta: dict[str, Any]) -> Path:
+    """Write `image` as `<stem>.png` (or `<stem>-1.png`, ... if taken) atomically; returns the path."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", meta["parameters"])
+    info.add_text("crossinit", json.dumps(meta["crossinit"], ensure_ascii=False))
+    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".png", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return _claim(tmp, folder, stem)
+    except OSError as exc:
+        raise CrossinitError(f"cannot write {folder / (stem + '.png')}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _claim(tmp: Path, folder: Path, stem: str) -> Path:
+    """Give the finished temp file the first free name. A hard link fails if the name exists, so two
+    processes writing into one folder can never overwrite each other's images."""
+    counter = 0
+    while True:
+        target = folder / (f"{stem}-{counter}.png" if counter else f"{stem}.png")
+        try:
+            os.link(tmp, target)
+            return target
+        except FileExistsError:
+            counter += 1
+        except OSError:
+            # A filesystem without hard links (FAT, some network mounts): check-then-rename instead.
+            if target.exists():
+                counter += 1
+                continue
+            os.replace(tmp, target)
+            return target
+
+
+def contact_sheet(images: list[Image.Image]) -> Image.Image:
+    """The batch on a near-square grid, in order, left to right."""
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+def _quote(value: str) -> str:
+    """A1111's infotext quoting: values with ',', ':' or newlines are JSON strings."""
+    if "," not in value and ":" not in value and "\n" not in value:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def a1111_parameters(
+    prompt: str, negative: str, *, steps: int, sampler: str, guidance: float, seed: int, width: int,
+    height: int, model: str, identities: list[str],
+) -> str:
+    """The `parameters` text chunk in AUTOMATIC1111's layout (read by A1111, ComfyUI, civitai, ...)."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    fields = [
+        f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {float(guidance)}", f"Seed: {seed}",
+        f"Size: {width}x{height}", f"Model: {_quote(model)}",
+    ]
+    if identities:
+        fields.append(f"Identities: {_quote(', '.join(identities))}")
+    fields.append(f"Version: crossinit {__version__}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def _metadata(
+    job: Job, expanded: str, negative: str, seed: int, base_seed: int, index: int | None, run: dict[str, Any]
+) -> dict[str, Any]:
+    names = _names(job)
+    parameters = a1111_parameters(
+        job.prompt, negative, steps=run["steps"], sampler=run["sampler"], guidance=run["guidance"], seed=seed,
+        width=run["width"], height=run["height"], model=run["model"], identities=names,
+    )
+    own = {
+        "version": __version__, "prompt": job.prompt, "expanded_prompt": expanded, "negative_prompt": negative,
+        "seed": seed, "batch_seed": base_seed, "index": index,
+        "identities": [
+            {"name": i.name, "key": name_key(i.name), "strength": i.strength, "tokens": i.tokens,
+             "width": i.width, "base_model": i.base_model}
+            for i in job.identities
+        ],
+        **run,
+    }
+    return {"parameters": parameters, "crossinit": own}
+
+
+# ---- progress -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _status(show: bool, message: str) -> Iterator[None]:
+    if not show:
+        yield
+        return
+    with ui.err().status(message):
+        yield
+
+
+class _Bar:
+    """Images done overall, and steps of the batch being sampled (rich, on stderr)."""
+
+    def __init__(self, progress: Any, total_images: int) -> None:
+        self.progress = progress
+        self.images = progress.add_task("images", total=total_images) if progress else None
+        self.steps = progress.add_task("steps", total=1) if progress else None
+
+    def start(self, prompt: str, steps: int) -> None:
+        if self.progress:
+            self.progress.reset(self.steps, total=steps, description=escape(_short(prompt, 40)))
+
+    def step(self, done: int, total: int) -> None:
+        if self.progress:
+            self.progress.update(self.steps, completed=done, total=total)
+
+    def images_done(self, count: int) -> None:
+        if self.progress:
+            self.progress.advance(self.images, count)
+
+
+@contextmanager
+def _progress(show: bool, total_images: int) -> Iterator[_Bar]:
+    if not show:
+        yield _Bar(None, total_images)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns: list[Any] = [
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=ui.err(), transient=True) as progress:
+        yield _Bar(progress, total_images)
+
