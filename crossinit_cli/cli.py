@@ -339,6 +339,19 @@ def generate(
     )
 
 
+@app.command()
+@handles_errors
+def doctor(as_json: JsonOpt = False) -> int:
+    """Check this machine: versions, the device crossinit would use and why, the library, the model cache.
+
+    Exits 1 with advice when something needs fixing. Example: crossinit doctor
+    """
+    from crossinit_cli.commands.doctor import doctor as run_doctor
+    from crossinit_cli.config import library_home
+
+    return run_doctor(library_home(State.home), as_json=as_json)
+
+
 @config_app.callback()
 @handles_errors
 def config_show(ctx: typer.Context, as_json: JsonOpt = False) -> int:

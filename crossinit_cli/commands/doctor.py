@@ -1,0 +1,155 @@
+"""`doctor`: what crossinit would run with on this machine, and what to fix before it can."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from crossinit_cli import __version__, config, ui
+from crossinit_cli.errors import CrossinitError
+
+PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "dlib-bin", "face-recognition-models")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    advice: str = ""
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _writable(folder: Path) -> tuple[bool, str]:
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".crossinit-doctor-"):
+            pass
+    except OSError as exc:
+        return False, exc.strerror or str(exc)
+    return True, "writable"
+
+
+def _model_available(model: str) -> tuple[bool, str]:
+    path = Path(model).expanduser()
+    if path.is_file():
+        return True, f"single-file checkpoint {path}"
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return True, f"diffusers folder {path}"
+        return False, f"{path} has no model_index.json"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - diffusers depends on it
+        return False, "huggingface_hub is not installed"
+    try:
+        cached = try_to_load_from_cache(model, "model_index.json")
+    except ValueError as exc:  # not a valid repo id
+        return False, str(exc).splitlines()[0]
+    if isinstance(cached, str):
+        return True, f"in the local Hugging Face cache ({Path(cached).parent})"
+    return False, "not in the local Hugging Face cache"
+
+
+def run_checks(home: Path) -> tuple[dict[str, object], list[Check]]:
+    settings = config.load_config()
+    facts: dict[str, object] = {
+        "crossinit": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "library": str(home),
+        "config": str(config.config_path()),
+        "settings": asdict(settings),
+        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", ""),
+    }
+    checks: list[Check] = []
+    missing = [p for p, v in facts["packages"].items() if v is None]  # type: ignore[union-attr]
+    checks.append(
+        Check(
+            "packages",
+            not missing,
+            "all installed" if not missing else f"missing: {', '.join(missing)}",
+            f"pip install {' '.join(missing)}" if missing else "",
+        )
+    )
+    if _version("torch"):
+        from crossinit_cli import devices
+
+        try:
+            placement = devices.resolve(settings.device, settings.dtype)
+            detail = f"{placement.device} ({placement.dtype}): {placement.reason}"
+            if placement.device == "cuda":
+                import torch
+
+                free, total = torch.cuda.mem_get_info()
+                detail += f"; {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+                facts["gpu_free_gib"] = round(free / 2**30, 2)
+            facts["device"] = placement.device
+            facts["dtype"] = placement.dtype
+            checks.append(Check("device", True, detail))
+        except CrossinitError as exc:
+            checks.append(Check("device", False, str(exc), "crossinit config set device auto"))
+    ok, detail = _writable(home)
+    checks.append(Check("library", ok, f"{home}: {detail}", "" if ok else "pass --home or set CROSSINIT_HOME"))
+    ok, detail = _model_available(settings.model)
+    checks.append(
+        Check(
+            "model",
+            ok,
+            f"{settings.model}: {detail}",
+            "" if ok else f"hf download {settings.model}, or crossinit config set model /path/to/model",
+        )
+    )
+    face_spec = importlib.util.find_spec("face_recognition_models")
+    models = Path(next(iter(face_spec.submodule_search_locations))) / "models" if face_spec else None
+    ok = bool(models and (models / "shape_predictor_5_face_landmarks.dat").is_file())
+    checks.append(
+        Check(
+            "face models",
+            ok,
+            str(models) if ok else "face-recognition-models not found",
+            "" if ok else "pip install face-recognition-models (or learn with --no-align)",
+        )
+    )
+    return facts, checks
+
+
+def doctor(home: Path, *, as_json: bool) -> int:
+    facts, checks = run_checks(home)
+    healthy = all(c.ok for c in checks)
+    if as_json:
+        ui.print_json({**facts, "checks": [asdict(c) for c in checks], "ok": healthy})
+        return 0 if healthy else 1
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("crossinit", f"{facts['crossinit']} (Python {facts['python']}, {facts['platform']})")
+    for package, version in facts["packages"].items():  # type: ignore[union-attr]
+        table.add_row(package, version or "[red]not installed[/]")
+    table.add_row("config", escape(str(facts["config"])))
+    for check in checks:
+        mark = "[green]ok[/]" if check.ok else "[red]problem[/]"
+        line = f"{mark} {escape(check.detail)}"
+        if check.advice:
+            line += f"\n   fix: {escape(check.advice)}"
+        table.add_row(check.name, line)
+    ui.out().print(table)
+    if not healthy:
+        ui.error(f"{sum(not c.ok for c in checks)} problem(s) found; see the fixes above")
+    return 0 if healthy else 1
