@@ -1,0 +1,335 @@
+"""Training the two new token rows, SPEC 1 steps 4-5; reads top to bottom: data, model, optimiser, loop, result.
+
+Faithful to the official Cross Initialization code (a fork of diffusers' textual-inversion example): the
+standard diffusion loss (MSE on the scheduler's epsilon or v target, t uniform in [0, T)) plus
+`λ · mean_i ||v_i − v⁰_i||₂`, AdamW (0.9, 0.999, wd 0.01, eps 1e-8) at a constant learning rate, captions
+from the example's templates filled with "face of <v0> <v1> person", random horizontal flips.
+
+What differs is only how fast the same numbers come out:
+- each crop and its mirror image go through the VAE once; every step draws a fresh latent sample from
+  the cached mean and std, as `latent_dist.sample()` would, so the official code's noise is kept;
+- the optimiser holds the two new rows, not the whole token table. AdamW is elementwise and the official
+  code restores every other row after each step, so the two rows follow the same trajectory while the
+  rest of the table gets no gradient, no optimiser state and no restore copy;
+- every frozen weight has requires_grad False, so backward computes no weight gradients;
+- each distinct caption of a batch goes through the text encoder once;
+- bf16 (fp16 where bf16 is missing) autocast on CUDA with the UNet's weights in that dtype, fp32 on the
+  CPU; PyTorch SDPA attention in the UNet and the text encoder.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from crossinit_cli.crossinit import PHRASE, add_placeholder_tokens
+from crossinit_cli.errors import CrossinitError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from crossinit_cli.devices import Placement
+
+# diffusers' textual-inversion `imagenet_templates_small`; the official code repeats it with "an
+# illustration of" and "a depiction of" in place of "a photo of" (81 captions, duplicates kept).
+_SMALL_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
+    "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}",
+    "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}",
+    "a photo of the weird {}", "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+)
+TEMPLATES = tuple(
+    t.replace("a photo of", medium)
+    for medium in ("a photo of", "an illustration of", "a depiction of")
+    for t in _SMALL_TEMPLATES
+)
+FLIP_P = 0.5
+FINAL_LOSS_WINDOW = 10
+"""final_loss is the mean of the last steps' losses: one step's loss is dominated by its random t."""
+
+Progress = Callable[[int, int, float], None]
+"""Called after each step with (step, total steps, loss)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a training run does. Defaults are the paper's full mode."""
+
+    steps: int = 320
+    lr: float = 0.005  # the official 0.000625 scaled by the batch of 8
+    batch_size: int = 8
+    reg_weight: float = 1e-5  # λ
+    seed: int = 0
+    resolution: int | None = None  # None: the model's native size (unet sample size x VAE scale)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = 0.01
+    adam_eps: float = 1e-8
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides: Any) -> TrainConfig:
+        """The paper's `full` or `fast` settings, with any non-None override applied."""
+        if mode not in MODES:
+            raise CrossinitError(f"unknown mode {mode!r}; choose {' or '.join(MODES)}")
+        config = replace(MODES[mode], **{k: v for k, v in overrides.items() if v is not None})
+        config.check()
+        return config
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise CrossinitError(f"steps must be at least 1, not {self.steps}")
+        if self.batch_size < 1:
+            raise CrossinitError(f"batch size must be at least 1, not {self.batch_size}")
+        if not math.isfinite(self.lr) or self.lr < 0:
+            raise CrossinitError(f"learning rate must be a positive number, not {self.lr:g}")
+        if not math.isfinite(self.reg_weight) or self.reg_weight < 0:
+            raise CrossinitError(f"regulariser weight must be zero or positive, not {self.reg_weight:g}")
+
+
+MODES = {
+    # The official full mode: 320 steps, batch 8, lr 0.005, constant schedule.
+    "full": TrainConfig(),
+    # The official fast mode runs 25 steps; its batch and lr are unpublished, so the full mode's are kept
+    # (docs/method.md says why).
+    "fast": TrainConfig(steps=25),
+}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the two learned rows, where they started, and how it went."""
+
+    learned: np.ndarray  # float32 [2, width]
+    init: np.ndarray  # float32 [2, width], the cross-init start v⁰
+    losses: list[float]
+    final_loss: float
+    per_step_s: float
+    total_s: float
+    encode_s: float
+    resolution: int
+    config: TrainConfig
+    device: str
+    dtype: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+def model_resolution(unet: Any, vae: Any) -> int:
+    """The image size a model was trained at: 512 for SD 2.1-base, 64 for the tiny test model."""
+    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def free_vae_decoder(vae: Any) -> None:
+    """Drop the VAE's decoder: training only encodes, and on SD it is ~200 MB of GPU memory for nothing."""
+    vae.decoder = None
+    if getattr(vae, "post_quant_conv", None) is not None:
+        vae.post_quant_conv = None
+
+
+def loss_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is asked to predict: the noise (epsilon models) or the velocity (v-prediction)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, t)
+    raise CrossinitError(f"the model's scheduler predicts {kind!r}; only epsilon and v_prediction can be trained")
+
+
+def regulariser(rows: torch.Tensor, start: torch.Tensor, weight: float) -> torch.Tensor:
+    """Paper step 4's `λ · mean_i ||v_i − v⁰_i||₂` (plain L2, not squared), as the official pairwise_distance."""
+    import torch.nn.functional as F
+
+    return weight * F.pairwise_distance(rows, start, p=2).mean()
+
+
+def _pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB image -> [3, size, size] float in [-1, 1], resized bicubically as the official dataset does."""
+    import numpy as np
+    import torch
+    from PIL import Image as PILImage
+
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), PILImage.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _splice_rows(text_encoder: Any, token_ids: list[int], rows: torch.Tensor) -> Any:
+    """Make the token-embedding layer return `rows` for the placeholder ids; returns the hook handle.
+
+    The rows are gathered in their own float32, so autocast never rounds the learned vectors themselves.
+    """
+    import torch
+
+    table = text_encoder.get_input_embeddings()
+    wanted = torch.tensor(token_ids, device=table.weight.device)
+
+    def splice(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        hit = args[0].unsqueeze(-1) == wanted  # [batch, length, k]
+        which = hit.int().argmax(dim=-1)
+        return torch.where(hit.any(dim=-1, keepdim=True), rows[which].to(output.dtype), output)
+
+    return table.register_forward_hook(splice)
+
+
+def train(
+    *,
+    tokenizer: Any,
+    text_encoder: Any,
+    unet: Any,
+    vae: Any,
+    scheduler_config: Any,
+    crops: Sequence[Image.Image],
+    init: torch.Tensor,
+    config: TrainConfig,
+    placement: Placement,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width].
+
+    The modules are moved to the placement's device (the UNet also cast to its dtype); the text encoder
+    keeps the two new tokens with the learned rows. Same seed, device and inputs give the same rows.
+    Raises CrossinitError if the loss becomes NaN or infinite.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    started = time.perf_counter()
+    config.check()
+    if not crops:
+        raise CrossinitError("no face crops to learn from")
+    device = torch.device(placement.device)
+    on_cuda = device.type == "cuda"
+    compute = placement.torch_dtype
+    size = config.resolution or model_resolution(unet, vae)
+    draw = random.Random(config.seed)  # which photo, flip and caption each batch item gets
+    noise_gen = torch.Generator(device).manual_seed(config.seed)  # latent samples, noise, timesteps
+
+    # ---- data: every crop and its mirror image through the VAE once, in fp32 -------------------------
+    vae.requires_grad_(False).eval().to(device, dtype=torch.float32)
+    pixels = torch.stack([_pixels(c, size) for c in crops])
+    pixels = torch.cat([pixels, pixels.flip(-1)])  # row i + len(crops) is crop i mirrored
+    means, stds = [], []
+    with torch.inference_mode():
+        for chunk in pixels.split(8):
+            dist = vae.encode(chunk.to(device)).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    latent_mean, latent_std = torch.cat(means).clone(), torch.cat(stds).clone()
+    scaling = vae.config.scaling_factor
+    encode_s = time.perf_counter() - started
+
+    # ---- model: two new tokens at the cross init; everything else frozen ----------------------------
+    token_ids = add_placeholder_tokens(tokenizer, text_encoder, init)
+    captions = tokenizer(
+        [t.format(PHRASE) for t in TEMPLATES], padding="max_length", truncation=True,
+        max_length=tokenizer.model_max_length, return_tensors="pt",
+    ).input_ids
+    if not all((captions == i).any(dim=1).all() for i in token_ids):
+        raise CrossinitError("this model's tokenizer does not keep the placeholder tokens whole; cannot train")
+    captions = captions.to(device)
+    text_encoder.requires_grad_(False).eval().to(device)  # fp32 weights; autocast computes in `compute`
+    unet.requires_grad_(False).eval().to(device, dtype=compute)
+    unet.set_attn_processor(_sdpa_processor())
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        unet.to(memory_format=torch.channels_last)
+    start = init.detach().to(device=device, dtype=torch.float32)
+    rows = torch.nn.Parameter(start.clone())
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    steps_t = noise_scheduler.config.num_train_timesteps
+
+    # ---- optimiser ----------------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(
+        [rows], lr=config.lr, betas=config.adam_betas, weight_decay=config.adam_weight_decay, eps=config.adam_eps
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=placement.dtype == "fp16")
+    autocast = torch.autocast(device.type, dtype=compute, enabled=placement.dtype != "fp32")
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    losses: list[float] = []
+    order: list[int] = []
+    hook = _splice_rows(text_encoder, token_ids, rows)
+    loop_started = time.perf_counter()
+    try:
+        for step in range(1, config.steps + 1):
+            items, chosen = [], []
+            for _ in range(config.batch_size):
+                if not order:  # a fresh shuffle of the photos each pass, like the official DataLoader
+                    order = draw.sample(range(len(crops)), len(crops))
+                photo = order.pop()
+                items.append(photo + (len(crops) if draw.random() < FLIP_P else 0))
+                chosen.append(draw.randrange(len(TEMPLATES)))
+            index = torch.tensor(items, device=device)
+            mean, std = latent_mean[index], latent_std[index]
+            latents = (mean + std * torch.randn(mean.shape, generator=noise_gen, device=device)) * scaling
+            noise = torch.randn(latents.shape, generator=noise_gen, device=device)
+            t = torch.randint(0, steps_t, (len(items),), generator=noise_gen, device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            target = loss_target(noise_scheduler, latents, noise, t)
+            distinct, inverse = torch.unique(torch.tensor(chosen, device=device), return_inverse=True)
+
+            with autocast:
+                states = text_encoder(captions[distinct]).last_hidden_state[inverse]
+                prediction = unet(noisy.to(compute), t, states.to(compute)).sample
+            loss = F.mse_loss(prediction.float(), target.float()) + regulariser(rows, start, config.reg_weight)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            value = float(loss.item())
+            if not math.isfinite(value):
+                raise CrossinitError(
+                    f"training diverged at step {step} (loss is {value}); try --dtype fp32 or a lower --lr"
+                )
+            losses.append(value)
+            if progress is not None:
+                progress(step, config.steps, value)
+    except torch.cuda.OutOfMemoryError:
+        raise CrossinitError(
+            f"out of memory on {placement.device} at batch size {config.batch_size}; try --batch-size 4 "
+            "(and --steps twice as many) or --device cpu"
+        ) from None
+    finally:
+        hook.remove()
+    loop_s = time.perf_counter() - loop_started
+
+    # ---- result: the learned rows, also written into the text encoder's table -----------------------
+    learned = rows.detach().float()
+    with torch.no_grad():
+        table = text_encoder.get_input_embeddings().weight
+        table[token_ids] = learned.to(table.dtype)
+    window = losses[-FINAL_LOSS_WINDOW:]
+    return TrainResult(
+        learned=learned.cpu().numpy().astype(np.float32),
+        init=start.cpu().numpy().astype(np.float32),
+        losses=losses,
+        final_loss=float(sum(window) / len(window)),
+        per_step_s=loop_s / config.steps,
+        total_s=time.perf_counter() - started,
+        encode_s=encode_s,
+        resolution=size,
+        config=replace(config, resolution=size),
+        device=placement.device,
+        dtype=placement.dtype,
+        token_ids=token_ids,
+    )
+
+
+def _sdpa_processor() -> Any:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return AttnProcessor2_0()
