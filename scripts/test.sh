@@ -12,5 +12,5 @@ py="$venv/bin/python"
 "$py" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 "$py" -m pip install --quiet --disable-pip-version-check -c requirements-test.txt -e ".[test]"
 export HF_HUB_OFFLINE=1
-"$py" -m ruff check crossinit_cli tests benchmarks scripts
+"$py" -m ruff check .
 exec "$py" -m pytest -m "" "$@"
