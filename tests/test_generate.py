@@ -1,0 +1,281 @@
+"""`crossinit generate` through the CLI on the tiny model: files, metadata, JSON, scripts, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crossinit_cli import devices, sample
+from crossinit_cli.store import Identity, Library
+
+STEPS = ("--steps", "2")
+
+
+def _vectors(seed: int, k: int = 2, width: int = 32) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((k, width)) * 5).astype(np.float32)
+
+
+def _add(library: Library, name: str, model: Path, *, seed: int = 0, width: int = 32, init: bool = False) -> None:
+    learned = _vectors(seed, width=width)
+    start = _vectors(seed + 100, width=width) if init else None
+    library.add(Identity(name=name, tokens=2, width=width, base_model=str(model)), learned, start)
+
+
+@pytest.fixture()
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every pipeline `generate` loads, in order (the real loader, counted)."""
+    real = devices.load_pipeline
+    pipes: list[Any] = []
+
+    def counting(model: str, **kwargs: Any) -> Any:
+        pipes.append(real(model, **kwargs))
+        return pipes[-1]
+
+    monkeypatch.setattr(devices, "load_pipeline", counting)
+    return pipes
+
+
+@pytest.fixture()
+def gen(cli, tiny_model: Path, tmp_path: Path):
+    """Run `generate` on the tiny model into tmp/out with 2 steps; extra args are appended."""
+    out = tmp_path / "out"
+
+    def run(*args: str, input: str | None = None):
+        return cli("generate", *args, "--model", str(tiny_model), "--out", str(out), *STEPS, input=input)
+
+    run.out = out  # type: ignore[attr-defined]
+    return run
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_prompts_from_stdin_load_the_pipeline_once_and_json_matches_disk(
+    gen, library: Library, tiny_model: Path, loads: list[Any]
+) -> None:
+    _add(library, "Alice", tiny_model, seed=1)
+    _add(library, "bob", tiny_model, seed=2)
+    lines = "a red car, at night\n\n# a comment\n<alice> smiling\n   \n<ALICE> and <bob> at the beach\n"
+    result = gen("--prompts", "-", "--seed", "3", "--json", input=lines)
+    assert result.exit_code == 0, result.stderr
+    assert len(loads) == 1
+    records = json.loads(result.stdout)  # stdout is exactly one JSON document
+    assert [r["prompt"] for r in records] == [
+        "a red car, at night", "<alice> smiling", "<ALICE> and <bob> at the beach",
+    ]
+    assert [r["identities"] for r in records] == [[], ["Alice"], ["Alice", "bob"]]
+    assert [r["seed"] for r in records] == [3, 3, 3]
+    assert {r["kind"] for r in records} == {"image"}
+    assert [Path(r["path"]).name for r in records] == [
+        "a-red-car-at-night-3-0.png", "Alice-3-0.png", "Alice+bob-3-0.png",
+    ]
+    assert sorted(Path(r["path"]).name for r in records) == _files(gen.out)  # nothing else, no temp files
+    for record in records:
+        assert Image.open(record["path"]).size == (64, 64)
+
+
+def test_png_metadata_is_a1111_parameters_plus_crossinit_keys(gen, library: Library, tiny_model: Path) -> None:
+    _add(library, "alice", tiny_model, seed=1, init=True)
+    assert library.update("alice", strength=0.75)
+    result = gen("<alice> as an astronaut, oil painting", "--seed", "123", "--negative", "blurry", "--json")
+    assert result.exit_code == 0, result.stderr
+    (record,) = json.loads(result.stdout)
+    image = Image.open(record["path"])
+    lines = image.text["parameters"].splitlines()
+    assert lines[0] == "<alice> as an astronaut, oil painting"
+    assert lines[1] == "Negative prompt: blurry"
+    assert lines[2].startswith(
+        f"Steps: 2, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 123, Size: 64x64, Model: {tiny_model}, "
+        "Identities: alice"
+    )
+    own = json.loads(image.text["crossinit"])
+    assert own["seed"] == 123 and own["steps"] == 2 and own["guidance"] == 7.5 and own["scheduler"] == "dpm++"
+    assert own["expanded_prompt"] == "<crossinit:alice:0> <crossinit:alice:1> as an astronaut, oil painting"
+    assert own["identities"][0]["name"] == "alice" and own["identities"][0]["strength"] == 0.75
+    assert own["model"] == str(tiny_model) and own["device"] == "cpu"
+
+
+def test_same_seed_same_pixels_different_seed_different(gen, library: Library, tiny_model: Path) -> None:
+    _add(library, "alice", tiny_model, seed=1)
+    arrays = []
+    for seed in ("11", "11", "12"):
+        result = gen("<alice> smiling", "--seed", seed, "--json")
+        assert result.exit_code == 0, result.stderr
+        arrays.append(np.asarray(Image.open(json.loads(result.stdout)[0]["path"])))
+    np.testing.assert_array_equal(arrays[0], arrays[1])
+    assert not np.array_equal(arrays[0], arrays[2])
+    assert _files(gen.out) == ["alice-11-0-1.png", "alice-11-0.png", "alice-12-0.png"]
+
+
+def test_n_images_are_one_batched_call(
+    gen, library: Library, tiny_model: Path, loads: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    _add(library, "alice", tiny_model, seed=1)
+    calls: list[dict[str, Any]] = []
+    real_call = StableDiffusionPipeline.__call__
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counting)
+    result = gen("<alice>", "-n", "3", "--seed", "7", "--grid", "--scheduler", "euler-a", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert len(calls) == 1 and calls[0]["num_images_per_prompt"] == 3 and len(calls[0]["generator"]) == 3
+    assert type(loads[0].scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    records = json.loads(result.stdout)
+    images = [r for r in records if r["kind"] == "image"]
+    assert [(r["seed"], r["index"]) for r in images] == [(7, 0), (8, 1), (9, 2)]
+    (grid,) = [r for r in records if r["kind"] == "grid"]
+    assert grid["images"] == [r["path"] for r in images]
+    assert Image.open(grid["path"]).size == (128, 128)
+    assert _files(gen.out) == ["alice-7-0.png", "alice-7-1.png", "alice-7-2.png", "alice-7-grid.png"]
+    parameters = [Image.open(r["path"]).text["parameters"] for r in images]
+    assert "Seed: 7," in parameters[0] and "Seed: 8," in parameters[1]
+    assert "Sampler: Euler a," in parameters[2]
+
+
+def test_the_pipeline_sees_the_vectors_at_the_stored_strength(
+    cli, gen, library: Library, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _add(library, "alice", tiny_model, seed=1, init=True)
+    assert cli("edit", "alice", "--strength", "0.5").exit_code == 0
+    vectors = library.vectors("alice")
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    mappings: list[dict[str, sample.IdentityTokens]] = []
+    real_add = sample.add_identities
+
+    def spying(pipe: Any, identities: Any, **kwargs: Any) -> Any:
+        mappings.append(real_add(pipe, identities, **kwargs))
+        table = pipe.text_encoder.get_input_embeddings()  # after the resize: the table prompts use
+        table.register_forward_hook(lambda mod, args, out: seen.append((args[0], out.detach())))
+        return mappings[-1]
+
+    monkeypatch.setattr(sample, "add_identities", spying)
+    result = gen("<alice> smiling", "--seed", "1")
+    assert result.exit_code == 0, result.stderr
+    ids = list(mappings[0]["alice"].ids)
+    rows = [out[0, pos] for input_ids, out in seen for pos, i in enumerate(input_ids[0].tolist()) if i in ids]
+    assert len(rows) == 2
+    expected = vectors.init + 0.5 * (vectors.learned - vectors.init)
+    np.testing.assert_allclose(torch.stack(rows).numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_identity_option_templates_plain_prompts(gen, library: Library, tiny_model: Path) -> None:
+    _add(library, "alice", tiny_model, seed=1)
+    _add(library, "bob", tiny_model, seed=2)
+    result = gen("-i", "alice", "--prompts", "-", "--seed", "0", "--json", input="smiling\n<bob> waving\n")
+    assert result.exit_code == 0, result.stderr
+    assert [r["prompt"] for r in json.loads(result.stdout)] == ["a photo of <alice>, smiling", "<bob> waving"]
+    result = gen("--identity", "ALICE", "--seed", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)[0]["prompt"] == "a photo of <alice>"
+
+
+def test_existing_files_are_never_overwritten_and_paths_go_to_stderr(gen, library: Library, tiny_model: Path) -> None:
+    _add(library, "alice", tiny_model, seed=1)
+    gen.out.mkdir()
+    (gen.out / "alice-5-0.png").write_bytes(b"someone else's file")
+    result = gen("<alice>", "--seed", "5", "-n", "2")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""  # without --json, stdout stays clean for scripts
+    assert str(gen.out / "alice-5-0-1.png") in result.stderr and str(gen.out / "alice-5-1.png") in result.stderr
+    assert (gen.out / "alice-5-0.png").read_bytes() == b"someone else's file"
+    assert _files(gen.out) == ["alice-5-0-1.png", "alice-5-0.png", "alice-5-1.png"]
+
+
+def test_ctrl_c_keeps_finished_files_and_leaves_no_partial_one(
+    gen, library: Library, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = sample.sample
+    calls: list[int] = []
+
+    def interrupted_second_time(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "sample", interrupted_second_time)
+    result = gen("--prompts", "-", "--seed", "1", "--json", input="first\nsecond\n")
+    assert result.exit_code == 130
+    assert result.stdout == ""
+    assert "1 file(s) already written" in result.stderr
+    assert _files(gen.out) == ["first-1-0.png"]
+    Image.open(gen.out / "first-1-0.png").load()
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unknown", "no identity named <carol>"),
+        ("width", "'wide' has 48-wide vectors but model"),
+        ("width-after-load", "'wide' has 48-wide vectors but model"),
+        ("size", "--size '100x7'"),
+        ("size-abc", "--size 'abc' is not WIDTHxHEIGHT"),
+        ("out-under-file", "cannot write images to"),
+        ("no-prompt", "no prompt given"),
+        ("empty-prompts", "no prompts in stdin"),
+        ("scheduler", "unknown scheduler 'lms'"),
+    ],
+)
+def test_user_errors_exit_1_with_one_line_and_no_file(
+    case: str, message: str, cli, library: Library, tiny_model: Path, tmp_path: Path, loads: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _add(library, "alice", tiny_model, seed=1)
+    _add(library, "wide", tiny_model, seed=2, width=48)
+    out = tmp_path / "out"
+    args = ["<alice> smiling"]
+    stdin = None
+    if case == "unknown":
+        args = ["<alice> and <carol>"]
+    elif case.startswith("width"):
+        args = ["<wide>"]
+        if case == "width-after-load":  # a model whose config cannot be peeked at: caught after loading
+            monkeypatch.setattr(sample, "peek_text_width", lambda model: None)
+    elif case == "size":
+        args += ["--size", "100x7"]
+    elif case == "size-abc":
+        args += ["--size", "abc"]
+    elif case == "out-under-file":
+        (tmp_path / "regular").write_text("x")
+        out = tmp_path / "regular" / "out"
+    elif case == "no-prompt":
+        args = []
+    elif case == "empty-prompts":
+        args, stdin = ["--prompts", "-"], "\n# only a comment\n"
+    elif case == "scheduler":
+        args += ["--scheduler", "lms"]
+    result = cli("generate", *args, "--model", str(tiny_model), "--out", str(out), *STEPS, input=stdin)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr
+    assert not list(tmp_path.rglob("*.png"))
+    assert len(loads) == (1 if case == "width-after-load" else 0)  # cheap checks come before the model
+
+
+def test_prompt_and_prompts_file_together_is_an_error(gen, tmp_path: Path) -> None:
+    listing = tmp_path / "prompts.txt"
+    listing.write_text("a\n")
+    result = gen("a prompt", "--prompts", str(listing))
+    assert result.exit_code == 1 and "not both" in result.stderr
+
+
+def test_file_slug() -> None:
+    from crossinit_cli.commands.generate import file_slug
+
+    assert file_slug("A Red Car, at Night!", []) == "a-red-car-at-night"
+    assert file_slug("Zoë's café", []) == "zoe-s-cafe"
+    assert file_slug("!!!", []) == "image"
+    assert len(file_slug("word " * 40, [])) <= 48
