@@ -262,6 +262,8 @@ def test_user_errors_exit_1_with_one_line_and_no_file(
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr
     assert not list(tmp_path.rglob("*.png"))
+    if case != "width-after-load":
+        assert not out.exists()  # the output folder is created only once everything else checked out
     assert len(loads) == (1 if case == "width-after-load" else 0)  # cheap checks come before the model
 
 

@@ -44,7 +44,7 @@ class Job:
 
     prompt: str
     identities: list[Identity]
-    slug: str
+    slug: str  # the file-name stem before `-<seed>-<i>`
 
 
 @dataclass
@@ -104,33 +104,31 @@ def generate_images(
         raise CrossinitError("no prompt given; pass a prompt, --prompts FILE (or - for stdin), or --identity NAME")
     texts = [apply_template(t, default) for t in texts] or [apply_template("", default)]
     known = resolve_identities(library, [*texts, negative])
-    jobs = [Job(t, [known[sample.ref_key(r)] for r in sample.identity_refs(t)], "") for t in texts]
-    for job in jobs:
-        job.slug = file_slug(job.prompt, job.identities)
+    jobs = []
+    for text in texts:
+        named = [known[sample.ref_key(r)] for r in sample.identity_refs(text)]
+        jobs.append(Job(text, named, file_slug(text, named)))
 
     if n < 1:
         raise CrossinitError(f"-n must be at least 1, not {n}")
-    settings = sample.Settings(
-        width=0, height=0, steps=sample.DEFAULT_STEPS if steps is None else steps,
-        guidance=sample.DEFAULT_GUIDANCE if guidance is None else guidance, negative=negative,
-        scheduler=(scheduler or sample.DEFAULT_SCHEDULER).strip().lower(),
-    )
-    if settings.steps < 1:
-        raise CrossinitError(f"--steps must be at least 1, not {settings.steps}")
-    choice = sample.scheduler_choice(settings.scheduler)
+    steps = sample.DEFAULT_STEPS if steps is None else steps
+    if steps < 1:
+        raise CrossinitError(f"--steps must be at least 1, not {steps}")
+    scheduler = (scheduler or sample.DEFAULT_SCHEDULER).strip().lower()
+    choice = sample.scheduler_choice(scheduler)
     wanted_size = sample.parse_size(size) if size is not None else None
     base_seed = secrets.randbelow(2**32) if seed is None else seed
     if not 0 <= base_seed <= MAX_SEED - (n - 1):
         raise CrossinitError(f"--seed must be between 0 and {MAX_SEED - (n - 1)}, not {base_seed}")
     seeds = [base_seed + i for i in range(n)]
-    out_dir = prepare_out_dir(Path(out) if out is not None else Path(cfg.output_dir))
     placement = devices.resolve(device or cfg.device, dtype or cfg.dtype)
-
     width = sample.peek_text_width(model)
-    for ident in known.values():
-        if width is not None:
+    if width is not None:
+        for ident in known.values():
             devices.check_width(ident.name, ident.width, model, width)
     vectors = {ident.name: library.effective_vectors(ident.name) for ident in known.values()}
+    # Last of the checks, so that a mistake found above leaves no new folder behind.
+    out_dir = prepare_out_dir(Path(out) if out is not None else Path(cfg.output_dir))
     for ident in known.values():
         if ident.base_model and ident.base_model != model:
             ui.warn(f"identity {ident.name!r} was learned on {ident.base_model}; generating with {model}")
@@ -140,8 +138,12 @@ def generate_images(
     with _status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"):
         pipe = sample.load(model, placement)
     mapping = sample.add_identities(pipe, vectors, model=model)
-    settings.width, settings.height = wanted_size or sample.native_size(pipe)
-    negative_expanded = sample.expand_prompt(negative, mapping)
+    image_width, image_height = wanted_size or sample.native_size(pipe)
+    settings = sample.Settings(
+        width=image_width, height=image_height, steps=steps,
+        guidance=sample.DEFAULT_GUIDANCE if guidance is None else guidance,
+        negative=sample.expand_prompt(negative, mapping), scheduler=scheduler,
+    )
     run = {
         "steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler,
         "sampler": choice.a1111, "width": settings.width, "height": settings.height, "model": model,
@@ -157,8 +159,7 @@ def generate_images(
                     ui.warn(f"prompt {_short(job.prompt)} is longer than the text encoder's window; <{name}> "
                             "falls in the part that is cut off")
                 bar.start(job.prompt, settings.steps)
-                sample_settings = sample.Settings(**{**settings.__dict__, "negative": negative_expanded})
-                images = sample.sample(pipe, expanded, seeds, sample_settings, on_step=bar.step)
+                images = sample.sample(pipe, expanded, seeds, settings, on_step=bar.step)
                 batch: list[Written] = []
                 for i, image in enumerate(images):
                     meta = _metadata(job, expanded, negative, seeds[i], base_seed, i, run)
