@@ -62,22 +62,23 @@ def celebrity_mean(tokenizer: Any, text_encoder: Any) -> tuple[torch.Tensor, tor
     return m0, m1
 
 
-def cross(text_encoder: Any, m0: torch.Tensor, m1: torch.Tensor) -> torch.Tensor:
+def cross(tokenizer: Any, text_encoder: Any, m0: torch.Tensor, m1: torch.Tensor) -> torch.Tensor:
     """Paper step 2, the cross: the text encoder's outputs for the input `[BOS, m0, m1, EOS, PAD...]`.
 
     The 77 rows go through the encoder as usual (position embeddings added, causal mask, final layer
     norm); `last_hidden_state` at positions 1 and 2 is returned as a [2, width] float32 tensor.
     transformers' CLIPTextModel takes no input embeddings, so the two rows are substituted at the
-    token-embedding layer and everything after it is the model's own forward.
+    token-embedding layer and everything after it is the model's own forward. BOS, EOS and PAD come from
+    the tokenizer: SD 2.x's text-encoder config carries stale ids (bos 0, eos 2), and the output at
+    positions 1 and 2 depends on the BOS row through attention.
     """
     import torch
 
-    config = text_encoder.config
-    length = config.max_position_embeddings
-    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    # Positions 1 and 2 hold a placeholder id (BOS) whose rows the hook replaces with m0 and m1.
-    ids = [config.bos_token_id, config.bos_token_id, config.bos_token_id, config.eos_token_id]
-    ids += [pad] * (length - len(ids))
+    length = text_encoder.config.max_position_embeddings
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    # Positions 1 and 2 hold a stand-in id (BOS) whose rows the hook replaces with m0 and m1.
+    ids = [bos, bos, bos, eos] + [pad] * (length - 4)
     table = text_encoder.get_input_embeddings()
     device = table.weight.device
     middle = torch.stack([m0, m1]).to(device=device, dtype=table.weight.dtype)
@@ -121,8 +122,7 @@ def _cache_key(tokenizer: Any, text_encoder: Any, fingerprint: str) -> str:
     digest = hashlib.sha256(f"v{CACHE_VERSION}:{fingerprint}".encode())
     encoded = tokenizer(list(resources.celeb_names()), padding="do_not_pad").input_ids
     digest.update(repr([ids[1:3] for ids in encoded]).encode())
-    config = text_encoder.config
-    digest.update(repr((config.bos_token_id, config.eos_token_id, config.pad_token_id)).encode())
+    digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
     for name, param in text_encoder.named_parameters():
         flat = param.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
@@ -147,7 +147,7 @@ def cross_init(tokenizer: Any, text_encoder: Any, cache_dir: Path | None = None)
                 return cached.float()
         except (OSError, KeyError, SafetensorError):
             pass  # absent or damaged: compute it again and overwrite
-    init = cross(text_encoder, *celebrity_mean(tokenizer, text_encoder))
+    init = cross(tokenizer, text_encoder, *celebrity_mean(tokenizer, text_encoder))
     if not torch.isfinite(init).all():
         raise CrossinitError("cross initialization produced NaN or infinite values; is the text encoder damaged?")
     if path is not None:

@@ -217,7 +217,9 @@ def train(
     noise_gen = torch.Generator(device).manual_seed(config.seed)  # latent samples, noise, timesteps
 
     # ---- data: every crop and its mirror image through the VAE once, in fp32 -------------------------
-    vae.requires_grad_(False).eval().to(device, dtype=torch.float32)
+    vae.requires_grad_(False).eval().to(device)
+    if vae.dtype != torch.float32:
+        vae.to(dtype=torch.float32)
     pixels = torch.stack([_pixels(c, size) for c in crops])
     pixels = torch.cat([pixels, pixels.flip(-1)])  # row i + len(crops) is crop i mirrored
     means, stds = [], []
@@ -240,7 +242,9 @@ def train(
         raise CrossinitError("this model's tokenizer does not keep the placeholder tokens whole; cannot train")
     captions = captions.to(device)
     text_encoder.requires_grad_(False).eval().to(device)  # fp32 weights; autocast computes in `compute`
-    unet.requires_grad_(False).eval().to(device, dtype=compute)
+    unet.requires_grad_(False).eval().to(device)
+    if unet.dtype != compute:  # frozen, so its weights can live in the compute dtype (as diffusers' example does)
+        unet.to(dtype=compute)
     unet.set_attn_processor(_sdpa_processor())
     if on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
