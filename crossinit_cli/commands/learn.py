@@ -7,7 +7,9 @@ or a crash at any point leaves it as it was.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,25 +63,27 @@ def learn_identity(
     model_id = model or defaults.model
     paths = faces.collect_photos(photos)
     crops = faces.align_faces(paths, ALIGN_SIZE, align=align, warn=ui.warn)
-    say = (lambda message: None) if quiet else ui.info
-    say(f"{len(crops)} photo{'s' if len(crops) != 1 else ''} ready; loading {escape(model_id)}")
 
     # ---- the model -----------------------------------------------------------------------------------
     from crossinit_cli import crossinit, devices, train
 
     placement = devices.resolve(device or defaults.device, dtype or defaults.dtype, training=True)
     _quiet_libraries()
-    pipe = devices.load_pipeline(model_id)
-    train.free_vae_decoder(pipe.vae)
-    resolution = train.model_resolution(pipe.unet, pipe.vae)
-    if resolution != ALIGN_SIZE:
-        crops = faces.align_faces(paths, resolution, align=align)
-    fingerprint = crossinit.encoder_fingerprint(pipe.text_encoder)
-    init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, library.home / ".cache" / "init")
-    say(
-        f"learning [bold]{escape(name)}[/] on {placement.device} ({placement.dtype}): "
-        f"{train_config.steps} steps, batch {train_config.batch_size}, lr {train_config.lr:g}"
-    )
+    # A spinner on a terminal only: until something has worked, stderr holds nothing but an error.
+    with ui.err().status(f"loading {escape(model_id)}", spinner="dots") if not quiet else _nothing():
+        pipe = devices.load_pipeline(model_id)
+        train.free_vae_decoder(pipe.vae)
+        resolution = train.model_resolution(pipe.unet, pipe.vae)
+        if resolution != ALIGN_SIZE:
+            crops = faces.align_faces(paths, resolution, align=align)
+        fingerprint = crossinit.encoder_fingerprint(pipe.text_encoder)
+        init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, library.home / ".cache" / "init")
+    if not quiet:
+        ui.info(
+            f"learning [bold]{escape(name)}[/] from {len(crops)} photo{'s' if len(crops) != 1 else ''} on "
+            f"{placement.device} ({placement.dtype}): {train_config.steps} steps, batch {train_config.batch_size}, "
+            f"lr {train_config.lr:g}"
+        )
 
     # ---- training ------------------------------------------------------------------------------------
     with _progress_display(quiet) as progress:
@@ -146,6 +150,11 @@ def _model_record(model_id: str) -> str:
     """A local model is recorded by its absolute path, so `generate` finds it from any folder."""
     path = Path(model_id).expanduser()
     return str(path.resolve()) if path.exists() else model_id
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _shell_quote(text: str) -> str:

@@ -1,0 +1,183 @@
+"""`crossinit learn` end to end on the tiny model: photos in, a library entry out, and nothing on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from crossinit_cli.store import Library
+
+DATA = Path(__file__).parent / "data"
+ASTRONAUT = DATA / "astronaut.png"
+GRACE = DATA / "grace_hopper.jpg"
+CHEAP = ("--steps", "2", "--batch-size", "2")
+
+
+def _files(home: Path) -> dict[str, bytes]:
+    """Every file of the library's entries, by relative path (to prove nothing changed)."""
+    root = home / "identities"
+    if not root.is_dir():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_learn_fast_stores_a_complete_entry(cli, library: Library, tiny_model: Path) -> None:
+    # --fast's own batch of 8 is checked in test_train; batch 1 keeps this run short on a small CPU.
+    result = cli("learn", ASTRONAUT, "--fast", "--batch-size", "1", "--model", tiny_model, "--json")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["name"] == "astronaut" and record["token"] == "<astronaut>"
+    assert (record["tokens"], record["width"]) == (2, 32)
+    training = record["training"]
+    assert training["mode"] == "fast" and training["steps"] == 25 and training["batch_size"] == 1
+    assert training["lr"] == 0.005 and training["reg_weight"] == 1e-5 and training["seed"] == 0
+    assert training["photos"] == ["astronaut.png"] and training["resolution"] == 64
+    assert training["device"] == "cpu" and training["dtype"] == "fp32"
+    assert training["per_step_s"] > 0 and training["total_s"] > 0 and np.isfinite(training["final_loss"])
+    assert record["base_model"] == str(tiny_model) and len(record["encoder_fingerprint"]) == 16
+
+    vectors = library.vectors("astronaut")
+    assert vectors.learned.shape == vectors.init.shape == (2, 32)
+    assert not np.allclose(vectors.learned, vectors.init)  # it trained
+    (crop,) = library.crops("astronaut")
+    with Image.open(crop) as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+    assert record["crops"] == [str(crop)]
+
+    # Human output on stderr: plain progress lines (not a terminal), where it went, what to do next.
+    assert "step 25/25" in result.stderr and "loss" in result.stderr
+    assert str(library.path_of("astronaut")) in result.stderr
+    assert 'next: crossinit generate "a photo of <astronaut>' in result.stderr
+
+
+def test_same_seed_same_identity(cli, library: Library, tiny_model: Path) -> None:
+    for name, seed in (("one", "7"), ("two", "7"), ("three", "8")):
+        result = cli("learn", ASTRONAUT, "--name", name, "--seed", seed, "--model", tiny_model, *CHEAP, "--quiet")
+        assert result.exit_code == 0, result.stderr
+        assert result.stderr == ""  # --quiet: no progress, no messages
+    one, two, three = (library.vectors(n).learned for n in ("one", "two", "three"))
+    assert np.array_equal(one, two)
+    assert not np.allclose(one, three)
+    assert library.get("two").training["seed"] == 7
+
+
+def test_a_second_person_and_a_folder(cli, library: Library, tiny_model: Path, tmp_path: Path) -> None:
+    assert cli("learn", ASTRONAUT, "--model", tiny_model, *CHEAP).exit_code == 0
+    grace = cli("learn", GRACE, "--model", tiny_model, *CHEAP)
+    assert grace.exit_code == 0, grace.stderr
+    listed = json.loads(cli("list", "--json").stdout)
+    assert [r["name"] for r in listed] == ["astronaut", "grace_hopper"]
+    assert not np.allclose(library.vectors("astronaut").learned, library.vectors("grace_hopper").learned)
+
+    folder = tmp_path / "both"
+    folder.mkdir()
+    for photo in (ASTRONAUT, GRACE):
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    both = cli("learn", folder, "--model", tiny_model, *CHEAP)
+    assert both.exit_code == 0, both.stderr
+    assert library.get("both").training["photos"] == ["astronaut.png", "grace_hopper.jpg"]
+    assert len(library.crops("both")) == 2
+
+
+def test_existing_name_is_refused_before_the_model_loads(cli, library: Library, tiny_model: Path, home: Path) -> None:
+    assert cli("learn", ASTRONAUT, "--model", tiny_model, *CHEAP).exit_code == 0
+    before = _files(home)
+    # A missing model would fail later with another message: the name is checked first.
+    again = cli("learn", ASTRONAUT, "--model", home / "no-such-model")
+    assert again.exit_code == 1 and again.stderr.count("\n") == 1
+    assert "already exists" in again.stderr and "--force" in again.stderr
+    assert _files(home) == before
+    forced = cli("learn", ASTRONAUT, "--model", tiny_model, "--force", "--steps", "1", "--batch-size", "1")
+    assert forced.exit_code == 0, forced.stderr
+    assert library.get("astronaut").training["steps"] == 1
+
+
+def test_no_align_takes_the_photo_as_it_is(cli, library: Library, tiny_model: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "wall.png"
+    Image.fromarray(np.full((96, 128, 3), 120, np.uint8)).save(plain)
+    refused = cli("learn", plain, "--model", tiny_model, *CHEAP)
+    assert refused.exit_code == 1 and "no face" in refused.stderr and "--no-align" in refused.stderr
+    taken = cli("learn", plain, "--model", tiny_model, "--no-align", *CHEAP)
+    assert taken.exit_code == 0, taken.stderr
+    assert library.get("wall").training["aligned"] is False
+
+
+def _bomb(path: Path) -> None:
+    """A valid PNG header claiming 30000 x 30000 pixels (900 MP) with almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+BAD_PHOTOS = {
+    "no_face.png": lambda p: Image.fromarray(
+        np.tile(np.linspace(0, 255, 256, dtype=np.uint8)[:, None, None], (1, 256, 3))
+    ).save(p),
+    "truncated.jpg": lambda p: p.write_bytes(GRACE.read_bytes()[: GRACE.stat().st_size // 3]),
+    "empty.jpg": lambda p: p.write_bytes(b""),
+    "notes.jpg": lambda p: p.write_text("this is a text file, not a photo\n"),
+    "dot.png": lambda p: Image.new("RGB", (1, 1), "white").save(p),
+    "bomb.png": _bomb,
+}
+
+
+@pytest.mark.parametrize("filename", sorted(BAD_PHOTOS))
+def test_bad_photo_is_one_line_and_writes_nothing(
+    cli, home: Path, tiny_model: Path, tmp_path: Path, filename: str
+) -> None:
+    photo = tmp_path / filename
+    BAD_PHOTOS[filename](photo)
+    result = cli("learn", photo, "--model", tiny_model, "--fast")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1, result.stderr
+    assert filename in result.stderr  # the message names the file
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert _files(home) == {} and not (home / ".cache").exists()
+
+
+def test_missing_model_is_one_line(cli, home: Path, tmp_path: Path) -> None:
+    result = cli("learn", ASTRONAUT, "--model", tmp_path / "models" / "sd21")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "no such file or folder" in result.stderr and _files(home) == {}
+
+
+def test_ctrl_c_mid_training_leaves_the_library_as_it_was(cli, home: Path, tiny_model: Path) -> None:
+    assert cli("learn", ASTRONAUT, "--name", "keep", "--model", tiny_model, *CHEAP).exit_code == 0
+    before = _files(home)
+    command = [sys.executable, "-m", "crossinit_cli", "learn", str(GRACE), "--name", "keep", "--force",
+               "--model", str(tiny_model), "--steps", "5000", "--batch-size", "1"]
+    env = {**os.environ, "CROSSINIT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        seen = []
+        while time.monotonic() < deadline:  # wait until training is under way
+            line = process.stderr.readline()
+            seen.append(line)
+            if line.startswith("step 1/5000") or not line:
+                break
+        assert seen[-1].startswith("step 1/5000"), seen
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    assert _files(home) == before  # the old "keep" is intact; nothing new, nothing half-written
+    assert not any((home / ".staging").glob("*"))
