@@ -339,6 +339,60 @@ def generate(
     )
 
 
+@app.command("eval")
+@handles_errors
+def eval_cmd(
+    names: Annotated[list[str], typer.Argument(help="Identity name(s).", autocompletion=_complete_names)],
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Show several identities side by side (same prompts, same seeds).")
+    ] = False,
+    prompts: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts",
+            help="File of prompt templates, one a line, {} where the identity goes; '-' for stdin "
+            "(default: the built-in set of docs/eval.md).",
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="First seed (image i uses seed + i).")] = 0,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampling steps (default 30).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Base model (default: the one each identity was learned on).")
+    ] = None,
+    device: Annotated[Device | None, typer.Option("--device", help="Where to sample (default: auto).")] = None,
+    dtype: Annotated[Dtype | None, typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
+    clip_model: Annotated[
+        str | None,
+        typer.Option("--clip-model", help="CLIP for prompt fidelity: hub id or folder (openai/clip-vit-base-patch32)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Score identities on the paper's two axes: identity similarity and prompt fidelity (CLIP).
+
+    Results are stored with each identity (see `show`), with a contact sheet.
+    Example: crossinit eval alice fast-alice --compare -n 8
+    """
+    from crossinit_cli.commands.evaluate import evaluate_identities
+
+    return evaluate_identities(
+        _library(),
+        names,
+        compare=compare,
+        prompts=prompts,
+        n=n,
+        seed=seed,
+        steps=steps,
+        model=model,
+        device=device and device.value,
+        dtype=dtype and dtype.value,
+        clip_model=clip_model,
+        quiet=quiet,
+        as_json=as_json,
+    )
+
+
 @app.command()
 @handles_errors
 def doctor(as_json: JsonOpt = False) -> int:

@@ -1,0 +1,198 @@
+"""`eval`: the CLI around `crossinit_cli.evaluate`: options in, tables or one JSON document out."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from crossinit_cli import config, sample, ui
+from crossinit_cli import evaluate as engine
+from crossinit_cli.errors import CrossinitError
+from crossinit_cli.store import Library
+
+
+def evaluate_identities(
+    library: Library,
+    names: list[str],
+    *,
+    compare: bool = False,
+    prompts: str | None = None,
+    n: int = engine.DEFAULT_N,
+    seed: int = engine.DEFAULT_SEED,
+    steps: int | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    clip_model: str | None = None,
+    quiet: bool = False,
+    as_json: bool = False,
+) -> int:
+    if compare and len(names) < 2:
+        raise CrossinitError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
+    cfg = config.load_config()
+    templates = engine.DEFAULT_PROMPTS if prompts is None else _read_templates(prompts)
+    for name in names:
+        library.get(name)  # an unknown name is an error before anything loads
+    show = not quiet and ui.err().is_terminal
+    total = len(templates) * n * len(names)
+
+    with _progress(show, total) as bar:
+        results = engine.evaluate(
+            library,
+            names,
+            templates=templates,
+            n=n,
+            seed=seed,
+            steps=sample.DEFAULT_STEPS if steps is None else steps,
+            model=model,
+            fallback_model=cfg.model,
+            device=device or cfg.device,
+            dtype=dtype or cfg.dtype,
+            clip_model=clip_model or engine.DEFAULT_CLIP_MODEL,
+            notify=ui.warn,
+            on_image=bar.image,
+            on_load=bar.loading,
+        )
+    sheets = {r.name: engine.save(library, r) for r in results}
+    records = [{"name": r.name, **r.record(), "contact_sheet": str(sheets[r.name])} for r in results]
+
+    if as_json:
+        ui.print_json(records)
+        return 0
+    if compare:
+        ui.out().print(_compare_table(records))
+    else:
+        for record in records:
+            ui.out().print(_identity_table(record))
+    for record in records:
+        ui.info(f"contact sheet of [bold]{escape(record['name'])}[/]: {escape(record['contact_sheet'])}")
+    ui.info(
+        "stored with each identity; see `crossinit show NAME` (cosine: higher is closer; dlib distance: "
+        f"below {engine.SAME_PERSON_DISTANCE} is the same person)"
+    )
+    return 0
+
+
+def _read_templates(prompts: str) -> list[str]:
+    if prompts == "-":
+        if sys.stdin.isatty():
+            ui.info("reading prompts from stdin, one a line, {} where the identity goes (Ctrl-D to finish)")
+        return engine.read_prompts(sys.stdin.read(), "stdin")
+    try:
+        text = Path(prompts).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CrossinitError(f"cannot read prompts from {prompts}: {reason}") from None
+    return engine.read_prompts(text, prompts)
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+
+def _num(value: Any) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _identity_table(record: dict[str, Any]) -> Table:
+    ident, fidelity = record["identity"], record["fidelity"]
+    settings = record["settings"]
+    table = Table(
+        title=f"<{escape(record['name'])}>  ·  {escape(str(settings['model']))}  ·  n={settings['n']} "
+        f"seed={settings['seed']} steps={settings['steps']}",
+        title_justify="left",
+    )
+    table.add_column("prompt", overflow="fold")
+    table.add_column("faces", justify="right")
+    table.add_column("identity cosine", justify="right")
+    table.add_column("dlib distance", justify="right")
+    table.add_column("CLIP score", justify="right")
+    for entry in record["prompts"]:
+        faces = "—" if entry["faces"] is None else f"{entry['faces']}/{entry['images']}"
+        table.add_row(
+            escape(engine.fill(entry["prompt"], record["name"])),
+            faces, _num(entry["cosine"]), _num(entry["distance"]), _num(entry["clip_score"])
+        )
+    faces = f"{ident['faces']}/{ident['images']}" if ident["available"] else "—"
+    table.add_row(
+        "[bold]all[/]",
+        f"[bold]{faces}[/]",
+        f"[bold]{_num(ident.get('cosine'))}[/]",
+        f"[bold]{_num(ident.get('distance'))}[/]",
+        f"[bold]{_num(fidelity.get('clip_score'))}[/]",
+        end_section=True,
+    )
+    return table
+
+
+def _compare_table(records: list[dict[str, Any]]) -> Table:
+    table = Table(title="side by side (same prompts, same seeds)", title_justify="left")
+    table.add_column("")
+    for record in records:
+        table.add_column(f"<{escape(record['name'])}>", justify="right", overflow="fold")
+
+    def row(label: str, values: list[str], **kwargs: Any) -> None:
+        table.add_row(label, *values, **kwargs)
+
+    row("base model", [escape(str(r["settings"]["model"])) for r in records])
+    row("strength", [f"{r['settings']['strength']:g}" for r in records])
+    row("faces found", [_share(r["identity"].get("face_rate")) for r in records])
+    row("identity cosine", [_num(r["identity"].get("cosine")) for r in records])
+    row("dlib distance", [_num(r["identity"].get("distance")) for r in records])
+    row(f"same person (< {engine.SAME_PERSON_DISTANCE})", [_share(r["identity"].get("match_rate")) for r in records])
+    row("prompt fidelity (CLIP)", [_num(r["fidelity"].get("clip_score")) for r in records], end_section=True)
+    for i, entry in enumerate(records[0]["prompts"]):
+        cells = []
+        for record in records:
+            other = record["prompts"][i]
+            cells.append(f"cos {_num(other['cosine'])} · CLIP {_num(other['clip_score'])}")
+        row(escape(entry["prompt"]), cells)
+    return table
+
+
+def _share(value: Any) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+# ---- progress -----------------------------------------------------------------------------------
+
+
+class _Bar:
+    def __init__(self, progress: Any, total: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task("images", total=total) if progress else None
+
+    @contextmanager
+    def loading(self, what: str) -> Iterator[None]:
+        if self.progress is None:
+            yield
+            return
+        self.progress.update(self.task, description=f"loading {escape(what)}")
+        yield
+
+    def image(self, name: str, prompt: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, description=escape(prompt[:40]))
+
+
+@contextmanager
+def _progress(show: bool, total: int) -> Iterator[_Bar]:
+    if not show:
+        yield _Bar(None, total)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=ui.err(),
+        transient=True,
+    ) as progress:
+        yield _Bar(progress, total)

@@ -1,0 +1,628 @@
+"""The paper's two numbers for a stored identity: identity similarity and prompt fidelity.
+
+Cross Initialization (like Celeb Basis, whose protocol it follows) judges a personalised identity on two
+axes: *reconstruction* (do generated faces keep the person's identity?) and *editability* (do they
+follow the rest of the prompt?). This module measures both for identities in the library:
+
+- identity similarity: the dlib ResNet face descriptor (its weights ship in `face-recognition-models`)
+  of each generated face against the identity's stored crops: mean cosine similarity, mean dlib
+  (Euclidean) distance, the share of images in which a face was found at all, and the share closer
+  than dlib's same-person threshold;
+- prompt fidelity: CLIP image-text cosine similarity between each image and its prompt with the
+  identity token stripped (`--clip-model`, default CLIP ViT-B/32, the model of that protocol).
+
+Usable from Python without the CLI:
+
+    from crossinit_cli import evaluate
+    from crossinit_cli.store import Library
+
+    lib = Library(home)
+    results = evaluate.evaluate(lib, ["alice"], model="stabilityai/stable-diffusion-2-1-base")
+    for result in results:
+        evaluate.save(lib, result)   # metadata `evaluation` + eval/contact-sheet.png
+        print(result.record()["identity"])
+
+The pipeline is loaded once per base model for all prompts and identities of a run (identities learned
+on different base models are grouped, one model after the other); CLIP is loaded once. Nothing is
+written to the library before every number is computed.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import math
+import re
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crossinit_cli import __version__, devices, sample
+from crossinit_cli.atomic import write_bytes_atomic
+from crossinit_cli.errors import CrossinitError
+from crossinit_cli.store import Identity, Library, name_key, now
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import numpy as np
+    from PIL import Image
+
+PLACEHOLDER = "{}"
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    # reconstruction
+    "a photo of {}",
+    # expression
+    "a photo of {} smiling",
+    "a photo of {} looking angry",
+    # accessories
+    "a photo of {} wearing glasses",
+    "a photo of {} wearing a hat",
+    # style
+    "an oil painting of {}",
+    "a pencil sketch of {}",
+    # place
+    "a photo of {} on the beach",
+    "a photo of {} in the snow",
+)
+DEFAULT_N = 4
+DEFAULT_SEED = 0
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+FACE_METRIC = "dlib_face_recognition_resnet_model_v1"
+# dlib's own decision threshold: two faces closer than this are the same person (99.38% on LFW).
+SAME_PERSON_DISTANCE = 0.6
+SHEET_PATH = Path("eval") / "contact-sheet.png"
+SHEET_TILE = 256  # px per image on the contact sheet (a full-size 4 x 10 sheet of 512 px tiles is ~15 MB)
+SHEET_CROPS = 4  # stored crops shown in the sheet's first row, at least
+CLIP_BATCH = 32
+MAX_SEED = 2**64 - 1
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+
+
+def read_prompts(text: str, source: str = "prompts") -> list[str]:
+    """Prompt templates from a file's text: one a line, `{}` where the identity goes.
+
+    Blank lines and `#` comments are skipped; a line without `{}` becomes "a photo of {}, <line>".
+    """
+    templates = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        templates.append(line if PLACEHOLDER in line else f"a photo of {PLACEHOLDER}, {line}")
+    if not templates:
+        raise CrossinitError(f"no prompts in {source} (blank lines and # comments are skipped)")
+    return check_templates(templates)
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    """Templates must name the identity with `{}` only: the same prompts run for every identity."""
+    checked = []
+    for template in templates:
+        if PLACEHOLDER not in template:
+            raise CrossinitError(f"prompt {template!r} has no {PLACEHOLDER} where the identity goes")
+        refs = sample.identity_refs(template)
+        if refs:
+            raise CrossinitError(
+                f"prompt {template!r} names <{refs[0]}>; eval prompts name the identity with {PLACEHOLDER}"
+            )
+        checked.append(template)
+    if not checked:
+        raise CrossinitError("no prompts to evaluate")
+    return checked
+
+
+def fill(template: str, name: str) -> str:
+    """The prompt generated for one identity: `{}` -> `<name>`."""
+    return template.replace(PLACEHOLDER, f"<{name}>")
+
+
+def clip_text(template: str) -> str:
+    """The text CLIP scores an image against: the prompt with the identity token stripped.
+
+    This is the textual-inversion / Celeb Basis convention ("a photo of {} on the beach" -> "a photo of on
+    the beach"): the score then measures the rest of the prompt, not how CLIP reads a new token.
+    """
+    text = template.replace(PLACEHOLDER, " ")
+    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
+    text = re.sub(r"([,;:])(?=[,;:])", "", text)
+    return " ".join(text.split()).strip(" ,;:")
+
+
+# ---- identity similarity ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaceMatch:
+    """One generated face against the identity's reference descriptors (means over the references)."""
+
+    cosine: float
+    distance: float
+
+
+def descriptor(image: Image.Image) -> np.ndarray | None:
+    """The dlib ResNet descriptor of the largest face in `image`, or None when no face is found."""
+    from crossinit_cli import faces
+
+    return faces.face_descriptor(image)
+
+
+def reference_descriptors(crops: Sequence[Image.Image]) -> list[np.ndarray]:
+    """Descriptors of the stored crops in which a face is found (crops from `--no-align` may have none)."""
+    found = [descriptor(crop) for crop in crops]
+    return [d for d in found if d is not None]
+
+
+def match_face(references: Sequence[np.ndarray], image: Image.Image) -> FaceMatch | None:
+    """How close the face in `image` is to the references; None when `image` shows no face."""
+    found = descriptor(image)
+    if found is None:
+        return None
+    return compare_descriptors(references, found)
+
+
+def compare_descriptors(references: Sequence[np.ndarray], found: np.ndarray) -> FaceMatch:
+    """Mean cosine similarity and mean dlib distance of one descriptor to each reference."""
+    import numpy as np
+
+    if not references:
+        raise ValueError("no reference descriptors")
+    refs = np.stack([np.asarray(r, dtype=np.float64) for r in references])
+    vec = np.asarray(found, dtype=np.float64)
+    norms = np.linalg.norm(refs, axis=1) * np.linalg.norm(vec)
+    cosine = float(np.mean(refs @ vec / np.maximum(norms, 1e-12)))
+    distance = float(np.mean(np.linalg.norm(refs - vec, axis=1)))
+    return FaceMatch(cosine=cosine, distance=distance)
+
+
+def identity_summary(matches: Sequence[FaceMatch | None]) -> dict[str, Any]:
+    """Share of images with a face, and mean cosine / distance over those that have one."""
+    faces = [m for m in matches if m is not None]
+    total = len(matches)
+    return {
+        "images": total,
+        "faces": len(faces),
+        "face_rate": _round(len(faces) / total) if total else None,
+        "cosine": _mean([m.cosine for m in faces]),
+        "distance": _mean([m.distance for m in faces]),
+        # Over all images: a face that is missing is not the person either.
+        "match_rate": _round(sum(m.distance < SAME_PERSON_DISTANCE for m in faces) / total) if total else None,
+    }
+
+
+# ---- prompt fidelity ----------------------------------------------------------------------------
+
+
+class ClipUnavailable(Exception):
+    """The CLIP model could not be loaded (offline and not cached, not a CLIP folder, ...)."""
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as tlog
+
+    verbosity, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(verbosity)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+class ClipScorer:
+    """CLIP image-text cosine similarity, the "CLIP score" of textual inversion and Celeb Basis."""
+
+    def __init__(self, name: str, model: Any, tokenizer: Any, processor: Any) -> None:
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = processor
+
+    @classmethod
+    def load(cls, name: str) -> ClipScorer:
+        """Load a CLIP model (hub id or local folder) on the CPU; ClipUnavailable says why it could not."""
+        try:
+            from transformers import AutoTokenizer, CLIPModel
+        except ImportError as exc:  # pragma: no cover - transformers is a dependency
+            raise ClipUnavailable(f"transformers cannot be imported ({exc})") from None
+        try:
+            # transformers 5 moved the PIL implementation under its own name (the default one needs torchvision).
+            from transformers import CLIPImageProcessorPil as ImageProcessor
+        except ImportError:
+            from transformers import CLIPImageProcessor as ImageProcessor
+        source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+        try:
+            with _quiet_transformers():
+                model = CLIPModel.from_pretrained(source)
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                processor = ImageProcessor.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as exc:
+            # huggingface_hub's "not cached / offline / not found" errors are OSError subclasses; a folder
+            # that is not a CLIP model gives ValueError or KeyError.
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ClipUnavailable(reason) from None
+        model.eval().requires_grad_(False)
+        return cls(name, model, tokenizer, processor)
+
+    def to(self, device: str) -> ClipScorer:
+        self.model.to(device)
+        return self
+
+    def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[float]:
+        """Cosine similarity of image i and text i, each in [-1, 1]."""
+        import torch
+
+        if len(images) != len(texts):
+            raise ValueError("one text per image")
+        device = next(self.model.parameters()).device
+        max_length = int(self.model.config.text_config.max_position_embeddings)
+        scores: list[float] = []
+        for start in range(0, len(images), CLIP_BATCH):
+            chunk = [im.convert("RGB") for im in images[start : start + CLIP_BATCH]]
+            words = list(texts[start : start + CLIP_BATCH])
+            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
+            tokens = self.tokenizer(words, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            with torch.no_grad():
+                out = self.model(
+                    input_ids=tokens["input_ids"].to(device),
+                    attention_mask=tokens["attention_mask"].to(device),
+                    pixel_values=pixels.to(device=device, dtype=self.model.dtype),
+                )
+            image_embeds = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
+            text_embeds = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
+            scores.extend(float(s) for s in (image_embeds * text_embeds).sum(dim=-1).cpu())
+        return scores
+
+
+# ---- one evaluation -----------------------------------------------------------------------------
+
+
+@dataclass
+class PromptResult:
+    """The images of one prompt template for one identity, and their scores."""
+
+    template: str
+    prompt: str  # as generated, with <name>
+    text: str  # as CLIP scored it, identity stripped
+    seeds: list[int]
+    images: list[Image.Image] = field(default_factory=list)
+    matches: list[FaceMatch | None] = field(default_factory=list)
+    clip_scores: list[float] | None = None
+
+    def record(self, with_identity: bool) -> dict[str, Any]:
+        faces = identity_summary(self.matches) if with_identity else {}
+        return {
+            "prompt": self.template,
+            "clip_text": self.text,
+            "images": len(self.images),
+            "faces": faces.get("faces"),
+            "cosine": faces.get("cosine"),
+            "distance": faces.get("distance"),
+            "clip_score": _mean(self.clip_scores) if self.clip_scores is not None else None,
+        }
+
+
+@dataclass
+class Evaluation:
+    """Everything one identity's evaluation produced; `record()` is what is stored and printed."""
+
+    name: str
+    settings: dict[str, Any]
+    crops: list[Image.Image]
+    prompts: list[PromptResult]
+    references: int = 0  # stored crops in which a face was found
+    identity_note: str | None = None  # why identity similarity is unavailable
+    fidelity_note: str | None = None  # why prompt fidelity is unavailable
+    date: str = field(default_factory=now)
+
+    @property
+    def has_identity(self) -> bool:
+        return self.identity_note is None
+
+    @property
+    def has_fidelity(self) -> bool:
+        return self.fidelity_note is None
+
+    def identity(self) -> dict[str, Any]:
+        if not self.has_identity:
+            return {"available": False, "metric": FACE_METRIC, "reason": self.identity_note}
+        summary = identity_summary([m for p in self.prompts for m in p.matches])
+        return {"available": True, "metric": FACE_METRIC, "reference_crops": self.references, **summary}
+
+    def fidelity(self) -> dict[str, Any]:
+        model = self.settings.get("clip_model")
+        if not self.has_fidelity:
+            return {"available": False, "model": model, "reason": self.fidelity_note}
+        scores = [s for p in self.prompts for s in (p.clip_scores or [])]
+        return {"available": True, "model": model, "clip_score": _mean(scores)}
+
+    def record(self) -> dict[str, Any]:
+        """The identity's `evaluation` metadata (None values are dropped when written as TOML)."""
+        return {
+            "date": self.date,
+            "crossinit": __version__,
+            "settings": self.settings,
+            "identity": self.identity(),
+            "fidelity": self.fidelity(),
+            "prompts": [p.record(self.has_identity) for p in self.prompts],
+            "contact_sheet": SHEET_PATH.as_posix(),
+        }
+
+
+def evaluate(
+    library: Library,
+    names: Sequence[str],
+    *,
+    templates: Sequence[str] = DEFAULT_PROMPTS,
+    n: int = DEFAULT_N,
+    seed: int = DEFAULT_SEED,
+    steps: int = sample.DEFAULT_STEPS,
+    guidance: float = sample.DEFAULT_GUIDANCE,
+    scheduler: str = sample.DEFAULT_SCHEDULER,
+    model: str | None = None,
+    fallback_model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    clip_model: str | None = DEFAULT_CLIP_MODEL,
+    notify: Callable[[str], None] | None = None,
+    on_image: Callable[[str, str], None] | None = None,
+    on_load: Callable[[str], Any] | None = None,
+) -> list[Evaluation]:
+    """Generate every template n times (seeds seed..seed+n-1) for each identity and score the images.
+
+    `model` runs every identity on that base model; otherwise each runs on the model it was learned on
+    (`base_model`), or `fallback_model` when that is not recorded. `clip_model=None` skips prompt
+    fidelity. `notify(message)` hears about a metric that is unavailable, `on_image(name, prompt)`
+    about every image made, `on_load(model)` returns a context manager held while a model loads.
+    """
+    import torch
+
+    say = notify or (lambda message: None)
+    templates = check_templates(templates)
+    if n < 1:
+        raise CrossinitError(f"-n must be at least 1, not {n}")
+    if steps < 1:
+        raise CrossinitError(f"--steps must be at least 1, not {steps}")
+    if not 0 <= seed <= MAX_SEED - (n - 1):
+        raise CrossinitError(f"--seed must be between 0 and {MAX_SEED - (n - 1)}, not {seed}")
+    sample.scheduler_choice(scheduler)
+
+    # ---- everything cheap first: no model is loaded if any of this fails ------------------------
+    identities: dict[str, Identity] = {}
+    for name in names:
+        ident = library.get(name)
+        if name_key(ident.name) in identities:
+            raise CrossinitError(f"identity {ident.name!r} is named twice")
+        identities[name_key(ident.name)] = ident
+    if not identities:
+        raise CrossinitError("no identity to evaluate")
+    groups: dict[str, list[Identity]] = {}
+    for ident in identities.values():
+        chosen = model or ident.base_model or fallback_model
+        if not chosen:
+            raise CrossinitError(f"identity {ident.name!r} records no base model; pass --model")
+        groups.setdefault(chosen, []).append(ident)
+    for chosen, group in groups.items():
+        width = sample.peek_text_width(chosen)
+        if width is not None:
+            for ident in group:
+                devices.check_width(ident.name, ident.width, chosen, width)
+    placement = devices.resolve(device, dtype)
+    vectors = {key: library.effective_vectors(ident.name) for key, ident in identities.items()}
+    seeds = [seed + i for i in range(n)]
+
+    results: dict[str, Evaluation] = {}
+    references: dict[str, list[np.ndarray]] = {}
+    for key, ident in identities.items():
+        crops = _load_crops(library, ident.name)
+        result = Evaluation(name=ident.name, settings={}, crops=crops, prompts=[])
+        if not crops:
+            result.identity_note = (
+                f"identity {ident.name!r} has no stored face crops (imported?), so identity similarity "
+                "cannot be measured"
+            )
+        else:
+            try:
+                references[key] = reference_descriptors(crops)
+            except CrossinitError as exc:  # dlib or its weights missing
+                result.identity_note = f"identity similarity is unavailable: {exc}"
+            else:
+                result.references = len(references[key])
+                if not references[key]:
+                    result.identity_note = (
+                        f"no face found in the {len(crops)} stored crop(s) of {ident.name!r} (learned with "
+                        "--no-align?), so identity similarity cannot be measured"
+                    )
+        if result.identity_note:
+            say(result.identity_note)
+        results[key] = result
+
+    scorer: ClipScorer | None = None
+    fidelity_note: str | None = None
+    if clip_model is None:
+        fidelity_note = "prompt fidelity was not asked for"
+    else:
+        try:
+            with _holding(on_load, clip_model):
+                scorer = ClipScorer.load(clip_model)
+        except ClipUnavailable as exc:
+            fidelity_note = f"CLIP model {clip_model!r} is not available ({exc})"
+            say(
+                f"CLIP model {clip_model!r} could not be loaded offline, so prompt fidelity is left out and "
+                f"identity similarity is reported alone (download it once with `hf download {clip_model}`, "
+                "or pass --clip-model with a local folder)"
+            )
+
+    # ---- generation: one pipeline per base model, all identities and prompts at once -------------
+    for chosen, group in groups.items():
+        with _holding(on_load, chosen):
+            pipe = sample.load(chosen, placement)
+        try:
+            mapping = sample.add_identities(pipe, {i.name: vectors[name_key(i.name)] for i in group}, model=chosen)
+            width, height = sample.native_size(pipe)
+            settings = sample.Settings(width=width, height=height, steps=steps, guidance=guidance, scheduler=scheduler)
+            for ident in group:
+                key = name_key(ident.name)
+                result = results[key]
+                result.settings = {
+                    "prompts": list(templates),
+                    "n": n,
+                    "seed": seed,
+                    "steps": steps,
+                    "guidance": guidance,
+                    "scheduler": scheduler,
+                    "size": [width, height],
+                    "model": chosen,
+                    "device": placement.device,
+                    "dtype": placement.dtype,
+                    "strength": ident.strength,
+                    "clip_model": clip_model,
+                }
+                result.fidelity_note = fidelity_note
+                for template in templates:
+                    prompt = fill(template, ident.name)
+                    images = sample.sample(pipe, sample.expand_prompt(prompt, mapping), seeds, settings)
+                    entry = PromptResult(template, prompt, clip_text(template), list(seeds), images)
+                    for image in images:
+                        if result.has_identity:
+                            entry.matches.append(match_face(references[key], image))
+                        if on_image is not None:
+                            on_image(ident.name, prompt)
+                    result.prompts.append(entry)
+        finally:
+            del pipe
+            gc.collect()
+            if placement.device == "cuda":
+                torch.cuda.empty_cache()
+
+    # ---- prompt fidelity: CLIP once, on the device the pipelines have left -------------------------
+    if scorer is not None:
+        scorer.to(placement.device)
+        for result in results.values():
+            for entry in result.prompts:
+                entry.clip_scores = scorer.score(entry.images, [entry.text] * len(entry.images))
+        del scorer
+        gc.collect()
+    return list(results.values())
+
+
+@contextmanager
+def _holding(on_load: Callable[[str], Any] | None, what: str) -> Iterator[None]:
+    if on_load is None:
+        yield
+        return
+    with on_load(what):
+        yield
+
+
+def _load_crops(library: Library, name: str) -> list[Image.Image]:
+    from PIL import Image, UnidentifiedImageError
+
+    crops = []
+    for path in library.crops(name):
+        try:
+            with Image.open(path) as image:
+                crops.append(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise CrossinitError(f"identity {name!r} is damaged: cannot read crop {path.name} ({exc})") from None
+    return crops
+
+
+# ---- results into the library -------------------------------------------------------------------
+
+
+def save(library: Library, result: Evaluation) -> Path:
+    """Store the evaluation in the identity's metadata and its contact sheet in its folder, under the
+    library lock (so a concurrent rename or remove cannot leave a half-written entry); returns the sheet."""
+    png = io.BytesIO()
+    contact_sheet(result).save(png, format="PNG")
+    record = result.record()
+    where: list[Path] = []
+
+    def change(ident: Identity) -> None:
+        path = library.path_of(ident.name) / SHEET_PATH
+        write_bytes_atomic(path, png.getvalue())
+        ident.evaluation = record
+        where.append(path)
+
+    library.modify(result.name, change)
+    return where[0]
+
+
+def contact_sheet(result: Evaluation) -> Image.Image:
+    """The stored crops in the first row, then one row per prompt, each under a label with its scores."""
+    from PIL import Image, ImageDraw
+
+    first = result.prompts[0].images[0] if result.prompts and result.prompts[0].images else None
+    tile = min(SHEET_TILE, first.width if first is not None else SHEET_TILE)
+    n = max((len(p.images) for p in result.prompts), default=1)
+    cols = max(n, min(len(result.crops), SHEET_CROPS), 1)
+    band = max(12, tile // 12)
+    font = _font(int(band * 0.75))
+    rows: list[tuple[str, list[Image.Image]]] = []
+    crops_label = f"stored crops of <{result.name}> ({len(result.crops)})" if result.crops else "no stored crops"
+    rows.append((crops_label, result.crops[:cols]))
+    for entry in result.prompts:
+        rows.append((_row_label(entry, result.has_identity), entry.images))
+    sheet = Image.new("RGB", (cols * tile, len(rows) * (band + tile)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images) in enumerate(rows):
+        top = r * (band + tile)
+        draw.text((3, top + 1), _fit(draw, label, font, cols * tile - 6), fill="black", font=font)
+        for c, image in enumerate(images[:cols]):
+            sheet.paste(_square(image, tile), (c * tile, top + band))
+    return sheet
+
+
+def _row_label(entry: PromptResult, with_identity: bool) -> str:
+    parts = [entry.prompt]
+    if with_identity:
+        faces = identity_summary(entry.matches)
+        parts.append(f"faces {faces['faces']}/{faces['images']}")
+        if faces["cosine"] is not None:
+            parts.append(f"cos {faces['cosine']:.3f}")
+    if entry.clip_scores:
+        parts.append(f"CLIP {_mean(entry.clip_scores):.3f}")
+    return "  ·  ".join(parts)
+
+
+def _square(image: Image.Image, side: int) -> Image.Image:
+    from PIL import Image, ImageOps
+
+    return ImageOps.fit(image.convert("RGB"), (side, side), Image.Resampling.LANCZOS)
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or built without FreeType: the bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: Any, text: str, font: Any, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+# ---- numbers ------------------------------------------------------------------------------------
+
+
+def _round(value: float) -> float:
+    return round(float(value), 4)
+
+
+def _mean(values: Sequence[float] | None) -> float | None:
+    values = [v for v in (values or []) if math.isfinite(v)]
+    return _round(sum(values) / len(values)) if values else None

@@ -1,0 +1,278 @@
+"""`crossinit eval`: the identity metric on real photos, and the command end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from crossinit_cli import devices, faces
+from crossinit_cli import evaluate as engine
+from crossinit_cli.store import Identity, Library
+
+DATA = Path(__file__).parent / "data"
+FAST = ("--steps", "2", "-n", "1", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def astronaut_crop() -> Image.Image:
+    return faces.align_face(DATA / "astronaut.png").image
+
+
+@pytest.fixture(scope="module")
+def references(astronaut_crop: Image.Image) -> list[np.ndarray]:
+    found = engine.reference_descriptors([astronaut_crop])
+    assert len(found) == 1
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A tiny random CLIP (model, tokenizer, image processor) saved as a folder `--clip-model` can load."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_model / "tokenizer"))
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(
+        text_config={
+            **small,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture()
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every pipeline `eval` loads, in order (the real loader, counted)."""
+    real = devices.load_pipeline
+    models: list[str] = []
+
+    def counting(model: str, **kwargs: Any) -> Any:
+        models.append(model)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(devices, "load_pipeline", counting)
+    return models
+
+
+@pytest.fixture()
+def no_clip(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A default CLIP model that is certainly not in this machine's hub cache (HF_HUB_OFFLINE is on)."""
+    missing = "crossinit-tests/clip-that-is-not-cached"
+    monkeypatch.setattr(engine, "DEFAULT_CLIP_MODEL", missing)
+    return missing
+
+
+@pytest.fixture()
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("# two of the defaults\na photo of {}\n\nan oil painting of {}\n", encoding="utf-8")
+    return path
+
+
+def _add(library: Library, name: str, model: Path | str, crops: list[Image.Image], seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    learned = (rng.standard_normal((2, 32)) * 5).astype(np.float32)
+    init = (rng.standard_normal((2, 32)) * 5).astype(np.float32) if crops else None
+    library.add(Identity(name=name, tokens=2, width=32, base_model=str(model)), learned, init, crops=crops)
+
+
+# ---- the engine on real photos ------------------------------------------------------------------
+
+
+def test_same_person_scores_clearly_higher_than_a_different_person(references: list[np.ndarray]) -> None:
+    photo = faces.load_photo(DATA / "astronaut.png")
+    mirrored = engine.match_face(references, ImageOps.mirror(photo))
+    rescaled = engine.match_face(references, photo.resize((300, 300), Image.Resampling.LANCZOS))
+    other = engine.match_face(references, faces.load_photo(DATA / "grace_hopper.jpg"))
+    assert mirrored is not None and rescaled is not None and other is not None
+    for same in (mirrored, rescaled):
+        assert same.cosine > other.cosine + 0.05
+        assert same.distance < engine.SAME_PERSON_DISTANCE < other.distance
+        assert same.distance < other.distance - 0.25
+
+
+def test_an_image_without_a_face_counts_as_no_face(references: list[np.ndarray]) -> None:
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    assert engine.match_face(references, noise) is None
+    assert engine.match_face(references, Image.new("RGB", (256, 256), "grey")) is None
+    summary = engine.identity_summary([None, engine.FaceMatch(cosine=0.9, distance=0.3), None, None])
+    assert summary["images"] == 4 and summary["faces"] == 1 and summary["face_rate"] == 0.25
+    assert summary["cosine"] == 0.9 and summary["distance"] == 0.3 and summary["match_rate"] == 0.25
+    nothing = engine.identity_summary([None, None])
+    assert nothing["face_rate"] == 0 and nothing["cosine"] is None and nothing["match_rate"] == 0
+
+
+def test_prompt_templates_and_the_text_clip_scores() -> None:
+    assert engine.clip_text("a photo of {} on the beach") == "a photo of on the beach"
+    assert engine.clip_text("{}, oil painting") == "oil painting"
+    assert engine.fill("a photo of {} smiling", "Alice") == "a photo of <Alice> smiling"
+    assert engine.read_prompts("# c\n\n {} in the snow \nwearing a hat\n") == [
+        "{} in the snow",
+        "a photo of {}, wearing a hat",
+    ]
+    assert all("{}" in t for t in engine.DEFAULT_PROMPTS) and engine.DEFAULT_PROMPTS[0] == "a photo of {}"
+    with pytest.raises(engine.CrossinitError, match="no prompts"):
+        engine.read_prompts("# only a comment\n")
+    with pytest.raises(engine.CrossinitError, match="<bob>"):
+        engine.check_templates(["{} and <bob>"])
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def test_eval_stores_metrics_and_reports_identity_alone_without_clip(
+    cli, library: Library, tiny_model: Path, astronaut_crop: Image.Image, no_clip: str, loads: list[str]
+) -> None:
+    _add(library, "Astro", tiny_model, [astronaut_crop])
+    result = cli("eval", "astro", *FAST, "--seed", "5", "--json")
+    assert result.exit_code == 0, result.stderr
+    (record,) = json.loads(result.stdout)  # stdout is exactly one JSON document
+    notice = result.stderr.strip().splitlines()
+    assert len(notice) == 1 and no_clip in notice[0] and "identity similarity is reported alone" in notice[0]
+    assert loads == [str(tiny_model)]
+
+    assert record["name"] == "Astro"
+    ident, fidelity = record["identity"], record["fidelity"]
+    assert ident["available"] is True and ident["metric"] == engine.FACE_METRIC
+    assert ident["reference_crops"] == 1 and ident["images"] == len(engine.DEFAULT_PROMPTS)
+    assert 0 <= ident["face_rate"] <= 1 and ident["faces"] <= ident["images"]
+    assert fidelity == {"available": False, "model": no_clip, "reason": fidelity["reason"]}
+    assert [p["prompt"] for p in record["prompts"]] == list(engine.DEFAULT_PROMPTS)
+    assert record["prompts"][7]["clip_text"] == "a photo of on the beach"
+    settings = record["settings"]
+    assert settings["prompts"] == list(engine.DEFAULT_PROMPTS)
+    assert (settings["n"], settings["seed"], settings["steps"]) == (1, 5, 2)
+    assert settings["model"] == str(tiny_model) and settings["clip_model"] == no_clip and record["date"]
+
+    # Stored with the identity, shown by `show` and `list --json`.
+    stored = library.get("astro").evaluation
+    assert stored["settings"]["seed"] == 5 and stored["identity"]["images"] == ident["images"]
+    assert stored["contact_sheet"] == "eval/contact-sheet.png"
+    shown = json.loads(cli("show", "astro", "--json").stdout)
+    assert shown["evaluation"]["identity"]["face_rate"] == ident["face_rate"]
+    listed = json.loads(cli("list", "--json").stdout)
+    assert listed[0]["evaluation"]["settings"]["n"] == 1
+
+    sheet = Path(record["contact_sheet"])
+    assert sheet == library.path_of("astro") / "eval" / "contact-sheet.png"
+    with Image.open(sheet) as image:
+        # One column (n = 1, one crop), a row for the crops and one per prompt, each under a label band.
+        assert image.width == 64 and image.height == (len(engine.DEFAULT_PROMPTS) + 1) * (64 + 12)
+    assert not [p for p in sheet.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_compare_with_a_local_clip_gives_finite_fidelity_for_both(
+    cli,
+    library: Library,
+    tiny_model: Path,
+    tiny_clip: Path,
+    astronaut_crop: Image.Image,
+    prompts_file: Path,
+    loads: list[str],
+) -> None:
+    _add(library, "fast", tiny_model, [astronaut_crop], seed=1)
+    _add(library, "full", tiny_model, [astronaut_crop, ImageOps.mirror(astronaut_crop)], seed=2)
+    args = ("eval", "fast", "full", "--compare", "--prompts", prompts_file, "--clip-model", tiny_clip, *FAST)
+    result = cli(*args, "-n", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    records = json.loads(result.stdout)
+    assert [r["name"] for r in records] == ["fast", "full"]
+    assert loads == [str(tiny_model)]  # one pipeline for both identities and every prompt
+    for record in records:
+        score = record["fidelity"]["clip_score"]
+        assert record["fidelity"]["available"] is True and record["fidelity"]["model"] == str(tiny_clip)
+        assert isinstance(score, float) and math.isfinite(score) and -1.0 <= score <= 1.0
+        assert [p["prompt"] for p in record["prompts"]] == ["a photo of {}", "an oil painting of {}"]
+        assert all(p["images"] == 2 and -1.0 <= p["clip_score"] <= 1.0 for p in record["prompts"])
+        assert record["identity"]["images"] == 4
+        assert library.get(record["name"]).evaluation["fidelity"]["clip_score"] == score
+    assert records[1]["identity"]["reference_crops"] == 2
+
+
+def test_identity_without_crops_is_reported_without_identity_metric(
+    cli, library: Library, tiny_model: Path, tiny_clip: Path, prompts_file: Path
+) -> None:
+    _add(library, "imported", tiny_model, [])
+    result = cli("eval", "imported", "--prompts", prompts_file, "--clip-model", tiny_clip, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "has no stored face crops" in result.stderr
+    assert "<imported>" in result.stdout and "oil painting" in result.stdout and "all" in result.stdout
+    stored = library.get("imported").evaluation
+    assert stored["identity"]["available"] is False and "no stored face crops" in stored["identity"]["reason"]
+    assert -1.0 <= stored["fidelity"]["clip_score"] <= 1.0
+    assert (library.path_of("imported") / "eval" / "contact-sheet.png").is_file()
+
+
+def test_identities_of_different_base_models_load_one_pipeline_each(
+    cli, library: Library, tiny_model: Path, tmp_path: Path, prompts_file: Path, no_clip: str, loads: list[str]
+) -> None:
+    other = tmp_path / "same-weights-other-name"
+    other.symlink_to(tiny_model, target_is_directory=True)
+    _add(library, "a", tiny_model, [], seed=1)
+    _add(library, "b", other, [], seed=2)
+    _add(library, "c", tiny_model, [], seed=3)
+    result = cli("eval", "a", "b", "c", "--compare", "--prompts", prompts_file, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(loads) == sorted([str(tiny_model), str(other)])
+    assert [library.get(n).evaluation["settings"]["model"] for n in "abc"] == [
+        str(tiny_model),
+        str(other),
+        str(tiny_model),
+    ]
+    # The side-by-side table: one column per identity, the summary rows and one row per prompt.
+    for text in ("<a>", "<b>", "<c>", "cosine", "fidelity", "oil painting"):
+        assert text in result.stdout
+    assert "contact sheet of b" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("eval", "nobody"), "no identity named 'nobody'"),
+        (("eval", "alice", "--compare"), "--compare needs at least two identities"),
+        (("eval", "alice", "alice", "--compare"), "named twice"),
+        (("eval", "alice", "--prompts", "/no/such/prompts.txt"), "cannot read prompts"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_1_before_any_model_loads(
+    cli, library: Library, tiny_model: Path, loads: list[str], args: tuple[str, ...], message: str
+) -> None:
+    _add(library, "alice", tiny_model, [])
+    result = cli(*args)
+    assert result.exit_code == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == "" and loads == []
+    assert library.get("alice").evaluation == {}
+
+
+def test_a_prompt_naming_another_identity_is_refused(cli, library: Library, tiny_model: Path, tmp_path: Path) -> None:
+    _add(library, "alice", tiny_model, [])
+    bad = tmp_path / "bad.txt"
+    bad.write_text("{} and <bob> at the beach\n", encoding="utf-8")
+    result = cli("eval", "alice", "--prompts", bad)
+    assert result.exit_code == 1 and "<bob>" in result.stderr
