@@ -145,9 +145,11 @@ def test_prompt_templates_and_the_text_clip_scores() -> None:
 
 
 def test_eval_stores_metrics_and_reports_identity_alone_without_clip(
-    cli, library: Library, tiny_model: Path, astronaut_crop: Image.Image, no_clip: str, loads: list[str]
+    cli, library: Library, tiny_model: Path, no_clip: str, loads: list[str]
 ) -> None:
-    _add(library, "Astro", tiny_model, [astronaut_crop])
+    learned = cli("learn", DATA / "astronaut.png", "--name", "Astro", "--fast", "--steps", "2", "--model", tiny_model)
+    assert learned.exit_code == 0, learned.stderr
+    loads.clear()
     result = cli("eval", "astro", *FAST, "--seed", "5", "--json")
     assert result.exit_code == 0, result.stderr
     (record,) = json.loads(result.stdout)  # stdout is exactly one JSON document
