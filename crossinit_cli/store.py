@@ -8,14 +8,19 @@ Layout under the library home:
     .lock                                 held while anything is written
     .staging/                             entries being assembled (always under the lock)
     .trash/                               entries being replaced or removed (restored if a write died)
+    identities/<key>/meta.toml.pending    a rename's new metadata, until the directory carries the new key
 
 `<key>` is the name NFKC-normalised and case-folded, so names match case-insensitively. A new entry is
 assembled in `.staging/` and renamed into place, so a reader (or a process killed at any moment) sees the
-library before or after a write, never between. Nothing here imports torch.
+library before or after a write, never between: replacing an entry takes two renames (old one aside, new
+one in), and a reader that finds anything in `.staging/` or `.trash/` waits for the lock, behind which the
+write has finished or its dead writer's leftovers are recovered. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import sys
@@ -42,6 +47,7 @@ if TYPE_CHECKING:
 
 SCHEMA = 1
 META = "meta.toml"
+PENDING = "meta.toml.pending"
 VECTORS = "vectors.safetensors"
 CROPS = "crops"
 MAX_NAME = 64
@@ -172,11 +178,14 @@ class Library:
         self.entries = self.home / "identities"
         self._staging = self.home / ".staging"
         self._trash = self.home / ".trash"
+        self._held = False  # this object holds the lock: reads inside a write must not wait for it
 
     # ---- reading -------------------------------------------------------------------------------
 
     def path_of(self, name: str) -> Path:
-        return self.entries / name_key(name)
+        key = name_key(name)
+        self._settle()
+        return self.entries / key
 
     def exists(self, name: str) -> bool:
         return (self.path_of(name) / META).is_file()
@@ -185,6 +194,7 @@ class Library:
         """Every entry, sorted by name; unreadable ones as `Damaged`."""
         if not self.entries.is_dir():
             return []
+        self._settle()
         found: list[Identity | Damaged] = []
         for path in sorted(self.entries.iterdir()):
             if path.name.startswith(".") or not path.is_dir():
@@ -196,25 +206,31 @@ class Library:
         return found
 
     def get(self, name: str) -> Identity:
-        path = self.path_of(name)
-        if not path.is_dir():
-            raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
-        return self._read_meta(path)
+        def read() -> Identity:
+            path = self.path_of(name)
+            if not path.is_dir():
+                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
+            return self._read_meta(path)
+
+        return self._read_settled(read)
 
     def vectors(self, name: str) -> Vectors:
         import numpy as np
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        path = self.path_of(name) / VECTORS
-        try:
-            tensors = load_file(str(path))
-            learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
-            init = tensors.get("init")
-            init = None if init is None else check_vectors(np.asarray(init), f"identity {name!r} init")
-        except (OSError, KeyError, SafetensorError, ValueError) as exc:
-            raise CrossinitError(f"identity {name!r} is damaged: cannot read {path.name} ({exc})") from None
-        return Vectors(learned, init)
+        def read() -> Vectors:
+            path = self.path_of(name) / VECTORS
+            try:
+                tensors = load_file(str(path))
+                learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
+                init = tensors.get("init")
+                init = None if init is None else check_vectors(np.asarray(init), f"identity {name!r} init")
+            except (OSError, KeyError, SafetensorError, ValueError) as exc:
+                raise CrossinitError(f"identity {name!r} is damaged: cannot read {path.name} ({exc})") from None
+            return Vectors(learned, init)
+
+        return self._read_settled(read)
 
     def effective_vectors(self, name: str) -> np.ndarray:
         """The vectors prompts use: the learned ones at the identity's stored strength."""
@@ -235,11 +251,41 @@ class Library:
             raise CrossinitError(f"entry {path.name!r} is damaged: {reason}") from None
         if not (path / VECTORS).is_file():
             raise CrossinitError(f"entry {path.name!r} is damaged: {VECTORS} is missing")
-        # The directory is the source of truth for the key; a rename killed between its two steps
-        # leaves an old display name, which we correct on read.
+        # The directory is the source of truth for the key. A rename that got past its commit point
+        # (the directory rename) but not further left its new metadata beside the old one.
         if ident.name.casefold() != path.name:
-            ident.name = path.name
+            ident = _read_pending(path) or ident
+            ident.name = ident.name if ident.name.casefold() == path.name else path.name
         return ident
+
+    def _in_flux(self) -> bool:
+        """Something in .staging/ or .trash/: a write is in progress, or one was killed."""
+        for folder in (self._staging, self._trash):
+            with contextlib.suppress(OSError), os.scandir(folder) as items:
+                if next(items, None) is not None:
+                    return True
+        return False
+
+    def _settle(self, *, always: bool = False) -> None:
+        """Wait for the write in progress (or recover a killed one's) before reading.
+
+        Taking the lock is enough: behind it the writer has finished, or it died, the OS released its
+        lock and `locked()` recovers what it left. A library we cannot lock (read-only) is read as it is.
+        """
+        if self._held or not self.entries.is_dir() or not (always or self._in_flux()):
+            return
+        with contextlib.suppress(CrossinitError), self.locked():
+            pass
+
+    def _read_settled(self, read: Callable[[], Any]) -> Any:
+        """`read()`; if it fails, once more after any write in progress (a replace racing this read)."""
+        try:
+            return read()
+        except CrossinitError:
+            if self._held or not self.entries.is_dir():
+                raise
+        self._settle(always=True)
+        return read()
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -252,6 +298,7 @@ class Library:
             self.entries.mkdir(parents=True, exist_ok=True)
             lock = FileLock(str(self.home / ".lock"), timeout=LOCK_TIMEOUT_S)
             lock.acquire()
+            self._held = True
         except Timeout:
             raise CrossinitError(
                 f"the library at {self.home} stayed locked by another crossinit process for "
@@ -263,6 +310,7 @@ class Library:
             self._recover()
             yield
         finally:
+            self._held = False
             lock.release()
 
     def _recover(self) -> None:
@@ -279,6 +327,12 @@ class Library:
                     shutil.rmtree(item, ignore_errors=True)
         for tmp in self.entries.glob(f"*/{TEMP_PREFIX}*"):
             tmp.unlink(missing_ok=True)
+        for pending in self.entries.glob(f"*/{PENDING}"):
+            # Past a rename's commit point (its key is the directory's): finish it; else drop it.
+            if _read_pending(pending.parent) is not None:
+                os.replace(pending, pending.parent / META)
+            else:
+                pending.unlink(missing_ok=True)
 
     def add(
         self,
@@ -365,19 +419,37 @@ class Library:
             write_bytes_atomic(self.path_of(name) / META, _dump(ident))
             return ident
 
-    def rename(self, old: str, new: str) -> Identity:
+    def rename(self, old: str, new: str, change: Callable[[Identity], None] | None = None) -> Identity:
+        """Rename an identity, applying `change` to its metadata in the same step (edit --note --rename).
+
+        The directory rename is the commit point. The new metadata is written first, beside the old one
+        (meta.toml.pending); readers use it only once the directory carries the new key, and the next
+        write keeps or drops it accordingly: killed at any moment, the library is before or after.
+        """
         new = validate_name(new)
         with self.locked():
             ident = self.get(old)
             source, target = self.path_of(old), self.path_of(new)
             if target.exists() and target != source:
                 raise CrossinitError(f"identity {new!r} already exists")
-            # The directory rename is the commit point; the display name follows.
-            if target != source:
-                source.rename(target)
+            fixed = (ident.tokens, ident.width, ident.schema, ident.has_init)
+            if change is not None:
+                change(ident)
+            if (ident.tokens, ident.width, ident.schema, ident.has_init) != fixed:
+                raise CrossinitError("tokens, width, schema and has_init cannot be changed this way")
             ident.name = new
             ident.modified = now()
-            write_bytes_atomic(target / META, _dump(ident))
+            if target == source:  # a change of case only: one atomic write
+                write_bytes_atomic(target / META, _dump(ident))
+                return ident
+            write_bytes_atomic(source / PENDING, _dump(ident))
+            try:
+                source.rename(target)
+            except OSError as exc:
+                (source / PENDING).unlink(missing_ok=True)
+                raise CrossinitError(f"cannot rename identity {old!r}: {exc.strerror or exc}") from None
+            with contextlib.suppress(OSError):  # else the next write promotes it; readers use it already
+                os.replace(target / PENDING, target / META)
             return ident
 
     def remove(self, name: str) -> None:
@@ -390,6 +462,15 @@ class Library:
             gone = self._trash / f"~removed~{uuid.uuid4().hex}"
             path.rename(gone)
             shutil.rmtree(gone, ignore_errors=True)
+
+
+def _read_pending(path: Path) -> Identity | None:
+    """The pending metadata of a rename whose directory rename happened (its name's key is `path`'s)."""
+    try:
+        ident = Identity.from_dict(tomllib.loads((path / PENDING).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError, ValueError):
+        return None
+    return ident if ident.name.casefold() == path.name else None
 
 
 def _dump(identity: Identity) -> bytes:

@@ -131,10 +131,10 @@ def edit_identity(
 
     if rename is None and note is None and not tags and not untags and strength is None:
         ident = _edit_in_editor(library, ident)
+    elif rename is not None:  # one atomic step, so a kill never leaves the note changed but not the name
+        ident = library.rename(ident.name, rename, change)
     else:
         ident = library.modify(ident.name, change)
-    if rename is not None:
-        ident = library.rename(ident.name, rename)
     if as_json:
         ui.print_json(identity_record(library, ident))
     else:
