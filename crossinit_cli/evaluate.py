@@ -317,6 +317,7 @@ class Evaluation:
     settings: dict[str, Any]
     crops: list[Image.Image]
     prompts: list[PromptResult]
+    identity_created: str = ""  # the identity evaluated: a re-learned one of the same name differs here
     references: int = 0  # stored crops in which a face was found
     identity_note: str | None = None  # why identity similarity is unavailable
     fidelity_note: str | None = None  # why prompt fidelity is unavailable
@@ -422,7 +423,7 @@ def evaluate(
     references: dict[str, list[np.ndarray]] = {}
     for key, ident in identities.items():
         crops = _load_crops(library, ident.name)
-        result = Evaluation(name=ident.name, settings={}, crops=crops, prompts=[])
+        result = Evaluation(name=ident.name, settings={}, crops=crops, prompts=[], identity_created=ident.created)
         if not crops:
             result.identity_note = (
                 f"identity {ident.name!r} has no stored face crops (imported?), so identity similarity "
@@ -454,10 +455,13 @@ def evaluate(
                 scorer = ClipScorer.load(clip_model)
         except ClipUnavailable as exc:
             fidelity_note = f"CLIP model {clip_model!r} is not available ({exc})"
+            if Path(clip_model).expanduser().exists():
+                how = f"{str(exc)[:120]}; pass a folder with a CLIP model, tokenizer and image processor"
+            else:
+                how = f"download it once with `hf download {clip_model}`, or pass --clip-model with a local folder"
             say(
-                f"CLIP model {clip_model!r} could not be loaded offline, so prompt fidelity is left out and "
-                f"identity similarity is reported alone (download it once with `hf download {clip_model}`, "
-                "or pass --clip-model with a local folder)"
+                f"CLIP model {clip_model!r} could not be loaded, so prompt fidelity is left out and identity "
+                f"similarity is reported alone ({how})"
             )
 
     # ---- generation: one pipeline per base model, all identities and prompts at once -------------
@@ -547,6 +551,10 @@ def save(library: Library, result: Evaluation) -> Path:
     where: list[Path] = []
 
     def change(ident: Identity) -> None:
+        if result.identity_created and ident.created != result.identity_created:
+            raise CrossinitError(
+                f"identity {ident.name!r} was replaced while it was being evaluated; run `crossinit eval` again"
+            )
         path = library.path_of(ident.name) / SHEET_PATH
         write_bytes_atomic(path, png.getvalue())
         ident.evaluation = record

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 from crossinit_cli import devices, faces
 from crossinit_cli import evaluate as engine
+from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library
 
 DATA = Path(__file__).parent / "data"
@@ -135,9 +136,9 @@ def test_prompt_templates_and_the_text_clip_scores() -> None:
         "a photo of {}, wearing a hat",
     ]
     assert all("{}" in t for t in engine.DEFAULT_PROMPTS) and engine.DEFAULT_PROMPTS[0] == "a photo of {}"
-    with pytest.raises(engine.CrossinitError, match="no prompts"):
+    with pytest.raises(CrossinitError, match="no prompts"):
         engine.read_prompts("# only a comment\n")
-    with pytest.raises(engine.CrossinitError, match="<bob>"):
+    with pytest.raises(CrossinitError, match="<bob>"):
         engine.check_templates(["{} and <bob>"])
 
 
@@ -278,3 +279,12 @@ def test_a_prompt_naming_another_identity_is_refused(cli, library: Library, tiny
     bad.write_text("{} and <bob> at the beach\n", encoding="utf-8")
     result = cli("eval", "alice", "--prompts", bad)
     assert result.exit_code == 1 and "<bob>" in result.stderr
+
+
+def test_an_evaluation_is_not_stored_on_an_identity_relearned_meanwhile(library: Library, tiny_model: Path) -> None:
+    _add(library, "alice", tiny_model, [])
+    stale = engine.Evaluation(name="alice", settings={}, crops=[], prompts=[], identity_created="2000-01-01T00:00:00")
+    with pytest.raises(CrossinitError, match="replaced while it was being evaluated"):
+        engine.save(library, stale)
+    assert library.get("alice").evaluation == {}
+    assert not (library.path_of("alice") / "eval").exists()
