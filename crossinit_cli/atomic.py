@@ -21,15 +21,18 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.close(fd)
     except OSError as exc:
         raise CrossinitError(f"cannot write {path}: {exc.strerror or exc}") from None
+    from safetensors import SafetensorError
+
     tmp = Path(tmp_name)
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors' writer reports a full disk as its own error
         tmp.unlink(missing_ok=True)
-        raise CrossinitError(f"cannot write {path}: {exc.strerror or exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CrossinitError(f"cannot write {path}: {reason}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -7,7 +7,8 @@ Layout under the library home:
     identities/<key>/crops/000.png        the aligned face crops it was learned from
     .lock                                 held while anything is written
     .staging/                             entries being assembled (always under the lock)
-    .trash/                               entries being replaced or removed (restored if a write died)
+    .trash/                               entries being replaced (restored if the write died)
+    identities/.removed~<id>/             an entry being removed (deleted by the next write if this one died)
     identities/<key>/meta.toml.pending    a rename's new metadata, until the directory carries the new key
 
 `<key>` is the name NFKC-normalised and case-folded, so names match case-insensitively. A new entry is
@@ -51,10 +52,32 @@ PENDING = "meta.toml.pending"
 VECTORS = "vectors.safetensors"
 CROPS = "crops"
 MAX_NAME = 64
+MAX_NAME_BYTES = 200
+"""A name is also a directory name: file systems allow 255 bytes, and an entry is staged as `<key>~<32 hex>`."""
 MAX_TOKENS = 16
 LOCK_TIMEOUT_S = 60.0
 _NAME_RE = re.compile(r"^\w[\w.\-]*$")
 _RESERVED = {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
+# Letters of other scripts drawn like Latin ones (from Unicode's confusables, UTS #39), so that "аlice" with
+# a Cyrillic "а" cannot sit beside, and pass for, "alice". Both cases: names match case-insensitively.
+_LOOKALIKES = str.maketrans(
+    dict(
+        pair
+        for pairs in (
+            "АA ВB СC ЕE НH ІI ЈJ КK МM ОO РP ЅS ТT ХX УY "  # Cyrillic capitals
+            "аa еe іi јj оo рp сc уy хx ѕs ԁd һh ӏl ԛq ԝw вb гr кk мm нh тt ьb",  # and small letters
+            "ΑA ΒB ΕE ΖZ ΗH ΙI ΚK ΜM ΝN ΟO ΡP ΤT ΥY ΧX αa ιi κk νv οo ρp υu χx ϲc ϳj",  # Greek
+            "ՕO ՍU ՏS օo սu ցg հh ոn զq",  # Armenian
+            "ıi ɑa ɡg ʟL Ƅb ƅb ǀl ɩi",  # Latin letters drawn like other Latin ones
+        )
+        for pair in pairs.split()
+    )
+)
+
+
+def _skeletons(key: str) -> set[str]:
+    """How a stored key can look on screen, written in Latin where another script's letters look Latin."""
+    return {form.translate(_LOOKALIKES).casefold() for form in (key, key.upper())}
 
 
 def now() -> str:
@@ -77,8 +100,11 @@ def validate_name(name: str) -> str:
         raise CrossinitError(
             f"identity name {shown!r} must start with a letter or digit and use only letters, digits, '_', '-' and '.'"
         )
-    if norm.split(".")[0].casefold() in _RESERVED:
-        raise CrossinitError(f"identity name {shown!r} is reserved on Windows; pick another")
+    if norm.split(".")[0].casefold() in _RESERVED or norm.endswith("."):
+        raise CrossinitError(f"identity name {shown!r} is reserved on Windows (or ends with '.'); pick another")
+    size = len(norm.casefold().encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise CrossinitError(f"identity name takes {size} bytes as a file name (UTF-8); the limit is {MAX_NAME_BYTES}")
     return norm
 
 
@@ -325,6 +351,8 @@ class Library:
                     item.rename(target)
                 else:
                     shutil.rmtree(item, ignore_errors=True)
+        for gone in self.entries.glob(".removed~*"):
+            shutil.rmtree(gone, ignore_errors=True)
         for tmp in self.entries.glob(f"*/{TEMP_PREFIX}*"):
             tmp.unlink(missing_ok=True)
         for pending in self.entries.glob(f"*/{PENDING}"):
@@ -344,6 +372,7 @@ class Library:
         force: bool = False,
     ) -> Path:
         """Store a new identity (replace an existing one only with `force`); returns its directory."""
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         identity.name = validate_name(identity.name)
@@ -362,6 +391,7 @@ class Library:
             target = self.entries / key
             if target.exists() and not force:
                 raise CrossinitError(f"identity {identity.name!r} already exists; pass --force to replace it")
+            self._refuse_lookalike(identity.name)
             stage = self._staging / f"{key}~{uuid.uuid4().hex}"
             try:
                 (stage / CROPS).mkdir(parents=True)
@@ -377,10 +407,25 @@ class Library:
                     shutil.rmtree(old, ignore_errors=True)
                 else:
                     stage.rename(target)
-            except OSError as exc:
+            except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
                 shutil.rmtree(stage, ignore_errors=True)
-                raise CrossinitError(f"cannot write identity {identity.name!r}: {exc.strerror or exc}") from None
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise CrossinitError(f"cannot write identity {identity.name!r}: {reason}") from None
         return target
+
+    def _refuse_lookalike(self, name: str) -> None:
+        """Refuse a new name that would look like a stored one on screen ('аlice' beside 'alice')."""
+        key = name_key(name)
+        mine = _skeletons(key)
+        for path in self.entries.iterdir():
+            if path.name != key and not path.name.startswith(".") and _skeletons(path.name) & mine:
+                shown = ascii(name)  # escaped, or the message would show two identical names
+                other = [c for c in name if c.translate(_LOOKALIKES) != c]
+                which = f" ({unicodedata.name(other[0], '')})" if other else ""
+                raise CrossinitError(
+                    f"identity name {shown}{which} looks like the existing identity {path.name!r}; "
+                    "pick a name that reads differently"
+                )
 
     def modify(self, name: str, change: Callable[[Identity], None]) -> Identity:
         """Apply `change` to the current metadata under the lock, so concurrent edits never lose one."""
@@ -432,6 +477,8 @@ class Library:
             source, target = self.path_of(old), self.path_of(new)
             if target.exists() and target != source:
                 raise CrossinitError(f"identity {new!r} already exists")
+            if target != source:
+                self._refuse_lookalike(new)
             fixed = (ident.tokens, ident.width, ident.schema, ident.has_init)
             if change is not None:
                 change(ident)
@@ -457,10 +504,13 @@ class Library:
             path = self.path_of(name)
             if not path.is_dir():
                 raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
-            self._trash.mkdir(exist_ok=True)
-            # Renamed to a name `_recover` will not restore (its key part cannot match an entry).
-            gone = self._trash / f"~removed~{uuid.uuid4().hex}"
-            path.rename(gone)
+            # Moved aside within its own folder, which needs no new directory: removing is how a user
+            # makes room on a full disk. Dot names are not entries; `_recover` deletes what is left.
+            gone = self.entries / f".removed~{uuid.uuid4().hex}"
+            try:
+                path.rename(gone)
+            except OSError as exc:
+                raise CrossinitError(f"cannot remove identity {name!r}: {exc.strerror or exc}") from None
             shutil.rmtree(gone, ignore_errors=True)
 
 

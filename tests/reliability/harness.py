@@ -157,7 +157,7 @@ def leftovers(home: Path) -> list[str]:
     found = []
     for path in home.rglob("*"):
         rel = path.relative_to(home)
-        temporary = path.name.startswith(".crossinit-tmp-") or path.name.endswith(".pending")
+        temporary = path.name.startswith((".crossinit-tmp-", ".removed~")) or path.name.endswith(".pending")
         if temporary or (rel.parts[0] in (".staging", ".trash") and len(rel.parts) > 1):
             found.append(str(rel))
     return sorted(found)

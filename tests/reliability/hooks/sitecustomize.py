@@ -1,9 +1,10 @@
 """Fault injection for the reliability suite, loaded by a `crossinit` subprocess through PYTHONPATH.
 
 Does nothing unless CROSSINIT_FAULT is set. It wraps the file-system calls that change something
-(os.open for writing, open() for writing, mkdir, rename, replace, unlink, rmdir) and counts those that
-touch CROSSINIT_FAULT_ROOT (or any call relative to a directory fd, which only shutil.rmtree makes in
-crossinit). CROSSINIT_FAULT_OPS=rename,replace restricts what is counted.
+(os.open and open() for writing, mkdir, rename, replace, unlink, rmdir) and counts those that touch
+CROSSINIT_FAULT_ROOT (or any call relative to a directory fd, which only shutil.rmtree makes in crossinit).
+CROSSINIT_FAULT_OPS=rename,replace restricts what is counted; an open for writing is "create" when the file
+does not exist yet, else "open" (a full disk refuses the first, not the second).
 
     CROSSINIT_FAULT=count:FILE        append one line per counted call to FILE, and carry on
     CROSSINIT_FAULT=kill-before:N     SIGKILL this process just before the N-th counted call
@@ -76,14 +77,20 @@ _real_open = builtins.open
 if _SPEC:
     _real_os_open = os.open
 
+    def _opened(path: object) -> str:
+        try:
+            return "open" if os.path.exists(path) else "create"
+        except (TypeError, ValueError):
+            return "open"
+
     def _os_open(path, flags, *args, **kwargs):
         if flags & _WRITE_FLAGS:
-            _event("open", path, kwargs.get("dir_fd"))
+            _event(_opened(path), path, kwargs.get("dir_fd"))
         return _real_os_open(path, flags, *args, **kwargs)
 
     def _open(file, mode="r", *args, **kwargs):
         if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
-            _event("open", file)
+            _event(_opened(file), file)
         return _real_open(file, mode, *args, **kwargs)
 
     os.open = _os_open
