@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,9 @@ from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
 
 if TYPE_CHECKING:
-    from crossinit_cli.train import Progress
+    from crossinit_cli.devices import Placement
+    from crossinit_cli.faces import FaceCrop
+    from crossinit_cli.train import Progress, TrainConfig, TrainResult
 
 ALIGN_SIZE = 512
 """Photos are checked and aligned at SD's native size before the model is loaded; a model of another size
@@ -65,41 +68,111 @@ def learn_identity(
     crops = faces.align_faces(paths, ALIGN_SIZE, align=align, warn=ui.warn)
 
     # ---- the model -----------------------------------------------------------------------------------
-    from crossinit_cli import crossinit, devices, train
+    from crossinit_cli import devices
 
     placement = devices.resolve(device or defaults.device, dtype or defaults.dtype, training=True)
+    trainer = load_trainer(library, model_id, placement, quiet=quiet)
+
+    # ---- training and the one write ------------------------------------------------------------------
+    target, result = learn_and_store(
+        library,
+        trainer,
+        name=name,
+        paths=paths,
+        crops=crops,
+        train_config=train_config,
+        mode=mode,
+        align=align,
+        force=force,
+        quiet=quiet,
+    )
+
+    if as_json:
+        from crossinit_cli.commands.library import identity_record
+
+        ui.print_json(identity_record(library, library.get(name), detail=True))
+    if not quiet:
+        ui.info(
+            f"learned [bold]{escape(name)}[/] in {result.total_s:.1f} s "
+            f"({result.per_step_s:.3f} s/step, final loss {result.final_loss:.4f}); stored in {escape(str(target))}"
+        )
+        model_flag = f" --model {_shell_quote(model)}" if model else ""
+        ui.info(escape(f'next: crossinit generate "a photo of <{name}> as an astronaut" -n 4{model_flag}'))
+    return 0
+
+
+@dataclass
+class Trainer:
+    """A base model loaded for training once; it learns any number of identities in turn."""
+
+    model_id: str
+    pipe: Any
+    placement: Placement
+    resolution: int
+    fingerprint: str
+    init: Any  # torch.Tensor [2, width]: the cross-init start, the same for every identity of this model
+
+
+def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet: bool) -> Trainer:
+    """Load the model, free what training does not use, and compute (or read) its cross init."""
+    from crossinit_cli import crossinit, devices, train
+
     _quiet_libraries()
     # A spinner on a terminal only: until something has worked, stderr holds nothing but an error.
     with ui.err().status(f"loading {escape(model_id)}", spinner="dots") if not quiet else _nothing():
         pipe = devices.load_pipeline(model_id)
         train.free_vae_decoder(pipe.vae)
-        resolution = train.model_resolution(pipe.unet, pipe.vae)
-        if resolution != ALIGN_SIZE:
-            crops = faces.align_faces(paths, resolution, align=align)
         fingerprint = crossinit.encoder_fingerprint(pipe.text_encoder)
         init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, library.home / ".cache" / "init")
+    resolution = train.model_resolution(pipe.unet, pipe.vae)
+    return Trainer(model_id, pipe, placement, resolution, fingerprint, init)
+
+
+def learn_and_store(
+    library: Library,
+    trainer: Trainer,
+    *,
+    name: str,
+    paths: list[Path],
+    crops: list[FaceCrop],
+    train_config: TrainConfig,
+    mode: str,
+    align: bool,
+    force: bool,
+    quiet: bool,
+) -> tuple[Path, TrainResult]:
+    """Train one identity on a loaded model and store it: the library is written once, atomically."""
+    from crossinit_cli import faces, train
+
+    if trainer.resolution != ALIGN_SIZE:
+        crops = faces.align_faces(paths, trainer.resolution, align=align)
+    placement = trainer.placement
     if not quiet:
         ui.info(
             f"learning [bold]{escape(name)}[/] from {len(crops)} photo{'s' if len(crops) != 1 else ''} on "
             f"{placement.device} ({placement.dtype}): {train_config.steps} steps, batch {train_config.batch_size}, "
             f"lr {train_config.lr:g}"
         )
-
-    # ---- training ------------------------------------------------------------------------------------
+    pipe = trainer.pipe
     with _progress_display(quiet) as progress:
         result = train.train(
-            tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
-            scheduler_config=pipe.scheduler.config, crops=[c.image for c in crops], init=init,
-            config=train_config, placement=placement, progress=progress,
+            tokenizer=pipe.tokenizer,
+            text_encoder=pipe.text_encoder,
+            unet=pipe.unet,
+            vae=pipe.vae,
+            scheduler_config=pipe.scheduler.config,
+            crops=[c.image for c in crops],
+            init=trainer.init,
+            config=train_config,
+            placement=placement,
+            progress=progress,
         )
-
-    # ---- the one write -------------------------------------------------------------------------------
     identity = Identity(
         name=name,
         tokens=int(result.learned.shape[0]),
         width=int(result.learned.shape[1]),
-        base_model=_model_record(model_id),
-        encoder_fingerprint=fingerprint,
+        base_model=_model_record(trainer.model_id),
+        encoder_fingerprint=trainer.fingerprint,
         source="learn",
         training={
             "mode": mode,
@@ -119,19 +192,7 @@ def learn_identity(
         },
     )
     target = library.add(identity, result.learned, result.init, crops=[c.image for c in crops], force=force)
-
-    if as_json:
-        from crossinit_cli.commands.library import identity_record
-
-        ui.print_json(identity_record(library, library.get(name), detail=True))
-    if not quiet:
-        ui.info(
-            f"learned [bold]{escape(name)}[/] in {result.total_s:.1f} s "
-            f"({result.per_step_s:.3f} s/step, final loss {result.final_loss:.4f}); stored in {escape(str(target))}"
-        )
-        model_flag = f" --model {_shell_quote(model)}" if model else ""
-        ui.info(escape(f'next: crossinit generate "a photo of <{name}> as an astronaut" -n 4{model_flag}'))
-    return 0
+    return target, result
 
 
 def _identity_name(name: str | None, photos: list[Path]) -> str:
@@ -192,8 +253,13 @@ class _progress_display:  # noqa: N801 - used as a context manager, like rich's 
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                TextColumn("eta"), TimeRemainingColumn(), console=console,
+                TextColumn("training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
             )
             self.bar.start()
         return self.update
