@@ -235,7 +235,7 @@ def import_cmd(
 @app.command()
 @handles_errors
 def learn(
-    photos: Annotated[list[Path], typer.Argument(help="Photos (JPEG/PNG/WebP) or folders of them.")],
+    photos: Annotated[list[Path] | None, typer.Argument(help="Photos (JPEG/PNG/WebP) or folders of them.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Identity name (default: first photo's stem).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="The paper's fast mode (few dozen steps).")] = False,
     full: Annotated[bool, typer.Option("--full", help="The paper's full mode: 320 steps, batch 8 (default).")] = False,
@@ -252,14 +252,41 @@ def learn(
     force: Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")] = False,
     no_align: Annotated[bool, typer.Option("--no-align", help="Use photos as they are (no face alignment).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    batch: Annotated[
+        Path | None,
+        typer.Option(
+            "--batch",
+            help="Learn many identities: a CSV (name,photos,...) or a folder of folders. Spreads them over the "
+            "processes of `accelerate launch`; skips identities already present unless --force.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Learn an identity from photos of one person's face.
 
-    Example: crossinit learn alice.jpg --fast
+    Example: crossinit learn alice.jpg --fast    (many: accelerate launch -m crossinit_cli learn --batch people.csv)
     """
     if fast and full:
         raise CrossinitError("choose one of --fast and --full")
+    if batch is not None:
+        if photos or name:
+            raise CrossinitError("--batch takes its photos and names from the manifest; drop the photos and --name")
+        from crossinit_cli.commands.batch import Job, learn_batch
+
+        defaults = Job("-", [], "fast" if fast else "full", steps, lr, batch_size, reg_weight, seed, not no_align)
+        return learn_batch(
+            _library(),
+            batch,
+            defaults=defaults,
+            model=model,
+            device=device and device.value,
+            dtype=dtype and dtype.value,
+            force=force,
+            quiet=quiet,
+            as_json=as_json,
+        )
+    if not photos:
+        raise CrossinitError("give one or more photos (or a folder), or --batch MANIFEST")
     from crossinit_cli.commands.learn import learn_identity
 
     return learn_identity(

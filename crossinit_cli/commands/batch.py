@@ -1,0 +1,268 @@
+"""`learn --batch MANIFEST`: many identities, spread over the processes of an `accelerate launch` run.
+
+A manifest is a CSV file (one identity a row) or a folder of folders (one identity a subfolder, named
+for it, holding its photos). accelerate's process state hands each process its share of the rows
+(`split_between_processes`); each process loads the model once and learns its identities one at a
+time, writing each into the shared library as it finishes (the library's lock makes that safe). Without
+`accelerate launch` there is one process, which learns them all.
+
+CSV columns: `name` and `photos` (required; photos separated by `;`, each a file or a folder, relative
+to the CSV's folder), and optionally `mode` (fast/full), `steps`, `lr`, `batch_size`, `reg_weight`,
+`seed`, `align` (true/false) overriding the command line's values for that row.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from crossinit_cli import ui
+from crossinit_cli.errors import CrossinitError
+from crossinit_cli.store import Library, name_key, validate_name
+
+COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align")
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off", ""}
+
+
+@dataclass
+class Job:
+    """One identity to learn, with its settings."""
+
+    name: str
+    photos: list[Path]
+    mode: str
+    steps: int | None
+    lr: float | None
+    batch_size: int | None
+    reg_weight: float | None
+    seed: int
+    align: bool
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # learned, skipped, failed
+    detail: str = ""
+    seconds: float = 0.0
+    final_loss: float | None = None
+    process: int = 0
+
+
+def read_manifest(path: Path, defaults: Job) -> list[Job]:
+    """The jobs of a CSV manifest or a folder of folders; every row checked before anything runs."""
+    path = Path(path)
+    if path.is_dir():
+        folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise CrossinitError(f"{path} has no subfolders; a batch folder holds one folder of photos per identity")
+        jobs = [_job(defaults, name=f.name, photos=[f]) for f in folders]
+    elif path.is_file():
+        jobs = _read_csv(path, defaults)
+    else:
+        raise CrossinitError(f"{path}: no such manifest file or folder")
+    seen: dict[str, str] = {}
+    for job in jobs:
+        key = name_key(job.name)
+        if key in seen:
+            raise CrossinitError(f"{path}: identity {job.name!r} appears twice (also as {seen[key]!r})")
+        seen[key] = job.name
+    return jobs
+
+
+def _read_csv(path: Path, defaults: Job) -> list[Job]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+            fields = set(rows[0]) if rows else set()
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CrossinitError(f"cannot read manifest {path}: {exc}") from None
+    if not rows:
+        raise CrossinitError(f"{path} has no rows; expected a header with name,photos and one row per identity")
+    missing = {"name", "photos"} - fields
+    unknown = fields - set(COLUMNS)
+    if missing or unknown:
+        raise CrossinitError(
+            f"{path}: "
+            + (f"missing column(s) {', '.join(sorted(missing))}" if missing else "")
+            + ("; " if missing and unknown else "")
+            + (f"unknown column(s) {', '.join(sorted(unknown))}" if unknown else "")
+            + f" (columns: {', '.join(COLUMNS)})"
+        )
+    jobs = []
+    for number, row in enumerate(rows, start=2):
+        where = f"{path}:{number}"
+        try:
+            photos = [path.parent / p.strip() for p in (row.get("photos") or "").split(";") if p.strip()]
+            if not photos:
+                raise ValueError("no photos")
+            jobs.append(
+                _job(
+                    defaults,
+                    name=(row.get("name") or "").strip(),
+                    photos=photos,
+                    mode=_text(row, "mode"),
+                    steps=_number(row, "steps", int),
+                    lr=_number(row, "lr", float),
+                    batch_size=_number(row, "batch_size", int),
+                    reg_weight=_number(row, "reg_weight", float),
+                    seed=_number(row, "seed", int),
+                    align=_flag(row, "align"),
+                )
+            )
+        except (ValueError, CrossinitError) as exc:
+            raise CrossinitError(f"{where}: {exc}") from None
+    return jobs
+
+
+def _text(row: dict[str, Any], key: str) -> str | None:
+    value = (row.get(key) or "").strip()
+    return value or None
+
+
+def _number(row: dict[str, Any], key: str, kind: type) -> Any:
+    value = _text(row, key)
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{key} must be a number, not {value!r}") from None
+
+
+def _flag(row: dict[str, Any], key: str) -> bool | None:
+    value = (row.get(key) or "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return None if value == "" else False
+    raise ValueError(f"{key} must be true or false, not {value!r}")
+
+
+def _job(defaults: Job, **values: Any) -> Job:
+    merged = {**asdict(defaults), **{k: v for k, v in values.items() if v is not None}}
+    merged["name"] = validate_name(merged["name"])
+    if merged["mode"] not in ("fast", "full"):
+        raise CrossinitError(f"mode must be fast or full, not {merged['mode']!r}")
+    return Job(**merged)
+
+
+def learn_batch(
+    library: Library,
+    manifest: Path,
+    *,
+    defaults: Job,
+    model: str | None,
+    device: str | None,
+    dtype: str | None,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from crossinit_cli import config as settings
+    from crossinit_cli import devices, faces
+    from crossinit_cli.commands.learn import ALIGN_SIZE, learn_and_store, load_trainer
+    from crossinit_cli.train import TrainConfig
+
+    jobs = read_manifest(manifest, defaults)
+    config_defaults = settings.load_config()
+    model_id = model or config_defaults.model
+    placement = devices.resolve(device or config_defaults.device, dtype or config_defaults.dtype, training=True)
+    # accelerate forms a CPU process group (gloo) only when told the processes run on the CPU.
+    state = PartialState(cpu=placement.device == "cpu")
+    if state.num_processes > 1 and state.device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(state.device)  # one GPU per process, as accelerate assigned them
+    main = state.is_main_process
+    skipped = [
+        Outcome(j.name, "skipped", "already in the library") for j in jobs if not force and library.exists(j.name)
+    ]
+    todo = [j for j in jobs if force or not library.exists(j.name)]
+    # Every process must agree on the list before any of them adds to the library.
+    state.wait_for_everyone()
+    if main and not quiet:
+        ui.info(
+            f"{len(todo)} identit{'y' if len(todo) == 1 else 'ies'} to learn over {state.num_processes} "
+            f"process{'es' if state.num_processes != 1 else ''}; {len(skipped)} already present"
+        )
+
+    outcomes: list[Outcome] = []
+    trainer = None
+    with state.split_between_processes(todo) as mine:
+        for job in mine:
+            started = time.perf_counter()
+            try:
+                train_config = TrainConfig.for_mode(
+                    job.mode,
+                    steps=job.steps,
+                    lr=job.lr,
+                    batch_size=job.batch_size,
+                    reg_weight=job.reg_weight,
+                    seed=job.seed,
+                )
+                paths = faces.collect_photos(job.photos)
+                crops = faces.align_faces(paths, ALIGN_SIZE, align=job.align, warn=ui.warn)
+                if trainer is None:
+                    trainer = load_trainer(library, model_id, placement, quiet=True)
+                _, result = learn_and_store(
+                    library,
+                    trainer,
+                    name=job.name,
+                    paths=paths,
+                    crops=crops,
+                    train_config=train_config,
+                    mode=job.mode,
+                    align=job.align,
+                    force=force,
+                    quiet=True,
+                )
+                outcome = Outcome(job.name, "learned", "", time.perf_counter() - started, result.final_loss)
+            except CrossinitError as exc:
+                outcome = Outcome(job.name, "failed", str(exc), time.perf_counter() - started)
+            outcome.process = state.process_index
+            outcomes.append(outcome)
+            if not quiet:
+                ui.info(
+                    f"[{state.process_index}] {escape(job.name)}: {outcome.status} {escape(outcome.detail)}".rstrip()
+                )
+
+    everything = (
+        gather_object([asdict(o) for o in outcomes]) if state.num_processes > 1 else [asdict(o) for o in outcomes]
+    )
+    results = [asdict(o) for o in skipped] + sorted(everything, key=lambda o: [j.name for j in jobs].index(o["name"]))
+    failed = sum(r["status"] == "failed" for r in results)
+    if main:
+        _report(results, as_json=as_json)
+    state.wait_for_everyone()
+    return 1 if failed else 0
+
+
+def _report(results: list[dict[str, Any]], *, as_json: bool) -> None:
+    if as_json:
+        ui.print_json(results)
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("name", "status", "seconds", "final loss", "process", "detail"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        colour = {"learned": "green", "skipped": "dim", "failed": "red"}[r["status"]]
+        table.add_row(
+            escape(r["name"]),
+            f"[{colour}]{r['status']}[/]",
+            f"{r['seconds']:.1f}" if r["seconds"] else "",
+            f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "",
+            str(r["process"]),
+            escape(r["detail"]),
+        )
+    ui.out().print(table)
