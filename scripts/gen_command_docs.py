@@ -1,0 +1,108 @@
+"""Write docs/commands/<command>.md: each command's --help (from the code itself) and worked examples.
+
+Run after changing a command; tests/test_command_docs.py fails when a page differs from what this writes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EXAMPLES: dict[str, list[tuple[str, str]]] = {
+    "learn": [
+        ("Learn from one photo in the paper's fast mode (25 steps)", "crossinit learn alice.jpg --fast"),
+        (
+            "Full mode (320 steps, batch 8) from a folder of photos, with a name",
+            "crossinit learn photos/alice/ --name alice",
+        ),
+        (
+            "On a local model, on the CPU, reproducibly",
+            "crossinit learn bob.png --fast --model ./sd21-base --device cpu --seed 7",
+        ),
+        ("A photo that is already a tight face crop", "crossinit learn crop.png --no-align --name carol"),
+        (
+            "Many identities over 4 GPUs",
+            "accelerate launch --multi_gpu --num_processes 4 -m crossinit_cli learn --batch people.csv",
+        ),
+    ],
+    "generate": [
+        ("One prompt, four images", 'crossinit generate "<alice> as an astronaut, oil painting" -n 4 --seed 7'),
+        ("A plain prompt with --identity", 'crossinit generate --identity alice "smiling, on the beach"'),
+        ("Two identities in one picture", 'crossinit generate "<alice> and <bob> playing chess in a park"'),
+        (
+            "From a shell script, one prompt a line",
+            "cat prompts.txt | crossinit generate --prompts - --json | jq -r '.[].path'",
+        ),
+    ],
+    "list": [("Everything, or just the names", "crossinit list\ncrossinit list --json | jq -r '.[].name'")],
+    "show": [("One identity, its training record and crops", "crossinit show alice\ncrossinit show alice --json")],
+    "edit": [
+        ("Notes and tags", 'crossinit edit alice --note "from the 2026 holiday" --tag family'),
+        (
+            "Trade fidelity for editability, then undo it",
+            "crossinit edit alice --strength 0.8\ncrossinit edit alice --strength 1",
+        ),
+        ("Rename", "crossinit edit alice --rename alice-2026"),
+        ("Edit the metadata in your editor", "EDITOR=nano crossinit edit alice"),
+    ],
+    "remove": [("Remove without a question (scripts)", "crossinit remove alice --yes")],
+    "export": [
+        (
+            "AUTOMATIC1111 / Forge (write `alice` in a prompt)",
+            "crossinit export alice -o ~/stable-diffusion-webui/embeddings/",
+        ),
+        ("ComfyUI (`embedding:alice`)", "crossinit export alice -o ~/ComfyUI/models/embeddings/"),
+        ("diffusers", "crossinit export alice --format diffusers -o alice.safetensors"),
+        ("The official code's layout", "crossinit export alice --format official"),
+    ],
+    "import": [
+        (
+            "An identity learned by the official code",
+            "crossinit import 28017.bin --name celeb --model stabilityai/stable-diffusion-2-1-base",
+        ),
+        ("An A1111 embedding", "crossinit import ~/stable-diffusion-webui/embeddings/bob.safetensors"),
+    ],
+    "eval": [
+        ("Both numbers for one identity", "crossinit eval alice"),
+        ("Fast vs full of one person, side by side", "crossinit eval alice-fast alice-full --compare -n 8"),
+    ],
+    "doctor": [("Before your first run, or when something fails", "crossinit doctor\ncrossinit doctor --json")],
+    "config": [
+        ("Where things live and the defaults", "crossinit config"),
+        ("Make a local model the default", "crossinit config set model /models/sd21-base"),
+        ("Back to the default device", "crossinit config unset device"),
+    ],
+}
+
+
+def help_text(command: str) -> str:
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="100", TERM="dumb")
+    code = "import sys; sys.argv[0] = 'crossinit'; from crossinit_cli.cli import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", code, command, "--help"], env=env, capture_output=True, text=True, check=True
+    )
+    return "\n".join(line.rstrip() for line in done.stdout.strip("\n").splitlines())
+
+
+def render(command: str) -> str:
+    parts = [f"# crossinit {command}", "", "```text", help_text(command), "```", "", "## Examples", ""]
+    for title, example in EXAMPLES[command]:
+        parts += [f"{title}:", "", "```bash", example, "```", ""]
+    return "\n".join(parts)
+
+
+def main(folder: Path = ROOT / "docs" / "commands") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for command in EXAMPLES:
+        (folder / f"{command}.md").write_text(render(command), encoding="utf-8")
+    index = ["# Commands", ""] + [f"- [crossinit {c}]({c}.md)" for c in EXAMPLES] + [""]
+    (folder / "README.md").write_text("\n".join(index), encoding="utf-8")
+    print(f"wrote {len(EXAMPLES)} pages into {folder}")
+
+
+if __name__ == "__main__":
+    main()
