@@ -8,8 +8,8 @@ Both loops train the same two rows from the same cross init on the same aligned 
 batch, captions and schedule. The baseline is written the way diffusers' textual-inversion example (and
 the official Cross Initialization code, a fork of it) does it: every step loads and augments each image,
 encodes it through the VAE, runs the text encoder with the whole token table trainable, steps AdamW over
-the whole table and copies the untouched rows back. Steps are timed in interleaved rounds, so that other
-load on the machine hits both alike; the median is reported.
+the whole table and copies the untouched rows back. The two run one step each in turn, so that other
+load on the machine hits both alike; medians are reported.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,10 @@ def _quiet() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def diffusers_example_steps(
-    model: Path, crop_path: Path, *, steps: int, batch_size: int, device: str, seed: int = 0
-) -> list[float]:
-    """The diffusers textual-inversion example's loop (fp32, as the official code runs); seconds per step."""
+def diffusers_example_loop(
+    model: Path, crop_path: Path, *, batch_size: int, device: str, seed: int = 0
+) -> Iterator[float]:
+    """The diffusers textual-inversion example's loop (fp32, as the official code runs); yields seconds per step."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -90,8 +91,7 @@ def diffusers_example_steps(
                         return_tensors="pt").input_ids[0]
         return pixels, ids
 
-    times = []
-    for _ in range(steps):
+    while True:
         started = time.perf_counter()
         batch = [example() for _ in range(batch_size)]
         pixel_values = torch.stack([b[0] for b in batch]).to(device)
@@ -117,34 +117,47 @@ def diffusers_example_steps(
         loss.item()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return times
+        yield time.perf_counter() - started
 
 
-def crossinit_steps(
+def interleaved_steps(
     model: Path, crop_path: Path, *, steps: int, batch_size: int, device: str, seed: int = 0
-) -> tuple[list[float], float]:
-    """crossinit's train(): seconds per step, and the one-time cost before the first step."""
+) -> tuple[list[float], list[float], float]:
+    """crossinit's train() and the example's loop, one step each in turn: (ours, theirs, our one-time cost).
+
+    Each of our steps is followed by one of theirs (run from our progress callback and not counted in
+    ours), so that load from other processes on the machine hits both alike.
+    """
     from PIL import Image
 
     from crossinit_cli import crossinit, devices, train
     from crossinit_cli.devices import load_pipeline
 
+    theirs_loop = diffusers_example_loop(model, crop_path, batch_size=batch_size, device=device, seed=seed)
+    next(theirs_loop)  # load and set up before anything is timed
     pipe = load_pipeline(str(model))
     train.free_vae_decoder(pipe.vae)
     init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, None)
     placement = devices.resolve(device, "auto", training=True)
-    marks: list[float] = []
-    started = time.perf_counter()
+    ours: list[float] = []
+    theirs: list[float] = []
+    resumed = [0.0]
+
+    def step_done(step: int, total: int, loss: float) -> None:
+        ours.append(time.perf_counter() - resumed[0])
+        theirs.append(next(theirs_loop))
+        resumed[0] = time.perf_counter()
+
+    resumed[0] = time.perf_counter()
     result = train.train(
         tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
         scheduler_config=pipe.scheduler.config, crops=[Image.open(crop_path).convert("RGB")], init=init,
         config=train.TrainConfig(steps=steps, batch_size=batch_size, seed=seed), placement=placement,
-        progress=lambda step, total, loss: marks.append(time.perf_counter()),
+        progress=step_done,
     )
     assert len(result.losses) == steps
-    times = [b - a for a, b in zip([started + result.encode_s, *marks], marks)]
-    return times, result.encode_s
+    ours[0] -= result.encode_s  # the first interval also holds the one-time VAE encode
+    return ours, theirs, result.encode_s
 
 
 def tiny_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,13 +182,12 @@ def tiny_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         baseline: list[float] = []
         ours: list[float] = []
         encode: list[float] = []
-        for _ in range(args.rounds):  # interleaved, so load on the machine hits both alike
-            baseline += diffusers_example_steps(
+        for _ in range(args.rounds):
+            mine, theirs, once = interleaved_steps(
                 model, crop_path, steps=args.steps, batch_size=args.batch_size, device=args.device
-            )[args.warmup:]
-            times, once = crossinit_steps(model, crop_path, steps=args.steps, batch_size=args.batch_size,
-                                          device=args.device)
-            ours += times[args.warmup:]
+            )
+            ours += mine[args.warmup:]
+            baseline += theirs[args.warmup:]
             encode.append(once)
     base_s, ours_s = statistics.median(baseline), statistics.median(ours)
     return {
@@ -220,8 +232,10 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             import torch
 
             report["gpu"] = torch.cuda.get_device_name(0)
-            times = diffusers_example_steps(model, _aligned(tmp, 512), steps=args.steps, batch_size=8, device="cuda")
-            report["diffusers_example_s_per_step_fp32"] = round(statistics.median(times[args.warmup:]), 4)
+            mine, theirs, _ = interleaved_steps(model, _aligned(tmp, 512), steps=args.steps, batch_size=8,
+                                                device="cuda")
+            report["per_step_s_crossinit"] = round(statistics.median(mine[args.warmup:]), 4)
+            report["per_step_s_diffusers_example_fp32"] = round(statistics.median(theirs[args.warmup:]), 4)
     return report
 
 
