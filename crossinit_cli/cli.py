@@ -91,11 +91,15 @@ def main_options(
         Path | None,
         typer.Option("--home", envvar="CROSSINIT_HOME", help="Library location (default: your user data dir)."),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Report how long each phase (model load, training ...) took.")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     State.home = home
+    ui.Verbosity.on = verbose
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]

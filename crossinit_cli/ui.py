@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -41,3 +44,22 @@ def warn(message: str) -> None:
 def error(message: str) -> None:
     first = message.strip().splitlines()[0] if message.strip() else "unknown error"
     err().print(f"[bold red]error:[/] {escape(first)}", soft_wrap=True)
+
+
+class Verbosity:
+    """Set by the global --verbose flag: commands then report how long each phase took."""
+
+    on = False
+
+
+@contextmanager
+def timed(phase: str) -> Iterator[None]:
+    """With --verbose, print on stderr how long `phase` took (also when it fails)."""
+    if not Verbosity.on:
+        yield
+        return
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        err().print(f"[dim]time[/] {escape(phase)}: {time.perf_counter() - started:.2f} s", soft_wrap=True)

@@ -62,8 +62,12 @@ class Written:
 
     def to_json(self, run: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {
-            "kind": self.kind, "path": str(self.path), "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt, "seed": self.seed, "identities": self.identities,
+            "kind": self.kind,
+            "path": str(self.path),
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "identities": self.identities,
         }
         if self.kind == "image":
             record["index"] = self.index
@@ -135,19 +139,28 @@ def generate_images(
 
     # ---- the model: loaded once, identities added once ------------------------------------------
     show = not quiet and ui.err().is_terminal
-    with _status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"):
+    with _status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"), ui.timed("model load"):
         pipe = sample.load(model, placement)
     mapping = sample.add_identities(pipe, vectors, model=model)
     image_width, image_height = wanted_size or sample.native_size(pipe)
     settings = sample.Settings(
-        width=image_width, height=image_height, steps=steps,
+        width=image_width,
+        height=image_height,
+        steps=steps,
         guidance=sample.DEFAULT_GUIDANCE if guidance is None else guidance,
-        negative=sample.expand_prompt(negative, mapping), scheduler=scheduler,
+        negative=sample.expand_prompt(negative, mapping),
+        scheduler=scheduler,
     )
     run = {
-        "steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler,
-        "sampler": choice.a1111, "width": settings.width, "height": settings.height, "model": model,
-        "device": placement.device, "dtype": placement.dtype,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "scheduler": settings.scheduler,
+        "sampler": choice.a1111,
+        "width": settings.width,
+        "height": settings.height,
+        "model": model,
+        "device": placement.device,
+        "dtype": placement.dtype,
     }
 
     written: list[Written] = []
@@ -156,10 +169,13 @@ def generate_images(
             for job in jobs:
                 expanded = sample.expand_prompt(job.prompt, mapping)
                 for name in sample.truncated_identities(pipe, expanded, mapping):
-                    ui.warn(f"prompt {_short(job.prompt)} is longer than the text encoder's window; <{name}> "
-                            "falls in the part that is cut off")
+                    ui.warn(
+                        f"prompt {_short(job.prompt)} is longer than the text encoder's window; <{name}> "
+                        "falls in the part that is cut off"
+                    )
                 bar.start(job.prompt, settings.steps)
-                images = sample.sample(pipe, expanded, seeds, settings, on_step=bar.step)
+                with ui.timed(f"sampling {len(seeds)} image(s) for {_short(job.prompt)}"):
+                    images = sample.sample(pipe, expanded, seeds, settings, on_step=bar.step)
                 batch: list[Written] = []
                 for i, image in enumerate(images):
                     meta = _metadata(job, expanded, negative, seeds[i], base_seed, i, run)
@@ -175,8 +191,15 @@ def generate_images(
                     meta["crossinit"]["images"] = [str(r.path) for r in batch]
                     path = save_png(contact_sheet(images), out_dir, f"{job.slug}-{base_seed}-grid", meta)
                     written.append(
-                        Written("grid", path, job.prompt, negative, base_seed, _names(job),
-                                images=[str(r.path) for r in batch])
+                        Written(
+                            "grid",
+                            path,
+                            job.prompt,
+                            negative,
+                            base_seed,
+                            _names(job),
+                            images=[str(r.path) for r in batch],
+                        )
                     )
                     if not as_json:
                         ui.err().print(escape(str(path)), soft_wrap=True)
@@ -248,9 +271,7 @@ def resolve_identities(library: Library, texts: list[str]) -> dict[str, Identity
             except CrossinitError:
                 exists = False
             if not exists:
-                raise CrossinitError(
-                    f"no identity named <{written}> (in prompt {_short(text)}); see `crossinit list`"
-                )
+                raise CrossinitError(f"no identity named <{written}> (in prompt {_short(text)}); see `crossinit list`")
             found[key] = library.get(written)  # a damaged entry says so itself
     return found
 
@@ -354,16 +375,29 @@ def _quote(value: str) -> str:
 
 
 def a1111_parameters(
-    prompt: str, negative: str, *, steps: int, sampler: str, guidance: float, seed: int, width: int,
-    height: int, model: str, identities: list[str],
+    prompt: str,
+    negative: str,
+    *,
+    steps: int,
+    sampler: str,
+    guidance: float,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    identities: list[str],
 ) -> str:
     """The `parameters` text chunk in AUTOMATIC1111's layout (read by A1111, ComfyUI, civitai, ...)."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
     fields = [
-        f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {float(guidance)}", f"Seed: {seed}",
-        f"Size: {width}x{height}", f"Model: {_quote(model)}",
+        f"Steps: {steps}",
+        f"Sampler: {sampler}",
+        f"CFG scale: {float(guidance)}",
+        f"Seed: {seed}",
+        f"Size: {width}x{height}",
+        f"Model: {_quote(model)}",
     ]
     if identities:
         fields.append(f"Identities: {_quote(', '.join(identities))}")
@@ -377,15 +411,34 @@ def _metadata(
 ) -> dict[str, Any]:
     names = _names(job)
     parameters = a1111_parameters(
-        job.prompt, negative, steps=run["steps"], sampler=run["sampler"], guidance=run["guidance"], seed=seed,
-        width=run["width"], height=run["height"], model=run["model"], identities=names,
+        job.prompt,
+        negative,
+        steps=run["steps"],
+        sampler=run["sampler"],
+        guidance=run["guidance"],
+        seed=seed,
+        width=run["width"],
+        height=run["height"],
+        model=run["model"],
+        identities=names,
     )
     own = {
-        "version": __version__, "prompt": job.prompt, "expanded_prompt": expanded, "negative_prompt": negative,
-        "seed": seed, "batch_seed": base_seed, "index": index,
+        "version": __version__,
+        "prompt": job.prompt,
+        "expanded_prompt": expanded,
+        "negative_prompt": negative,
+        "seed": seed,
+        "batch_seed": base_seed,
+        "index": index,
         "identities": [
-            {"name": i.name, "key": name_key(i.name), "strength": i.strength, "tokens": i.tokens,
-             "width": i.width, "base_model": i.base_model}
+            {
+                "name": i.name,
+                "key": name_key(i.name),
+                "strength": i.strength,
+                "tokens": i.tokens,
+                "width": i.width,
+                "base_model": i.base_model,
+            }
             for i in job.identities
         ],
         **run,
@@ -434,8 +487,10 @@ def _progress(show: bool, total_images: int) -> Iterator[_Bar]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns: list[Any] = [
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
     ]
     with Progress(*columns, console=ui.err(), transient=True) as progress:
         yield _Bar(progress, total_images)
-

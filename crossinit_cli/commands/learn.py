@@ -65,7 +65,8 @@ def learn_identity(
     defaults = settings.load_config()
     model_id = model or defaults.model
     paths = faces.collect_photos(photos)
-    crops = faces.align_faces(paths, ALIGN_SIZE, align=align, warn=ui.warn)
+    with ui.timed("face detection and alignment"):
+        crops = faces.align_faces(paths, ALIGN_SIZE, align=align, warn=ui.warn)
 
     # ---- the model -----------------------------------------------------------------------------------
     from crossinit_cli import devices
@@ -120,10 +121,12 @@ def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet
     _quiet_libraries()
     # A spinner on a terminal only: until something has worked, stderr holds nothing but an error.
     with ui.err().status(f"loading {escape(model_id)}", spinner="dots") if not quiet else _nothing():
-        pipe = devices.load_pipeline(model_id)
+        with ui.timed("model load"):
+            pipe = devices.load_pipeline(model_id)
         train.free_vae_decoder(pipe.vae)
         fingerprint = crossinit.encoder_fingerprint(pipe.text_encoder)
-        init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, library.home / ".cache" / "init")
+        with ui.timed("cross initialization"):
+            init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, library.home / ".cache" / "init")
     resolution = train.model_resolution(pipe.unet, pipe.vae)
     return Trainer(model_id, pipe, placement, resolution, fingerprint, init)
 
@@ -154,7 +157,7 @@ def learn_and_store(
             f"lr {train_config.lr:g}"
         )
     pipe = trainer.pipe
-    with _progress_display(quiet) as progress:
+    with ui.timed("training"), _progress_display(quiet) as progress:
         result = train.train(
             tokenizer=pipe.tokenizer,
             text_encoder=pipe.text_encoder,
@@ -191,7 +194,8 @@ def learn_and_store(
             "aligned": align,
         },
     )
-    target = library.add(identity, result.learned, result.init, crops=[c.image for c in crops], force=force)
+    with ui.timed("library write"):
+        target = library.add(identity, result.learned, result.init, crops=[c.image for c in crops], force=force)
     return target, result
 
 
