@@ -157,3 +157,17 @@ def test_captions_are_the_official_templates() -> None:
 def test_resolution_follows_the_model(tiny_model: Path) -> None:
     pipe = load_pipeline(str(tiny_model))
     assert train.model_resolution(pipe.unet, pipe.vae) == 64
+
+
+def test_mixed_precision_path_keeps_the_rows_in_fp32(tiny_model: Path, crops: list) -> None:
+    # The CUDA recipe (bf16 autocast, UNet weights in bf16, rows and AdamW in fp32) run on the CPU.
+    pipe = load_pipeline(str(tiny_model))
+    init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, None)
+    result = train.train(
+        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
+        scheduler_config=pipe.scheduler.config, crops=crops, init=init,
+        config=train.TrainConfig(steps=3, batch_size=2), placement=Placement("cpu", "bf16", "tests"),
+    )
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.float32
+    assert result.learned.dtype == np.float32 and result.dtype == "bf16"
+    assert np.isfinite(result.losses).all() and not np.allclose(result.learned, result.init)
