@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +102,14 @@ def read_embedding_file(path: Path) -> Imported:
                 return read_embedding_file(path / candidate)
         raise CrossinitError(f"{path} is a folder without learned_embeds.safetensors or learned_embeds.bin")
     try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CrossinitError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CrossinitError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):  # opening a FIFO waits for a writer forever; /dev/zero never ends
+        raise CrossinitError(f"{path} is not a regular file (a device, FIFO or socket)")
+    try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             head = handle.read(16)
@@ -138,9 +147,21 @@ def _load_safetensors(path: Path, size: int, header_len: int) -> tuple[dict[str,
 
 def _load_pickle(path: Path) -> dict[str, Any]:
     import pickle
+    import zipfile
 
     import torch
 
+    if zipfile.is_zipfile(path):
+        # torch.load inflates every record in memory: 64 MiB of deflated zeros would be ~64 GiB.
+        try:
+            with zipfile.ZipFile(path) as archive:
+                unpacked = sum(entry.file_size for entry in archive.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CrossinitError(f"{path} is not a readable torch file ({_first_line(exc)[:160]})") from None
+        if unpacked > MAX_IMPORT_BYTES:
+            raise CrossinitError(
+                f"{path} unpacks to {unpacked >> 20} MiB; an embedding file is a few KiB (refused: a zip bomb?)"
+            )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

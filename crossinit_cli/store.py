@@ -24,6 +24,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import sys
 import unicodedata
 import uuid
@@ -240,47 +241,73 @@ class Library:
 
         return self._read_settled(read)
 
-    def vectors(self, name: str) -> Vectors:
-        import numpy as np
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+    def read(self, name: str) -> tuple[Identity, Vectors]:
+        """An identity's metadata and vectors, both from the same write.
 
-        def read() -> Vectors:
-            path = self.path_of(name) / VECTORS
+        Both files are read through one handle on the entry's folder: a replace running meanwhile can
+        move that folder aside but not swap it under the handle. If the replace deletes the old files
+        first, the read is repeated behind the lock."""
+
+        def read_once() -> tuple[Identity, Vectors]:
+            path = self.path_of(name)
+            if os.open not in os.supports_dir_fd:  # no directory handles (Windows): read by path
+                return self._read_meta(path), self._read_vectors(name, path)
             try:
-                tensors = load_file(str(path))
-                learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
-                init = tensors.get("init")
-                init = None if init is None else check_vectors(np.asarray(init), f"identity {name!r} init")
-            except (OSError, KeyError, SafetensorError, ValueError) as exc:
-                raise CrossinitError(f"identity {name!r} is damaged: cannot read {path.name} ({exc})") from None
-            return Vectors(learned, init)
+                folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except (FileNotFoundError, NotADirectoryError):
+                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`") from None
+            except OSError as exc:
+                raise CrossinitError(f"cannot read identity {name!r}: {exc.strerror or exc}") from None
+            try:
+                return self._read_meta(path, folder), self._read_vectors(name, folder)
+            finally:
+                os.close(folder)
 
-        return self._read_settled(read)
+        return self._read_settled(read_once)
+
+    def vectors(self, name: str) -> Vectors:
+        return self.read(name)[1]
 
     def effective_vectors(self, name: str) -> np.ndarray:
         """The vectors prompts use: the learned ones at the identity's stored strength."""
-        return self.vectors(name).at_strength(self.get(name).strength)
+        ident, vectors = self.read(name)
+        return vectors.at_strength(ident.strength)
+
+    def _read_vectors(self, name: str, folder: Path | int) -> Vectors:
+        import numpy as np
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        try:
+            tensors = load(_read_at(folder, VECTORS))
+            learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
+            init = tensors.get("init")
+            init = None if init is None else check_vectors(np.asarray(init), f"identity {name!r} init")
+        except (OSError, KeyError, SafetensorError, ValueError) as exc:
+            raise CrossinitError(f"identity {name!r} is damaged: cannot read {VECTORS} ({exc})") from None
+        return Vectors(learned, init)
 
     def crops(self, name: str) -> list[Path]:
         folder = self.path_of(name) / CROPS
         return sorted(folder.glob("*.png")) if folder.is_dir() else []
 
-    def _read_meta(self, path: Path) -> Identity:
+    def _read_meta(self, path: Path, folder: int | None = None) -> Identity:
+        """The metadata of the entry at `path` (read through `folder`, a handle on it, when given)."""
+        where = path if folder is None else folder
         try:
-            raw = tomllib.loads((path / META).read_text(encoding="utf-8"))
+            raw = tomllib.loads(_read_at(where, META).decode("utf-8"))
             ident = Identity.from_dict(raw)
         except FileNotFoundError:
             raise CrossinitError(f"entry {path.name!r} is damaged: {META} is missing") from None
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CrossinitError(f"entry {path.name!r} is damaged: {reason}") from None
-        if not (path / VECTORS).is_file():
+        if not _is_file_at(where, VECTORS):
             raise CrossinitError(f"entry {path.name!r} is damaged: {VECTORS} is missing")
         # The directory is the source of truth for the key. A rename that got past its commit point
         # (the directory rename) but not further left its new metadata beside the old one.
         if ident.name.casefold() != path.name:
-            ident = _read_pending(path) or ident
+            ident = _read_pending(path, folder) or ident
             ident.name = ident.name if ident.name.casefold() == path.name else path.name
         return ident
 
@@ -514,10 +541,27 @@ class Library:
             shutil.rmtree(gone, ignore_errors=True)
 
 
-def _read_pending(path: Path) -> Identity | None:
+def _read_at(folder: Path | int, file: str) -> bytes:
+    """The bytes of `file` in `folder`, a path or a handle on a directory."""
+    if isinstance(folder, int):
+        with open(os.open(file, os.O_RDONLY, dir_fd=folder), "rb") as handle:
+            return handle.read()
+    return (folder / file).read_bytes()
+
+
+def _is_file_at(folder: Path | int, file: str) -> bool:
+    try:
+        found = os.stat(file, dir_fd=folder) if isinstance(folder, int) else (folder / file).stat()
+    except OSError:
+        return False
+    return stat.S_ISREG(found.st_mode)
+
+
+def _read_pending(path: Path, folder: int | None = None) -> Identity | None:
     """The pending metadata of a rename whose directory rename happened (its name's key is `path`'s)."""
     try:
-        ident = Identity.from_dict(tomllib.loads((path / PENDING).read_text(encoding="utf-8")))
+        raw = _read_at(path if folder is None else folder, PENDING).decode("utf-8")
+        ident = Identity.from_dict(tomllib.loads(raw))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError, ValueError):
         return None
     return ident if ident.name.casefold() == path.name else None

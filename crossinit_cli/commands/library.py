@@ -22,13 +22,14 @@ MAX_STRENGTH = 4.0
 
 def identity_record(library: Library, ident: Identity, *, detail: bool = False) -> dict[str, Any]:
     """What `list --json` and `show --json` print for one identity."""
+    if detail:  # metadata and vectors from one write, even while a --force replace runs
+        ident, vectors = library.read(ident.name)
     record = ident.to_dict()
     record["token"] = ident.token
     record["path"] = str(library.path_of(ident.name))
     if detail:
         import numpy as np
 
-        vectors = library.vectors(ident.name)
         record["crops"] = [str(p) for p in library.crops(ident.name)]
         record["vector_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.learned, axis=1)]
         if vectors.init is not None:
