@@ -302,6 +302,14 @@ def train(
             losses.append(value)
             if progress is not None:
                 progress(step, config.steps, value)
+        # Each loss is computed before its update: check the last update on what prompts will see.
+        with torch.no_grad(), autocast:
+            final = text_encoder(captions[:1]).last_hidden_state
+        if not (torch.isfinite(rows).all() and torch.isfinite(final).all()):
+            raise CrossinitError(
+                f"training diverged at step {config.steps} (the learned vectors overflow); "
+                "try --dtype fp32 or a lower --lr"
+            )
     except torch.cuda.OutOfMemoryError:
         raise CrossinitError(
             f"out of memory on {placement.device} at batch size {config.batch_size}; try --batch-size 4 "
