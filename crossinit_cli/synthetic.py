@@ -122,7 +122,10 @@ def build_tiny_sd(folder: Path, *, width: int = 32, prediction_type: str = "epsi
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=width,
-        attention_head_dim=8,
+        # diffusers' historical name: this is the number of heads. One head of 64 channels keeps SD's
+        # 64-wide attention heads (SD 2.1: 5/10/20 heads of 64), so attention costs what it does there.
+        attention_head_dim=1,
+        use_linear_projection=True,  # as SD 2.x
         norm_num_groups=16,
     )
     vae = AutoencoderKL(
@@ -132,6 +135,7 @@ def build_tiny_sd(folder: Path, *, width: int = 32, prediction_type: str = "epsi
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
+        layers_per_block=2,  # as SD's VAE
         norm_num_groups=16,
         sample_size=64,
     )
