@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from crossinit_cli import resources
 
@@ -86,7 +87,7 @@ def write_tokenizer(folder: Path, merges_wanted: int = 400) -> int:
 def build_tiny_sd(folder: Path, *, width: int = 32, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """A tiny random SD pipeline saved as a diffusers folder (64 px images, text width `width`)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -139,33 +140,13 @@ def build_tiny_sd(folder: Path, *, width: int = 32, prediction_type: str = "epsi
         norm_num_groups=16,
         sample_size=64,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(folder))
-    return folder
+    return _save(folder, tokenizer, text_encoder, unet, vae, prediction_type)
 
 
 def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:
     """A random-init model with stable-diffusion-2-1-base's shapes (865M UNet, 1024-wide OpenCLIP-H text)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -208,6 +189,13 @@ def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:
         layers_per_block=2,
         sample_size=512,
     )
+    return _save(folder, tokenizer, text_encoder, unet, vae, "epsilon")
+
+
+def _save(folder: Path, tokenizer: Any, text_encoder: Any, unet: Any, vae: Any, prediction_type: str) -> Path:
+    """Assemble the pipeline with SD's training noise schedule and write it as a diffusers folder."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -215,7 +203,7 @@ def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
         vae=vae,
