@@ -179,6 +179,7 @@ def test_a_killed_lock_holder_does_not_block_the_next_command(base: Path, env: d
     with Timer() as timer:
         done = crossinit("edit", "victim", "--note", "next", env=run_env, timeout=120)
     assert done.returncode == 0 and timer.elapsed < NEXT_COMMAND_LIMIT_S < LOCK_TIMEOUT_S, (timer.elapsed, done.stderr)
+    print(f"lock holder killed: the next command took {timer.elapsed:.1f} s")
     assert Library(base).get("victim").notes == "next"
 
 
@@ -208,6 +209,7 @@ def _random_kills(
         state = _check_after_kill(home, run_env, probe, before, after, f"seed {seed}, killed at {delay:.2f} s")
         counts[state] += 1
         shutil.rmtree(home)
+    print(f"{args[0]} {args[1]}: {len(seeds)} kills in 0-{timer.elapsed * 1.2:.1f} s: {counts}")
     return counts
 
 
@@ -226,6 +228,7 @@ def test_sigkill_rename_at_random_moments(base: Path, env: dict[str, str], tmp_p
     assert counts["before"] + counts["after"] == 10
 
 
+@pytest.mark.slow
 def test_sigkill_learn_at_random_moments(base: Path, env: dict[str, str], tmp_path: Path, tiny_model: Path) -> None:
     """Same seed, same vectors: the 'after' of a killed learn is exactly the reference run's result."""
     probe = tmp_path / "probe.safetensors"

@@ -190,6 +190,7 @@ def test_hostile_photos_are_refused_with_one_line_naming_them(
     print(f"{len(photos)} hostile photos refused")
 
 
+@pytest.mark.slow
 def test_fuzzed_photos_are_refused_or_accepted_never_a_crash(
     rhome: Path, env: dict[str, str], tmp_path: Path, stocked: dict[str, str]
 ) -> None:
