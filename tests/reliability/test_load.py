@@ -62,7 +62,7 @@ def _light_step(worker: Worker, rng: random.Random, step: int, files: Path) -> N
     mine = sorted(worker.own)
     choices = ["import", "import", "tag", "contest", "list", "show"]
     if mine:
-        choices += ["note", "export", "rename", "remove"]
+        choices += ["note", "export", "export", "rename", "remove"]
     op = rng.choice(choices)
     if op == "import":
         name, seed = f"w{i}-{step}", i * 1000 + step
