@@ -87,8 +87,9 @@ def diffusers_example_loop(
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         text = random.choice(TEMPLATES).format(crossinit.PHRASE)
-        ids = tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                        return_tensors="pt").input_ids[0]
+        ids = tokenizer(
+            text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids[0]
         return pixels, ids
 
     while True:
@@ -150,9 +151,15 @@ def interleaved_steps(
 
     resumed[0] = time.perf_counter()
     result = train.train(
-        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
-        scheduler_config=pipe.scheduler.config, crops=[Image.open(crop_path).convert("RGB")], init=init,
-        config=train.TrainConfig(steps=steps, batch_size=batch_size, seed=seed), placement=placement,
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        scheduler_config=pipe.scheduler.config,
+        crops=[Image.open(crop_path).convert("RGB")],
+        init=init,
+        config=train.TrainConfig(steps=steps, batch_size=batch_size, seed=seed),
+        placement=placement,
         progress=step_done,
     )
     assert len(result.losses) == steps
@@ -186,8 +193,8 @@ def tiny_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             mine, theirs, once = interleaved_steps(
                 model, crop_path, steps=args.steps, batch_size=args.batch_size, device=args.device
             )
-            ours += mine[args.warmup:]
-            baseline += theirs[args.warmup:]
+            ours += mine[args.warmup :]
+            baseline += theirs[args.warmup :]
             encode.append(once)
     base_s, ours_s = statistics.median(baseline), statistics.median(ours)
     return {
@@ -213,8 +220,22 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         env = {**os.environ, "CROSSINIT_HOME": str(Path(tmp) / "home"), "CROSSINIT_CONFIG": str(Path(tmp) / "c.toml")}
         report: dict[str, Any] = {"model": str(args.model or "random init, SD 2.1-base shapes"), "device": args.device}
         for mode in ("fast", "full"):
-            command = [sys.executable, "-m", "crossinit_cli", "learn", str(PHOTO), f"--{mode}", "--name", mode,
-                       "--model", str(model), "--device", args.device, "--json", "--quiet"]
+            command = [
+                sys.executable,
+                "-m",
+                "crossinit_cli",
+                "learn",
+                str(PHOTO),
+                f"--{mode}",
+                "--name",
+                mode,
+                "--model",
+                str(model),
+                "--device",
+                args.device,
+                "--json",
+                "--quiet",
+            ]
             started = time.perf_counter()
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
             wall = time.perf_counter() - started
@@ -232,10 +253,11 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             import torch
 
             report["gpu"] = torch.cuda.get_device_name(0)
-            mine, theirs, _ = interleaved_steps(model, _aligned(tmp, 512), steps=args.steps, batch_size=8,
-                                                device="cuda")
-            report["per_step_s_crossinit"] = round(statistics.median(mine[args.warmup:]), 4)
-            report["per_step_s_diffusers_example_fp32"] = round(statistics.median(theirs[args.warmup:]), 4)
+            mine, theirs, _ = interleaved_steps(
+                model, _aligned(tmp, 512), steps=args.steps, batch_size=8, device="cuda"
+            )
+            report["per_step_s_crossinit"] = round(statistics.median(mine[args.warmup :]), 4)
+            report["per_step_s_diffusers_example_fp32"] = round(statistics.median(theirs[args.warmup :]), 4)
     return report
 
 
@@ -256,8 +278,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each round not timed (default 2)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crop-size", type=int, default=512, help="size of the aligned photo both start from "
-                        "(default 512; 0 = the model's own size)")
+    parser.add_argument(
+        "--crop-size",
+        type=int,
+        default=512,
+        help="size of the aligned photo both start from (default 512; 0 = the model's own size)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()

@@ -46,9 +46,7 @@ def celebrity_mean(tokenizer: Any, text_encoder: Any) -> tuple[torch.Tensor, tor
     import torch
 
     names = list(resources.celeb_names())
-    encoded = tokenizer(
-        names, padding="do_not_pad", truncation=True, max_length=tokenizer.model_max_length
-    ).input_ids
+    encoded = tokenizer(names, padding="do_not_pad", truncation=True, max_length=tokenizer.model_max_length).input_ids
     table = text_encoder.get_input_embeddings().weight.detach().float()
     columns: tuple[list[int], list[int]] = ([], [])
     for ids in encoded:

@@ -39,13 +39,33 @@ if TYPE_CHECKING:
 # diffusers' textual-inversion `imagenet_templates_small`; the official code repeats it with "an
 # illustration of" and "a depiction of" in place of "a photo of" (81 captions, duplicates kept).
 _SMALL_TEMPLATES = (
-    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
-    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
-    "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
-    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}",
-    "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}",
-    "a photo of the weird {}", "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
 )
 TEMPLATES = tuple(
     t.replace("a photo of", medium)
@@ -235,8 +255,11 @@ def train(
     # ---- model: two new tokens at the cross init; everything else frozen ----------------------------
     token_ids = add_placeholder_tokens(tokenizer, text_encoder, init)
     captions = tokenizer(
-        [t.format(PHRASE) for t in TEMPLATES], padding="max_length", truncation=True,
-        max_length=tokenizer.model_max_length, return_tensors="pt",
+        [t.format(PHRASE) for t in TEMPLATES],
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
     ).input_ids
     if not all((captions == i).any(dim=1).all() for i in token_ids):
         raise CrossinitError("this model's tokenizer does not keep the placeholder tokens whole; cannot train")

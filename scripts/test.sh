@@ -13,4 +13,5 @@ py="$venv/bin/python"
 "$py" -m pip install --quiet --disable-pip-version-check -c requirements-test.txt -e ".[test]"
 export HF_HUB_OFFLINE=1
 "$py" -m ruff check .
+"$py" -m ruff format --check .
 exec "$py" -m pytest -m "" "$@"

@@ -68,13 +68,17 @@ def test_prompts_from_stdin_load_the_pipeline_once_and_json_matches_disk(
     assert len(loads) == 1
     records = json.loads(result.stdout)  # stdout is exactly one JSON document
     assert [r["prompt"] for r in records] == [
-        "a red car, at night", "<alice> smiling", "<ALICE> and <bob> at the beach",
+        "a red car, at night",
+        "<alice> smiling",
+        "<ALICE> and <bob> at the beach",
     ]
     assert [r["identities"] for r in records] == [[], ["Alice"], ["Alice", "bob"]]
     assert [r["seed"] for r in records] == [3, 3, 3]
     assert {r["kind"] for r in records} == {"image"}
     assert [Path(r["path"]).name for r in records] == [
-        "a-red-car-at-night-3-0.png", "Alice-3-0.png", "Alice+bob-3-0.png",
+        "a-red-car-at-night-3-0.png",
+        "Alice-3-0.png",
+        "Alice+bob-3-0.png",
     ]
     assert sorted(Path(r["path"]).name for r in records) == _files(gen.out)  # nothing else, no temp files
     for record in records:
@@ -92,8 +96,7 @@ def test_png_metadata_is_a1111_parameters_plus_crossinit_keys(gen, library: Libr
     assert lines[0] == "<alice> as an astronaut, oil painting"
     assert lines[1] == "Negative prompt: blurry"
     assert lines[2].startswith(
-        f"Steps: 2, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 123, Size: 64x64, Model: {tiny_model}, "
-        "Identities: alice"
+        f"Steps: 2, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 123, Size: 64x64, Model: {tiny_model}, Identities: alice"
     )
     own = json.loads(image.text["crossinit"])
     assert own["seed"] == 123 and own["steps"] == 2 and own["guidance"] == 7.5 and own["scheduler"] == "dpm++"
@@ -229,7 +232,13 @@ def test_ctrl_c_keeps_finished_files_and_leaves_no_partial_one(
     ],
 )
 def test_user_errors_exit_1_with_one_line_and_no_file(
-    case: str, message: str, cli, library: Library, tiny_model: Path, tmp_path: Path, loads: list[Any],
+    case: str,
+    message: str,
+    cli,
+    library: Library,
+    tiny_model: Path,
+    tmp_path: Path,
+    loads: list[Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _add(library, "alice", tiny_model, seed=1)

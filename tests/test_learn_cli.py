@@ -159,8 +159,22 @@ def test_missing_model_is_one_line(cli, home: Path, tmp_path: Path) -> None:
 def test_ctrl_c_mid_training_leaves_the_library_as_it_was(cli, home: Path, tiny_model: Path) -> None:
     assert cli("learn", ASTRONAUT, "--name", "keep", "--model", tiny_model, *CHEAP).exit_code == 0
     before = _files(home)
-    command = [sys.executable, "-m", "crossinit_cli", "learn", str(GRACE), "--name", "keep", "--force",
-               "--model", str(tiny_model), "--steps", "5000", "--batch-size", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "crossinit_cli",
+        "learn",
+        str(GRACE),
+        "--name",
+        "keep",
+        "--force",
+        "--model",
+        str(tiny_model),
+        "--steps",
+        "5000",
+        "--batch-size",
+        "1",
+    ]
     env = {**os.environ, "CROSSINIT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -54,7 +54,8 @@ def _conditioning(pipe: Any, prompt: str) -> torch.Tensor:
 
 def test_identity_refs_are_store_names_matched_case_insensitively() -> None:
     assert sample.identity_refs("<Alice> meets <bob.smith-2> and <ALICE>, <lora:x:1> <3 <|endoftext|>") == [
-        "Alice", "bob.smith-2",
+        "Alice",
+        "bob.smith-2",
     ]
     assert sample.identity_refs("no identities here") == []
 
@@ -171,8 +172,11 @@ def test_native_size_is_unet_size_times_vae_scale(pipe: Any) -> None:
 def test_schedulers_by_name_keep_the_models_schedule(pipe: Any) -> None:
     base = dict(pipe.scheduler.config)
     expected = {
-        "dpm++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-        "euler-a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler",
+        "dpm++": "DPMSolverMultistepScheduler",
+        "ddim": "DDIMScheduler",
+        "euler": "EulerDiscreteScheduler",
+        "euler-a": "EulerAncestralDiscreteScheduler",
+        "pndm": "PNDMScheduler",
     }
     assert list(sample.SCHEDULERS) == list(expected)
     for name, cls in expected.items():

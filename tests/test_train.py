@@ -33,9 +33,15 @@ def _run(model: Path, crops: list, *, vae_calls: list | None = None, **overrides
         pipe.vae.encode = lambda x: (vae_calls.append(len(x)), encode(x))[1]
     settings = {"steps": 4, "batch_size": 2, **overrides}
     result = train.train(
-        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
-        scheduler_config=pipe.scheduler.config, crops=crops, init=init,
-        config=train.TrainConfig(**settings), placement=CPU,
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        scheduler_config=pipe.scheduler.config,
+        crops=crops,
+        init=init,
+        config=train.TrainConfig(**settings),
+        placement=CPU,
     )
     return result, pipe, table_before
 
@@ -164,9 +170,15 @@ def test_mixed_precision_path_keeps_the_rows_in_fp32(tiny_model: Path, crops: li
     pipe = load_pipeline(str(tiny_model))
     init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, None)
     result = train.train(
-        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
-        scheduler_config=pipe.scheduler.config, crops=crops, init=init,
-        config=train.TrainConfig(steps=3, batch_size=2), placement=Placement("cpu", "bf16", "tests"),
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        scheduler_config=pipe.scheduler.config,
+        crops=crops,
+        init=init,
+        config=train.TrainConfig(steps=3, batch_size=2),
+        placement=Placement("cpu", "bf16", "tests"),
     )
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.float32
     assert result.learned.dtype == np.float32 and result.dtype == "bf16"

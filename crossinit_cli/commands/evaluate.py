@@ -116,7 +116,10 @@ def _identity_table(record: dict[str, Any]) -> Table:
         faces = "—" if entry["faces"] is None else f"{entry['faces']}/{entry['images']}"
         table.add_row(
             escape(engine.fill(entry["prompt"], record["name"])),
-            faces, _num(entry["cosine"]), _num(entry["distance"]), _num(entry["clip_score"])
+            faces,
+            _num(entry["cosine"]),
+            _num(entry["distance"]),
+            _num(entry["clip_score"]),
         )
     faces = f"{ident['faces']}/{ident['images']}" if ident["available"] else "—"
     table.add_row(
