@@ -93,8 +93,18 @@ def _missing_model(model: str) -> CrossinitError:
     return CrossinitError(f"model {model!r} is not available: {state}; {how}")
 
 
+def check_model_reference(model: str) -> None:
+    """Refuse, before anything heavy is imported, a model that is neither an existing path nor a hub id."""
+    path = Path(model).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise CrossinitError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+        raise CrossinitError(f"model {model!r}: no such file or folder, and not a hub id like owner/name")
+
+
 def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
     """A StableDiffusionPipeline from a hub id, a diffusers folder or a single-file checkpoint, on the CPU."""
+    check_model_reference(model)
     from diffusers import StableDiffusionPipeline
 
     path = Path(model).expanduser()
@@ -105,11 +115,7 @@ def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
         if path.is_file():
             return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
         if path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise CrossinitError(f"{path} is a folder but not a diffusers model (no model_index.json)")
             return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
-        if model.startswith((".", "/", "~")) or model.count("/") != 1:
-            raise CrossinitError(f"model {model!r}: no such file or folder, and not a hub id like owner/name")
         return StableDiffusionPipeline.from_pretrained(model, **kwargs)
     except CrossinitError:
         raise

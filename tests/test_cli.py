@@ -234,3 +234,23 @@ def test_console_script_runs_and_exits_cleanly(home: Path) -> None:
     assert done.returncode == 1
     assert done.stderr == "error: no identity named 'ghost'; see `crossinit list`\n"
     assert "\x1b[" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["learn", "photo.jpg", "--model", "/nonexistent/sd21"],
+        ["learn", "photo.jpg", "--model", "not-a-hub-id"],
+        ["generate", "a cat", "--model", "./missing-model"],
+    ],
+)
+def test_a_missing_model_path_fails_before_heavy_imports(args: list[str], home: Path) -> None:
+    code = (
+        "import sys\n"
+        "from crossinit_cli.cli import app\n"
+        "try:\n    app(" + repr(args) + ")\nexcept SystemExit as exc:\n    print('exit', exc.code)\n"
+        "print('torch' in sys.modules, 'diffusers' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["exit", "1", "False", "False"], done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "no such file or folder, and not a hub id" in done.stderr

@@ -125,6 +125,7 @@ def generate_images(
     if not 0 <= base_seed <= MAX_SEED - (n - 1):
         raise CrossinitError(f"--seed must be between 0 and {MAX_SEED - (n - 1)}, not {base_seed}")
     seeds = [base_seed + i for i in range(n)]
+    devices.check_model_reference(model)
     placement = devices.resolve(device or cfg.device, dtype or cfg.dtype)
     width = sample.peek_text_width(model)
     if width is not None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 
 from crossinit_cli import ui
+from crossinit_cli.devices import check_model_reference
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
 
@@ -64,6 +65,7 @@ def learn_identity(
     )
     defaults = settings.load_config()
     model_id = model or defaults.model
+    check_model_reference(model_id)
     paths = faces.collect_photos(photos)
     with ui.timed("face detection and alignment"):
         crops = faces.align_faces(paths, ALIGN_SIZE, align=align, warn=ui.warn)
