@@ -239,8 +239,8 @@ def test_console_script_runs_and_exits_cleanly(home: Path) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["learn", "photo.jpg", "--model", "/nonexistent/sd21"],
-        ["learn", "photo.jpg", "--model", "not-a-hub-id"],
+        ["learn", str(Path(__file__).parent / "data" / "astronaut.png"), "--model", "/nonexistent/sd21"],
+        ["learn", str(Path(__file__).parent / "data" / "grace_hopper.jpg"), "--model", "not-a-hub-id"],
         ["generate", "a cat", "--model", "./missing-model"],
     ],
 )

@@ -65,10 +65,11 @@ def learn_identity(
     )
     defaults = settings.load_config()
     model_id = model or defaults.model
-    check_model_reference(model_id)
     paths = faces.collect_photos(photos)
     with ui.timed("face detection and alignment"):
         crops = faces.align_faces(paths, ALIGN_SIZE, align=align, warn=ui.warn)
+    # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
+    check_model_reference(model_id)
 
     # ---- the model -----------------------------------------------------------------------------------
     from crossinit_cli import devices
