@@ -145,8 +145,6 @@ def edit_identity(
 
 def _edit_in_editor(library: Library, ident: Identity) -> Identity:
     """Open the metadata in $VISUAL/$EDITOR as TOML and store what comes back."""
-    import tomli_w
-
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -155,9 +153,9 @@ def _edit_in_editor(library: Library, ident: Identity) -> Identity:
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
     if not editor:
         raise CrossinitError("no edit flags given and $EDITOR is not set; see `crossinit edit --help`")
-    from crossinit_cli.store import _drop_none
+    from crossinit_cli.store import _dump
 
-    text = tomli_w.dumps(_drop_none(ident.to_dict()))
+    text = _dump(ident).decode("utf-8")
     with tempfile.TemporaryDirectory(prefix="crossinit-edit-") as tmp:
         path = Path(tmp) / f"{library.path_of(ident.name).name}.toml"
         path.write_text(text, encoding="utf-8")
