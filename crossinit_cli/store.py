@@ -56,6 +56,8 @@ MAX_NAME = 64
 MAX_NAME_BYTES = 200
 """A name is also a directory name: file systems allow 255 bytes, and an entry is staged as `<key>~<32 hex>`."""
 MAX_TOKENS = 16
+LEGACY_FAMILIES = {768: "sd1", 1024: "sd2"}
+"""The model family of an entry written before `family` was stored: single-encoder widths are unambiguous."""
 LOCK_TIMEOUT_S = 60.0
 _NAME_RE = re.compile(r"^\w[\w.\-]*$")
 _RESERVED = {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
@@ -121,6 +123,7 @@ class Identity:
     name: str
     tokens: int
     width: int
+    family: str = ""  # "sd1", "sd2" or "sdxl"; entries written before it existed get it from their width
     base_model: str = ""
     encoder_fingerprint: str = ""
     has_init: bool = False
@@ -155,6 +158,7 @@ class Identity:
             raise ValueError(f"schema {ident.schema} is newer than this crossinit ({SCHEMA}); upgrade")
         ident.tags = [str(t) for t in ident.tags]
         ident.strength = float(ident.strength)
+        ident.family = str(ident.family or LEGACY_FAMILIES.get(ident.width, ""))
         return ident
 
 

@@ -146,3 +146,12 @@ def test_schema_from_the_future_is_damaged(library: Library) -> None:
     meta.write_text(meta.read_text().replace("schema = 1", "schema = 99"))
     [entry] = library.list()
     assert isinstance(entry, Damaged) and "newer" in entry.reason
+
+
+@pytest.mark.parametrize(("width", "family"), [(768, "sd1"), (1024, "sd2"), (32, "")])
+def test_entries_written_without_a_family_get_it_from_their_width(library: Library, width: int, family: str) -> None:
+    path = library.add(Identity(name="old", tokens=2, width=width), _vectors(width=width))
+    meta = path / "meta.toml"
+    meta.write_text("\n".join(line for line in meta.read_text().splitlines() if not line.startswith("family")))
+    assert "family" not in meta.read_text()
+    assert library.get("old").family == family
