@@ -127,16 +127,49 @@ class Dtype(str, Enum):
     bf16 = "bf16"
 
 
+class Sort(str, Enum):
+    name = "name"
+    created = "created"
+    likeness = "likeness"
+
+
+def _complete_tags(incomplete: str) -> list[str]:
+    """Shell completion of tags in use, from the library's catalog (one query, no folder read)."""
+    try:
+        tags = _library().tags(incomplete)
+    except (OSError, CrossinitError):
+        return []
+    return [incomplete + tag[len(incomplete) :] for tag in tags]  # as typed, or the shell drops them
+
+
 @app.command("list")
 @handles_errors
-def list_cmd(as_json: JsonOpt = False) -> int:
-    """List stored identities.
+def list_cmd(
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Only identities with this tag.", autocompletion=_complete_tags)
+    ] = None,
+    family: Annotated[str | None, typer.Option("--family", help="Only this model family: sd1, sd2 or sdxl.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Only identities whose base model contains this text.")
+    ] = None,
+    search: Annotated[
+        str | None, typer.Option("--search", help="Only identities whose name or notes contain this.")
+    ] = None,
+    sort: Annotated[
+        Sort, typer.Option("--sort", help="name (A-Z), created (newest first) or likeness (best first).")
+    ] = Sort.name,
+    limit: Annotated[int | None, typer.Option("--limit", min=0, help="Show at most N identities.")] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """List stored identities (text matches ignore case).
 
-    Example: crossinit list --json | jq -r '.[].name'
+    Example: crossinit list --tag family --sort created --limit 5    (scripts: crossinit list --json | jq -r '.[].name')
     """
+    from crossinit_cli.catalog import Query
     from crossinit_cli.commands.library import list_identities
 
-    return list_identities(_library(), as_json=as_json)
+    query = Query(tag=tag, family=family, model=model, search=search, sort=sort.value, limit=limit)
+    return list_identities(_library(), as_json=as_json, query=query)
 
 
 @app.command()
