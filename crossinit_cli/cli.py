@@ -120,6 +120,11 @@ class Device(str, Enum):
     cpu = "cpu"
 
 
+class OnError(str, Enum):
+    skip = "skip"
+    stop = "stop"
+
+
 class Dtype(str, Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -372,13 +377,43 @@ def generate(
     device: Annotated[Device | None, typer.Option("--device", help="Where to sample (default: auto).")] = None,
     dtype: Annotated[Dtype | None, typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of each prompt's images.")] = False,
+    manifest: Annotated[
+        str | None,
+        typer.Option(
+            "--manifest",
+            help="JSON Lines file ('-' for stdin): one object a line with 'prompt' and any of seed, n, size, "
+            "steps, guidance, negative, scheduler, out (the flags give the rest). One model load; one JSON line "
+            "per image on stdout as soon as it is written.",
+        ),
+    ] = None,
+    on_error: Annotated[
+        OnError, typer.Option("--on-error", help="With --manifest: skip a bad line (reported) or stop (exit 1).")
+    ] = OnError.skip,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> int:
     """Generate images with stored identities.
 
     Example: crossinit generate "<alice> as an astronaut, oil painting" -n 4 --seed 7
+    (scripts: crossinit generate --manifest jobs.jsonl | jq -r .path)
     """
+    if manifest is not None:
+        return _generate_manifest(
+            manifest,
+            prompt=prompt,
+            prompts=prompts,
+            grid=grid,
+            defaults_of=dict(
+                n=n, seed=seed, size=size, steps=steps, guidance=guidance, negative=negative, scheduler=scheduler
+            ),
+            out=out,
+            identity=identity,
+            model=model,
+            device=device,
+            dtype=dtype,
+            on_error=on_error.value,
+            quiet=quiet,
+        )
     from crossinit_cli.commands.generate import generate_images
 
     return generate_images(
@@ -400,6 +435,39 @@ def generate(
         grid=grid,
         quiet=quiet,
         as_json=as_json,
+    )
+
+
+def _generate_manifest(
+    manifest: str,
+    *,
+    prompt: list[str] | None,
+    prompts: str | None,
+    grid: bool,
+    defaults_of: dict[str, Any],
+    out: Path | None,
+    identity: str | None,
+    model: str | None,
+    device: Device | None,
+    dtype: Dtype | None,
+    on_error: str,
+    quiet: bool,
+) -> int:
+    if prompt or prompts is not None:
+        raise CrossinitError("give prompts in the manifest, or as arguments/--prompts, not both")
+    if grid:
+        raise CrossinitError("--grid is not available with --manifest")
+    from crossinit_cli.commands.manifest import Defaults, generate_manifest
+
+    return generate_manifest(
+        _library(),
+        manifest,
+        defaults=Defaults(**defaults_of, out=out, identity=identity),
+        model=model,
+        device=device and device.value,
+        dtype=dtype and dtype.value,
+        on_error=on_error,
+        quiet=quiet,
     )
 
 
