@@ -140,6 +140,36 @@ def bench_durability(repeat: int, work: Path) -> None:
     atomic.fsync_file, atomic.fsync_dir = real
 
 
+def bench_manifest(work: Path, lines: int = 20, steps: int = 10) -> None:
+    """Images per minute: one `generate --manifest` of `lines` lines against `lines` separate `generate` calls."""
+    import json
+
+    import numpy as np
+
+    from crossinit_cli.store import Identity, Library
+    from crossinit_cli.synthetic import build_tiny_sd
+
+    model = build_tiny_sd(work / "tiny-sd")
+    home = work / "lib-manifest"
+    vectors = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    Library(home).add(Identity(name="alice", tokens=2, width=32, base_model=str(model)), vectors)
+    env = {**os.environ, "CROSSINIT_HOME": str(home), "CROSSINIT_CONFIG": str(work / "config.toml"), "NO_COLOR": "1"}
+    env["OMP_NUM_THREADS"] = "1"  # as the tests run: a tiny model gains nothing from threads on a shared machine
+    jobs = [{"prompt": f"<alice> portrait number {i}", "seed": i, "steps": steps} for i in range(lines)]
+    manifest = work / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    common = ["--model", str(model), "--device", "cpu", "-q"]
+    one = run(["generate", "--manifest", str(manifest), "--out", str(work / "m"), *common], env)
+    separate = 0.0
+    for job in jobs:
+        args = [job["prompt"], "--seed", str(job["seed"]), "--steps", str(steps), "--out", str(work / "s")]
+        separate += run(["generate", *args, *common], env)
+    print(f"generate on the tiny model, {lines} images of {steps} steps (CPU)")
+    print(f"  one --manifest of {lines} lines: {one:6.1f} s  {lines / one * 60:7.1f} images/min")
+    print(f"  {lines} separate generate calls: {separate:6.1f} s  {lines / separate * 60:7.1f} images/min")
+    print(f"  manifest speed-up: x{separate / one:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 1000, 10000])
@@ -151,6 +181,8 @@ def main() -> None:
         work = Path(tmp)
         bench_list(args.sizes, args.repeat, work)
         bench_durability(args.repeat, work)
+        if args.manifest:
+            bench_manifest(work)
 
 
 if __name__ == "__main__":
