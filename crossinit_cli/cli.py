@@ -236,36 +236,66 @@ def remove(
 @app.command()
 @handles_errors
 def export(
-    name: NameArg,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="File layout (see docs/formats.md).")] = Format.a1111,
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Identity names (or --all, --tag).", autocompletion=_complete_names)
+    ] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every identity in the library.")] = False,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Every identity with this tag.", autocompletion=_complete_tags)
+    ] = None,
+    fmt: Annotated[
+        Format | None, typer.Option("--format", "-f", help="File layout (see docs/formats.md; default a1111).")
+    ] = None,
     output: Annotated[
         str | None,
         typer.Option(
-            "--output", "-o", help="File, or folder (existing or ending in /), to write (default: ./<name>.<ext>)."
+            "--output",
+            "-o",
+            help="File, or folder (existing or ending in /), to write (default: ./<name>.<ext>); a folder for several.",
+        ),
+    ] = None,
+    to: Annotated[
+        Path | None,
+        typer.Option(
+            "--to",
+            help="Install folder of AUTOMATIC1111, Forge, ComfyUI, InvokeAI or SD.Next: each identity goes into its "
+            "embeddings folder in the format it reads; run again, only what changed is rewritten.",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
     as_json: JsonOpt = False,
 ) -> int:
-    """Export an identity for AUTOMATIC1111, ComfyUI, Forge, InvokeAI, diffusers or the official code.
+    """Export identities for AUTOMATIC1111, ComfyUI, Forge, InvokeAI, SD.Next, diffusers or the official code.
 
-    Example: crossinit export alice -o ~/stable-diffusion-webui/embeddings/
+    Example: crossinit export --all --to ~/ComfyUI    (one file: crossinit export alice -o alice.safetensors)
     """
-    from crossinit_cli.commands.transfer import export_identity
+    from crossinit_cli.commands.transfer import export_identities
 
-    return export_identity(_library(), name, fmt=fmt.value, output=output, force=force, as_json=as_json)
+    return export_identities(
+        _library(),
+        names or [],
+        every=every,
+        tag=tag,
+        fmt=fmt and fmt.value,
+        output=output,
+        to=to,
+        force=force,
+        as_json=as_json,
+    )
 
 
 @app.command("import")
 @handles_errors
 def import_cmd(
-    path: Annotated[Path, typer.Argument(help="Embedding file (.safetensors, .pt, .bin) or diffusers folder.")],
+    path: Annotated[
+        Path, typer.Argument(help="Embedding file (.safetensors, .pt, .bin), diffusers folder, or a folder of files.")
+    ],
     name: Annotated[str | None, typer.Option("--name", help="Name to store it under (default: from the file).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Base model it was learned on, to record.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")] = False,
     as_json: JsonOpt = False,
 ) -> int:
-    """Import an embedding file (any export format, or the official code's .bin).
+    """Import an embedding file (any export format, or the official code's .bin), or every file of a folder.
 
     Example: crossinit import 28017.bin --name celeb28017 --model stabilityai/stable-diffusion-2-1-base
     """

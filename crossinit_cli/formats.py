@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli.atomic import write_atomic, write_bytes_atomic
+from crossinit_cli.atomic import write_bytes_atomic
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import MAX_TOKENS, check_vectors
 
@@ -47,22 +47,35 @@ def default_filename(name: str, fmt: str) -> str:
     return f"{name}{INFO[fmt].suffix}"
 
 
-def export_vectors(
-    vectors: np.ndarray, name: str, fmt: str, path: Path, *, base_model: str = "", steps: int = 0
-) -> Path:
-    """Write `vectors` [k, width] to `path` in format `fmt` (atomically); returns the path."""
+# What each tool's embeddings folder reads, per model family (tools.py finds the folder). A family that
+# is missing here cannot be delivered to that tool yet; SDXL entries go here when its export lands.
+TOOL_FORMATS: dict[tuple[str, str], str] = {
+    (tool, family): "a1111" if tool != "invokeai" else "invokeai"
+    for tool in ("a1111", "forge", "comfyui", "invokeai", "sdnext")
+    for family in ("sd1", "sd2")
+}
+
+
+def format_for_tool(tool: str, family: str) -> str:
+    """The export format `tool`'s embeddings folder reads for an identity of model `family`."""
+    fmt = TOOL_FORMATS.get((tool, family))
+    if fmt is None:
+        raise CrossinitError(f"crossinit cannot deliver {family or 'unknown-family'} identities to {tool} yet")
+    return fmt
+
+
+def encode(vectors: np.ndarray, name: str, fmt: str, *, base_model: str = "", steps: int = 0) -> bytes:
+    """The bytes of an export of `vectors` [k, width] in format `fmt` (the same bytes for the same input)."""
     import numpy as np
 
     if fmt not in FORMATS:
         raise CrossinitError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if fmt in ("a1111", "invokeai", "diffusers"):
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         key = "emb_params" if fmt != "diffusers" else f"<{name}>"
-        meta = {"crossinit_name": name, "base_model": base_model}
-        write_atomic(path, lambda tmp: save_file({key: vectors}, str(tmp), metadata=meta))
-        return path
+        return save({key: vectors}, metadata={"crossinit_name": name, "base_model": base_model})
 
     import torch
 
@@ -80,7 +93,14 @@ def export_vectors(
         payload = {f"{name}_v{i}": tensor[i].clone() for i in range(tensor.shape[0])}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def export_vectors(
+    vectors: np.ndarray, name: str, fmt: str, path: Path, *, base_model: str = "", steps: int = 0
+) -> Path:
+    """Write `vectors` [k, width] to `path` in format `fmt` (atomically); returns the path."""
+    write_bytes_atomic(path, encode(vectors, name, fmt, base_model=base_model, steps=steps))
     return path
 
 
@@ -93,11 +113,20 @@ class Imported:
     steps: int | None = None
 
 
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+_FOLDER_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
+
+
+def is_embedding_folder(path: Path) -> bool:
+    """A diffusers textual-inversion output folder (one identity), as opposed to a folder of files."""
+    return any((path / name).is_file() for name in _FOLDER_FILES)
+
+
 def read_embedding_file(path: Path) -> Imported:
     """Read any supported embedding file into [k, width] float32 vectors, or refuse with one line."""
     path = Path(path)
     if path.is_dir():
-        for candidate in ("learned_embeds.safetensors", "learned_embeds.bin"):
+        for candidate in _FOLDER_FILES:
             if (path / candidate).is_file():
                 return read_embedding_file(path / candidate)
         raise CrossinitError(f"{path} is a folder without learned_embeds.safetensors or learned_embeds.bin")
@@ -169,7 +198,7 @@ def _load_pickle(path: Path) -> dict[str, Any]:
             f"{path} was refused: it is a pickle that needs more than plain tensors to load "
             f"(possibly code); {_first_line(exc)[:120]}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         raise CrossinitError(f"{path} is not a readable torch file ({_first_line(exc)[:160]})") from None
     if not isinstance(state, dict):
         raise CrossinitError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
