@@ -303,3 +303,37 @@ def test_kill_list_while_it_mends_the_catalog(catalog: str, base: Path, env: dic
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(one, range(1, len(calls) + 1)))
     print(f"list mending a {catalog} catalog: {len(calls)} kill points")
+
+
+def test_kill_export_to_a_tool_never_leaves_half_a_file(env: dict[str, str], tmp_path: Path, rhome: Path) -> None:
+    """`export --all --to` killed before any of its file-system calls in the tool's folder: every file there
+    with an embedding's extension is whole (the identity's exact vectors), and the next run completes it."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    library = Library(rhome)
+    expected = {}
+    for i, name in enumerate(("ann", "ben", "cy")):
+        expected[name] = np.random.default_rng(i).standard_normal((2, 32)).astype(np.float32)
+        library.add(Identity(name=name, tokens=2, width=32, family="sd2"), expected[name])
+    tool = tmp_path / "webui"
+    (tool / "embeddings").mkdir(parents=True)
+    (tool / "webui.py").write_text("")
+    reference = copy_library(tool, tmp_path / "reference")
+    calls = _count_calls(reference, ["export", "--all", "--to", reference], env, tmp_path / "calls.log")
+    assert len(calls) >= 6, calls
+
+    for nth in range(1, len(calls) + 1):
+        target = copy_library(tool, tmp_path / f"kill-{nth}")
+        done = crossinit("export", "--all", "--to", target, env=fault_env(env, f"kill-before:{nth}", target))
+        assert done.returncode == -9, done.stderr
+        for path in (target / "embeddings").glob("*.safetensors"):
+            np.testing.assert_array_equal(load_file(str(path))["emb_params"], expected[path.stem])
+        assert crossinit("export", "--all", "--to", target, env=env).returncode == 0
+        assert sorted(p.name for p in (target / "embeddings").glob("*.safetensors")) == [
+            "ann.safetensors",
+            "ben.safetensors",
+            "cy.safetensors",
+        ]
+        shutil.rmtree(target)
+    print(f"export --all --to: {len(calls)} kill points, never half a file")
