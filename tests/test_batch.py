@@ -105,3 +105,27 @@ def test_batch_spreads_over_two_accelerate_processes(tiny_model: Path, home: Pat
     library = Library(home)
     assert sorted(e.name for e in library.list()) == ["a1", "a2", "g1", "g2"]
     assert all(library.vectors(n).learned.shape == (2, 32) for n in ("a1", "a2", "g1", "g2"))
+
+
+def test_batch_shows_one_overall_bar_on_a_terminal_and_json_stays_clean(
+    tiny_model: Path, home: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    people = _people(tmp_path / "people", {"astro": "astronaut.png", "grace": "grace_hopper.jpg"})
+    args = ["learn", "--batch", str(people), "--fast", "--steps", "1", "--model", str(tiny_model), "--json"]
+    # FORCE_COLOR makes rich treat stderr as a terminal, as it is for a user at a shell.
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "160"}
+    done = subprocess.run(
+        [sys.executable, "-m", "crossinit_cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert [r["status"] for r in json.loads(done.stdout)] == ["learned", "learned"]  # stdout: the JSON only
+    assert "identities" in done.stderr and "eta" in done.stderr and "2/2" in done.stderr
+    quiet = subprocess.run(
+        [sys.executable, "-m", "crossinit_cli", *args, "--force", "--quiet"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert quiet.returncode == 0 and "eta" not in quiet.stderr

@@ -176,3 +176,18 @@ def test_a_manifest_from_stdin_in_a_real_pipe(stocked: Library, tiny_model: Path
     assert [r["prompt"] for r in records] == ["<alice>", "<bob> in a hat"]
     assert all(Path(r["path"]).is_file() for r in records)
     assert "\x1b[" not in done.stderr  # no progress bar drawn into a pipe
+
+
+def test_a_manifest_shows_one_overall_bar_on_a_terminal(stocked: Library, tiny_model: Path, tmp_path: Path) -> None:
+    import os
+
+    lines = "\n".join(json.dumps({"prompt": "<alice>", "seed": s, "steps": 1}) for s in range(3))
+    done = subprocess.run(
+        [sys.executable, "-m", "crossinit_cli", "generate", "--manifest", "-", "--model", str(tiny_model),
+         "--out", str(tmp_path / "o")],
+        input=lines, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "FORCE_COLOR": "1", "COLUMNS": "160"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(_records(done.stdout)) == 3  # stdout stays JSON Lines
+    assert "images" in done.stderr and "3/3" in done.stderr

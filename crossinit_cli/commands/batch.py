@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -199,8 +201,10 @@ def learn_batch(
 
     outcomes: list[Outcome] = []
     trainer = None
-    with state.split_between_processes(todo) as mine:
+    show = main and not quiet and ui.err().is_terminal
+    with state.split_between_processes(todo) as mine, _overall_bar(show, len(mine), state.num_processes) as bar:
         for job in mine:
+            bar.begin(job.name)
             started = time.perf_counter()
             try:
                 train_config = TrainConfig.for_mode(
@@ -232,6 +236,7 @@ def learn_batch(
                 outcome = Outcome(job.name, "failed", str(exc), time.perf_counter() - started)
             outcome.process = state.process_index
             outcomes.append(outcome)
+            bar.done()
             if not quiet:
                 ui.info(
                     f"[{state.process_index}] {escape(job.name)}: {outcome.status} {escape(outcome.detail)}".rstrip()
@@ -246,6 +251,51 @@ def learn_batch(
         _report(results, as_json=as_json)
     state.wait_for_everyone()
     return 1 if failed else 0
+
+
+class _Bar:
+    """One bar over the identities (with an ETA), on stderr; `--json` keeps stdout to itself."""
+
+    def __init__(self, progress: Any = None, task: Any = None) -> None:
+        self.progress, self.task = progress, task
+
+    def begin(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=f"learning {escape(name)}")
+
+    def done(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+
+@contextmanager
+def _overall_bar(show: bool, total: int, processes: int) -> Iterator[_Bar]:
+    """The batch's progress. Each process learns its share; with several, the main one's bar shows its
+    share (the shares are even, so its ETA is the batch's)."""
+    if not show or total == 0:
+        yield _Bar()
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    label = "identities" if processes == 1 else f"identities (process 0's share, of {processes})"
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(label),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=ui.err(), transient=True) as progress:
+        yield _Bar(progress, progress.add_task("learning", total=total))
 
 
 def _report(results: list[dict[str, Any]], *, as_json: bool) -> None:

@@ -210,11 +210,12 @@ def generate_manifest(
     native = sample.native_size(pipe)
     total = sum(line.n for line in checked)
     images_written = lines_done = 0
+    stdout = sys.stdout  # the real one: on a terminal the bar redirects sys.stdout above itself, onto stderr
     try:
         with _progress(show, total) as bar:
             for line in checked:
                 try:
-                    images_written += _run_line(pipe, line, mapping, native, model, placement, bar)
+                    images_written += _run_line(pipe, line, mapping, native, model, placement, bar, stdout)
                     lines_done += 1
                 except CrossinitError as exc:  # out of memory at this size ...: the other lines may still run
                     _bad_line(line.number, str(exc), on_error)
@@ -236,6 +237,7 @@ def _run_line(
     model: str,
     placement: devices.Placement,
     bar: Any,
+    stdout: Any,
 ) -> int:
     """Sample one line's images, writing each and printing its JSON line as soon as it is on disk."""
     width, height = line.size or native
@@ -272,8 +274,8 @@ def _run_line(
         meta = _metadata(line.job, expanded, line.negative, seed, line.seed, i, run)
         path = save_png(image, line.out, f"{line.job.slug}-{line.seed}-{i}", meta)
         record = Written("image", path, line.job.prompt, line.negative, seed, names, index=i)
-        sys.stdout.write(json.dumps({"line": line.number, **record.to_json(run)}, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+        stdout.write(json.dumps({"line": line.number, **record.to_json(run)}, ensure_ascii=False) + "\n")
+        stdout.flush()
         bar.images_done(1)
         written += 1
     return written
