@@ -151,6 +151,8 @@ class Catalog:
         """An open catalog with the current schema; a damaged or outdated file is rebuilt empty first."""
         try:
             db = self._open()
+        except sqlite3.OperationalError as exc:  # cannot open or write it, locked too long: not damaged
+            raise Unavailable(str(exc)) from None
         except sqlite3.DatabaseError as exc:  # not a database, malformed: derived data, so start again
             if self.path is None:
                 raise Unavailable(str(exc)) from None

@@ -286,7 +286,7 @@ class Library:
         if not catalog.exists():
             return {**state, "state": "missing", "detail": "the next `crossinit list` builds it"}
         try:
-            db = sqlite3.connect(f"file:{catalog.path}?mode=ro", uri=True, timeout=5)
+            db = sqlite3.connect(f"{Path(catalog.path).resolve().as_uri()}?mode=ro", uri=True, timeout=5)
             try:
                 check = db.execute("PRAGMA quick_check").fetchone()[0]
                 known = Catalog.stamps(db) if check == "ok" else {}
