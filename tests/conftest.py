@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -63,3 +64,19 @@ def cli(home: Path):
         return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture()
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every pipeline `generate` loads, in order (the real loader, counted)."""
+    from crossinit_cli import devices
+
+    real = devices.load_pipeline
+    pipes: list[Any] = []
+
+    def counting(model: str, **kwargs: Any) -> Any:
+        pipes.append(real(model, **kwargs))
+        return pipes[-1]
+
+    monkeypatch.setattr(devices, "load_pipeline", counting)
+    return pipes

@@ -12,21 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossinit_cli import devices, sample
+from crossinit_cli import sample
 from crossinit_cli.store import Identity, Library
-
-
-@pytest.fixture()
-def loads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    real = devices.load_pipeline
-    pipes: list[Any] = []
-
-    def counting(model: str, **kwargs: Any) -> Any:
-        pipes.append(real(model, **kwargs))
-        return pipes[-1]
-
-    monkeypatch.setattr(devices, "load_pipeline", counting)
-    return pipes
 
 
 @pytest.fixture()
@@ -139,7 +126,7 @@ def test_manifest_usage_errors(cli, stocked: Library, tiny_model: Path, tmp_path
     empty = _manifest(tmp_path, "# nothing", "")
     assert "no lines in manifest" in cli("generate", "--manifest", empty, "--model", tiny_model).stderr
     missing = cli("generate", "--manifest", tmp_path / "nope.jsonl", "--model", tiny_model)
-    assert missing.exit_code == 1 and "cannot read manifest" in missing.stderr
+    assert missing.exit_code == 1 and "cannot read the manifest from" in missing.stderr
     only_bad = cli("generate", "--manifest", _manifest(tmp_path, "{"), "--model", tiny_model)
     assert only_bad.exit_code == 1 and "none of the 1 line(s)" in only_bad.stderr
     assert cli("generate", "--manifest", manifest, "--on-error", "ignore").exit_code == 2

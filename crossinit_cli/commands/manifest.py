@@ -29,6 +29,7 @@ from crossinit_cli.commands.generate import (
     apply_template,
     file_slug,
     prepare_out_dir,
+    read_source,
     resolve_identities,
     save_png,
 )
@@ -72,16 +73,7 @@ class Defaults:
 
 def read_lines(source: str) -> list[tuple[int, str]]:
     """(line number, text) of every non-blank, non-# line of FILE or stdin ('-')."""
-    if source == "-":
-        if sys.stdin.isatty():
-            ui.info("reading the manifest from stdin, one JSON object a line (Ctrl-D to finish)")
-        text = sys.stdin.read()
-    else:
-        try:
-            text = Path(source).expanduser().read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise CrossinitError(f"cannot read manifest {source}: {reason}") from None
+    text = read_source(source, "the manifest", "one JSON object a line")
     found = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)]
     found = [(i, line) for i, line in found if line and not line.startswith("#")]
     if not found:

@@ -222,15 +222,7 @@ def import_identity(
             raise
         raise CrossinitError(f"{exc}; pass --name to choose a name") from None
     tokens, width = loaded.vectors.shape
-    ident = Identity(
-        name=chosen,
-        tokens=tokens,
-        width=width,
-        base_model=model or loaded.base_model or "",
-        source=f"import:{loaded.layout}:{Path(path).resolve()}",
-        training={"steps": loaded.steps} if loaded.steps else {},
-    )
-    target = library.add(ident, loaded.vectors, force=force)
+    target = _store(library, loaded, chosen, Path(path), model=model, force=force)
     if as_json:
         from crossinit_cli.commands.library import identity_record
 
@@ -263,16 +255,15 @@ def import_folder(library: Library, folder: Path, *, model: str | None, force: b
             except CrossinitError as exc:
                 reason = str(exc).replace(str(path), path.name)
         skipped.append({"file": str(path), "reason": reason})
-        if not as_json:
-            ui.warn(f"skipped {path.name}: {reason}")
+        ui.warn(f"skipped {path.name}: {reason}")
+    if not imported:
+        raise CrossinitError(f"nothing imported from {folder} ({len(skipped)} file(s) skipped)")
     if as_json:
         from crossinit_cli.commands.library import identity_record
 
         records = [identity_record(library, library.get(name)) for name in imported]
         ui.print_json({"imported": records, "skipped": skipped})
-    if not imported:
-        raise CrossinitError(f"nothing imported from {folder} ({len(skipped)} file(s) skipped)")
-    if not as_json:
+    else:
         ui.info(f"imported {len(imported)}, skipped {len(skipped)} from {escape(str(folder))}")
     return 0
 
@@ -283,14 +274,21 @@ def _import_one(library: Library, path: Path, *, model: str | None, force: bool)
         chosen = validate_name(loaded.suggested_name or _file_stem(path))
     except CrossinitError:
         chosen = validate_name(_file_stem(path))
+    _store(library, loaded, chosen, path, model=model, force=force)
+    return chosen
+
+
+def _store(
+    library: Library, loaded: formats.Imported, name: str, path: Path, *, model: str | None, force: bool
+) -> Path:
+    """Add an imported embedding to the library under `name`, recording where it came from."""
     tokens, width = loaded.vectors.shape
     ident = Identity(
-        name=chosen,
+        name=name,
         tokens=tokens,
         width=width,
         base_model=model or loaded.base_model or "",
         source=f"import:{loaded.layout}:{path.resolve()}",
         training={"steps": loaded.steps} if loaded.steps else {},
     )
-    library.add(ident, loaded.vectors, force=force)
-    return chosen
+    return library.add(ident, loaded.vectors, force=force)
