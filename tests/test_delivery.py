@@ -205,5 +205,5 @@ def test_import_of_a_folder_says_what_it_skipped_and_why(cli, library: Library, 
     (empty / "notes.md").write_text("")
     result = cli("import", empty)
     assert result.exit_code == 1 and "nothing imported" in result.stderr
-    assert "--name names one identity" in cli("import", folder, "--name", "x").stderr
+    assert "--name does not apply" in cli("import", folder, "--name", "x").stderr
     assert torch.is_tensor(torch.load(OFFICIAL[0], weights_only=True)[f"{OFFICIAL[0].stem}_v0"])

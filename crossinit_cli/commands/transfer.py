@@ -211,7 +211,9 @@ def import_identity(
 ) -> int:
     if Path(path).is_dir() and not formats.is_embedding_folder(Path(path)):
         if name is not None:
-            raise CrossinitError("--name names one identity; a folder's files are named after themselves")
+            raise CrossinitError(
+                f"{path} is a folder of embedding files: each is named after itself, so --name does not apply"
+            )
         return import_folder(library, Path(path), model=model, force=force, as_json=as_json)
     loaded = formats.read_embedding_file(path)
     chosen = name or loaded.suggested_name or _file_stem(path)
