@@ -108,7 +108,7 @@ def bench_list(sizes: list[int], repeat: int, work: Path) -> None:
     print(f"ratios {sizes[-1]} / {sizes[0]}: " + ", ".join(f"{k} x{v / base[k]:.2f}" for k, v in times.items()))
 
 
-def bench_durability(repeat: int, work: Path) -> None:
+def bench_durability(samples: int, work: Path) -> None:
     """import (Library.add) and edit (Library.modify) with and without the folder/file fsyncs."""
     import numpy as np
 
@@ -129,10 +129,10 @@ def bench_durability(repeat: int, work: Path) -> None:
         return time.perf_counter() - started
 
     library.add(Identity(name="d0", tokens=2, width=1024), vectors)
-    print(f"durable writes on {work} (median of {repeat * 4}, in-process; ms)")
+    print(f"durable writes on {work} (median of {samples}, in-process; ms)")
     for op in ("import", "edit"):
         with_sync, without = [], []
-        for i in range(repeat * 4):  # alternate, so that other load on the machine hits both alike
+        for i in range(samples):  # alternate, so that other load on the machine hits both alike
             with_sync.append(timed(True, op, i))
             without.append(timed(False, op, i))
         a, b = statistics.median(with_sync) * 1e3, statistics.median(without) * 1e3
@@ -174,13 +174,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 1000, 10000])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=40, help="Writes timed each way for the fsync cost.")
     parser.add_argument("--dir", type=Path, default=None, help="Where to build the libraries (a real disk).")
     parser.add_argument("--manifest", action="store_true", help="Also time a 20-line generate manifest.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-library-", dir=args.dir) as tmp:
         work = Path(tmp)
         bench_list(args.sizes, args.repeat, work)
-        bench_durability(args.repeat, work)
+        bench_durability(args.samples, work)
         if args.manifest:
             bench_manifest(work)
 
