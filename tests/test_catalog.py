@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,3 +252,18 @@ def test_damaged_entries_are_kept_by_name_filters_and_sort_last(cli, stocked: Li
     assert [(r["name"], r["damaged"]) for r in records][-1] == ("bob", True)
     assert _names(cli, "--search", "bo") == ["bob"]
     assert "bob" not in _names(cli, "--tag", "work")  # nothing is known about it but its name
+
+
+def test_list_json_escapes_what_json_must_escape(cli, tmp_path: Path) -> None:
+    """`list --json` writes most of each line without json.dumps: quotes, backslashes and controls in a home
+    path or a hand-made folder name must still come out as valid JSON."""
+    home = tmp_path / 'my "library" \\ here'
+    library = Library(home)
+    _add(library, "alice")
+    (library.entries / 'we"ird\\\tname').mkdir()  # not an entry crossinit could write: listed as damaged
+    result = cli("--home", home, "list", "--json")
+    assert result.exit_code == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert [(r["name"], r["damaged"]) for r in records] == [("alice", False), ('we"ird\\\tname', True)]
+    assert records[0]["path"] == str(library.entries / "alice") and records[0]["token"] == "<alice>"
+    assert records[1]["path"] == str(library.entries / 'we"ird\\\tname')

@@ -70,16 +70,23 @@ def list_identities(library: Library, *, as_json: bool, query: Query | None = No
 def _print_json_rows(library: Library, rows: list[Row]) -> None:
     """`list --json`: each identity's record as `identity_record` makes it, spliced from the catalog's JSON
     text without parsing it (one JSON object a line: 10,000 entries in well under a second)."""
+    folder = _json_text(str(library.entries) + os.sep)  # encoded once; most keys need no escaping
     lines = []
     for row in rows:
-        path = json.dumps(str(library.entries / row.key), ensure_ascii=False)
+        path = f'"{folder}{_json_text(row.key)}"'
         if row.damaged is not None or row.text is None:
-            name, reason = (json.dumps(text, ensure_ascii=False) for text in (row.name, row.damaged or "unreadable"))
-            lines.append(f'{{"name": {name}, "damaged": true, "reason": {reason}, "path": {path}}}')
+            name, reason = (_json_text(text) for text in (row.name, row.damaged or "unreadable"))
+            lines.append(f'{{"name": "{name}", "damaged": true, "reason": "{reason}", "path": {path}}}')
         else:
-            token = json.dumps(f"<{row.name}>", ensure_ascii=False)
-            lines.append(f'{row.text[:-1]}, "token": {token}, "path": {path}, "damaged": false}}')
+            lines.append(f'{row.text[:-1]}, "token": "<{_json_text(row.name)}>", "path": {path}, "damaged": false}}')
     ui.print_json_lines(lines)
+
+
+def _json_text(text: str) -> str:
+    """`text` as the inside of a JSON string (what json.dumps gives, without the quotes)."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
 def _print_table(entries: list[Row]) -> None:
