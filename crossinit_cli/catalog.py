@@ -163,8 +163,10 @@ class Catalog:
                 raise Unavailable(str(again)) from None
         try:
             yield db
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:  # locked too long, read-only, disk full ...
             raise Unavailable(str(exc)) from None
+        except sqlite3.DatabaseError as exc:  # a damaged page found while reading: rebuild it
+            raise Corrupt(str(exc)) from None
         finally:
             db.close()
 
@@ -175,12 +177,13 @@ class Catalog:
             db.execute("PRAGMA synchronous = NORMAL")
             if not _has_schema(db):
                 db.execute("BEGIN IMMEDIATE")
-                db.execute("DROP TABLE IF EXISTS entries")
-                db.execute("DROP TABLE IF EXISTS tags")
-                for statement in _TABLES.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA}")
+                if not _has_schema(db):  # again under the write lock: another process may have just made it
+                    db.execute("DROP TABLE IF EXISTS entries")
+                    db.execute("DROP TABLE IF EXISTS tags")
+                    for statement in _TABLES.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA}")
                 db.execute("COMMIT")
         except BaseException:
             db.close()

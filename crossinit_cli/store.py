@@ -218,7 +218,7 @@ class Library:
         try:
             with Catalog(self.home).connect() as db:
                 return Catalog.tags(db, prefix)
-        except Unavailable:
+        except (Unavailable, Corrupt):
             return []
 
     def catalog_state(self) -> dict[str, Any]:
@@ -277,9 +277,14 @@ class Library:
         """Bring the catalog rows of `keys` up to date with their folders, inside the write's lock.
 
         A catalog that cannot be written is left as it is: the next `list` finds those rows stale by their stamps."""
-        with contextlib.suppress(Unavailable), Catalog(self.home).connect() as db:
-            rows = [row for row in map(self._row, keys) if row is not None]
-            Catalog.update(db, rows, [key for key in keys if key not in {r.key for r in rows}])
+        try:
+            with Catalog(self.home).connect() as db:
+                rows = [row for row in map(self._row, keys) if row is not None]
+                Catalog.update(db, rows, [key for key in keys if key not in {r.key for r in rows}])
+        except Unavailable:
+            pass
+        except Corrupt:
+            Catalog(self.home).discard()  # rebuilt from the folders by the next list
 
     def get(self, name: str) -> Identity:
         def read() -> Identity:
