@@ -284,3 +284,19 @@ def test_a_damaged_page_found_while_reading_is_rebuilt(cli, library: Library) ->
     assert library.catalog_state()["state"] == "fresh"
     library.update("person-000", notes="after")  # a write that finds it damaged does not fail either
     assert json.loads(cli("list", "--json", "--limit", "1").stdout)[0]["notes"] == "after"
+
+
+def test_list_fits_a_narrow_terminal_without_cutting_names(library: Library) -> None:
+    import re
+    import subprocess
+    import sys
+
+    long_model = "stabilityai/stable-diffusion-2-1-base-with-a-long-suffix"
+    _add(library, "a-long-identity-name", base_model=long_model, notes="n" * 80, tags=["t" * 30])
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "70"}  # rich then treats stdout as a 70-column terminal
+    done = subprocess.run([sys.executable, "-m", "crossinit_cli", "list"], env=env, capture_output=True, text=True)
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in done.stdout.splitlines()]
+    assert len(lines) == 2 and all(len(line) <= 70 for line in lines), lines
+    assert lines[1].startswith("a-long-identity-name  ") and "…" in lines[1]
+    piped = subprocess.run([sys.executable, "-m", "crossinit_cli", "list"], capture_output=True, text=True)
+    assert long_model in piped.stdout and "n" * 80 in piped.stdout  # piped: whole lines, for grep

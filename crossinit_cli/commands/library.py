@@ -127,10 +127,14 @@ def _printable(text: str) -> str:
 
 
 def _fit(widths: list[int], total: int) -> list[int]:
-    """Column widths that fit in `total` characters: the widest columns give way first."""
+    """Column widths that fit in `total` characters: the widest columns give way first, but never the name
+    or the date (a cut name could not be typed back), and none below 8."""
     widths = list(widths)
-    while sum(widths) + 2 * (len(widths) - 1) > total and max(widths) > 8:
-        widest = widths.index(max(widths))
+    cuttable = [i for i in range(len(widths)) if COLUMNS[i] not in ("name", "created")]
+    while sum(widths) + 2 * (len(widths) - 1) > total:
+        widest = max(cuttable, key=lambda i: widths[i])
+        if widths[widest] <= 8:
+            break
         widths[widest] -= 1
     return widths
 
