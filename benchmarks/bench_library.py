@@ -81,31 +81,37 @@ def complete(words: str, env: dict[str, str]) -> float:
     return elapsed
 
 
-def median(repeat: int, measure: Callable[[], float]) -> float:
-    return statistics.median(measure() for _ in range(repeat))
-
-
 def bench_list(sizes: list[int], repeat: int, work: Path) -> None:
-    print(f"list (median of {repeat} fresh processes; the first list builds the catalog from the folders)")
+    """Every command at every size, the sizes taken in turn within each round, so that load from elsewhere
+    on the machine falls on all sizes alike; medians of the rounds."""
+    print(f"list (median of {repeat} rounds of fresh processes; the first list builds the catalog from the folders)")
     head = ("identities", "build catalog", "list", "list --json", "list --tag", "complete name", "complete tag")
     print("  ".join(f"{h:>13}" for h in head))
-    base: dict[str, float] = {}
+    envs, rebuild = {}, {}
     for size in sizes:
         home = work / f"lib-{size}"
         build_library(home, size)
-        env = {**os.environ, "CROSSINIT_HOME": str(home), "NO_COLOR": "1"}
-        rebuild = run(["list", "--json"], env)
-        commands: dict[str, Callable[[], float]] = {
-            "list": lambda env=env: run(["list"], env),
-            "list --json": lambda env=env: run(["list", "--json"], env),
-            "list --tag": lambda env=env: run(["list", "--tag", "batch-3", "--json"], env),
-            "complete name": lambda env=env: complete("crossinit show subject-0000", env),
-            "complete tag": lambda env=env: complete("crossinit list --tag batch-1", env),
-        }
-        times = {label: median(repeat, measure) for label, measure in commands.items()}
-        base = base or times
-        print("  ".join([f"{size:>13}", f"{rebuild:>12.2f}s", *(f"{t:>12.2f}s" for t in times.values())]))
-    print(f"ratios {sizes[-1]} / {sizes[0]}: " + ", ".join(f"{k} x{v / base[k]:.2f}" for k, v in times.items()))
+        envs[size] = {**os.environ, "CROSSINIT_HOME": str(home), "NO_COLOR": "1"}
+        rebuild[size] = run(["list", "--json"], envs[size])
+    commands: dict[str, Callable[[dict[str, str]], float]] = {
+        "list": lambda env: run(["list"], env),
+        "list --json": lambda env: run(["list", "--json"], env),
+        "list --tag": lambda env: run(["list", "--tag", "batch-3", "--json"], env),
+        "complete name": lambda env: complete("crossinit show subject-0000", env),
+        "complete tag": lambda env: complete("crossinit list --tag batch-1", env),
+    }
+    samples: dict[tuple[int, str], list[float]] = {(size, label): [] for size in sizes for label in commands}
+    for _ in range(repeat):
+        for size in sizes:
+            for label, measure in commands.items():
+                samples[size, label].append(measure(envs[size]))
+    times = {key: statistics.median(values) for key, values in samples.items()}
+    for size in sizes:
+        cells = [f"{times[size, label]:>12.2f}s" for label in commands]
+        print("  ".join([f"{size:>13}", f"{rebuild[size]:>12.2f}s", *cells]))
+    first, last = sizes[0], sizes[-1]
+    ratios = ", ".join(f"{label} x{times[last, label] / times[first, label]:.2f}" for label in commands)
+    print(f"ratios {last} / {first}: {ratios}")
 
 
 def bench_durability(samples: int, work: Path) -> None:
