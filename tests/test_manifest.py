@@ -178,3 +178,17 @@ def test_a_manifest_shows_one_overall_bar_on_a_terminal(stocked: Library, tiny_m
     assert done.returncode == 0, done.stderr
     assert len(_records(done.stdout)) == 3  # stdout stays JSON Lines
     assert "images" in done.stderr and "3/3" in done.stderr
+
+
+def test_identity_flag_templates_plain_manifest_prompts(
+    cli, stocked: Library, tiny_model: Path, tmp_path: Path
+) -> None:
+    manifest = _manifest(tmp_path, {"prompt": "smiling", "seed": 1}, {"prompt": "<bob> waves", "seed": 2})
+    args = ["generate", "--manifest", manifest, "-i", "alice", "--model", tiny_model, "--steps", "1"]
+    result = cli(*args, "--out", tmp_path / "o", "--json")  # --json changes nothing: JSON Lines either way
+    assert result.exit_code == 0, result.stderr
+    records = _records(result.stdout)
+    assert [(r["prompt"], r["identities"]) for r in records] == [
+        ("a photo of <alice>, smiling", ["alice"]),
+        ("<bob> waves", ["bob"]),
+    ]
