@@ -1,9 +1,12 @@
 """Randomly initialised Stable Diffusion pipelines built on disk, offline.
 
 `build_tiny_sd` makes a small model (seconds to build, milliseconds a step) with the same structure as
-SD 1.x/2.x: the tests and the CPU benchmark run crossinit's real code paths on it. `build_full_size_sd21`
-makes a random-init model with SD 2.1-base's exact shapes, which costs the same per step as the real
-weights: the GPU benchmark times it. Neither is a model anyone should generate pictures with.
+SD 2.x, `build_tiny_sd1` one shaped like SD 1.x (quick_gelu CLIP text encoder, pad = EOS, no linear
+projection in the UNet) and `build_tiny_sdxl` one shaped like SDXL (two text encoders, the second with a
+projection, a text_time UNet): the tests and the CPU benchmark run crossinit's real code paths on them.
+`build_full_size_sd21` and `build_full_size_sdxl` make random-init models with SD 2.1-base's and SDXL
+base's exact shapes, which cost the same per step as the real weights: the GPU benchmark times them.
+None is a model anyone should generate pictures with.
 """
 
 from __future__ import annotations
@@ -141,6 +144,200 @@ def build_tiny_sd(folder: Path, *, width: int = 32, prediction_type: str = "epsi
         sample_size=64,
     )
     return _save(folder, tokenizer, text_encoder, unet, vae, prediction_type)
+
+
+def _tiny_tokenizer(folder: Path, pad: str) -> Any:
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(folder)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, pad_token=pad)
+
+
+def _tiny_vae(scaling_factor: float = 0.18215) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=2,
+        norm_num_groups=16,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def build_tiny_sd1(folder: Path, *, width: int = 32, seed: int = 0) -> Path:
+    """A tiny random SD 1.x-shaped pipeline: CLIP ViT-L's quick_gelu and 4x MLP, pad = EOS, epsilon."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=width * 4,  # 768 -> 3072, as CLIP ViT-L
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=width,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=width,
+        attention_head_dim=8,  # SD 1.x's config value (it is the number of heads)
+        use_linear_projection=False,  # as SD 1.x
+        norm_num_groups=16,
+    )
+    return _save(folder, tokenizer, text_encoder, unet, _tiny_vae(), "epsilon")
+
+
+def build_tiny_sdxl(folder: Path, *, widths: tuple[int, int] = (32, 64), seed: int = 0) -> Path:
+    """A tiny random SDXL-shaped pipeline: a CLIP-L-like and a bigG-like (projected) encoder, text_time UNet."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
+    tokenizer_2 = _tiny_tokenizer(folder / "_tokenizer_2_src", "!")  # SDXL's second tokenizer pads with "!"
+    projection = widths[1] // 2
+    torch.manual_seed(seed)
+
+    def config(width: int, act: str) -> Any:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=width * 4,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            max_position_embeddings=77,
+            hidden_act=act,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=projection,
+        )
+
+    text_encoder = CLIPTextModel(config(widths[0], "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(config(widths[1], "gelu"))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=sum(widths),
+        attention_head_dim=(1, 1),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection,
+        norm_num_groups=16,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(0.13025),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def build_full_size_sdxl(folder: Path, *, seed: int = 0) -> Path:
+    """A random-init model with stable-diffusion-xl-base-1.0's shapes (2.6B UNet, CLIP-L 768 + bigG 1280)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
+    tokenizer_2 = _tiny_tokenizer(folder / "_tokenizer_2_src", "!")
+    torch.manual_seed(seed)
+
+    def config(width: int, layers: int, heads: int, act: str, projection: int) -> Any:
+        # The real vocabulary has 49408 rows; the cost of the table does not depend on the tokenizer.
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=width,
+            intermediate_size=width * 4,
+            num_attention_heads=heads,
+            num_hidden_layers=layers,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=projection,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    text_encoder = CLIPTextModel(config(768, 12, 12, "quick_gelu", 768))
+    text_encoder_2 = CLIPTextModelWithProjection(config(1280, 32, 20, "gelu", 1280))
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
 
 
 def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:
