@@ -190,10 +190,10 @@ def _read_json(path: Path | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _peek_folder(locate: Any, where: str) -> Peeked:
+def _peek_folder(locate: Any, where: str) -> Peeked | None:
     index = _read_json(locate("model_index.json"))
     if index is None:
-        raise CrossinitError(f"{where}: model_index.json is missing or not JSON; is it a diffusers model folder?")
+        return None  # not a diffusers folder: the loader says so
     text = _read_json(locate("text_encoder/config.json"))
     family = detect_config(index, text, _read_json(locate("unet/config.json")), where)
     widths: list[int] = []

@@ -251,7 +251,7 @@ def test_user_errors_exit_1_with_one_line_and_no_file(
     elif case.startswith("width"):
         args = ["<wide>"]
         if case == "width-after-load":  # a model whose config cannot be peeked at: caught after loading
-            monkeypatch.setattr(sample, "peek_text_width", lambda model: None)
+            monkeypatch.setattr(sample, "peek_model", lambda model: None)
     elif case == "size":
         args += ["--size", "100x7"]
     elif case == "size-abc":
