@@ -275,13 +275,26 @@ def build_tiny_sdxl(folder: Path, *, widths: tuple[int, int] = (32, 64), seed: i
 def build_full_size_sdxl(folder: Path, *, seed: int = 0) -> Path:
     """A random-init model with stable-diffusion-xl-base-1.0's shapes (2.6B UNet, CLIP-L 768 + bigG 1280)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     folder = Path(folder)
     tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
     tokenizer_2 = _tiny_tokenizer(folder / "_tokenizer_2_src", "!")
     torch.manual_seed(seed)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    modules = sdxl_base_modules(tokenizer)
+    pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler, **modules)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def sdxl_base_modules(tokenizer: Any) -> dict[str, Any]:
+    """SDXL base's text encoders, UNet and VAE with random weights (on the default device: under
+    `torch.device("meta")` they cost no memory, which is how a test counts their parameters)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def config(width: int, layers: int, heads: int, act: str, projection: int) -> Any:
         # The real vocabulary has 49408 rows; the cost of the table does not depend on the tokenizer.
@@ -324,20 +337,7 @@ def build_full_size_sdxl(folder: Path, *, seed: int = 0) -> Path:
         scaling_factor=0.13025,
         force_upcast=True,
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-    )
-    pipe.save_pretrained(str(folder))
-    return folder
+    return {"vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "unet": unet}
 
 
 def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:

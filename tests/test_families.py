@@ -450,3 +450,18 @@ def test_an_entry_in_todays_layout_loads_unchanged(cli, library: Library, tiny_m
     assert cli("edit", "old", "--note", "kept").exit_code == 0
     assert (entry / "vectors.safetensors").read_bytes() == before["vectors.safetensors"]
     assert "schema = 1" in (entry / "meta.toml").read_text()
+
+
+def test_the_sdxl_base_builder_has_sdxl_bases_exact_sizes() -> None:
+    """What `bench_learn.py --full-size --family sdxl` times: counted on the meta device (no memory)."""
+    from types import SimpleNamespace
+
+    from crossinit_cli.synthetic import sdxl_base_modules
+
+    with torch.device("meta"):
+        modules = sdxl_base_modules(SimpleNamespace(bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    sizes = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
+    # stabilityai/stable-diffusion-xl-base-1.0's parameter counts, component by component.
+    assert sizes == {"unet": 2567463684, "text_encoder": 123060480, "text_encoder_2": 694659840, "vae": 83653863}
+    assert modules["text_encoder_2"].get_input_embeddings().weight.shape == (49408, 1280)
+    assert modules["unet"].config.addition_embed_type == "text_time"
