@@ -382,10 +382,11 @@ def train(
                 "try --dtype fp32 or a lower --lr"
             )
     except torch.cuda.OutOfMemoryError:
+        smaller = size // 2 // 64 * 64
+        resolution = f"--resolution {smaller}, " if smaller >= MIN_RESOLUTION else ""
         raise CrossinitError(
             f"out of memory on {placement.device} at batch size {config.batch_size} and {size} px; try "
-            f"--resolution {max(MIN_RESOLUTION, size // 2 // 64 * 64)}, or --batch-size 4 (and --steps twice as "
-            "many), or --device cpu"
+            f"{resolution}--batch-size 4 (and --steps twice as many), or --device cpu"
         ) from None
     finally:
         for hook in hooks:

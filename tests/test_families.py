@@ -210,6 +210,39 @@ def test_sdxl_learn_fast_trains_both_encoders_from_their_starts(cli, library: Li
     with safe_open(str(library.path_of("astronaut") / "vectors.safetensors"), "numpy") as handle:
         assert sorted(handle.keys()) == ["init.clip_g", "init.clip_l", "learned.clip_g", "learned.clip_l"]
     assert library.get("astronaut").schema == 2
+    assert "SDXL" in cli("list").stdout
+    shown = cli("show", "astronaut").stdout
+    assert "family" in shown and "SDXL" in shown
+
+
+def test_out_of_memory_says_what_to_change(cli, home: Path, tiny_sdxl: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import UNet2DConditionModel
+
+    def exhausted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", exhausted)
+    message = _one_line_error(cli("learn", ASTRONAUT, "--resolution", "512", "--model", tiny_sdxl, *CHEAP))
+    assert "out of memory on cpu at batch size 1 and 512 px; try --resolution 256, --batch-size 4" in message
+    assert not (home / "identities").exists() or not list((home / "identities").iterdir())
+
+
+@torch.no_grad()
+def test_sdxl_training_conditioning_is_what_the_sdxl_pipeline_feeds_its_unet(tiny_sdxl: Path) -> None:
+    pipe = load_pipeline(str(tiny_sdxl))
+    family, slots = families.of_pipeline(pipe), families.slots(pipe)
+    caption = "a photo of the face of person"
+    ids = [
+        s.tokenizer(caption, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        for s in slots
+    ]
+    states, added = families.conditioning(family, list(zip(slots, ids)), 64)
+    embeds, _, pooled, _ = pipe.encode_prompt(caption, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(states, embeds)  # both encoders' hidden_states[-2], side by side: 32 + 64
+    torch.testing.assert_close(added["text_embeds"], pooled)
+    projection = pipe.text_encoder_2.config.projection_dim
+    expected_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), embeds.dtype, projection)
+    torch.testing.assert_close(added["time_ids"], expected_ids)
 
 
 def test_resolution_option_is_checked_and_used(cli, library: Library, tiny_sdxl: Path) -> None:
