@@ -138,6 +138,7 @@ def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
             raise CrossinitError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
         raise _missing_model(model) from None
     families.of_pipeline(pipe)  # refuses what is not SD 1.x/2.x/SDXL, whatever the files said
+    families.pool_at_eos(pipe)
     return pipe
 
 

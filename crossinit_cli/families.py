@@ -300,6 +300,21 @@ def widths(pipe: Any) -> tuple[int, ...]:
     return tuple(slot.width for slot in slots(pipe))
 
 
+def pool_at_eos(pipe: Any) -> None:
+    """Make each text encoder pool at the end-of-text token even when the prompt holds added tokens.
+
+    SDXL's released text_encoder_2 config carries the stale `eos_token_id` 2, for which transformers
+    pools at the highest token id of the prompt: the end token for the original vocabulary, but an
+    identity's placeholder once tokens are added. SDXL was trained (open_clip), and A1111 and ComfyUI
+    sample, with the pooled output at the end token, so the tokenizer's own end id is set instead.
+    """
+    for slot in slots(pipe):
+        model = getattr(slot.text_encoder, "text_model", slot.text_encoder)
+        if getattr(model, "eos_token_id", None) == 2 and slot.tokenizer.eos_token_id not in (None, 2):
+            model.eos_token_id = slot.tokenizer.eos_token_id
+            slot.text_encoder.config.eos_token_id = slot.tokenizer.eos_token_id
+
+
 def read_hidden(spec: EncoderSpec, text_encoder: Any, ids: torch.Tensor) -> Any:
     """The encoder's output as the UNet reads it: (hidden states [b, 77, width], the model output)."""
     if spec.penultimate:

@@ -245,6 +245,22 @@ def test_sdxl_training_conditioning_is_what_the_sdxl_pipeline_feeds_its_unet(tin
     torch.testing.assert_close(added["time_ids"], expected_ids)
 
 
+@torch.no_grad()
+def test_the_pooled_embedding_is_taken_at_the_end_token_with_added_tokens(tiny_sdxl: Path) -> None:
+    pipe = load_pipeline(str(tiny_sdxl))
+    encoder, tokenizer = pipe.text_encoder_2, pipe.tokenizer_2
+    encoder.text_model.eos_token_id = encoder.config.eos_token_id = 2  # as SDXL base's config ships
+    families.pool_at_eos(pipe)
+    mapping = sample.add_identities(pipe, {"alice": [np.ones((2, 32), np.float32), np.ones((2, 64), np.float32)]})
+    ids = tokenizer(
+        sample.expand_prompt("a photo of <alice>", mapping), padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    eos = int((ids[0] == tokenizer.eos_token_id).nonzero()[0])
+    assert int(ids[0].argmax()) != eos  # the placeholder has the highest id: the stale rule would pool there
+    output = encoder(ids, output_hidden_states=True)
+    torch.testing.assert_close(output.text_embeds[0], encoder.text_projection(output.last_hidden_state[0, eos]))
+
+
 def test_resolution_option_is_checked_and_used(cli, library: Library, tiny_sdxl: Path) -> None:
     for bad in ("100", "192"):
         assert "--resolution must be a multiple of 64" in _one_line_error(
