@@ -356,6 +356,7 @@ def test_an_identity_of_another_family_is_refused_before_weights_move(
     library: Library,
     xl_alice: Path,
     tiny_model: Path,
+    tiny_sd1: Path,
     tmp_path: Path,
     moved: list[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -367,6 +368,8 @@ def test_an_identity_of_another_family_is_refused_before_weights_move(
     sd2_on_xl = _one_line_error(cli("generate", "<carol>", "--model", xl_alice, "--out", out))
     assert "'carol' was learned on an SD 2.x model" in sd2_on_xl and "is SDXL" in sd2_on_xl
     assert "SDXL" in _one_line_error(cli("eval", "alice", "--model", tiny_model, "--clip-model", NO_CLIP))
+    sd2_on_sd1 = _one_line_error(cli("generate", "<carol>", "--model", tiny_sd1, "--out", out))
+    assert "'carol' was learned on an SD 2.x model" in sd2_on_sd1 and "is SD 1.x" in sd2_on_sd1  # same width, 32
     # A model whose configs cannot be read ahead: caught once loaded, still before it moves to the device.
     monkeypatch.setattr(sample, "peek_model", lambda model: None)
     late = cli("generate", "<alice>", "--model", tiny_model, "--out", out)
