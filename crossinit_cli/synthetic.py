@@ -90,60 +90,57 @@ def write_tokenizer(folder: Path, merges_wanted: int = 400) -> int:
 def build_tiny_sd(folder: Path, *, width: int = 32, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """A tiny random SD pipeline saved as a diffusers folder (64 px images, text width `width`)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     folder = Path(folder)
-    tok_dir = folder / "_tokenizer_src"
-    write_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(
-        str(tok_dir / "vocab.json"),
-        str(tok_dir / "merges.txt"),
-        model_max_length=77,
-        pad_token="<|endoftext|>",
-    )
+    tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=width * 2,
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=width,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=width,
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, width, mlp=2))
+    unet = _tiny_unet(
+        width,
         # diffusers' historical name: this is the number of heads. One head of 64 channels keeps SD's
         # 64-wide attention heads (SD 2.1: 5/10/20 heads of 64), so attention costs what it does there.
         attention_head_dim=1,
         use_linear_projection=True,  # as SD 2.x
-        norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        layers_per_block=2,  # as SD's VAE
-        norm_num_groups=16,
-        sample_size=64,
+    return _save(folder, tokenizer, text_encoder, unet, _tiny_vae(), prediction_type)
+
+
+def _tiny_text_config(tokenizer: Any, width: int, *, mlp: int, act: str = "quick_gelu", projection: int = 0) -> Any:
+    """A 3-layer, 4-head CLIP text config over `tokenizer`'s vocabulary (`mlp` x width MLP)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=width * mlp,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        hidden_act=act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection or width,
     )
-    return _save(folder, tokenizer, text_encoder, unet, vae, prediction_type)
+
+
+def _tiny_unet(cross_attention_dim: int, **overrides: Any) -> Any:
+    """The tiny two-level UNet (64 px images through the tiny VAE), with the family's `overrides`."""
+    from diffusers import UNet2DConditionModel
+
+    settings: dict[str, Any] = {
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": cross_attention_dim,
+        "norm_num_groups": 16,
+    }
+    return UNet2DConditionModel(**{**settings, **overrides})
 
 
 def _tiny_tokenizer(folder: Path, pad: str) -> Any:
@@ -173,39 +170,16 @@ def _tiny_vae(scaling_factor: float = 0.18215) -> Any:
 def build_tiny_sd1(folder: Path, *, width: int = 32, seed: int = 0) -> Path:
     """A tiny random SD 1.x-shaped pipeline: CLIP ViT-L's quick_gelu and 4x MLP, pad = EOS, epsilon."""
     import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     folder = Path(folder)
     tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=width * 4,  # 768 -> 3072, as CLIP ViT-L
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=width,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=width,
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, width, mlp=4))  # 768 -> 3072, as CLIP ViT-L
+    unet = _tiny_unet(
+        width,
         attention_head_dim=8,  # SD 1.x's config value (it is the number of heads)
         use_linear_projection=False,  # as SD 1.x
-        norm_num_groups=16,
     )
     return _save(folder, tokenizer, text_encoder, unet, _tiny_vae(), "epsilon")
 
@@ -213,8 +187,7 @@ def build_tiny_sd1(folder: Path, *, width: int = 32, seed: int = 0) -> Path:
 def build_tiny_sdxl(folder: Path, *, widths: tuple[int, int] = (32, 64), seed: int = 0) -> Path:
     """A tiny random SDXL-shaped pipeline: a CLIP-L-like and a bigG-like (projected) encoder, text_time UNet."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder)
     tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
@@ -222,69 +195,41 @@ def build_tiny_sdxl(folder: Path, *, widths: tuple[int, int] = (32, 64), seed: i
     projection = widths[1] // 2
     torch.manual_seed(seed)
 
-    def config(width: int, act: str) -> Any:
-        return CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=width * 4,
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            max_position_embeddings=77,
-            hidden_act=act,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=projection,
-        )
-
-    text_encoder = CLIPTextModel(config(widths[0], "quick_gelu"))
-    text_encoder_2 = CLIPTextModelWithProjection(config(widths[1], "gelu"))
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, widths[0], mlp=4, projection=projection))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _tiny_text_config(tokenizer, widths[1], mlp=4, act="gelu", projection=projection)
+    )
     time_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=sum(widths),
+    unet = _tiny_unet(
+        sum(widths),
         attention_head_dim=(1, 1),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + projection,
-        norm_num_groups=16,
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(0.13025),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-    )
-    pipe.save_pretrained(str(folder))
-    return folder
+    modules = {"vae": _tiny_vae(0.13025), "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    return _save_sdxl(folder, tokenizer, tokenizer_2, {**modules, "unet": unet})
 
 
 def build_full_size_sdxl(folder: Path, *, seed: int = 0) -> Path:
     """A random-init model with stable-diffusion-xl-base-1.0's shapes (2.6B UNet, CLIP-L 768 + bigG 1280)."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     folder = Path(folder)
     tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
     tokenizer_2 = _tiny_tokenizer(folder / "_tokenizer_2_src", "!")
     torch.manual_seed(seed)
+    return _save_sdxl(folder, tokenizer, tokenizer_2, sdxl_base_modules(tokenizer))
+
+
+def _save_sdxl(folder: Path, tokenizer: Any, tokenizer_2: Any, modules: dict[str, Any]) -> Path:
+    """Assemble an SDXL pipeline with SDXL's Euler scheduler and write it as a diffusers folder."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
     )
-    modules = sdxl_base_modules(tokenizer)
     pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler, **modules)
     pipe.save_pretrained(str(folder))
     return folder

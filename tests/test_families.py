@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,52 +17,13 @@ from safetensors.torch import load_file, save_file
 from crossinit_cli import crossinit, families, sample
 from crossinit_cli.devices import load_pipeline
 from crossinit_cli.store import Identity, Library
+from tests.test_crossinit import _reference_init
 
 DATA = Path(__file__).parent / "data"
 ASTRONAUT = DATA / "astronaut.png"
 GRACE = DATA / "grace_hopper.jpg"
-NAMES = Path(crossinit.__file__).parent / "data" / "celeb_names.txt"
 CHEAP = ("--steps", "2", "--batch-size", "1", "--quiet")
 NO_CLIP = "crossinit-tests/clip-that-is-not-cached"  # HF_HUB_OFFLINE is on: prompt fidelity is left out
-
-
-def _reference_init(tokenizer: Any, text_encoder: Any, *, penultimate: bool) -> torch.Tensor:
-    """The cross init written out from the SPEC, sharing no code with crossinit.py or families.py.
-
-    Per encoder: the celebrity mean of its own token rows through its own tokenizer, then
-    [BOS, m0, m1, EOS, PAD...] through its layers; SD 1.x/2.x read the final layer norm's output, SDXL
-    the output of the last layer but one, without the final layer norm (hidden_states[-2]).
-    """
-    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 flattened CLIPTextModel
-    table = model.embeddings.token_embedding.weight.detach()
-    first, second = [], []
-    for line in NAMES.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            ids = tokenizer(line.strip()).input_ids
-            if len(ids) >= 3:
-                first.append(table[ids[1]])
-            if len(ids) >= 4:
-                second.append(table[ids[2]])
-    m0, m1 = torch.stack(first).mean(0), torch.stack(second).mean(0)
-    length = model.embeddings.position_embedding.weight.shape[0]
-    rows = [table[tokenizer.bos_token_id], m0, m1, table[tokenizer.eos_token_id]]
-    rows += [table[tokenizer.pad_token_id]] * (length - 4)
-    x = torch.stack(rows)[None] + model.embeddings.position_embedding.weight[None, :length]
-    causal = torch.full((length, length), float("-inf")).triu(1)
-    layers = list(model.encoder.layers)
-    for layer in layers[:-1] if penultimate else layers:
-        attn = layer.self_attn
-        h = layer.layer_norm1(x)
-        heads, dim = attn.num_heads, attn.head_dim
-
-        def split(t: torch.Tensor, heads: int = heads, dim: int = dim) -> torch.Tensor:
-            return t.view(1, length, heads, dim).transpose(1, 2)
-
-        q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
-        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim) + causal, dim=-1)
-        x = x + attn.out_proj((weights @ v).transpose(1, 2).reshape(1, length, -1))
-        x = x + layer.mlp(layer.layer_norm2(x))
-    return (x if penultimate else model.final_layer_norm(x))[0, 1:3]
 
 
 def _one_line_error(result: Any) -> str:
