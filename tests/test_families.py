@@ -261,7 +261,7 @@ def test_sdxl_generate_puts_each_encoders_rows_in_and_is_reproducible(
         assert a.size == (64, 64) and np.array_equal(np.asarray(a), np.asarray(b))
         meta = json.loads(a.text["crossinit"])
         assert "Seed: 3" in a.text["parameters"] and 'Identities: "alice, bob"' in a.text["parameters"]
-    assert [i["name"] for i in meta["identities"]] == ["alice", "bob"]
+    assert [(i["name"], i["family"]) for i in meta["identities"]] == [("alice", "sdxl"), ("bob", "sdxl")]
 
     pipe = sample.load(str(xl_alice), sample.devices.resolve("cpu"))
     mapping = sample.add_identities(pipe, {"alice": library.effective_parts("alice")})

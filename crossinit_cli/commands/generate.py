@@ -435,6 +435,7 @@ def _metadata(
                 "strength": i.strength,
                 "tokens": i.tokens,
                 "width": i.width,
+                "family": i.family,
                 "base_model": i.base_model,
             }
             for i in job.identities
