@@ -115,6 +115,34 @@ def test_single_file_checkpoints_are_told_apart_by_their_tensors(cli, home: Path
     assert peeked is not None and (peeked.family.name, peeked.widths) == ("sdxl", (768, 1280))
 
 
+def test_a_hub_id_in_the_cache_is_told_apart_before_loading(
+    cli, library: Library, tiny_sdxl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-xl"
+    shutil.copytree(tiny_sdxl, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    sd3 = cache / "models--someone--sd3" / "snapshots" / "def456"
+    sd3.mkdir(parents=True)
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (sd3.parent.parent / "refs").mkdir()
+    (sd3.parent.parent / "refs" / "main").write_text("def456")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    peeked = families.peek("someone/tiny-xl")
+    assert peeked is not None and (peeked.family.name, peeked.widths) == ("sdxl", (32, 64))
+    assert families.peek("someone/not-cached") is None
+    assert "is a StableDiffusion3Pipeline" in _one_line_error(cli("learn", ASTRONAUT, "--model", "someone/sd3"))
+    library.add(Identity(name="carol", tokens=2, width=1024, family="sd2"), np.ones((2, 1024), np.float32))
+    message = _one_line_error(cli("generate", "<carol>", "--model", "someone/tiny-xl", "--out", tmp_path / "o"))
+    assert "'carol' was learned on an SD 2.x model, but 'someone/tiny-xl' is SDXL" in message
+
+
 # ---- SDXL: learn, init, generate ----------------------------------------------------------------
 
 
