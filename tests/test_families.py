@@ -505,3 +505,23 @@ def test_the_sdxl_base_builder_has_sdxl_bases_exact_sizes() -> None:
     assert sizes == {"unet": 2567463684, "text_encoder": 123060480, "text_encoder_2": 694659840, "vae": 83653863}
     assert modules["text_encoder_2"].get_input_embeddings().weight.shape == (49408, 1280)
     assert modules["unet"].config.addition_embed_type == "text_time"
+
+
+def test_real_sdxl_widths_learn_export_and_import_without_a_model(cli, library: Library, tmp_path: Path) -> None:
+    """SDXL base's encoder widths (768, 1280) in a small model: the file is what A1111/ComfyUI get."""
+    from crossinit_cli.synthetic import build_tiny_sdxl
+
+    model = build_tiny_sdxl(tmp_path / "wide-xl", widths=(768, 1280))
+    result = cli("learn", ASTRONAUT, "--name", "wide", "--model", model, *CHEAP)
+    assert result.exit_code == 0, result.stderr
+    assert library.get("wide").widths == [768, 1280]
+    assert cli("export", "wide", "-o", tmp_path / "wide.safetensors").exit_code == 0
+    state = load_file(str(tmp_path / "wide.safetensors"))
+    assert {k: tuple(v.shape) for k, v in state.items()} == {"clip_l": (2, 768), "clip_g": (2, 1280)}
+    # As a file from another tool: no metadata, and the model it names is not on this machine.
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    assert cli("import", tmp_path / "plain.safetensors", "--name", "plain").exit_code == 0
+    assert (library.get("plain").family, library.get("plain").widths) == ("sdxl", [768, 1280])
+    out = tmp_path / "out"
+    assert cli("generate", "<plain>", "--model", model, "--steps", "1", "--out", out).exit_code == 0
+    assert len(list(out.glob("*.png"))) == 1
