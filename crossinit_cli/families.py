@@ -47,8 +47,9 @@ class Family:
     pipeline: str  # the diffusers text-to-image pipeline class
     encoders: tuple[EncoderSpec, ...]
     real_widths: tuple[int, ...]  # the released models' text widths, one per encoder
-    native: int  # the released models' image size
+    native: int  # the released models' image size (a loaded model's own config decides: train.model_resolution)
     time_ids: bool  # the UNet takes encoder 2's pooled embedding and size/crop time ids (SDXL)
+    checkpointing: bool  # train with the UNet's gradient checkpointing (batch 8 at native size in 24 GB)
     checkpoints: str  # what an export fits, in words
 
     @property
@@ -72,6 +73,7 @@ FAMILIES: dict[str, Family] = {
         (768,),
         512,
         False,
+        False,
         "SD 1.x checkpoints (SD 1.5 and its fine-tunes) in A1111, Forge, ComfyUI, InvokeAI and diffusers",
     ),
     "sd2": Family(
@@ -82,6 +84,7 @@ FAMILIES: dict[str, Family] = {
         (1024,),
         512,
         False,
+        False,
         "SD 2.x checkpoints (SD 2.1 and its fine-tunes) in A1111, Forge, ComfyUI, InvokeAI and diffusers",
     ),
     "sdxl": Family(
@@ -91,6 +94,7 @@ FAMILIES: dict[str, Family] = {
         _XL,
         (768, 1280),
         1024,
+        True,
         True,
         "SDXL checkpoints (SDXL base, Pony, Illustrious and other SDXL fine-tunes) in A1111, Forge, ComfyUI, "
         "InvokeAI and diffusers",

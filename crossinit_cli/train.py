@@ -310,7 +310,7 @@ def train(
     for slot in slots:
         slot.text_encoder.requires_grad_(False).eval().to(device)  # fp32 weights; autocast computes in `compute`
     unet.requires_grad_(False).eval().to(device)
-    if family.time_ids:  # SDXL's UNet: recompute activations in backward instead of holding them all
+    if family.checkpointing:  # SDXL's UNet: recompute activations in backward instead of holding them all
         unet.enable_gradient_checkpointing()
     if unet.dtype != compute:  # frozen, so its weights can live in the compute dtype (as diffusers' example does)
         unet.to(dtype=compute)
@@ -391,7 +391,7 @@ def train(
     finally:
         for hook in hooks:
             hook.remove()
-        if family.time_ids:
+        if family.checkpointing:
             unet.disable_gradient_checkpointing()
     loop_s = time.perf_counter() - loop_started
 
