@@ -238,7 +238,7 @@ def _save_sdxl(folder: Path, tokenizer: Any, tokenizer_2: Any, modules: dict[str
 def sdxl_base_modules(tokenizer: Any) -> dict[str, Any]:
     """SDXL base's text encoders, UNet and VAE with random weights (on the default device: under
     `torch.device("meta")` they cost no memory, which is how a test counts their parameters)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def config(width: int, layers: int, heads: int, act: str, projection: int) -> Any:
@@ -272,23 +272,14 @@ def sdxl_base_modules(tokenizer: Any) -> dict[str, Any]:
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _sd_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
     return {"vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "unet": unet}
 
 
 def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:
     """A random-init model with stable-diffusion-2-1-base's shapes (865M UNet, 1024-wide OpenCLIP-H text)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -323,15 +314,22 @@ def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:
         attention_head_dim=(5, 10, 20, 20),
         use_linear_projection=True,
     )
-    vae = AutoencoderKL(
+    vae = _sd_vae(sample_size=512)
+    return _save(folder, tokenizer, text_encoder, unet, vae, "epsilon")
+
+
+def _sd_vae(**settings: Any) -> Any:
+    """Stable Diffusion's real 8x VAE (84M parameters), with random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         layers_per_block=2,
-        sample_size=512,
+        **settings,
     )
-    return _save(folder, tokenizer, text_encoder, unet, vae, "epsilon")
 
 
 def _save(folder: Path, tokenizer: Any, text_encoder: Any, unet: Any, vae: Any, prediction_type: str) -> Path:
