@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 CATALOG = "catalog.sqlite"
-SCHEMA = 2
+SCHEMA = 3
 BUSY_TIMEOUT_S = 30.0
 SORTS = ("name", "created", "likeness")
 
@@ -268,7 +268,7 @@ class Catalog:
                 raise Corrupt(f"the catalog's row for {key!r} is not one this crossinit wrote")
             if table:
                 cells = None if damaged is not None else value.split("\t")
-                if cells is not None and len(cells) != 5:
+                if cells is not None and len(cells) != 6:
                     raise Corrupt(f"the catalog's row for {key!r} is not one this crossinit wrote")
                 rows.append(Row(key, stamp, name, damaged=damaged, cells=cells))
             else:
@@ -314,7 +314,7 @@ def _columns(row: Row) -> tuple[Any, ...]:
 
 
 def summary(record: dict[str, Any]) -> list[str]:
-    """The columns `list` shows after the name: base model, mode (steps), created day, tags, first note line.
+    """The columns `list` shows after the name: family, base model, mode (steps), created day, tags, first note.
 
     Kept in the catalog as one tab-separated text, so that the listing parses no JSON."""
     training = record.get("training") or {}
@@ -322,6 +322,7 @@ def summary(record: dict[str, Any]) -> list[str]:
     mode = str(training.get("mode") or str(record.get("source", "")).split(":")[0])
     notes = str(record.get("notes", ""))
     cells = [
+        str(record.get("family", "")),
         str(record.get("base_model", "")),
         f"{mode} ({steps} steps)" if steps else mode,
         str(record.get("created", ""))[:10],

@@ -411,12 +411,9 @@ def evaluate(
             raise CrossinitError(f"identity {ident.name!r} records no base model; pass --model")
         groups.setdefault(chosen, []).append(ident)
     for chosen, group in groups.items():
-        width = sample.peek_text_width(chosen)
-        if width is not None:
-            for ident in group:
-                devices.check_width(ident.name, ident.width, chosen, width)
+        sample.check_model(chosen, group)
     placement = devices.resolve(device, dtype)
-    vectors = {key: library.effective_vectors(ident.name) for key, ident in identities.items()}
+    vectors = {key: library.effective_parts(ident.name) for key, ident in identities.items()}
     seeds = [seed + i for i in range(n)]
 
     results: dict[str, Evaluation] = {}
@@ -467,7 +464,7 @@ def evaluate(
     # ---- generation: one pipeline per base model, all identities and prompts at once -------------
     for chosen, group in groups.items():
         with _holding(on_load, chosen):
-            pipe = sample.load(chosen, placement)
+            pipe = sample.load(chosen, placement, group)
         try:
             mapping = sample.add_identities(pipe, {i.name: vectors[name_key(i.name)] for i in group}, model=chosen)
             width, height = sample.native_size(pipe)

@@ -15,6 +15,11 @@ What differs is only how fast the same numbers come out:
 - each distinct caption of a batch goes through the text encoder once;
 - bf16 (fp16 where bf16 is missing) autocast on CUDA with the UNet's weights in that dtype, fp32 on the
   CPU; PyTorch SDPA attention in the UNet and the text encoder.
+
+SDXL (families.py) has two text encoders: each gets its own two rows and its own start, the regulariser
+averages over all four rows, and the UNet also takes encoder 2's pooled embedding and the size/crop time
+ids (`condition`). Its 2.6B-parameter UNet runs with gradient checkpointing, so that batch 8 at 1024 px
+fits a 24 GB GPU; its VAE encodes in fp32, as every family's does here (it overflows in fp16).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from crossinit_cli import families
 from crossinit_cli.crossinit import PHRASE, add_placeholder_tokens
 from crossinit_cli.errors import CrossinitError
 
@@ -35,6 +41,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from crossinit_cli.devices import Placement
+    from crossinit_cli.families import Family, Slot
 
 # diffusers' textual-inversion `imagenet_templates_small`; the official code repeats it with "an
 # illustration of" and "a depiction of" in place of "a photo of" (81 captions, duplicates kept).
@@ -73,6 +80,7 @@ TEMPLATES = tuple(
     for t in _SMALL_TEMPLATES
 )
 FLIP_P = 0.5
+MIN_RESOLUTION = 256
 FINAL_LOSS_WINDOW = 10
 """final_loss is the mean of the last steps' losses: one step's loss is dominated by its random t."""
 
@@ -112,6 +120,13 @@ class TrainConfig:
             raise CrossinitError(f"learning rate must be a positive number, not {self.lr:g}")
         if not math.isfinite(self.reg_weight) or self.reg_weight < 0:
             raise CrossinitError(f"regulariser weight must be zero or positive, not {self.reg_weight:g}")
+        check_resolution(self.resolution)
+
+
+def check_resolution(resolution: int | None) -> None:
+    """`--resolution`: a multiple of 64 (the VAE's 8x times the UNet's 8x), at least MIN_RESOLUTION."""
+    if resolution is not None and (resolution < MIN_RESOLUTION or resolution % 64):
+        raise CrossinitError(f"--resolution must be a multiple of 64 and at least {MIN_RESOLUTION}, not {resolution}")
 
 
 MODES = {
@@ -139,6 +154,8 @@ class TrainResult:
     device: str
     dtype: str
     token_ids: list[int] = field(default_factory=list)
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """Every text encoder's (learned, init) by its key (families.EncoderSpec.key); learned/init are the first's."""
 
 
 def model_resolution(unet: Any, vae: Any) -> int:
@@ -168,6 +185,32 @@ def regulariser(rows: torch.Tensor, start: torch.Tensor, weight: float) -> torch
     import torch.nn.functional as F
 
     return weight * F.pairwise_distance(rows, start, p=2).mean()
+
+
+def regulariser_all(rows: Sequence[torch.Tensor], starts: Sequence[torch.Tensor], weight: float) -> torch.Tensor:
+    """The regulariser over every encoder's rows (SDXL: 2 + 2), each against its own start, averaged."""
+    import torch
+    import torch.nn.functional as F
+
+    if len(rows) == 1:
+        return regulariser(rows[0], starts[0], weight)
+    distances = torch.cat([F.pairwise_distance(r, s, p=2) for r, s in zip(rows, starts)])
+    return weight * distances.mean()
+
+
+def condition(
+    family: Family, slots: Sequence[Slot], captions: Sequence[torch.Tensor], size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """The UNet's text conditioning for caption ids (one tensor per encoder), as the family's pipeline makes it."""
+    return families.conditioning(family, list(zip(slots, captions)), size)
+
+
+def _gather(conditioning: tuple[torch.Tensor, dict[str, torch.Tensor] | None], index: torch.Tensor, dtype: Any) -> Any:
+    """Rows `index` of a conditioning (distinct captions -> batch items), in the UNet's dtype."""
+    states, added = conditioning
+    if added is not None:
+        added = {k: v[index].to(dtype) for k, v in added.items()}
+    return states[index].to(dtype), added
 
 
 def _pixels(image: Image.Image, size: int) -> torch.Tensor:
@@ -209,16 +252,20 @@ def train(
     vae: Any,
     scheduler_config: Any,
     crops: Sequence[Image.Image],
-    init: torch.Tensor,
+    init: torch.Tensor | Sequence[torch.Tensor],
     config: TrainConfig,
     placement: Placement,
     progress: Progress | None = None,
+    family: Family | None = None,
+    slots: Sequence[Slot] | None = None,
 ) -> TrainResult:
     """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width].
 
-    The modules are moved to the placement's device (the UNet also cast to its dtype); the text encoder
-    keeps the two new tokens with the learned rows. Same seed, device and inputs give the same rows.
-    Raises CrossinitError if the loss becomes NaN or infinite.
+    A model with several text encoders (SDXL) passes its `family` and `slots` (families.slots), and one
+    init per encoder; `tokenizer` and `text_encoder` are then the first slot's. The modules are moved to
+    the placement's device (the UNet also cast to its dtype); each text encoder keeps the two new tokens
+    with the learned rows. Same seed, device and inputs give the same rows. Raises CrossinitError if the
+    loss becomes NaN or infinite.
     """
     import numpy as np
     import torch
@@ -233,6 +280,10 @@ def train(
     on_cuda = device.type == "cuda"
     compute = placement.torch_dtype
     size = config.resolution or model_resolution(unet, vae)
+    family = family or families.FAMILIES["sd2"]
+    if slots is None:
+        slots = [families.Slot(family.encoders[0], tokenizer, text_encoder)]
+    inits = [init] if not isinstance(init, (list, tuple)) else list(init)
     draw = random.Random(config.seed)  # which photo, flip and caption each batch item gets
     noise_gen = torch.Generator(device).manual_seed(config.seed)  # latent samples, noise, timesteps
 
@@ -253,19 +304,14 @@ def train(
     encode_s = time.perf_counter() - started
 
     # ---- model: two new tokens at the cross init; everything else frozen ----------------------------
-    token_ids = add_placeholder_tokens(tokenizer, text_encoder, init)
-    captions = tokenizer(
-        [t.format(PHRASE) for t in TEMPLATES],
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids
-    if not all((captions == i).any(dim=1).all() for i in token_ids):
-        raise CrossinitError("this model's tokenizer does not keep the placeholder tokens whole; cannot train")
-    captions = captions.to(device)
-    text_encoder.requires_grad_(False).eval().to(device)  # fp32 weights; autocast computes in `compute`
+    all_ids = [add_placeholder_tokens(s.tokenizer, s.text_encoder, i) for s, i in zip(slots, inits)]
+    token_ids = all_ids[0]
+    captions = [_caption_ids(s.tokenizer, ids).to(device) for s, ids in zip(slots, all_ids)]
+    for slot in slots:
+        slot.text_encoder.requires_grad_(False).eval().to(device)  # fp32 weights; autocast computes in `compute`
     unet.requires_grad_(False).eval().to(device)
+    if family.checkpointing:  # SDXL's UNet: recompute activations in backward instead of holding them all
+        unet.enable_gradient_checkpointing()
     if unet.dtype != compute:  # frozen, so its weights can live in the compute dtype (as diffusers' example does)
         unet.to(dtype=compute)
     unet.set_attn_processor(_sdpa_processor())
@@ -273,14 +319,14 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         unet.to(memory_format=torch.channels_last)
-    start = init.detach().to(device=device, dtype=torch.float32)
-    rows = torch.nn.Parameter(start.clone())
+    starts = [i.detach().to(device=device, dtype=torch.float32) for i in inits]
+    rows_all = [torch.nn.Parameter(s.clone()) for s in starts]
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     steps_t = noise_scheduler.config.num_train_timesteps
 
     # ---- optimiser ----------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(
-        [rows], lr=config.lr, betas=config.adam_betas, weight_decay=config.adam_weight_decay, eps=config.adam_eps
+        rows_all, lr=config.lr, betas=config.adam_betas, weight_decay=config.adam_weight_decay, eps=config.adam_eps
     )
     scaler = torch.amp.GradScaler(device.type, enabled=placement.dtype == "fp16")
     autocast = torch.autocast(device.type, dtype=compute, enabled=placement.dtype != "fp32")
@@ -288,7 +334,7 @@ def train(
     # ---- loop ---------------------------------------------------------------------------------------
     losses: list[float] = []
     order: list[int] = []
-    hook = _splice_rows(text_encoder, token_ids, rows)
+    hooks = [_splice_rows(s.text_encoder, ids, r) for s, ids, r in zip(slots, all_ids, rows_all)]
     loop_started = time.perf_counter()
     try:
         for step in range(1, config.steps + 1):
@@ -309,9 +355,11 @@ def train(
             distinct, inverse = torch.unique(torch.tensor(chosen, device=device), return_inverse=True)
 
             with autocast:
-                states = text_encoder(captions[distinct]).last_hidden_state[inverse]
-                prediction = unet(noisy.to(compute), t, states.to(compute)).sample
-            loss = F.mse_loss(prediction.float(), target.float()) + regulariser(rows, start, config.reg_weight)
+                states, added = _gather(
+                    condition(family, slots, [c[distinct] for c in captions], size), inverse, compute
+                )
+                prediction = unet(noisy.to(compute), t, states, added_cond_kwargs=added).sample
+            loss = F.mse_loss(prediction.float(), target.float()) + regulariser_all(rows_all, starts, config.reg_weight)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -327,30 +375,41 @@ def train(
                 progress(step, config.steps, value)
         # Each loss is computed before its update: check the last update on what prompts will see.
         with torch.no_grad(), autocast:
-            final = text_encoder(captions[:1]).last_hidden_state
-        if not (torch.isfinite(rows).all() and torch.isfinite(final).all()):
+            final = condition(family, slots, [c[:1] for c in captions], size)[0]
+        if not (all(torch.isfinite(r).all() for r in rows_all) and torch.isfinite(final).all()):
             raise CrossinitError(
                 f"training diverged at step {config.steps} (the learned vectors overflow); "
                 "try --dtype fp32 or a lower --lr"
             )
     except torch.cuda.OutOfMemoryError:
+        smaller = size // 2 // 64 * 64
+        resolution = f"--resolution {smaller}, " if smaller >= MIN_RESOLUTION else ""
         raise CrossinitError(
-            f"out of memory on {placement.device} at batch size {config.batch_size}; try --batch-size 4 "
-            "(and --steps twice as many) or --device cpu"
+            f"out of memory on {placement.device} at batch size {config.batch_size} and {size} px; try "
+            f"{resolution}--batch-size 4 (and --steps twice as many), or --device cpu"
         ) from None
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+        if family.checkpointing:
+            unet.disable_gradient_checkpointing()
     loop_s = time.perf_counter() - loop_started
 
     # ---- result: the learned rows, also written into the text encoder's table -----------------------
-    learned = rows.detach().float()
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with torch.no_grad():
-        table = text_encoder.get_input_embeddings().weight
-        table[token_ids] = learned.to(table.dtype)
+        for slot, ids, learned, begin in zip(slots, all_ids, rows_all, starts):
+            table = slot.text_encoder.get_input_embeddings().weight
+            table[ids] = learned.detach().to(table.dtype)
+            parts[slot.spec.key] = (
+                learned.detach().float().cpu().numpy().astype(np.float32),
+                begin.cpu().numpy().astype(np.float32),
+            )
     window = losses[-FINAL_LOSS_WINDOW:]
+    first_learned, first_init = next(iter(parts.values()))
     return TrainResult(
-        learned=learned.cpu().numpy().astype(np.float32),
-        init=start.cpu().numpy().astype(np.float32),
+        learned=first_learned,
+        init=first_init,
         losses=losses,
         final_loss=float(sum(window) / len(window)),
         per_step_s=loop_s / config.steps,
@@ -361,7 +420,22 @@ def train(
         device=placement.device,
         dtype=placement.dtype,
         token_ids=token_ids,
+        parts=parts,
     )
+
+
+def _caption_ids(tokenizer: Any, token_ids: list[int]) -> torch.Tensor:
+    """Every caption template filled with the phrase, as one encoder's padded ids [81, 77]."""
+    captions = tokenizer(
+        [t.format(PHRASE) for t in TEMPLATES],
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+    if not all((captions == i).any(dim=1).all() for i in token_ids):
+        raise CrossinitError("this model's tokenizer does not keep the placeholder tokens whole; cannot train")
+    return captions
 
 
 def _sdpa_processor() -> Any:

@@ -293,10 +293,10 @@ def test_list_fits_a_narrow_terminal_without_cutting_names(library: Library) -> 
 
     long_model = "stabilityai/stable-diffusion-2-1-base-with-a-long-suffix"
     _add(library, "a-long-identity-name", base_model=long_model, notes="n" * 80, tags=["t" * 30])
-    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "70"}  # rich then treats stdout as a 70-column terminal
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "80"}  # rich then treats stdout as an 80-column terminal
     done = subprocess.run([sys.executable, "-m", "crossinit_cli", "list"], env=env, capture_output=True, text=True)
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in done.stdout.splitlines()]
-    assert len(lines) == 2 and all(len(line) <= 70 for line in lines), lines
+    assert len(lines) == 2 and all(len(line) <= 80 for line in lines), lines
     assert lines[1].startswith("a-long-identity-name  ") and "…" in lines[1]
     piped = subprocess.run([sys.executable, "-m", "crossinit_cli", "list"], capture_output=True, text=True)
     assert long_model in piped.stdout and "n" * 80 in piped.stdout  # piped: whole lines, for grep

@@ -126,13 +126,28 @@ def test_a_file_crossinit_did_not_write_is_kept_unless_force(cli, stocked: Libra
     np.testing.assert_array_equal(a1111_read(theirs).numpy(), _vectors(1))
 
 
-def test_a_family_a_tool_cannot_take_yet_is_skipped_with_a_reason(cli, library: Library, tmp_path: Path) -> None:
-    library.add(Identity(name="xl", tokens=2, width=WIDTH, family="sdxl"), _vectors(5))
+def test_each_family_goes_in_the_layout_the_tool_reads_or_is_skipped_with_a_reason(
+    cli, library: Library, tmp_path: Path
+) -> None:
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(9)
+    xl = {"clip_l": rng.standard_normal((2, 768)).astype(np.float32), "clip_g": rng.standard_normal((2, 1280))}
+    xl["clip_g"] = xl["clip_g"].astype(np.float32)
+    library.add(Identity(name="xl", tokens=2, width=768, family="sdxl"), xl)
     library.add(Identity(name="one", tokens=2, width=WIDTH, family="sd1"), _vectors(6))
-    root = _install(tmp_path / "webui", "a1111")
-    records = json.loads(cli("export", "--all", "--to", root, "--json").stdout)
-    assert [(r["name"], r["status"]) for r in records] == [("one", "written"), ("xl", "skipped")]
-    assert "cannot deliver sdxl identities to a1111" in records[1]["reason"]
+    library.add(Identity(name="odd", tokens=2, width=WIDTH), _vectors(7))  # no family known
+    comfy = _install(tmp_path / "ComfyUI", "comfyui")
+    records = {r["name"]: r for r in json.loads(cli("export", "--all", "--to", comfy, "--json").stdout)}
+    assert records["one"]["status"] == records["xl"]["status"] == "written"
+    assert "cannot deliver unknown-family identities to comfyui" in records["odd"]["reason"]
+    written = load_file(records["xl"]["path"])  # SDXL: the clip_l + clip_g layout ComfyUI reads
+    assert sorted(written) == ["clip_g", "clip_l"]
+    np.testing.assert_array_equal(written["clip_g"], xl["clip_g"])
+    sdnext = _install(tmp_path / "sdnext", "sdnext")
+    records = {r["name"]: r for r in json.loads(cli("export", "xl", "one", "--to", sdnext, "--json").stdout)}
+    assert records["one"]["status"] == "written" and records["xl"]["status"] == "skipped"
+    assert "cannot deliver sdxl identities to sdnext" in records["xl"]["reason"]
     assert (
         formats.format_for_tool("comfyui", "sd2") == "a1111"
         and formats.format_for_tool("invokeai", "sd1") == "invokeai"

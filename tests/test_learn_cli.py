@@ -24,6 +24,12 @@ GRACE = DATA / "grace_hopper.jpg"
 CHEAP = ("--steps", "2", "--batch-size", "2")
 
 
+@pytest.fixture(params=["sd2", "sd1"])
+def tiny_model(request: pytest.FixtureRequest, tiny_model: Path, tiny_sd1: Path) -> Path:
+    """Every test here runs on the tiny SD 2.x model and on the tiny SD 1.x one (SD 1.x is first-class)."""
+    return tiny_model if request.param == "sd2" else tiny_sd1
+
+
 def _files(home: Path) -> dict[str, bytes]:
     """Every file of the library's entries, by relative path (to prove nothing changed)."""
     root = home / "identities"
@@ -39,6 +45,7 @@ def test_learn_fast_stores_a_complete_entry(cli, library: Library, tiny_model: P
     record = json.loads(result.stdout)
     assert record["name"] == "astronaut" and record["token"] == "<astronaut>"
     assert (record["tokens"], record["width"]) == (2, 32)
+    assert record["family"] == ("sd1" if "tiny-sd1" in str(tiny_model) else "sd2") and record["widths"] == [32]
     training = record["training"]
     assert training["mode"] == "fast" and training["steps"] == 25 and training["batch_size"] == 1
     assert training["lr"] == 0.005 and training["reg_weight"] == 1e-5 and training["seed"] == 0

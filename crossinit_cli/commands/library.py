@@ -37,14 +37,27 @@ def identity_record(library: Library, ident: Identity, *, detail: bool = False) 
         record["vector_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.learned, axis=1)]
         if vectors.init is not None:
             record["init_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.init, axis=1)]
+        if vectors.parts:  # SDXL: the norms above are clip_l's; every encoder's by its key
+            record["encoder_norms"] = {
+                key: [round(float(n), 4) for n in np.linalg.norm(learned, axis=1)]
+                for key, (learned, _) in vectors.parts.items()
+            }
     return record
 
 
-COLUMNS = ("name", "base model", "mode", "created", "tags", "notes")
-FAMILIES = ("sd1", "sd2", "sdxl")
+def family_title(family: str) -> str:
+    """How `list` and `show` name a model family ("SDXL"); "?" for an entry that does not say."""
+    from crossinit_cli.families import FAMILIES
+
+    return FAMILIES[family].title if family in FAMILIES else (family or "?")
+
+
+COLUMNS = ("name", "family", "base model", "mode", "created", "tags", "notes")
 
 
 def list_identities(library: Library, *, as_json: bool, query: Query | None = None) -> int:
+    from crossinit_cli.families import FAMILIES
+
     query = query or Query()
     if query.family is not None and query.family.casefold() not in FAMILIES:
         raise CrossinitError(f"unknown family {query.family!r}; choose one of {', '.join(FAMILIES)}")
@@ -93,12 +106,16 @@ def _print_table(entries: list[Row]) -> None:
     """The listing as aligned columns, written directly: a rich Table takes seconds for 10,000 rows.
 
     On a terminal the widest columns are cut (with '…') to fit its width; piped, lines are whole."""
+    from crossinit_cli.families import FAMILIES
+
+    titles = {key: family.title for key, family in FAMILIES.items()}
     rows: list[tuple[list[str], str]] = [(list(COLUMNS), "bold")]
     for entry in entries:
         if entry.cells is None:
             rows.append(([entry.name, f"damaged: {_printable(entry.damaged or '')}"], "red"))
         else:
-            rows.append(([entry.name, *entry.cells], ""))
+            family, *rest = entry.cells
+            rows.append(([entry.name, titles.get(family) or family_title(family), *rest], ""))
     whole = [cells for cells, _ in rows if len(cells) == len(COLUMNS)]
     widths = [max(len(cells[i]) for cells in whole) for i in range(len(COLUMNS))]
     widths[0] = max(len(cells[0]) for cells, _ in rows)
@@ -152,6 +169,7 @@ def show_identity(library: Library, name: str, *, as_json: bool) -> int:
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
+    record["family"] = family_title(ident.family)
     for key, value in record.items():
         if isinstance(value, dict):
             for sub, subvalue in value.items():

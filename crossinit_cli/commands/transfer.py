@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from crossinit_cli import formats, tools, ui
+from crossinit_cli import families, formats, tools, ui
 from crossinit_cli.atomic import write_bytes_atomic
 from crossinit_cli.catalog import Query
 from crossinit_cli.errors import CrossinitError
@@ -23,6 +23,15 @@ USAGE_HINTS = {
 }
 
 
+SDXL_DIFFUSERS_HINT = (
+    'state = safetensors.torch.load_file("{path}"); '
+    'pipe.load_textual_inversion(state["clip_l"], token="<{name}>", text_encoder=pipe.text_encoder, '
+    "tokenizer=pipe.tokenizer); "
+    'pipe.load_textual_inversion(state["clip_g"], token="<{name}>", text_encoder=pipe.text_encoder_2, '
+    "tokenizer=pipe.tokenizer_2)"
+)
+
+
 def _file_stem(path: Path) -> str:
     name = path.name
     for suffix in (".diffusers.safetensors", ".safetensors", ".pt", ".bin"):
@@ -35,6 +44,7 @@ def export_identity(library: Library, name: str, *, fmt: str, output: str | None
     if fmt not in formats.FORMATS:
         raise CrossinitError(f"unknown format {fmt!r}; choose one of {', '.join(formats.FORMATS)}")
     ident = library.get(name)
+    formats.check_format(fmt, ident.family)
     filename = formats.default_filename(ident.name, fmt)
     if output is None:
         path = Path.cwd() / filename
@@ -44,11 +54,21 @@ def export_identity(library: Library, name: str, *, fmt: str, output: str | None
         path = Path(output).expanduser()
     if path.exists() and not force:
         raise CrossinitError(f"{path} already exists; pass --force to overwrite it")
-    vectors = library.effective_vectors(ident.name)
+    parts = library.effective_parts(ident.name)
+    vectors = parts[0]
     formats.export_vectors(
-        vectors, ident.name, fmt, path, base_model=ident.base_model, steps=int(ident.training.get("steps", 0))
+        parts,
+        ident.name,
+        fmt,
+        path,
+        base_model=ident.base_model,
+        steps=int(ident.training.get("steps", 0)),
+        family=ident.family,
     )
     hint = USAGE_HINTS[fmt].format(stem=_file_stem(path), name=ident.name, path=path)
+    if fmt == "diffusers" and len(parts) > 1:
+        hint = SDXL_DIFFUSERS_HINT.format(name=ident.name, path=path)
+    fits = families.get(ident.family).checkpoints if ident.family in families.FAMILIES else None
     if as_json:
         ui.print_json(
             {
@@ -56,12 +76,17 @@ def export_identity(library: Library, name: str, *, fmt: str, output: str | None
                 "format": fmt,
                 "path": str(path),
                 "shape": list(vectors.shape),
+                "shapes": {k: list(v.shape) for k, v in zip(_keys(ident.family, len(parts)), parts)},
+                "family": ident.family,
+                "fits": fits,
                 "strength": ident.strength,
                 "usage": hint,
             }
         )
     else:
         ui.info(f"exported [bold]{escape(ident.name)}[/] ({fmt}) to {escape(str(path))}")
+        if fits:
+            ui.info(escape(f"fits {fits}"))
         ui.info(escape(hint))
     return 0
 
@@ -93,15 +118,19 @@ def export_identities(
     folder = Path.cwd() if output is None else Path(output).expanduser()
     if folder.exists() and not folder.is_dir():
         raise CrossinitError(f"{folder} is a file; exporting several identities needs a folder")
+    for ident in chosen:  # a format that cannot hold one of them is refused before anything is written
+        formats.check_format(fmt, ident.family)
     paths = {ident.name: folder / formats.default_filename(ident.name, fmt) for ident in chosen}
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken and not force:  # checked for all before any is written
         raise CrossinitError(f"{taken[0]} already exists ({len(taken)} in all); pass --force to overwrite")
     records = []
     for ident in chosen:
-        vectors = library.effective_vectors(ident.name)
+        parts = library.effective_parts(ident.name)
         steps = int(ident.training.get("steps", 0) or 0)
-        formats.export_vectors(vectors, ident.name, fmt, paths[ident.name], base_model=ident.base_model, steps=steps)
+        formats.export_vectors(
+            parts, ident.name, fmt, paths[ident.name], base_model=ident.base_model, steps=steps, family=ident.family
+        )
         records.append({"name": ident.name, "format": fmt, "path": str(paths[ident.name]), "status": "written"})
         if not as_json:
             ui.info(f"exported [bold]{escape(ident.name)}[/] ({fmt}) to {escape(str(paths[ident.name]))}")
@@ -136,9 +165,9 @@ def deliver(library: Library, chosen: list[Identity], tool: tools.Tool, *, force
             fmt = formats.format_for_tool(tool.key, ident.family)
             path = tool.embeddings / formats.default_filename(ident.name, fmt)
             record.update(format=fmt, path=str(path))
-            vectors = library.effective_vectors(ident.name)
+            parts = library.effective_parts(ident.name)
             steps = int(ident.training.get("steps", 0) or 0)
-            data = formats.encode(vectors, ident.name, fmt, base_model=ident.base_model, steps=steps)
+            data = formats.encode(parts, ident.name, fmt, base_model=ident.base_model, steps=steps, family=ident.family)
             record["status"] = _put(path, data, ident.name, force=force)
         except CrossinitError as exc:
             failed += 1
@@ -206,6 +235,12 @@ def _written_for(path: Path) -> str | None:
         return None
 
 
+def _keys(family: str, count: int) -> list[str]:
+    if family in families.FAMILIES and len(families.get(family).encoders) == count:
+        return [e.key for e in families.get(family).encoders]
+    return [str(i) for i in range(count)]
+
+
 def import_identity(
     library: Library, path: Path, *, name: str | None, model: str | None, force: bool, as_json: bool
 ) -> int:
@@ -215,7 +250,7 @@ def import_identity(
                 f"{path} is a folder of embedding files: each is named after itself, so --name does not apply"
             )
         return import_folder(library, Path(path), model=model, force=force, as_json=as_json)
-    loaded = formats.read_embedding_file(path)
+    loaded = formats.read_embedding_file(path, model)
     chosen = name or loaded.suggested_name or _file_stem(path)
     try:
         chosen = validate_name(chosen)
@@ -231,7 +266,8 @@ def import_identity(
         ui.print_json(identity_record(library, library.get(chosen)))
     else:
         ui.info(
-            f"imported [bold]{escape(chosen)}[/] ({tokens}x{width}, {loaded.layout} layout) into {escape(str(target))}"
+            f"imported [bold]{escape(chosen)}[/] ({tokens}x{'+'.join(map(str, loaded.widths))}, {loaded.layout} "
+            f"layout{', ' + families.get(loaded.family).title if loaded.family else ''}) into {escape(str(target))}"
         )
     return 0
 
@@ -271,7 +307,7 @@ def import_folder(library: Library, folder: Path, *, model: str | None, force: b
 
 
 def _import_one(library: Library, path: Path, *, model: str | None, force: bool) -> str:
-    loaded = formats.read_embedding_file(path)
+    loaded = formats.read_embedding_file(path, model)
     try:
         chosen = validate_name(loaded.suggested_name or _file_stem(path))
     except CrossinitError:
@@ -289,8 +325,9 @@ def _store(
         name=name,
         tokens=tokens,
         width=width,
+        family=loaded.family,
         base_model=model or loaded.base_model or "",
         source=f"import:{loaded.layout}:{path.resolve()}",
         training={"steps": loaded.steps} if loaded.steps else {},
     )
-    return library.add(ident, loaded.vectors, force=force)
+    return library.add(ident, loaded.parts or loaded.vectors, force=force)
