@@ -129,3 +129,23 @@ def test_batch_shows_one_overall_bar_on_a_terminal_and_json_stays_clean(
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert quiet.returncode == 0 and "eta" not in quiet.stderr
+
+
+def test_the_overall_count_includes_what_other_processes_finished(library: Library, tmp_path: Path) -> None:
+    """The main process's bar counts every identity of the batch in the library since it began (another
+    process adds its own), plus the failures it saw; entries older than the batch do not count."""
+    import os
+    import time
+
+    from crossinit_cli.commands.batch import _Overall
+    from crossinit_cli.store import Identity
+
+    old = np.ones((2, 32), np.float32)
+    library.add(Identity(name="before", tokens=2, width=32), old)
+    stale = time.time_ns() - 60 * 10**9
+    os.utime(library.entries / "before", ns=(stale, stale))  # learned long before this batch
+    overall = _Overall(library, ["before", "mine", "theirs", "failed"])
+    library.add(Identity(name="mine", tokens=2, width=32), old)
+    assert overall.finished(failed=False) == 1
+    library.add(Identity(name="theirs", tokens=2, width=32), old)  # as another process would
+    assert overall.finished(failed=True) == 3
