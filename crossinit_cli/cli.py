@@ -318,7 +318,8 @@ def learn(
 def generate(
     prompt: Annotated[list[str] | None, typer.Argument(help="Prompt; name identities as <alice>.")] = None,
     identity: Annotated[
-        str | None, typer.Option("--identity", "-i", help="Identity for a plain prompt ('a photo of <name>').")
+        str | None,
+        typer.Option("--identity", "-i", help="Identity for a plain prompt ('a photo of a <name> person, PROMPT')."),
     ] = None,
     n: Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")] = 1,
     seed: Annotated[int | None, typer.Option("--seed", help="First seed (image i uses seed + i).")] = None,

@@ -52,20 +52,21 @@ if TYPE_CHECKING:
 
 PLACEHOLDER = "{}"
 DEFAULT_PROMPTS: tuple[str, ...] = (
+    # The official code's inference prompt is "a photo of a {} person": the person word stays.
     # reconstruction
-    "a photo of {}",
+    "a photo of a {} person",
     # expression
-    "a photo of {} smiling",
-    "a photo of {} looking angry",
+    "a photo of a {} person smiling",
+    "a photo of a {} person looking angry",
     # accessories
-    "a photo of {} wearing glasses",
-    "a photo of {} wearing a hat",
+    "a photo of a {} person wearing glasses",
+    "a photo of a {} person wearing a hat",
     # style
-    "an oil painting of {}",
-    "a pencil sketch of {}",
+    "an oil painting of a {} person",
+    "a pencil sketch of a {} person",
     # place
-    "a photo of {} on the beach",
-    "a photo of {} in the snow",
+    "a photo of a {} person on the beach",
+    "a photo of a {} person in the snow",
 )
 DEFAULT_N = 4
 DEFAULT_SEED = 0
@@ -86,14 +87,14 @@ MAX_SEED = 2**64 - 1
 def read_prompts(text: str, source: str = "prompts") -> list[str]:
     """Prompt templates from a file's text: one a line, `{}` where the identity goes.
 
-    Blank lines and `#` comments are skipped; a line without `{}` becomes "a photo of {}, <line>".
+    Blank lines and `#` comments are skipped; a line without `{}` becomes "a photo of a {} person, <line>".
     """
     templates = []
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        templates.append(line if PLACEHOLDER in line else f"a photo of {PLACEHOLDER}, {line}")
+        templates.append(line if PLACEHOLDER in line else f"a photo of a {PLACEHOLDER} person, {line}")
     if not templates:
         raise CrossinitError(f"no prompts in {source} (blank lines and # comments are skipped)")
     return check_templates(templates)

@@ -73,6 +73,8 @@ TEMPLATES = tuple(
     for t in _SMALL_TEMPLATES
 )
 FLIP_P = 0.5
+LR_PER_IMAGE = 0.000625
+"""The official base learning rate; its `--scale_lr` multiplies it by the batch (0.005 at batch 8)."""
 FINAL_LOSS_WINDOW = 10
 """final_loss is the mean of the last steps' losses: one step's loss is dominated by its random t."""
 
@@ -85,7 +87,7 @@ class TrainConfig:
     """What a training run does. Defaults are the paper's full mode."""
 
     steps: int = 320
-    lr: float = 0.005  # the official 0.000625 scaled by the batch of 8
+    lr: float = LR_PER_IMAGE * 8  # the official 0.000625 scaled by the batch of 8
     batch_size: int = 8
     reg_weight: float = 1e-5  # λ
     seed: int = 0
@@ -96,10 +98,16 @@ class TrainConfig:
 
     @classmethod
     def for_mode(cls, mode: str, **overrides: Any) -> TrainConfig:
-        """The paper's `full` or `fast` settings, with any non-None override applied."""
+        """The paper's `full` or `fast` settings, with any non-None override applied.
+
+        A batch size given without a learning rate scales the rate with it, as the official `--scale_lr`
+        does: `LR_PER_IMAGE` x batch (batch 4 trains at 0.0025)."""
         if mode not in MODES:
             raise CrossinitError(f"unknown mode {mode!r}; choose {' or '.join(MODES)}")
-        config = replace(MODES[mode], **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "batch_size" in given and "lr" not in given:
+            given["lr"] = scaled_lr(given["batch_size"])
+        config = replace(MODES[mode], **given)
         config.check()
         return config
 
@@ -112,6 +120,22 @@ class TrainConfig:
             raise CrossinitError(f"learning rate must be a positive number, not {self.lr:g}")
         if not math.isfinite(self.reg_weight) or self.reg_weight < 0:
             raise CrossinitError(f"regulariser weight must be zero or positive, not {self.reg_weight:g}")
+
+
+def scaled_lr(batch_size: int) -> float:
+    """The official `--scale_lr` rule: the base rate times the batch (times processes, which is 1 here)."""
+    return LR_PER_IMAGE * batch_size
+
+
+def oom_advice(config: TrainConfig) -> str:
+    """Settings that fit in less memory and keep the learning rate per image (and the images seen)."""
+    if config.batch_size <= 1:
+        return "try --device cpu, or a smaller --model"
+    half = config.batch_size // 2
+    lr = config.lr * half / config.batch_size
+    lr_flag = "" if math.isclose(config.lr, scaled_lr(config.batch_size)) else f" --lr {lr:g}"
+    steps = config.steps * config.batch_size // half
+    return f"try --batch-size {half} --steps {steps}{lr_flag} (same rate per image), or --device cpu"
 
 
 MODES = {
@@ -335,8 +359,7 @@ def train(
             )
     except torch.cuda.OutOfMemoryError:
         raise CrossinitError(
-            f"out of memory on {placement.device} at batch size {config.batch_size}; try --batch-size 4 "
-            "(and --steps twice as many) or --device cpu"
+            f"out of memory on {placement.device} at batch size {config.batch_size}; {oom_advice(config)}"
         ) from None
     finally:
         hook.remove()

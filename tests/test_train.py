@@ -153,6 +153,21 @@ def test_modes_and_overrides() -> None:
         train.TrainConfig.for_mode("turbo")
 
 
+def test_batch_size_without_lr_scales_the_rate_as_the_official_scale_lr() -> None:
+    assert train.TrainConfig.for_mode("full", batch_size=4).lr == 0.0025
+    assert train.TrainConfig.for_mode("fast", batch_size=16).lr == 0.01
+    assert train.TrainConfig.for_mode("full", batch_size=4, lr=0.001).lr == 0.001  # an explicit rate wins
+    assert train.TrainConfig.for_mode("full", lr=0.001, batch_size=None).lr == 0.001
+
+
+def test_out_of_memory_advice_keeps_the_rate_per_image() -> None:
+    default = train.oom_advice(train.TrainConfig.for_mode("full"))
+    assert "--batch-size 4 --steps 640 (same rate per image)" in default and "--lr" not in default
+    own = train.oom_advice(train.TrainConfig.for_mode("full", batch_size=8, lr=0.002, steps=100))
+    assert "--batch-size 4 --steps 200 --lr 0.001" in own
+    assert "--batch-size" not in train.oom_advice(train.TrainConfig.for_mode("fast", batch_size=1))
+
+
 def test_captions_are_the_official_templates() -> None:
     assert len(train.TEMPLATES) == 81 and train.TEMPLATES[0] == "a photo of a {}"
     assert "an illustration of my {}" in train.TEMPLATES and "a depiction of the large {}" in train.TEMPLATES

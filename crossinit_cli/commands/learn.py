@@ -101,7 +101,7 @@ def learn_identity(
             f"({result.per_step_s:.3f} s/step, final loss {result.final_loss:.4f}); stored in {escape(str(target))}"
         )
         model_flag = f" --model {_shell_quote(model)}" if model else ""
-        ui.info(escape(f'next: crossinit generate "a photo of <{name}> as an astronaut" -n 4{model_flag}'))
+        ui.info(escape(f'next: crossinit generate "a photo of a <{name}> person as an astronaut" -n 4{model_flag}'))
     return 0
 
 
