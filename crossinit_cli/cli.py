@@ -398,6 +398,13 @@ def eval_cmd(
         str | None,
         typer.Option("--clip-model", help="CLIP for prompt fidelity: hub id or folder (openai/clip-vit-base-patch32)."),
     ] = None,
+    fail_below: Annotated[
+        float | None,
+        typer.Option(
+            "--fail-below",
+            help="Exit with status 3 when any identity's likeness is below this (1.0 = the person's own ceiling).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> int:
@@ -420,6 +427,7 @@ def eval_cmd(
         device=device and device.value,
         dtype=dtype and dtype.value,
         clip_model=clip_model,
+        fail_below=fail_below,
         quiet=quiet,
         as_json=as_json,
     )

@@ -33,9 +33,10 @@ def _reference_init(tokenizer, text_encoder) -> torch.Tensor:
     length = text_encoder.config.max_position_embeddings
     rows = [table[tokenizer.bos_token_id], m0, m1, table[tokenizer.eos_token_id]]
     rows += [table[tokenizer.pad_token_id]] * (length - 4)
-    x = torch.stack(rows)[None] + text_encoder.embeddings.position_embedding.weight[None, :length]
+    parts = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 nests the parts one level down
+    x = torch.stack(rows)[None] + parts.embeddings.position_embedding.weight[None, :length]
     causal = torch.full((length, length), float("-inf")).triu(1)
-    for layer in text_encoder.encoder.layers:
+    for layer in parts.encoder.layers:
         attn = layer.self_attn
         h = layer.layer_norm1(x)
         heads, dim = attn.num_heads, attn.head_dim
@@ -47,7 +48,7 @@ def _reference_init(tokenizer, text_encoder) -> torch.Tensor:
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim) + causal, dim=-1)
         x = x + attn.out_proj((weights @ v).transpose(1, 2).reshape(1, length, -1))
         x = x + layer.mlp(layer.layer_norm2(x))
-    return text_encoder.final_layer_norm(x)[0, 1:3]
+    return parts.final_layer_norm(x)[0, 1:3]
 
 
 @torch.no_grad()
@@ -118,7 +119,7 @@ def test_cache_does_not_mix_models(tiny_model: Path, tmp_path: Path) -> None:
     first = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, tmp_path)
     # A fine-tune with the same token table but other encoder layers gets its own init.
     with torch.no_grad():
-        pipe.text_encoder.encoder.layers[0].mlp.fc1.weight.mul_(1.5)
+        getattr(pipe.text_encoder, "text_model", pipe.text_encoder).encoder.layers[0].mlp.fc1.weight.mul_(1.5)
     tuned = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, tmp_path)
     assert not torch.allclose(first, tuned)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2

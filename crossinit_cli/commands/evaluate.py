@@ -30,9 +30,12 @@ def evaluate_identities(
     device: str | None = None,
     dtype: str | None = None,
     clip_model: str | None = None,
+    fail_below: float | None = None,
     quiet: bool = False,
     as_json: bool = False,
 ) -> int:
+    if fail_below is not None and not fail_below >= 0:
+        raise CrossinitError(f"--fail-below must be a likeness of 0 or more, not {fail_below:g}")
     if compare and len(names) < 2:
         raise CrossinitError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
     cfg = config.load_config()
@@ -40,7 +43,7 @@ def evaluate_identities(
     for name in names:
         library.get(name)  # an unknown name is an error before anything loads
     show = not quiet and ui.err().is_terminal
-    total = len(templates) * n * len(names)
+    total = engine.image_count(templates, len(names), n)
 
     with _progress(show, total) as bar:
         results = engine.evaluate(
@@ -64,19 +67,81 @@ def evaluate_identities(
 
     if as_json:
         ui.print_json(records)
-        return 0
+        return _gate(records, fail_below)
     if compare:
         ui.out().print(_compare_table(records))
     else:
         for record in records:
             ui.out().print(_identity_table(record))
     for record in records:
+        for line in verdict(record):
+            ui.out().print(escape(line))
+    for record in records:
         ui.info(f"contact sheet of [bold]{escape(record['name'])}[/]: {escape(record['contact_sheet'])}")
-    ui.info(
-        "stored with each identity; see `crossinit show NAME` (cosine: higher is closer; dlib distance: "
-        f"below {engine.SAME_PERSON_DISTANCE} is the same person)"
-    )
-    return 0
+    ui.info("stored with each identity; see `crossinit show NAME` and docs/eval.md for what each number means")
+    return _gate(records, fail_below)
+
+
+EXIT_BELOW = 3
+"""`eval --fail-below X`: some identity's likeness is below X (docs/exit-codes.md)."""
+
+
+def _gate(records: list[dict[str, Any]], fail_below: float | None) -> int:
+    """Exit status 3 when an identity's likeness is below `--fail-below` (or could not be measured)."""
+    if fail_below is None:
+        return 0
+    failed = 0
+    for record in records:
+        likeness = record.get("likeness")
+        if likeness is None:
+            ui.error(f"likeness of <{record['name']}> could not be measured, so it cannot pass --fail-below")
+        elif likeness < fail_below:
+            ui.error(f"likeness of <{record['name']}> is {likeness:.2f}, below --fail-below {fail_below:g}")
+        else:
+            continue
+        failed += 1
+    return EXIT_BELOW if failed else 0
+
+
+def verdict(record: dict[str, Any]) -> list[str]:
+    """The evaluation of one identity in words a person reads: does it look like them, and how much."""
+    name = record["name"]
+    ident = record["identity"]
+    if not ident.get("available"):
+        lines = [f"<{name}>: likeness not measured ({ident.get('reason')})"]
+    else:
+        images, faces, same = ident["images"], ident["faces"], ident["same_person"]
+        reference = ident.get("reference") or {}
+        if not faces:
+            lines = [
+                f"<{name}>: no face found in any of the {images} images, so nothing looks like {name} (likeness 0)"
+            ]
+        else:
+            lines = [
+                f"<{name}>: looks like {name} in {same} of {images} images "
+                f"(a face in {faces}; same person by dlib's {engine.SAME_PERSON_DISTANCE} distance)"
+            ]
+            if reference.get("kind") == "threshold":
+                lines.append(
+                    f"  likeness {record['likeness']:.2f}: 1.0 is dlib's same-person threshold (only one photo of "
+                    f"{name} has a face, so there is no pair to measure {name}'s own ceiling; learn from more photos)"
+                )
+            else:
+                lines.append(
+                    f"  likeness {record['likeness']:.2f}: the generated faces are {record['likeness']:.0%} as "
+                    f"similar to {name}'s photos as those {reference.get('photos')} photos are to each other"
+                )
+        if record.get("crossover"):
+            lines.append(
+                f"  {record['crossover']} face(s) in pictures with other identities look more like one of them "
+                f"than like {name} (crossover)"
+            )
+    fidelity = record.get("prompt_fidelity")
+    if fidelity is None:
+        lines.append("  prompt fidelity: not measured (no CLIP model)")
+    else:
+        lines.append(f"  prompt fidelity (CLIP, identity word left out): {fidelity:.3f} (0.2 to 0.35 is usual)")
+    return lines
 
 
 def _read_templates(prompts: str) -> list[str]:
@@ -109,27 +174,39 @@ def _identity_table(record: dict[str, Any]) -> Table:
     )
     table.add_column("prompt", overflow="fold")
     table.add_column("faces", justify="right")
-    table.add_column("identity cosine", justify="right")
-    table.add_column("dlib distance", justify="right")
+    table.add_column("looks like them", justify="right")
+    table.add_column("similarity", justify="right")
     table.add_column("CLIP score", justify="right")
     for entry in record["prompts"]:
         faces = "—" if entry["faces"] is None else f"{entry['faces']}/{entry['images']}"
+        same = "—" if entry.get("same_person") is None else f"{entry['same_person']}/{entry['images']}"
+        if entry.get("crossover"):
+            same += f" ({entry['crossover']} crossed)"
         table.add_row(
             escape(engine.fill(entry["prompt"], record["name"])),
             faces,
-            _num(entry["cosine"]),
-            _num(entry["distance"]),
+            same,
+            _num(entry.get("similarity")),
             _num(entry["clip_score"]),
         )
     faces = f"{ident['faces']}/{ident['images']}" if ident["available"] else "—"
+    same = f"{ident['same_person']}/{ident['images']}" if ident["available"] else "—"
     table.add_row(
         "[bold]all[/]",
         f"[bold]{faces}[/]",
-        f"[bold]{_num(ident.get('cosine'))}[/]",
-        f"[bold]{_num(ident.get('distance'))}[/]",
+        f"[bold]{same}[/]",
+        f"[bold]{_num(ident.get('similarity'))}[/]",
         f"[bold]{_num(fidelity.get('clip_score'))}[/]",
         end_section=True,
     )
+    if record.get("likeness") is not None:
+        table.add_row(
+            f"likeness (÷ {_num(record['reference_similarity'])}, {escape(record['name'])}'s own ceiling)",
+            "",
+            "",
+            f"[bold]{record['likeness']:.2f}[/]",
+            "",
+        )
     return table
 
 
@@ -145,15 +222,18 @@ def _compare_table(records: list[dict[str, Any]]) -> Table:
     row("base model", [escape(str(r["settings"]["model"])) for r in records])
     row("strength", [f"{r['settings']['strength']:g}" for r in records])
     row("faces found", [_share(r["identity"].get("face_rate")) for r in records])
+    row("likeness (1.0 = own ceiling)", [_num(r.get("likeness")) for r in records])
+    row("identity similarity", [_num(r.get("identity_similarity")) for r in records])
+    row("reference (ceiling)", [_num(r.get("reference_similarity")) for r in records])
     row("identity cosine", [_num(r["identity"].get("cosine")) for r in records])
     row("dlib distance", [_num(r["identity"].get("distance")) for r in records])
-    row(f"same person (< {engine.SAME_PERSON_DISTANCE})", [_share(r["identity"].get("match_rate")) for r in records])
+    row(f"same person (< {engine.SAME_PERSON_DISTANCE})", [_share(r.get("same_person_rate")) for r in records])
     row("prompt fidelity (CLIP)", [_num(r["fidelity"].get("clip_score")) for r in records], end_section=True)
     for i, entry in enumerate(records[0]["prompts"]):
         cells = []
         for record in records:
             other = record["prompts"][i]
-            cells.append(f"cos {_num(other['cosine'])} · CLIP {_num(other['clip_score'])}")
+            cells.append(f"sim {_num(other.get('similarity'))} · CLIP {_num(other['clip_score'])}")
         row(escape(entry["prompt"]), cells)
     return table
 
