@@ -457,6 +457,7 @@ class Evaluation:
     identity_note: str | None = None  # why identity similarity is unavailable
     fidelity_note: str | None = None  # why prompt fidelity is unavailable
     date: str = field(default_factory=now)
+    step: int | None = None  # with `snapshot_steps`: the snapshot's step (0: the final vectors)
 
     @property
     def has_identity(self) -> bool:
@@ -536,6 +537,7 @@ def evaluate(
     notify: Callable[[str], None] | None = None,
     on_image: Callable[[str, str], None] | None = None,
     on_load: Callable[[str], Any] | None = None,
+    snapshot_steps: Sequence[int] | None = None,
 ) -> list[Evaluation]:
     """Generate every template n times (seeds seed..seed+n-1) for each identity and score the images.
 
@@ -543,6 +545,8 @@ def evaluate(
     (`base_model`), or `fallback_model` when that is not recorded. `clip_model=None` skips prompt
     fidelity. `notify(message)` hears about a metric that is unavailable, `on_image(name, prompt)`
     about every image made, `on_load(model)` returns a context manager held while a model loads.
+    `snapshot_steps` evaluates the snapshots of one identity's run instead (0: the final vectors), all
+    on one pipeline load; each result's `step` says which.
     """
     import torch
 
@@ -565,6 +569,11 @@ def evaluate(
         identities[name_key(ident.name)] = ident
     if not identities:
         raise CrossinitError("no identity to evaluate")
+    vectors: dict[str, np.ndarray] = {}
+    library_name: dict[str, str] = {}  # result key -> the identity whose crops it is scored against
+    step_of: dict[str, int | None] = {}
+    if snapshot_steps is not None:
+        identities, vectors, library_name, step_of = _snapshot_variants(library, identities, snapshot_steps)
     groups: dict[str, list[Identity]] = {}
     for ident in identities.values():
         chosen = model or ident.base_model or fallback_model
@@ -578,14 +587,17 @@ def evaluate(
             for ident in group:
                 devices.check_width(ident.name, ident.width, chosen, width)
     placement = devices.resolve(device, dtype)
-    vectors = {key: library.effective_vectors(ident.name) for key, ident in identities.items()}
+    for key, ident in identities.items():
+        if key not in vectors:
+            vectors[key] = library.effective_vectors(ident.name)
     seeds = [seed + i for i in range(n)]
 
     results: dict[str, Evaluation] = {}
     references: dict[str, list[np.ndarray]] = {}
     for key, ident in identities.items():
-        crops = _load_crops(library, ident.name)
+        crops = _load_crops(library, library_name.get(key, ident.name))
         result = Evaluation(name=ident.name, settings={}, crops=crops, prompts=[], identity_created=ident.created)
+        result.step = step_of.get(key)
         if not crops:
             result.identity_note = (
                 f"identity {ident.name!r} has no stored face crops (imported?), so identity similarity "
@@ -697,6 +709,85 @@ def evaluate(
         del scorer
         gc.collect()
     return list(results.values())
+
+
+LIKENESS_KEEP = 0.9
+"""`eval --pick-best` keeps the snapshots within this share of the best likeness, then prefers prompt fidelity."""
+
+
+def pick_best(records: Sequence[dict[str, Any]]) -> int:
+    """The step of the best likeness / prompt-fidelity trade-off among snapshot records (docs/eval.md).
+
+    Candidates are the snapshots whose likeness is at least `LIKENESS_KEEP` of the best one; among them
+    the highest prompt fidelity wins. Without CLIP the earliest candidate wins: the least drift from the
+    cross-init start, which the paper ties to editability. Ties go to the earlier step for the same reason."""
+    measured = [r for r in records if r.get("likeness") is not None]
+    if not measured:
+        raise CrossinitError("likeness could not be measured for any snapshot (no stored face crops), so none is best")
+    top = max(r["likeness"] for r in measured)
+    candidates = [r for r in measured if r["likeness"] >= LIKENESS_KEEP * top]
+    scored = [r for r in candidates if r.get("prompt_fidelity") is not None]
+    if scored:
+        return int(max(scored, key=lambda r: (r["prompt_fidelity"], -r["step"]))["step"])
+    return int(min(candidates, key=lambda r: r["step"])["step"])
+
+
+def save_snapshot_scores(
+    library: Library, name: str, results: Sequence[Evaluation], picked: int | None = None
+) -> Identity:
+    """Store each snapshot's calibrated numbers with it in the identity's metadata; with `picked`, make
+    that snapshot the active one (the last step is the final vectors: active_step 0)."""
+    created = results[0].identity_created if results else ""
+    by_step = {r.step: {**r.calibrated(), "date": r.date, "settings": _short_settings(r.settings)} for r in results}
+
+    def change(ident: Identity) -> None:
+        if created and ident.created != created:
+            raise CrossinitError(
+                f"identity {ident.name!r} was replaced while it was being evaluated; run `crossinit eval` again"
+            )
+        for entry in ident.snapshots:
+            found = by_step.get(int(entry["step"]))
+            if found is not None:
+                entry["evaluation"] = found
+        if picked is not None:
+            last = max(int(e["step"]) for e in ident.snapshots)
+            ident.active_step = 0 if picked == last else picked
+
+    return library.modify(name, change)
+
+
+def _short_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    keep = ("n", "seed", "steps", "model", "strength", "clip_model")
+    return {k: settings.get(k) for k in keep} | {"prompts": len(settings.get("prompts", []))}
+
+
+def snapshot_label(name: str, step: int) -> str:
+    """How a snapshot is named inside one evaluation's pipeline (a valid identity name, never stored)."""
+    return f"{name}.s{step}" if step else name
+
+
+def _snapshot_variants(
+    library: Library, identities: dict[str, Identity], snapshot_steps: Sequence[int]
+) -> tuple[dict[str, Identity], dict[str, np.ndarray], dict[str, str], dict[str, int | None]]:
+    """One pseudo-identity per snapshot of the one identity evaluated, with that snapshot's vectors."""
+    from dataclasses import replace
+
+    if len(identities) != 1:
+        raise CrossinitError("--snapshots evaluates one identity's run; name one identity")
+    (ident,) = identities.values()
+    _, stored = library.read(ident.name)
+    variants: dict[str, Identity] = {}
+    vectors: dict[str, np.ndarray] = {}
+    names: dict[str, str] = {}
+    steps: dict[str, int | None] = {}
+    for step in snapshot_steps:
+        variant = replace(ident, name=snapshot_label(ident.name, step))
+        key = name_key(variant.name)
+        variants[key] = variant
+        vectors[key] = stored.at_strength(ident.strength, step)
+        names[key] = ident.name
+        steps[key] = step
+    return variants, vectors, names, steps
 
 
 def faces_in(image: Image.Image) -> list[np.ndarray]:

@@ -3,7 +3,8 @@
 Layout under the library home:
 
     identities/<key>/meta.toml            metadata (schema, name, base model, training record, ...)
-    identities/<key>/vectors.safetensors  "learned" float32[k, width], and "init" (the cross-init start)
+    identities/<key>/vectors.safetensors  "learned" float32[k, width], and "init" (the cross-init start);
+                                          snapshots of a run as "snapshot/<step>/<name>" (named tensors per step)
     identities/<key>/crops/000.png        the aligned face crops it was learned from
     .lock                                 held while anything is written
     .staging/                             entries being assembled (always under the lock)
@@ -28,7 +29,7 @@ import stat
 import sys
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -135,6 +136,8 @@ class Identity:
     modified: str = field(default_factory=now)
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # [{"step": 40, "loss": ...}, ...]
+    active_step: int = 0  # the snapshot prompts use; 0: the final vectors
     schema: int = SCHEMA
 
     @property
@@ -171,16 +174,33 @@ class Damaged:
     reason: str
 
 
+SNAPSHOT_PREFIX = "snapshot/"
+SNAPSHOT_ROWS = "learned"
+"""The name of a single-encoder model's rows inside a snapshot (a snapshot is a dict of named tensors)."""
+
+
 @dataclass
 class Vectors:
     learned: np.ndarray
     init: np.ndarray | None
+    snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # step -> named tensors
 
-    def at_strength(self, strength: float) -> np.ndarray:
-        """init + strength * (learned - init): 1.0 is as learned, 0.0 the cross-init start."""
+    def at_strength(self, strength: float, step: int = 0) -> np.ndarray:
+        """init + strength * (learned - init): 1.0 is as learned, 0.0 the cross-init start.
+
+        `step` picks a snapshot's rows instead of the final ones (0: the final vectors)."""
+        learned = self.at_step(step)
         if self.init is None or strength == 1.0:
-            return self.learned.copy()
-        return (self.init + strength * (self.learned - self.init)).astype("float32")
+            return learned.copy()
+        return (self.init + strength * (learned - self.init)).astype("float32")
+
+    def at_step(self, step: int) -> np.ndarray:
+        """The rows of the snapshot taken at `step` (0: the final vectors)."""
+        if not step:
+            return self.learned
+        if step not in self.snapshots:
+            raise CrossinitError(f"no snapshot at step {step}; `crossinit show NAME` lists them")
+        return self.snapshots[step][SNAPSHOT_ROWS]
 
 
 def check_vectors(array: np.ndarray, what: str) -> np.ndarray:
@@ -273,9 +293,9 @@ class Library:
         return self.read(name)[1]
 
     def effective_vectors(self, name: str) -> np.ndarray:
-        """The vectors prompts use: the learned ones at the identity's stored strength."""
+        """The vectors prompts use: the learned ones (or the active snapshot's) at the identity's strength."""
         ident, vectors = self.read(name)
-        return vectors.at_strength(ident.strength)
+        return vectors.at_strength(ident.strength, ident.active_step)
 
     def _read_vectors(self, name: str, folder: Path | int) -> Vectors:
         import numpy as np
@@ -287,9 +307,14 @@ class Library:
             learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
             init = tensors.get("init")
             init = None if init is None else check_vectors(np.asarray(init), f"identity {name!r} init")
+            snapshots: dict[int, dict[str, np.ndarray]] = {}
+            for key, value in tensors.items():
+                if key.startswith(SNAPSHOT_PREFIX):
+                    step, part = key[len(SNAPSHOT_PREFIX) :].split("/", 1)
+                    snapshots.setdefault(int(step), {})[part] = check_vectors(np.asarray(value), key)
         except (OSError, KeyError, SafetensorError, ValueError) as exc:
             raise CrossinitError(f"identity {name!r} is damaged: cannot read {VECTORS} ({exc})") from None
-        return Vectors(learned, init)
+        return Vectors(learned, init, dict(sorted(snapshots.items())))
 
     def crops(self, name: str) -> list[Path]:
         folder = self.path_of(name) / CROPS
@@ -401,8 +426,11 @@ class Library:
         crops: Sequence[Image.Image] = (),
         *,
         force: bool = False,
+        snapshots: Mapping[int, Mapping[str, np.ndarray]] | None = None,
     ) -> Path:
-        """Store a new identity (replace an existing one only with `force`); returns its directory."""
+        """Store a new identity (replace an existing one only with `force`); returns its directory.
+
+        `snapshots` are the rows at some steps of its run ({step: {name: [k, width]}}), kept beside them."""
         from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
@@ -414,6 +442,9 @@ class Library:
             if init.shape != learned.shape:
                 raise CrossinitError(f"init shape {list(init.shape)} differs from learned {list(learned.shape)}")
             tensors["init"] = init
+        for step, parts in (snapshots or {}).items():
+            for part, rows in parts.items():
+                tensors[f"{SNAPSHOT_PREFIX}{int(step)}/{part}"] = check_vectors(rows, f"snapshot at step {step}")
         identity.tokens, identity.width = learned.shape
         identity.has_init = init is not None
         identity.modified = now()

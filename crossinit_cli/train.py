@@ -80,6 +80,13 @@ FINAL_LOSS_WINDOW = 10
 
 Progress = Callable[[int, int, float], None]
 """Called after each step with (step, total steps, loss)."""
+SaveState = Callable[[dict[str, Any]], None]
+"""Called with a run's state (see `capture_run`) to keep it somewhere safe (a checkpoint)."""
+CHECKPOINT_EVERY = 5
+"""A checkpoint is written at most every this many steps (and at Ctrl-C): a kill -9 loses at most 4."""
+ROWS = "learned"
+"""The name of the learned rows in a snapshot or checkpoint: each is a dict of named tensors (SDXL's two
+encoders will have one name each)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,8 @@ class TrainResult:
     device: str
     dtype: str
     token_ids: list[int] = field(default_factory=list)
+    snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # step -> {name: [2, width]}
+    snapshot_losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss of the steps before it
 
 
 def model_resolution(unet: Any, vae: Any) -> int:
@@ -237,12 +246,19 @@ def train(
     config: TrainConfig,
     placement: Placement,
     progress: Progress | None = None,
+    snapshot_every: int | None = None,
+    save_state: SaveState | None = None,
+    resume_from: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width].
 
     The modules are moved to the placement's device (the UNet also cast to its dtype); the text encoder
     keeps the two new tokens with the learned rows. Same seed, device and inputs give the same rows.
     Raises CrossinitError if the loss becomes NaN or infinite.
+
+    `snapshot_every` keeps the rows every that many steps (and at the last, when it kept some before). `save_state` receives the
+    run's state every `CHECKPOINT_EVERY` steps and at Ctrl-C; `resume_from` (such a state) continues a
+    run, with the same result, bit for bit on the CPU, as one never interrupted.
     """
     import numpy as np
     import torch
@@ -312,10 +328,15 @@ def train(
     # ---- loop ---------------------------------------------------------------------------------------
     losses: list[float] = []
     order: list[int] = []
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    done = 0
+    if resume_from is not None:
+        done, order, losses, snapshots = restore_run(resume_from, rows, optimizer, scaler, draw, noise_gen)
+    state = resume_from
     hook = _splice_rows(text_encoder, token_ids, rows)
     loop_started = time.perf_counter()
     try:
-        for step in range(1, config.steps + 1):
+        for step in range(done + 1, config.steps + 1):
             items, chosen = [], []
             for _ in range(config.batch_size):
                 if not order:  # a fresh shuffle of the photos each pass, like the official DataLoader
@@ -347,6 +368,13 @@ def train(
                     f"training diverged at step {step} (loss is {value}); try --dtype fp32 or a lower --lr"
                 )
             losses.append(value)
+            if _snapshot_due(step, snapshot_every, config.steps):
+                snapshots[step] = snapshot_rows(rows)
+            if save_state is not None:
+                rngs = capture_rng(draw, noise_gen)
+                state = capture_run(step, rows, optimizer, scaler, rngs, order, losses, snapshots)
+                if step % CHECKPOINT_EVERY == 0 and step < config.steps:
+                    save_state(state)
             if progress is not None:
                 progress(step, config.steps, value)
         # Each loss is computed before its update: check the last update on what prompts will see.
@@ -357,6 +385,10 @@ def train(
                 f"training diverged at step {config.steps} (the learned vectors overflow); "
                 "try --dtype fp32 or a lower --lr"
             )
+    except KeyboardInterrupt:
+        if save_state is not None and state is not None:
+            save_state(state)  # the last whole step: a Ctrl-C mid-step may have half-updated the rows
+        raise
     except torch.cuda.OutOfMemoryError:
         raise CrossinitError(
             f"out of memory on {placement.device} at batch size {config.batch_size}; {oom_advice(config)}"
@@ -364,6 +396,7 @@ def train(
     finally:
         hook.remove()
     loop_s = time.perf_counter() - loop_started
+    ran = max(1, config.steps - done)
 
     # ---- result: the learned rows, also written into the text encoder's table -----------------------
     learned = rows.detach().float()
@@ -376,7 +409,7 @@ def train(
         init=start.cpu().numpy().astype(np.float32),
         losses=losses,
         final_loss=float(sum(window) / len(window)),
-        per_step_s=loop_s / config.steps,
+        per_step_s=loop_s / ran,
         total_s=time.perf_counter() - started,
         encode_s=encode_s,
         resolution=size,
@@ -384,7 +417,91 @@ def train(
         device=placement.device,
         dtype=placement.dtype,
         token_ids=token_ids,
+        snapshots={k: {n: t.numpy().astype(np.float32) for n, t in v.items()} for k, v in snapshots.items()},
+        snapshot_losses={k: _window_mean(losses[:k]) for k in snapshots},
     )
+
+
+def _snapshot_due(step: int, every: int | None, steps: int) -> bool:
+    """Snapshots at every multiple of `every`, and at the last step when there are earlier ones."""
+    return bool(every) and every < steps and (step % every == 0 or step == steps)
+
+
+def _window_mean(losses: list[float]) -> float:
+    window = losses[-FINAL_LOSS_WINDOW:]
+    return round(float(sum(window) / len(window)), 6)
+
+
+# ---- snapshots and checkpoints: small helpers the loop calls --------------------------------------
+
+
+def snapshot_rows(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The learned rows at this step, as a snapshot's named tensors (a copy, on the CPU)."""
+    return {ROWS: rows.detach().float().cpu().clone()}
+
+
+def capture_rng(draw: random.Random, noise_gen: torch.Generator) -> dict[str, Any]:
+    """Every random generator a run draws from: the data order's, the noise's, torch's global ones."""
+    import torch
+
+    state: dict[str, Any] = {"draw": draw.getstate(), "noise": noise_gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], draw: random.Random, noise_gen: torch.Generator) -> None:
+    import torch
+
+    version, internal, gauss = state["draw"]
+    draw.setstate((version, tuple(internal), gauss))
+    noise_gen.set_state(state["noise"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture_run(
+    step: int,
+    rows: torch.Tensor,
+    optimizer: Any,
+    scaler: Any,
+    rngs: dict[str, Any],
+    order: list[int],
+    losses: list[float],
+    snapshots: dict[int, dict[str, torch.Tensor]],
+) -> dict[str, Any]:
+    """A run's whole state after `step`: with it the loop continues exactly as if never stopped.
+
+    Copies, not references: AdamW updates its state in place, and a Ctrl-C may land mid-update."""
+    import copy
+
+    return {
+        "step": step,
+        "rows": snapshot_rows(rows),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "scaler": copy.deepcopy(scaler.state_dict()),
+        "rng": rngs,
+        "order": list(order),
+        "losses": list(losses),
+        "snapshots": dict(snapshots),
+    }
+
+
+def restore_run(
+    state: dict[str, Any], rows: torch.Tensor, optimizer: Any, scaler: Any, draw: random.Random, noise_gen: Any
+) -> tuple[int, list[int], list[float], dict[int, dict[str, torch.Tensor]]]:
+    """Put a captured state back; returns (step, data order, losses, snapshots) to continue from."""
+    import torch
+
+    with torch.no_grad():
+        rows.copy_(state["rows"][ROWS].to(rows.device))
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], draw, noise_gen)
+    snapshots = {int(k): v for k, v in state["snapshots"].items()}
+    return int(state["step"]), list(state["order"]), list(state["losses"]), snapshots
 
 
 def _sdpa_processor() -> Any:

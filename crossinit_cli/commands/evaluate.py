@@ -31,6 +31,8 @@ def evaluate_identities(
     dtype: str | None = None,
     clip_model: str | None = None,
     fail_below: float | None = None,
+    snapshots: bool = False,
+    pick_best: bool = False,
     quiet: bool = False,
     as_json: bool = False,
 ) -> int:
@@ -42,8 +44,9 @@ def evaluate_identities(
     templates = engine.DEFAULT_PROMPTS if prompts is None else _read_templates(prompts)
     for name in names:
         library.get(name)  # an unknown name is an error before anything loads
+    snapshot_steps = _snapshot_steps(library, names, templates, compare, fail_below) if snapshots else None
     show = not quiet and ui.err().is_terminal
-    total = engine.image_count(templates, len(names), n)
+    total = engine.image_count(templates, len(snapshot_steps) if snapshot_steps else len(names), n)
 
     with _progress(show, total) as bar:
         results = engine.evaluate(
@@ -61,7 +64,10 @@ def evaluate_identities(
             notify=ui.warn,
             on_image=bar.image,
             on_load=bar.loading,
+            snapshot_steps=snapshot_steps,
         )
+    if snapshot_steps is not None:
+        return _snapshot_report(library, names[0], results, pick_best=pick_best, as_json=as_json)
     sheets = {r.name: engine.save(library, r) for r in results}
     records = [{"name": r.name, **r.record(), "contact_sheet": str(sheets[r.name])} for r in results]
 
@@ -80,6 +86,69 @@ def evaluate_identities(
         ui.info(f"contact sheet of [bold]{escape(record['name'])}[/]: {escape(record['contact_sheet'])}")
     ui.info("stored with each identity; see `crossinit show NAME` and docs/eval.md for what each number means")
     return _gate(records, fail_below)
+
+
+def _snapshot_steps(
+    library: Library, names: list[str], templates: list[str], compare: bool, fail_below: float | None
+) -> list[int]:
+    if len(names) != 1 or compare:
+        raise CrossinitError("--snapshots and --pick-best score the snapshots of one identity; name one")
+    if fail_below is not None:
+        raise CrossinitError("--fail-below gates identities, not snapshots; run it without --snapshots/--pick-best")
+    if any(engine.group_names(t) for t in templates):
+        raise CrossinitError("--snapshots takes prompts with {} only (not prompts naming several identities)")
+    ident = library.get(names[0])
+    steps = [int(s["step"]) for s in ident.snapshots]
+    if not steps:
+        raise CrossinitError(
+            f"identity {ident.name!r} kept no snapshots; learn it with --snapshot-every N (full mode: every 40)"
+        )
+    return steps
+
+
+def _snapshot_report(
+    library: Library, name: str, results: list[engine.Evaluation], *, pick_best: bool, as_json: bool
+) -> int:
+    records = [{"step": r.step, **r.calibrated()} for r in results]
+    picked = engine.pick_best(records) if pick_best else None
+    ident = engine.save_snapshot_scores(library, name, results, picked)
+    losses = {int(s["step"]): s.get("loss") for s in ident.snapshots}
+    last = max(losses)
+    active = ident.active_step or last
+    if as_json:
+        for record in records:
+            record["loss"] = losses.get(record["step"])
+            record["active"] = record["step"] == active
+        ui.print_json({"name": ident.name, "snapshots": records, "active_step": ident.active_step, "picked": picked})
+        return 0
+    table = Table(title=f"snapshots of <{escape(ident.name)}>", title_justify="left")
+    for column in ("step", "loss", "faces found", "same person", "likeness", "CLIP score", ""):
+        table.add_column(column, justify="right" if column else "left", no_wrap=not column)
+    for record in records:
+        step = record["step"]
+        mark = "active" if step == active else ""
+        if step == picked:
+            mark = "picked, active"
+        table.add_row(
+            f"{step}" + (" (final)" if step == last else ""),
+            _num(losses.get(step)),
+            _share(record["face_rate"]),
+            _share(record["same_person_rate"]),
+            _num(record["likeness"]),
+            _num(record["prompt_fidelity"]),
+            mark,
+        )
+    ui.out().print(table)
+    if picked is not None:
+        which = "the final vectors" if picked == last else f"the snapshot at step {picked}"
+        ui.info(
+            f"[bold]{escape(ident.name)}[/] now uses {which} (best trade-off: likeness within "
+            f"{engine.LIKENESS_KEEP:.0%} of the best, then prompt fidelity); undo: crossinit edit "
+            f"{escape(ident.name)} --use-snapshot final"
+        )
+    else:
+        ui.info(f"stored with each snapshot; make one active: crossinit edit {escape(ident.name)} --use-snapshot STEP")
+    return 0
 
 
 EXIT_BELOW = 3

@@ -55,7 +55,8 @@ def list_identities(library: Library, *, as_json: bool) -> int:
         ui.print_json(records)
         return 0
     if not entries:
-        ui.info(f"No identities yet in {library.home}. Learn one: crossinit learn photo.jpg --fast")
+        if not _show_unfinished(library):
+            ui.info(f"No identities yet in {library.home}. Learn one: crossinit learn photo.jpg --fast")
         return 0
     table = Table(box=None, pad_edge=False)
     for column in ("name", "base model", "mode", "created", "tags", "notes"):
@@ -73,10 +74,24 @@ def list_identities(library: Library, *, as_json: bool) -> int:
             escape(entry.notes.splitlines()[0] if entry.notes else ""),
         )
     ui.out().print(table)
+    _show_unfinished(library)
     damaged = sum(isinstance(e, Damaged) for e in entries)
     if damaged:
         ui.warn(f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}; `crossinit remove NAME` deletes one")
     return 0
+
+
+def _show_unfinished(library: Library) -> bool:
+    """Runs that were interrupted, with how to continue or clear them (on stderr: not identities)."""
+    from crossinit_cli import checkpoint
+
+    runs = checkpoint.unfinished(library.home)
+    for run in runs:
+        ui.info(
+            f"unfinished run: [bold]{escape(run.name)}[/] at step {run.step} of {run.steps} "
+            f"(crossinit learn --resume {escape(run.name)}, or crossinit remove {escape(run.name)})"
+        )
+    return bool(runs)
 
 
 def show_identity(library: Library, name: str, *, as_json: bool) -> int:
@@ -109,9 +124,11 @@ def edit_identity(
     tags: list[str] | None = None,
     untags: list[str] | None = None,
     strength: float | None = None,
+    use_snapshot: str | None = None,
     as_json: bool = False,
 ) -> int:
     ident = library.get(name)
+    step = None if use_snapshot is None else _snapshot_step(ident, use_snapshot)
     if strength is not None:
         if not 0.0 <= strength <= MAX_STRENGTH:
             raise CrossinitError(f"--strength must be between 0 and {MAX_STRENGTH:g}, not {strength:g}")
@@ -129,8 +146,10 @@ def edit_identity(
         current.tags += [t for t in dict.fromkeys(tags or []) if t not in current.tags]
         if strength is not None:
             current.strength = strength
+        if step is not None:
+            current.active_step = step
 
-    if rename is None and note is None and not tags and not untags and strength is None:
+    if rename is None and note is None and not tags and not untags and strength is None and step is None:
         ident = _edit_in_editor(library, ident)
     elif rename is not None:  # one atomic step, so a kill never leaves the note changed but not the name
         ident = library.rename(ident.name, rename, change)
@@ -141,6 +160,21 @@ def edit_identity(
     else:
         ui.info(f"updated [bold]{escape(ident.name)}[/]")
     return 0
+
+
+def _snapshot_step(ident: Identity, wanted: str) -> int:
+    """The step `--use-snapshot` names (0 for 'final'), if the identity kept a snapshot there."""
+    if wanted.strip().lower() == "final":
+        return 0
+    steps = [int(s["step"]) for s in ident.snapshots]
+    try:
+        step = int(wanted)
+    except ValueError:
+        raise CrossinitError(f"--use-snapshot takes a step number or 'final', not {wanted!r}") from None
+    if step not in steps:
+        kept = ", ".join(map(str, steps)) if steps else "none (learn with --snapshot-every N to keep some)"
+        raise CrossinitError(f"identity {ident.name!r} has no snapshot at step {step}; kept: {kept}")
+    return step
 
 
 def _edit_in_editor(library: Library, ident: Identity) -> Identity:
@@ -177,8 +211,12 @@ def _edit_in_editor(library: Library, ident: Identity) -> Identity:
 
 
 def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
+    from crossinit_cli import checkpoint
+
+    runs = {name: checkpoint.find(library.home, name) for name in names}
     for name in names:
-        library.get(name)  # every name must exist before anything is removed
+        if runs[name] is None or library.exists(name):
+            library.get(name)  # every name must exist before anything is removed
     if not yes:
         if not sys.stdin.isatty():
             raise CrossinitError("refusing to remove without confirmation; pass --yes")
@@ -188,6 +226,11 @@ def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
             ui.info("nothing removed")
             return 1
     for name in names:
-        library.remove(name)
-        ui.info(f"removed [bold]{escape(name)}[/]")
+        run = runs[name]
+        if library.exists(name):
+            library.remove(name)
+            ui.info(f"removed [bold]{escape(name)}[/]")
+        if run is not None:
+            run.discard()
+            ui.info(f"removed the unfinished run of [bold]{escape(name)}[/] (step {run.step} of {run.steps})")
     return 0
