@@ -256,9 +256,9 @@ def train(
     keeps the two new tokens with the learned rows. Same seed, device and inputs give the same rows.
     Raises CrossinitError if the loss becomes NaN or infinite.
 
-    `snapshot_every` keeps the rows every that many steps (and at the last, when it kept some before). `save_state` receives the
-    run's state every `CHECKPOINT_EVERY` steps and at Ctrl-C; `resume_from` (such a state) continues a
-    run, with the same result, bit for bit on the CPU, as one never interrupted.
+    `snapshot_every` keeps the rows every that many steps (and at the last, when it kept some before).
+    `save_state` receives the run's state every `CHECKPOINT_EVERY` steps and at Ctrl-C; `resume_from`
+    (such a state) continues a run, with the same result, bit for bit on the CPU, as one never interrupted.
     """
     import numpy as np
     import torch
