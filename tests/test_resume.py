@@ -109,8 +109,9 @@ def test_remove_clears_an_unfinished_run_and_resume_needs_one(cli, library: Libr
 
 def test_the_checkpoint_holds_the_whole_run_state(library: Library, home: Path, tiny_model: Path) -> None:
     """What a checkpoint file holds: rows, AdamW moments, every generator, data order, losses, settings."""
-    from crossinit_cli.cli import app
     from typer.testing import CliRunner
+
+    from crossinit_cli.cli import app
 
     process = _start(home, tiny_model, "carol")
     try:
