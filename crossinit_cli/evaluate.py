@@ -663,6 +663,7 @@ def evaluate(
                     "device": placement.device,
                     "dtype": placement.dtype,
                     "strength": ident.strength,
+                    "snapshot": ident.active_step,  # 0: the final vectors
                     "clip_model": clip_model,
                 }
                 result.fidelity_note = fidelity_note

@@ -210,3 +210,24 @@ def test_an_empty_name_is_refused_never_replaced_by_the_file_stem(cli, library: 
     batch = cli("learn", "--batch", manifest)
     assert batch.exit_code == 1 and batch.stderr.count("\n") == 1 and "identity name is empty" in batch.stderr
     assert library.list() == [] and not library.exists("astronaut") and not library.exists("28017")
+
+
+def test_out_of_memory_advice_keeps_the_learning_rate_per_image(
+    cli, library: Library, home: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU that runs out of memory, the advice halves the batch, doubles the steps and says the rate
+    follows (the official --scale_lr); nothing is stored and no unfinished run is left behind."""
+    import torch
+
+    from crossinit_cli import train
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "regulariser", out_of_memory)
+    result = cli("learn", ASTRONAUT, "--model", tiny_model, "--steps", "6", "--batch-size", "8", "--quiet")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "out of memory on cpu at batch size 8; try --batch-size 4 --steps 12 (same rate per image)" in result.stderr
+    own = cli("learn", ASTRONAUT, "--model", tiny_model, "--steps", "6", "--batch-size", "8", "--lr", "0.002")
+    assert "try --batch-size 4 --steps 12 --lr 0.001 (same rate per image)" in own.stderr
+    assert library.list() == [] and not any((home / ".unfinished").glob("*"))

@@ -277,6 +277,10 @@ def learn_and_store(
                 save_state=run.save if run is not None else None,
                 resume_from=state,
             )
+    except CrossinitError:
+        if run is not None:  # diverged or out of memory: the same settings would fail the same way
+            run.discard()
+        raise
     except KeyboardInterrupt:
         if run is None:
             raise
