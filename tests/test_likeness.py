@@ -265,3 +265,19 @@ def test_fail_below_exits_3_naming_the_identity(
     assert bare.exit_code == 3 and "could not be measured" in bare.stderr
     negative = cli("eval", "astro", *FAST, "--fail-below", "-1")
     assert negative.exit_code == 1 and "--fail-below must be" in negative.stderr
+
+
+def test_compare_shows_a_two_identity_prompt_only_for_those_it_names(
+    cli, library: Library, tiny_model: Path, astro: Image.Image, grace: Image.Image, tmp_path: Path, drawn: list[str]
+) -> None:
+    _add(library, "astro", tiny_model, [astro], seed=1)
+    _add(library, "grace", tiny_model, [grace], seed=2)
+    _add(library, "third", tiny_model, [grace], seed=3)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a {} person\n<astro> and <grace> having coffee\n", encoding="utf-8")
+    result = cli("eval", "astro", "grace", "third", "--compare", "--prompts", prompts, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "coffee" in result.stdout and "—" in result.stdout  # third's cell of the two-identity prompt
+    records = {r["name"]: r for r in json.loads(cli("eval", "astro", "grace", "third", "--prompts", prompts, *FAST,
+                                                    "--json").stdout)}  # fmt: skip
+    assert [len(records[n]["prompts"]) for n in ("astro", "grace", "third")] == [2, 2, 1]

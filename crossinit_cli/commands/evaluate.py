@@ -298,12 +298,16 @@ def _compare_table(records: list[dict[str, Any]]) -> Table:
     row("dlib distance", [_num(r["identity"].get("distance")) for r in records])
     row(f"same person (< {engine.SAME_PERSON_DISTANCE})", [_share(r.get("same_person_rate")) for r in records])
     row("prompt fidelity (CLIP)", [_num(r["fidelity"].get("clip_score")) for r in records], end_section=True)
-    for i, entry in enumerate(records[0]["prompts"]):
+    # A prompt naming several identities is in the records of those it names only.
+    prompts = list(dict.fromkeys(p["prompt"] for r in records for p in r["prompts"]))
+    for prompt in prompts:
         cells = []
         for record in records:
-            other = record["prompts"][i]
-            cells.append(f"sim {_num(other.get('similarity'))} · CLIP {_num(other['clip_score'])}")
-        row(escape(entry["prompt"]), cells)
+            other = next((p for p in record["prompts"] if p["prompt"] == prompt), None)
+            cells.append(
+                "—" if other is None else f"sim {_num(other.get('similarity'))} · CLIP {_num(other['clip_score'])}"
+            )
+        row(escape(prompt), cells)
     return table
 
 
