@@ -40,6 +40,18 @@ def _wait_for_checkpoint(home: Path, name: str, process: subprocess.Popen, step:
     raise AssertionError(f"no checkpoint past step {step}: {process.communicate()[1]}")
 
 
+def _kill_when_past(home: Path, tiny_model: Path, name: str, step: int) -> None:
+    """A learn killed with SIGKILL once its checkpoint has passed `step`."""
+    process = _start(home, tiny_model, name)
+    try:
+        _wait_for_checkpoint(home, name, process, step)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def _assert_same_run(library: Library, resumed: str, reference: str) -> None:
     one, two = library.vectors(resumed), library.vectors(reference)
     assert np.array_equal(one.learned, two.learned) and np.array_equal(one.init, two.init)
@@ -87,14 +99,7 @@ def test_an_interrupted_learn_resumes_to_the_same_vectors(
 
 
 def test_remove_clears_an_unfinished_run_and_resume_needs_one(cli, library: Library, home: Path, tiny_model: Path):
-    process = _start(home, tiny_model, "bob")
-    try:
-        _wait_for_checkpoint(home, "bob", process, 5)
-        process.send_signal(signal.SIGKILL)
-        process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    _kill_when_past(home, tiny_model, "bob", 5)
     assert checkpoint.find(home, "bob") is not None
     removed = cli("remove", "bob", "--yes")
     assert removed.exit_code == 0 and "removed the unfinished run of bob" in removed.stderr
@@ -113,14 +118,7 @@ def test_the_checkpoint_holds_the_whole_run_state(library: Library, home: Path, 
 
     from crossinit_cli.cli import app
 
-    process = _start(home, tiny_model, "carol")
-    try:
-        _wait_for_checkpoint(home, "carol", process, 10)
-        process.send_signal(signal.SIGKILL)
-        process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    _kill_when_past(home, tiny_model, "carol", 10)
     run = checkpoint.find(home, "carol")
     state = run.load_state()
     assert state["step"] == run.step and len(state["losses"]) == run.step
