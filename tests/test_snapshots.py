@@ -59,6 +59,8 @@ def test_use_snapshot_changes_what_prompts_use_and_is_reversible(
     assert cli("edit", snapped, "--use-snapshot", "2").exit_code == 0
     vectors = library.vectors(snapped)
     assert library.get(snapped).active_step == 2
+    shown = " ".join(cli("show", snapped).stdout.split())
+    assert "step 2 (loss" in shown and ") [active], step 4" in shown
     assert np.array_equal(library.effective_vectors(snapped), vectors.snapshots[2]["learned"])
     exported = tmp_path / "astro.safetensors"
     assert cli("export", snapped, "-o", exported).exit_code == 0

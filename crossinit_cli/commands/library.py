@@ -104,7 +104,9 @@ def show_identity(library: Library, name: str, *, as_json: bool) -> int:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in record.items():
-        if isinstance(value, dict):
+        if key == "snapshots":
+            table.add_row(key, escape(_snapshot_summary(value, ident.active_step)))
+        elif isinstance(value, dict):
             for sub, subvalue in value.items():
                 table.add_row(f"{key}.{sub}", escape(str(subvalue)))
         elif isinstance(value, list):
@@ -160,6 +162,23 @@ def edit_identity(
     else:
         ui.info(f"updated [bold]{escape(ident.name)}[/]")
     return 0
+
+
+def _snapshot_summary(snapshots: list[dict[str, Any]], active: int) -> str:
+    """`step 40 (loss 0.1234, likeness 0.91), ...`, the active one marked."""
+    if not snapshots:
+        return "none"
+    last = max(int(s["step"]) for s in snapshots)
+    parts = []
+    for snap in snapshots:
+        step = int(snap["step"])
+        numbers = [f"loss {snap['loss']:.4f}"] if "loss" in snap else []
+        likeness = snap.get("evaluation", {}).get("likeness")
+        if likeness is not None:
+            numbers.append(f"likeness {likeness:.2f}")
+        mark = " [active]" if step == (active or last) else ""
+        parts.append(f"step {step} ({', '.join(numbers)}){mark}")
+    return ", ".join(parts)
 
 
 def _snapshot_step(ident: Identity, wanted: str) -> int:
