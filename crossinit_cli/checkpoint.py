@@ -13,6 +13,7 @@ is removed once the identity is stored. `run.json` is read without torch, for `l
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -91,6 +92,8 @@ class Run:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the folder of runs goes with its last run
+            self.path.parent.rmdir()
 
 
 def root(home: Path) -> Path:
@@ -102,12 +105,16 @@ def start(home: Path, settings: dict[str, Any], crops: list[Image.Image]) -> Run
     path = root(home) / name_key(settings["name"])
     if path.exists():
         shutil.rmtree(path)
-    for i, crop in enumerate(crops):
-        buffer = io.BytesIO()
-        crop.save(buffer, format="PNG")
-        write_bytes_atomic(path / CROPS / f"{i:03d}.png", buffer.getvalue())
     run = Run(path, {**settings, "step": 0, "started": now()})
-    _write_json(path / RUN, run.settings)
+    try:
+        for i, crop in enumerate(crops):
+            buffer = io.BytesIO()
+            crop.save(buffer, format="PNG")
+            write_bytes_atomic(path / CROPS / f"{i:03d}.png", buffer.getvalue())
+        _write_json(path / RUN, run.settings)
+    except BaseException:  # a full disk (or Ctrl-C) here: no half-made run is left for `list` to show
+        run.discard()
+        raise
     return run
 
 

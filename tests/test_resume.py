@@ -93,6 +93,7 @@ def test_an_interrupted_learn_resumes_to_the_same_vectors(
     assert resumed.exit_code == 0, resumed.stderr
     assert f"resuming alice at step {run.step} of 100" in resumed.stderr  # continued, not started over
     assert checkpoint.find(home, "alice") is None and library.get("alice").training["resumed_at"] == run.step
+    assert not (home / checkpoint.FOLDER).exists()  # nothing left behind once stored
     reference = cli("learn", ASTRONAUT, "--name", "reference", "--model", tiny_model, *RUN, "--quiet")
     assert reference.exit_code == 0, reference.stderr
     _assert_same_run(library, "alice", "reference")
