@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import stat
 import sys
-import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,8 +34,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crossinit_cli import names
 from crossinit_cli.atomic import TEMP_PREFIX, write_bytes_atomic
 from crossinit_cli.errors import CrossinitError
+from crossinit_cli.names import name_key, validate_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,68 +53,14 @@ META = "meta.toml"
 PENDING = "meta.toml.pending"
 VECTORS = "vectors.safetensors"
 CROPS = "crops"
-MAX_NAME = 64
-MAX_NAME_BYTES = 200
-"""A name is also a directory name: file systems allow 255 bytes, and an entry is staged as `<key>~<32 hex>`."""
 MAX_TOKENS = 16
 LEGACY_FAMILIES = {768: "sd1", 1024: "sd2"}
 """The model family of an entry written before `family` was stored: single-encoder widths are unambiguous."""
 LOCK_TIMEOUT_S = 60.0
-_NAME_RE = re.compile(r"^\w[\w.\-]*$")
-_RESERVED = {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
-# Letters of other scripts drawn like Latin ones (from Unicode's confusables, UTS #39), so that "аlice" with
-# a Cyrillic "а" cannot sit beside, and pass for, "alice". Both cases: names match case-insensitively.
-_LOOKALIKES = str.maketrans(
-    dict(
-        pair
-        for pairs in (
-            "АA ВB СC ЕE НH ІI ЈJ КK МM ОO РP ЅS ТT ХX УY "  # Cyrillic capitals
-            "аa еe іi јj оo рp сc уy хx ѕs ԁd һh ӏl ԛq ԝw вb гr кk мm нh тt ьb",  # and small letters
-            "ΑA ΒB ΕE ΖZ ΗH ΙI ΚK ΜM ΝN ΟO ΡP ΤT ΥY ΧX αa ιi κk νv οo ρp υu χx ϲc ϳj",  # Greek
-            "ՕO ՍU ՏS օo սu ցg հh ոn զq",  # Armenian
-            "ıi ɑa ɡg ʟL Ƅb ƅb ǀl ɩi",  # Latin letters drawn like other Latin ones
-        )
-        for pair in pairs.split()
-    )
-)
-
-
-def _skeletons(key: str) -> set[str]:
-    """How a stored key can look on screen, written in Latin where another script's letters look Latin."""
-    return {form.translate(_LOOKALIKES).casefold() for form in (key, key.upper())}
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def validate_name(name: str) -> str:
-    """Return the name as stored (NFKC-normalised) or raise a one-line CrossinitError saying why not."""
-    shown = name.encode("unicode_escape").decode("ascii")[:80]
-    norm = unicodedata.normalize("NFKC", name)
-    if not norm:
-        raise CrossinitError("identity name is empty")
-    if len(norm) > MAX_NAME:
-        raise CrossinitError(f"identity name is {len(norm)} characters long; the limit is {MAX_NAME}")
-    if any(unicodedata.category(c).startswith("C") for c in norm):
-        raise CrossinitError(f"identity name {shown!r} contains control or invisible characters")
-    if "/" in norm or "\\" in norm or ".." in norm:
-        raise CrossinitError(f"identity name {shown!r} may not contain '/', '\\' or '..'")
-    if not _NAME_RE.match(norm):
-        raise CrossinitError(
-            f"identity name {shown!r} must start with a letter or digit and use only letters, digits, '_', '-' and '.'"
-        )
-    if norm.split(".")[0].casefold() in _RESERVED or norm.endswith("."):
-        raise CrossinitError(f"identity name {shown!r} is reserved on Windows (or ends with '.'); pick another")
-    size = len(norm.casefold().encode("utf-8"))
-    if size > MAX_NAME_BYTES:
-        raise CrossinitError(f"identity name takes {size} bytes as a file name (UTF-8); the limit is {MAX_NAME_BYTES}")
-    return norm
-
-
-def name_key(name: str) -> str:
-    """The case-insensitive key an identity is stored under."""
-    return validate_name(name).casefold()
 
 
 @dataclass
@@ -477,17 +423,8 @@ class Library:
 
     def _refuse_lookalike(self, name: str) -> None:
         """Refuse a new name that would look like a stored one on screen ('аlice' beside 'alice')."""
-        key = name_key(name)
-        mine = _skeletons(key)
-        for path in self.entries.iterdir():
-            if path.name != key and not path.name.startswith(".") and _skeletons(path.name) & mine:
-                shown = ascii(name)  # escaped, or the message would show two identical names
-                other = [c for c in name if c.translate(_LOOKALIKES) != c]
-                which = f" ({unicodedata.name(other[0], '')})" if other else ""
-                raise CrossinitError(
-                    f"identity name {shown}{which} looks like the existing identity {path.name!r}; "
-                    "pick a name that reads differently"
-                )
+        keys = (p.name for p in self.entries.iterdir() if not p.name.startswith("."))
+        names.refuse_lookalike(name, keys)
 
     def modify(self, name: str, change: Callable[[Identity], None]) -> Identity:
         """Apply `change` to the current metadata under the lock, so concurrent edits never lose one."""
