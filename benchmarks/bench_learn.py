@@ -3,6 +3,7 @@
     python benchmarks/bench_learn.py                 # tiny model on the CPU: seconds/step of both, the ratio
     python benchmarks/bench_learn.py --full-size     # SD 2.1-base-sized random model (for a GPU): fast and
                                                      # full mode seconds through `crossinit learn`
+    python benchmarks/bench_learn.py --full-size --family sdxl   # the same on SDXL base's shapes at 1024 px
 
 Both loops train the same two rows from the same cross init on the same aligned photo, with the same
 batch, captions and schedule. The baseline is written the way diffusers' textual-inversion example (and
@@ -211,14 +212,26 @@ def tiny_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """`crossinit learn --fast` and `--full` on a random model of SD 2.1-base's shapes, as a user runs them."""
-    from crossinit_cli.synthetic import build_full_size_sd21
+FULL_SIZE = {
+    # family: (builder in synthetic.py, what the report calls it)
+    "sd2": ("build_full_size_sd21", "random init, SD 2.1-base shapes"),
+    "sdxl": ("build_full_size_sdxl", "random init, SDXL-base shapes (2.6B UNet, CLIP-L + bigG)"),
+}
 
+
+def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """`crossinit learn --fast` and `--full` on a random model of SD 2.1-base's (or SDXL base's) shapes,
+    as a user runs them."""
+    from crossinit_cli import synthetic
+
+    builder, described = FULL_SIZE[args.family]
     with tempfile.TemporaryDirectory(prefix="crossinit-bench-") as tmp:
-        model = Path(args.model) if args.model else build_full_size_sd21(Path(tmp) / "sd21-size")
+        model = Path(args.model) if args.model else getattr(synthetic, builder)(Path(tmp) / f"{args.family}-size")
         env = {**os.environ, "CROSSINIT_HOME": str(Path(tmp) / "home"), "CROSSINIT_CONFIG": str(Path(tmp) / "c.toml")}
-        report: dict[str, Any] = {"model": str(args.model or "random init, SD 2.1-base shapes"), "device": args.device}
+        report: dict[str, Any] = {"model": str(args.model or described), "device": args.device}
+        extra = [f"--steps={args.train_steps}"] if args.train_steps else []
+        extra += [f"--resolution={args.resolution}"] if args.resolution else []
+        extra += [f"--batch-size={args.learn_batch_size}"] if args.learn_batch_size else []
         for mode in ("fast", "full"):
             command = [
                 sys.executable,
@@ -235,6 +248,7 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 args.device,
                 "--json",
                 "--quiet",
+                *extra,
             ]
             started = time.perf_counter()
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -247,9 +261,11 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "training_s": training["total_s"],
                 "per_step_s": training["per_step_s"],
                 "steps": training["steps"],
+                "batch_size": training["batch_size"],
+                "resolution": training["resolution"],
                 "dtype": training["dtype"],
             }
-        if args.device == "cuda":
+        if args.device == "cuda" and args.family == "sd2":  # the example loop compared here is SD 1.x/2.x-only
             import torch
 
             report["gpu"] = torch.cuda.get_device_name(0)
@@ -272,6 +288,14 @@ def _aligned(tmp: str, size: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-size", action="store_true", help="SD 2.1-base-sized model: fast/full mode seconds")
+    parser.add_argument(
+        "--family", choices=sorted(FULL_SIZE), default="sd2", help="with --full-size: sd2 (default) or sdxl shapes"
+    )
+    parser.add_argument(
+        "--train-steps", type=int, default=0, help="with --full-size: override learn's steps (a CPU smoke run)"
+    )
+    parser.add_argument("--resolution", type=int, default=0, help="with --full-size: learn --resolution")
+    parser.add_argument("--learn-batch-size", type=int, default=0, help="with --full-size: learn --batch-size")
     parser.add_argument("--model", help="use this diffusers folder instead of building one")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--steps", type=int, default=12, help="steps per round and method (default 12)")

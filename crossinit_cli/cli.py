@@ -265,6 +265,14 @@ def learn(
         float | None, typer.Option("--reg-weight", help="Override λ of the regulariser (1e-5).")
     ] = None,
     model: Annotated[str | None, typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")] = None,
+    resolution: Annotated[
+        int | None,
+        typer.Option(
+            "--resolution",
+            help="Training image size in px (default: the model's own, 1024 for SDXL); smaller is faster, less "
+            "alike. A multiple of 64, at least 256.",
+        ),
+    ] = None,
     device: Annotated[Device | None, typer.Option("--device", help="Where to train (default: auto).")] = None,
     dtype: Annotated[Dtype | None, typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same result.")] = 0,
@@ -340,6 +348,7 @@ def learn(
         batch_size=batch_size,
         reg_weight=reg_weight,
         model=model,
+        resolution=resolution,
         device=device and device.value,
         dtype=dtype and dtype.value,
         seed=seed,

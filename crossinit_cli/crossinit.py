@@ -8,8 +8,11 @@ embedding of celebrity names, passed once through the text encoder.
     cross            step 2: [BOS, m0, m1, EOS, PAD...] through the text encoder, outputs at positions 1, 2
     add_placeholder_tokens   step 3: k = 2 new tokens whose input rows are those two outputs
 
-The result depends only on the base model, so `cross_init` caches it per model under the library's
-`.cache/init/`. Nothing here trains; `train.py` does. Heavy imports stay inside the functions.
+SDXL has two text encoders: `cross_init_slots` runs steps 1-2 once per encoder, each with its own
+tokenizer and token table, and takes the hidden state that encoder's UNet input is made of (SDXL:
+`hidden_states[-2]`, see families.py). The result depends only on the base model, so `cross_init` caches
+it per model and encoder under the library's `.cache/init/`.
+Nothing here trains; `train.py` does. Heavy imports stay inside the functions.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ from crossinit_cli.atomic import write_atomic
 from crossinit_cli.errors import CrossinitError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
+
+    from crossinit_cli.families import Slot
 
 PLACEHOLDERS = ("<v0>", "<v1>")
 """The k = 2 new tokens, as the captions write them."""
@@ -60,11 +67,15 @@ def celebrity_mean(tokenizer: Any, text_encoder: Any) -> tuple[torch.Tensor, tor
     return m0, m1
 
 
-def cross(tokenizer: Any, text_encoder: Any, m0: torch.Tensor, m1: torch.Tensor) -> torch.Tensor:
+def cross(
+    tokenizer: Any, text_encoder: Any, m0: torch.Tensor, m1: torch.Tensor, *, penultimate: bool = False
+) -> torch.Tensor:
     """Paper step 2, the cross: the text encoder's outputs for the input `[BOS, m0, m1, EOS, PAD...]`.
 
     The 77 rows go through the encoder as usual (position embeddings added, causal mask, final layer
-    norm); `last_hidden_state` at positions 1 and 2 is returned as a [2, width] float32 tensor.
+    norm); `last_hidden_state` at positions 1 and 2 is returned as a [2, width] float32 tensor. With
+    `penultimate` (SDXL's encoders) it is `hidden_states[-2]` instead, the output of the last layer but
+    one without the final layer norm, which is what SDXL's UNet reads from each encoder.
     transformers' CLIPTextModel takes no input embeddings, so the two rows are substituted at the
     token-embedding layer and everything after it is the model's own forward. BOS, EOS and PAD come from
     the tokenizer: SD 2.x's text-encoder config carries stale ids (bos 0, eos 2), and the output at
@@ -89,7 +100,8 @@ def cross(tokenizer: Any, text_encoder: Any, m0: torch.Tensor, m1: torch.Tensor)
     handle = table.register_forward_hook(substitute)
     try:
         with torch.no_grad():
-            hidden = text_encoder(torch.tensor([ids], device=device)).last_hidden_state
+            output = text_encoder(torch.tensor([ids], device=device), output_hidden_states=penultimate)
+            hidden = output.hidden_states[-2] if penultimate else output.last_hidden_state
     finally:
         handle.remove()
     return hidden[0, 1:3].float().cpu()
@@ -109,7 +121,7 @@ def encoder_fingerprint(text_encoder: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_key(tokenizer: Any, text_encoder: Any, fingerprint: str) -> str:
+def _cache_key(tokenizer: Any, text_encoder: Any, fingerprint: str, penultimate: bool = False) -> str:
     """What the init depends on: the token table (fingerprint), the names' token ids, and the encoder.
 
     A fine-tune may keep the token table and change the layers after it, which changes step 2's output;
@@ -118,6 +130,8 @@ def _cache_key(tokenizer: Any, text_encoder: Any, fingerprint: str) -> str:
     import numpy as np
 
     digest = hashlib.sha256(f"v{CACHE_VERSION}:{fingerprint}".encode())
+    if penultimate:  # SD 1.x/2.x keys stay what they were, so their cached inits are still found
+        digest.update(b"hidden_states[-2]")
     encoded = tokenizer(list(resources.celeb_names()), padding="do_not_pad").input_ids
     digest.update(repr([ids[1:3] for ids in encoded]).encode())
     digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
@@ -129,7 +143,9 @@ def _cache_key(tokenizer: Any, text_encoder: Any, fingerprint: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def cross_init(tokenizer: Any, text_encoder: Any, cache_dir: Path | None = None) -> torch.Tensor:
+def cross_init(
+    tokenizer: Any, text_encoder: Any, cache_dir: Path | None = None, *, penultimate: bool = False
+) -> torch.Tensor:
     """Steps 1 and 2: the [2, width] float32 start of the two new tokens, cached per model in `cache_dir`."""
     import torch
     from safetensors import SafetensorError
@@ -137,7 +153,7 @@ def cross_init(tokenizer: Any, text_encoder: Any, cache_dir: Path | None = None)
 
     path = None
     if cache_dir is not None:
-        key = _cache_key(tokenizer, text_encoder, encoder_fingerprint(text_encoder))
+        key = _cache_key(tokenizer, text_encoder, encoder_fingerprint(text_encoder), penultimate)
         path = Path(cache_dir) / f"{key}.safetensors"
         try:
             cached = load_file(str(path))["init"]
@@ -145,7 +161,7 @@ def cross_init(tokenizer: Any, text_encoder: Any, cache_dir: Path | None = None)
                 return cached.float()
         except (OSError, KeyError, SafetensorError):
             pass  # absent or damaged: compute it again and overwrite
-    init = cross(tokenizer, text_encoder, *celebrity_mean(tokenizer, text_encoder))
+    init = cross(tokenizer, text_encoder, *celebrity_mean(tokenizer, text_encoder), penultimate=penultimate)
     if not torch.isfinite(init).all():
         raise CrossinitError("cross initialization produced NaN or infinite values; is the text encoder damaged?")
     if path is not None:
@@ -153,6 +169,11 @@ def cross_init(tokenizer: Any, text_encoder: Any, cache_dir: Path | None = None)
         with contextlib.suppress(CrossinitError):
             write_atomic(path, lambda tmp: save_file({"init": init.contiguous()}, str(tmp)))
     return init
+
+
+def cross_init_slots(slots: Sequence[Slot], cache_dir: Path | None = None) -> list[torch.Tensor]:
+    """Steps 1 and 2 for every text encoder of a model (families.slots): one [2, width] start each."""
+    return [cross_init(s.tokenizer, s.text_encoder, cache_dir, penultimate=s.spec.penultimate) for s in slots]
 
 
 def add_placeholder_tokens(tokenizer: Any, text_encoder: Any, init: torch.Tensor) -> list[int]:

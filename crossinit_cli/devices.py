@@ -103,20 +103,33 @@ def check_model_reference(model: str) -> None:
 
 
 def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
-    """A StableDiffusionPipeline from a hub id, a diffusers folder or a single-file checkpoint, on the CPU."""
-    check_model_reference(model)
-    from diffusers import StableDiffusionPipeline
+    """The model's own family's pipeline (SD 1.x/2.x or SDXL) from a hub id, a folder or a single file, on the CPU.
 
+    The family is read from the model's configs first, so an SD3 or Flux folder is refused in one line
+    before diffusers is imported; a model whose configs are not at hand yet (a hub id to download, a
+    .ckpt) is loaded generically and its family checked once loaded.
+    """
+    check_model_reference(model)
+    from crossinit_cli import families
+
+    peeked = families.peek(model)
     path = Path(model).expanduser()
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    kwargs: dict[str, Any] = {}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
+    family = peeked.family if peeked is not None else None
+    if family is None or not family.multi:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         if path.is_file():
-            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-        if path.is_dir():
-            return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
-        return StableDiffusionPipeline.from_pretrained(model, **kwargs)
+            cls = families.pipeline_class(family or families.FAMILIES["sd1"])
+            pipe = cls.from_single_file(str(path), **kwargs)
+        elif family is not None:
+            pipe = families.pipeline_class(family).from_pretrained(model, **kwargs)
+        else:
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     except CrossinitError:
         raise
     except OSError as exc:
@@ -124,6 +137,9 @@ def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
         if path.exists():
             raise CrossinitError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
         raise _missing_model(model) from None
+    families.of_pipeline(pipe)  # refuses what is not SD 1.x/2.x/SDXL, whatever the files said
+    families.pool_at_eos(pipe)
+    return pipe
 
 
 def text_width(text_encoder: Any) -> int:

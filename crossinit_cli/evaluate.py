@@ -569,7 +569,7 @@ def evaluate(
         identities[name_key(ident.name)] = ident
     if not identities:
         raise CrossinitError("no identity to evaluate")
-    vectors: dict[str, np.ndarray] = {}
+    vectors: dict[str, list[np.ndarray]] = {}
     library_name: dict[str, str] = {}  # result key -> the identity whose crops it is scored against
     step_of: dict[str, int | None] = {}
     if snapshot_steps is not None:
@@ -582,14 +582,11 @@ def evaluate(
         groups.setdefault(chosen, []).append(ident)
     together = _multi_identity_templates(templates, identities, groups)
     for chosen, group in groups.items():
-        width = sample.peek_text_width(chosen)
-        if width is not None:
-            for ident in group:
-                devices.check_width(ident.name, ident.width, chosen, width)
+        sample.check_model(chosen, group)
     placement = devices.resolve(device, dtype)
     for key, ident in identities.items():
         if key not in vectors:
-            vectors[key] = library.effective_vectors(ident.name)
+            vectors[key] = library.effective_parts(ident.name)
     seeds = [seed + i for i in range(n)]
 
     results: dict[str, Evaluation] = {}
@@ -643,7 +640,7 @@ def evaluate(
     # ---- generation: one pipeline per base model, all identities and prompts at once -------------
     for chosen, group in groups.items():
         with _holding(on_load, chosen):
-            pipe = sample.load(chosen, placement)
+            pipe = sample.load(chosen, placement, group)
         try:
             mapping = sample.add_identities(pipe, {i.name: vectors[name_key(i.name)] for i in group}, model=chosen)
             width, height = sample.native_size(pipe)
@@ -769,7 +766,7 @@ def snapshot_label(name: str, step: int) -> str:
 
 def _snapshot_variants(
     library: Library, identities: dict[str, Identity], snapshot_steps: Sequence[int]
-) -> tuple[dict[str, Identity], dict[str, np.ndarray], dict[str, str], dict[str, int | None]]:
+) -> tuple[dict[str, Identity], dict[str, list[np.ndarray]], dict[str, str], dict[str, int | None]]:
     """One pseudo-identity per snapshot of the one identity evaluated, with that snapshot's vectors."""
     from dataclasses import replace
 
@@ -778,14 +775,14 @@ def _snapshot_variants(
     (ident,) = identities.values()
     _, stored = library.read(ident.name)
     variants: dict[str, Identity] = {}
-    vectors: dict[str, np.ndarray] = {}
+    vectors: dict[str, list[np.ndarray]] = {}
     names: dict[str, str] = {}
     steps: dict[str, int | None] = {}
     for step in snapshot_steps:
         variant = replace(ident, name=snapshot_label(ident.name, step))
         key = name_key(variant.name)
         variants[key] = variant
-        vectors[key] = stored.at_strength(ident.strength, step)
+        vectors[key] = stored.per_encoder(ident.strength, step)
         names[key] = ident.name
         steps[key] = step
     return variants, vectors, names, steps

@@ -3,6 +3,12 @@
 Export writes the identity's effective vectors (the learned ones at its stored `--strength`) as float32.
 Import recognises every layout by its content, never by its extension, and loads pickles only through
 `torch.load(weights_only=True)`.
+
+SDXL identities have vectors per text encoder: every safetensors format writes them as
+`{"clip_l": [k, 768], "clip_g": [k, 1280]}`, the layout A1111, Forge, ComfyUI and InvokeAI read for
+SDXL (diffusers: one `load_textual_inversion` call per encoder). The pickle formats hold one encoder's
+vectors, so they are refused for SDXL. Every safetensors export records its family and base model in
+the file's metadata.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crossinit_cli import families
 from crossinit_cli.atomic import write_atomic, write_bytes_atomic
 from crossinit_cli.errors import CrossinitError
-from crossinit_cli.store import MAX_TOKENS, check_vectors
+from crossinit_cli.store import LEGACY_FAMILIES, MAX_TOKENS, check_vectors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,25 +50,54 @@ INFO = {
 }
 
 
+_PICKLES = ("a1111-pt", "official")
+
+
 def default_filename(name: str, fmt: str) -> str:
     return f"{name}{INFO[fmt].suffix}"
 
 
-def export_vectors(
-    vectors: np.ndarray, name: str, fmt: str, path: Path, *, base_model: str = "", steps: int = 0
-) -> Path:
-    """Write `vectors` [k, width] to `path` in format `fmt` (atomically); returns the path."""
-    import numpy as np
-
+def check_format(fmt: str, family: str) -> None:
+    """Refuse, in one line, a format that cannot hold an identity of `family`."""
     if fmt not in FORMATS:
         raise CrossinitError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if family in families.FAMILIES and families.get(family).multi and fmt in _PICKLES:
+        why = (
+            "the official Cross Initialization code runs SD 2.1 only (one text encoder)"
+            if fmt == "official"
+            else "A1111's .pt layout holds one text encoder's vectors"
+        )
+        raise CrossinitError(
+            f"format {fmt!r} cannot hold an SDXL identity: {why}; use --format a1111 (clip_l + clip_g)"
+        )
+
+
+def export_vectors(
+    vectors: np.ndarray | list[np.ndarray],
+    name: str,
+    fmt: str,
+    path: Path,
+    *,
+    base_model: str = "",
+    steps: int = 0,
+    family: str = "",
+) -> Path:
+    """Write `vectors` [k, width] (SDXL: one array per encoder) to `path` in format `fmt` (atomically)."""
+    import numpy as np
+
+    check_format(fmt, family)
+    parts = [np.ascontiguousarray(v, dtype=np.float32) for v in (vectors if isinstance(vectors, list) else [vectors])]
+    vectors = parts[0]
     if fmt in ("a1111", "invokeai", "diffusers"):
         from safetensors.numpy import save_file
 
-        key = "emb_params" if fmt != "diffusers" else f"<{name}>"
-        meta = {"crossinit_name": name, "base_model": base_model}
-        write_atomic(path, lambda tmp: save_file({key: vectors}, str(tmp), metadata=meta))
+        if len(parts) > 1:
+            keys = [e.key for e in families.get(family).encoders]
+            tensors = dict(zip(keys, parts))
+        else:
+            tensors = {"emb_params" if fmt != "diffusers" else f"<{name}>": vectors}
+        meta = {"crossinit_name": name, "base_model": base_model, "family": family}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         return path
 
     import torch
@@ -86,20 +122,30 @@ def export_vectors(
 
 @dataclass
 class Imported:
-    vectors: np.ndarray
+    vectors: np.ndarray  # the (first) encoder's [k, width]
     layout: str
     suggested_name: str | None
     base_model: str | None = None
     steps: int | None = None
+    family: str = ""  # from the file's metadata or layout; "" when it cannot be told
+    parts: dict[str, np.ndarray] | None = None  # SDXL: {"clip_l": ..., "clip_g": ...}
+
+    @property
+    def widths(self) -> list[int]:
+        return [int(v.shape[1]) for v in (self.parts or {"": self.vectors}).values()]
 
 
-def read_embedding_file(path: Path) -> Imported:
-    """Read any supported embedding file into [k, width] float32 vectors, or refuse with one line."""
+def read_embedding_file(path: Path, model: str | None = None) -> Imported:
+    """Read any supported embedding file into [k, width] float32 vectors, or refuse with one line.
+
+    `model` (else the base model the file's metadata names, else the released SDXL widths) is what an
+    SDXL file's clip_l/clip_g widths must match.
+    """
     path = Path(path)
     if path.is_dir():
         for candidate in ("learned_embeds.safetensors", "learned_embeds.bin"):
             if (path / candidate).is_file():
-                return read_embedding_file(path / candidate)
+                return read_embedding_file(path / candidate, model)
         raise CrossinitError(f"{path} is a folder without learned_embeds.safetensors or learned_embeds.bin")
     try:
         mode = path.stat().st_mode
@@ -127,7 +173,61 @@ def read_embedding_file(path: Path) -> Imported:
         state, meta = _load_safetensors(path, size, int.from_bytes(head[:8], "little"))
     else:
         raise CrossinitError(f"{path} is neither a safetensors file nor a torch pickle")
-    return _interpret(state, meta, path)
+    found = _interpret(state, meta, path, model)
+    if not found.family:
+        found.family = _family_of(found, meta, model)
+    return found
+
+
+def _family_of(found: Imported, meta: dict[str, str], model: str | None) -> str:
+    """A single-encoder file's family: its metadata's, else the model's, else its width's (768, 1024)."""
+    told = meta.get("family", "")
+    if told in families.FAMILIES and not families.get(told).multi:
+        return told
+    peeked = _peek(model)
+    if peeked is not None and not peeked.family.multi:
+        return peeked.family.name
+    return LEGACY_FAMILIES.get(found.widths[0], "")
+
+
+def _peek(model: str | None) -> families.Peeked | None:
+    if not model:
+        return None
+    try:
+        return families.peek(model)
+    except CrossinitError:
+        return None
+
+
+def _sdxl(state: dict[str, Any], meta: dict[str, str], where: str, model: str | None) -> Imported:
+    """An SDXL embedding: clip_l [k, width 1] and clip_g [k, width 2], nothing else, the same k."""
+    import numpy as np
+
+    family = families.get("sdxl")
+    keys = [e.key for e in family.encoders]
+    if set(map(str, state)) != set(keys):
+        found = ", ".join(sorted(map(str, state)))[:200]
+        raise CrossinitError(f"{where}: an SDXL embedding holds exactly clip_l and clip_g, this one has {found}")
+    parts = {k: check_vectors(_as_array(state[k], f"{where} ({k})"), f"{where} ({k})") for k in keys}
+    counts = {k: v.shape[0] for k, v in parts.items()}
+    if len(set(counts.values())) != 1:
+        raise CrossinitError(f"{where}: clip_l has {counts['clip_l']} vectors but clip_g has {counts['clip_g']}")
+    peeked = _peek(model or meta.get("base_model"))
+    expected = peeked.widths if peeked is not None and peeked.family.multi and peeked.widths else family.real_widths
+    widths = tuple(v.shape[1] for v in parts.values())
+    if widths != tuple(expected):
+        raise CrossinitError(
+            f"{where}: clip_l/clip_g are {widths[0]}/{widths[1]} wide; an SDXL model's encoders are "
+            f"{expected[0]}/{expected[1]}"
+        )
+    return Imported(
+        np.asarray(parts["clip_l"]),
+        "sdxl",
+        meta.get("crossinit_name"),
+        meta.get("base_model") or None,
+        family="sdxl",
+        parts=parts,
+    )
 
 
 def _load_safetensors(path: Path, size: int, header_len: int) -> tuple[dict[str, Any], dict[str, str]]:
@@ -192,10 +292,10 @@ def _as_array(value: Any, what: str) -> np.ndarray:
     raise CrossinitError(f"{what} is a {type(value).__name__}, not a tensor")
 
 
-def _interpret(state: dict[str, Any], meta: dict[str, str], path: Path) -> Imported:
+def _interpret(state: dict[str, Any], meta: dict[str, str], path: Path, model: str | None = None) -> Imported:
     where = str(path)
     if "clip_l" in state or "clip_g" in state:
-        raise CrossinitError(f"{where} is an SDXL embedding (clip_l/clip_g); crossinit supports SD 1.x/2.x for now")
+        return _sdxl(state, meta, where, model)
     if "string_to_param" in state:
         params = state["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:

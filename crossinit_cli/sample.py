@@ -8,30 +8,30 @@ Usable from Python without the CLI:
     lib = Library(home)
     placement = devices.resolve("auto")
     pipe = sample.load(model, placement)
-    mapping = sample.add_identities(pipe, {"alice": lib.effective_vectors("alice")}, model=model)
+    mapping = sample.add_identities(pipe, {"alice": lib.effective_parts("alice")}, model=model)
     settings = sample.Settings(width=512, height=512)
     images = sample.sample(pipe, sample.expand_prompt("<alice> as an astronaut", mapping), [7, 8], settings)
 
 Identities are named in prompts as `<alice>` (case-insensitive, as in the store). Each identity's k
-vectors become k new tokens `<crossinit:alice:0>` ... of the pipeline's tokenizer, and `expand_prompt`
-rewrites `<alice>` into them. Image i of a batch is drawn from its own CPU generator seeded with its own
+vectors become k new tokens `<crossinit:alice:0>` ... of the pipeline's tokenizer (SDXL: of both
+tokenizers, each encoder getting its own vectors), and `expand_prompt` rewrites `<alice>` into them.
+The pipeline class is the model family's (families.py): StableDiffusionPipeline or StableDiffusionXLPipeline.
+Image i of a batch is drawn from its own CPU generator seeded with its own
 seed, so an image depends on its seed, the settings and the device, not on its place in the batch.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import devices
+from crossinit_cli import devices, families
 from crossinit_cli.errors import CrossinitError
-from crossinit_cli.store import name_key
+from crossinit_cli.store import Identity, name_key
 
 if TYPE_CHECKING:
     import numpy as np
@@ -167,26 +167,35 @@ def native_size(pipe: Any) -> tuple[int, int]:
     return width * scale, height * scale
 
 
-def peek_text_width(model: str) -> int | None:
-    """The text width of `model` from its config alone (local folder or hub cache), or None if unknown.
+def peek_model(model: str) -> families.Peeked | None:
+    """The family and text widths of `model` from its configs alone (families.peek), or None if unknown.
 
-    Lets `generate` refuse an identity of the wrong width before spending seconds loading weights.
+    Lets `generate` refuse an identity of another family or width before spending seconds loading weights.
     """
-    path = Path(model).expanduser()
-    config: Path | None = None
-    if path.is_dir():
-        config = path / "text_encoder" / "config.json"
-    elif not path.exists() and model.count("/") == 1:
-        from huggingface_hub import try_to_load_from_cache
+    return families.peek(model)
 
-        found = try_to_load_from_cache(model, "text_encoder/config.json")
-        config = Path(found) if isinstance(found, str) else None
-    if config is None:
-        return None
-    try:
-        return int(json.loads(config.read_text(encoding="utf-8"))["hidden_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+
+def peek_text_width(model: str) -> int | None:
+    """The (first) text encoder's width of `model` from its config alone, or None if unknown."""
+    found = peek_model(model)
+    return found.widths[0] if found is not None and found.widths else None
+
+
+def check_model(model: str, identities: Iterable[Identity], pipe: Any = None) -> None:
+    """Refuse, in one line naming both, identities of another family or width than `model`.
+
+    Without `pipe` the model's configs are read (nothing is checked when they cannot be); with a loaded
+    pipeline its own encoders are compared, before any weight is moved to the device.
+    """
+    if pipe is None:
+        found = peek_model(model)
+        if found is None:
+            return
+        family, widths = found.family, found.widths
+    else:
+        family, widths = families.of_pipeline(pipe), families.widths(pipe)
+    for ident in identities:
+        families.check_identity(ident.name, ident.family, tuple(ident.widths), model, family, widths)
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -214,42 +223,70 @@ def _quiet_libraries() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
-def load(model: str, placement: devices.Placement) -> Any:
-    """The pipeline for `model` in the placement's precision, moved to its device, ready to sample."""
+def load(model: str, placement: devices.Placement, identities: Iterable[Identity] = ()) -> Any:
+    """The pipeline for `model` in the placement's precision, moved to its device, ready to sample.
+
+    `identities` that do not fit the model (check_model) are refused before its weights move to the device.
+    """
     with _quiet_libraries():
         pipe = devices.load_pipeline(model, torch_dtype=placement.torch_dtype)
+    check_model(model, identities, pipe)
     pipe = pipe.to(placement.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def add_identities(
-    pipe: Any, identities: Mapping[str, np.ndarray], *, model: str | None = None
+    pipe: Any, identities: Mapping[str, np.ndarray | Sequence[np.ndarray]], *, model: str | None = None
 ) -> dict[str, IdentityTokens]:
-    """Add each identity's [k, width] vectors to the pipeline's tokenizer and text encoder.
+    """Add each identity's [k, width] vectors to the pipeline's tokenizers and text encoders.
 
-    Returns {name key: IdentityTokens} for `expand_prompt`. The embedding table is resized once for all
-    identities; calling again with the same name overwrites that identity's rows.
+    A value is one array, or one per text encoder of the model's family (SDXL: clip_l's, then clip_g's;
+    `Library.effective_parts`). Returns {name key: IdentityTokens} for `expand_prompt`, with the first
+    tokenizer's ids. Each embedding table is resized once for all identities; calling again with the
+    same name overwrites that identity's rows.
     """
     import numpy as np
-    import torch
 
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    width = devices.text_width(encoder)
+    slots = families.slots(pipe)
     shown_model = model or getattr(pipe, "name_or_path", None) or "this model"
-    planned: dict[str, tuple[str, list[str], np.ndarray]] = {}
+    planned: dict[str, tuple[str, list[str], list[np.ndarray]]] = {}
     for name, raw in identities.items():
-        vectors = np.asarray(raw, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[0] < 1:
-            raise CrossinitError(f"identity {name!r}: expected vectors of shape [k, width], got {list(vectors.shape)}")
-        devices.check_width(name, int(vectors.shape[1]), shown_model, width)
+        parts = [raw] if isinstance(raw, np.ndarray) else list(raw)
+        if len(parts) != len(slots):
+            raise CrossinitError(
+                f"identity {name!r} has vectors for {len(parts)} text encoder(s) but model {shown_model!r} has "
+                f"{len(slots)}; use a model of the family it was learned on"
+            )
+        arrays = [np.asarray(p, dtype=np.float32) for p in parts]
+        for vectors, slot in zip(arrays, slots):
+            if vectors.ndim != 2 or vectors.shape[0] < 1 or vectors.shape[0] != arrays[0].shape[0]:
+                raise CrossinitError(
+                    f"identity {name!r}: expected vectors of shape [k, width], got {list(vectors.shape)}"
+                )
+            devices.check_width(name, int(vectors.shape[1]), shown_model, slot.width)
         key = name_key(name)
         if key in planned:
             raise CrossinitError(f"identity {name!r} was given twice")
-        planned[key] = (name, token_names(name, vectors.shape[0]), vectors)
+        planned[key] = (name, token_names(name, arrays[0].shape[0]), arrays)
+
+    mapping: dict[str, IdentityTokens] = {}
+    for i, slot in enumerate(slots):
+        added = _add_rows(
+            slot.tokenizer, slot.text_encoder, [(tokens, parts[i]) for _, tokens, parts in planned.values()]
+        )
+        if i == 0:
+            for (key, (name, tokens, _)), ids in zip(planned.items(), added):
+                mapping[key] = IdentityTokens(name=name, tokens=tuple(tokens), ids=tuple(ids))
+    return mapping
+
+
+def _add_rows(tokenizer: Any, encoder: Any, entries: list[tuple[list[str], np.ndarray]]) -> list[list[int]]:
+    """Add every entry's tokens to one tokenizer and set their rows of its encoder; their ids, in order."""
+    import torch
 
     vocab = tokenizer.get_vocab()
-    new = [tok for _, tokens, _ in planned.values() for tok in tokens if tok not in vocab]
+    new = [tok for tokens, _ in entries for tok in tokens if tok not in vocab]
     if new:
         tokenizer.add_tokens(new)
     table_rows = encoder.get_input_embeddings().weight.shape[0]
@@ -257,17 +294,16 @@ def add_identities(
         # The new rows are overwritten below, so skip transformers' mean/covariance initialisation.
         encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weight = encoder.get_input_embeddings().weight
-
-    mapping: dict[str, IdentityTokens] = {}
+    found: list[list[int]] = []
     with torch.no_grad():
-        for key, (name, tokens, vectors) in planned.items():
+        for tokens, vectors in entries:
             ids = [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
             # A tokenizer that split a placeholder would silently feed the wrong rows; refuse instead.
             if tokenizer(" ".join(tokens), add_special_tokens=False).input_ids != ids:
                 raise RuntimeError(f"tokenizer {type(tokenizer).__name__} does not keep {tokens[0]} as one token")
             weight[ids] = torch.from_numpy(vectors).to(device=weight.device, dtype=weight.dtype)
-            mapping[key] = IdentityTokens(name=name, tokens=tuple(tokens), ids=tuple(ids))
-    return mapping
+            found.append(ids)
+    return found
 
 
 def truncated_identities(pipe: Any, expanded: str, mapping: Mapping[str, IdentityTokens]) -> list[str]:

@@ -4,7 +4,9 @@ Layout under the library home:
 
     identities/<key>/meta.toml            metadata (schema, name, base model, training record, ...)
     identities/<key>/vectors.safetensors  "learned" float32[k, width], and "init" (the cross-init start);
-                                          snapshots of a run as "snapshot/<step>/<name>" (named tensors per step)
+                                          SDXL: "learned.clip_l", "init.clip_l", "learned.clip_g", "init.clip_g";
+                                          snapshots of a run as "snapshot/<step>/<name>" (named tensors per
+                                          step: "learned", or one per encoder, "clip_l" and "clip_g")
     identities/<key>/crops/000.png        the aligned face crops it was learned from
     .lock                                 held while anything is written
     .staging/                             entries being assembled (always under the lock)
@@ -48,7 +50,10 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-SCHEMA = 1
+SCHEMA = 2
+"""The newest metadata this release reads. Single-encoder entries are still written as schema 1, so the
+releases before SDXL keep reading them; an entry with vectors per encoder (SDXL) is schema 2, which
+those releases report as newer instead of misreading its first encoder's vectors."""
 META = "meta.toml"
 PENDING = "meta.toml.pending"
 VECTORS = "vectors.safetensors"
@@ -71,6 +76,7 @@ class Identity:
     tokens: int
     width: int
     family: str = ""  # "sd1", "sd2" or "sdxl"; entries written before it existed get it from their width
+    widths: list[int] = field(default_factory=list)  # one per text encoder (SDXL: [768, 1280]); else [width]
     base_model: str = ""
     encoder_fingerprint: str = ""
     has_init: bool = False
@@ -84,7 +90,7 @@ class Identity:
     evaluation: dict[str, Any] = field(default_factory=dict)
     snapshots: list[dict[str, Any]] = field(default_factory=list)  # [{"step": 40, "loss": ...}, ...]
     active_step: int = 0  # the snapshot prompts use; 0: the final vectors
-    schema: int = SCHEMA
+    schema: int = 1
 
     @property
     def token(self) -> str:
@@ -108,6 +114,7 @@ class Identity:
         ident.tags = [str(t) for t in ident.tags]
         ident.strength = float(ident.strength)
         ident.family = str(ident.family or LEGACY_FAMILIES.get(ident.width, ""))
+        ident.widths = [int(w) for w in ident.widths] or [ident.width]
         return ident
 
 
@@ -127,26 +134,50 @@ SNAPSHOT_ROWS = "learned"
 
 @dataclass
 class Vectors:
+    """An identity's vectors: `learned`/`init` are its (first) text encoder's [k, width].
+
+    A model with several text encoders (SDXL) has vectors per encoder: `parts` holds every encoder's
+    (learned, init) by its key ("clip_l", "clip_g"), in the family's order; empty for one encoder.
+    """
+
     learned: np.ndarray
     init: np.ndarray | None
+    parts: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
     snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # step -> named tensors
 
     def at_strength(self, strength: float, step: int = 0) -> np.ndarray:
         """init + strength * (learned - init): 1.0 is as learned, 0.0 the cross-init start.
 
         `step` picks a snapshot's rows instead of the final ones (0: the final vectors)."""
-        learned = self.at_step(step)
-        if self.init is None or strength == 1.0:
-            return learned.copy()
-        return (self.init + strength * (learned - self.init)).astype("float32")
+        return _blend(self.at_step(step), self.init, strength)
+
+    def per_encoder(self, strength: float = 1.0, step: int = 0) -> list[np.ndarray]:
+        """Every text encoder's vectors at `strength`, in the family's order (one array for SD 1.x/2.x);
+        `step` picks a snapshot's."""
+        if not self.parts:
+            return [self.at_strength(strength, step)]
+        if not step:
+            return [_blend(learned, init, strength) for learned, init in self.parts.values()]
+        taken = self.snapshot(step)
+        return [_blend(taken[key], init, strength) for key, (_, init) in self.parts.items()]
 
     def at_step(self, step: int) -> np.ndarray:
-        """The rows of the snapshot taken at `step` (0: the final vectors)."""
+        """The (first encoder's) rows of the snapshot taken at `step` (0: the final vectors)."""
         if not step:
             return self.learned
+        taken = self.snapshot(step)
+        return taken[SNAPSHOT_ROWS] if SNAPSHOT_ROWS in taken else taken[next(iter(self.parts))]
+
+    def snapshot(self, step: int) -> dict[str, np.ndarray]:
         if step not in self.snapshots:
             raise CrossinitError(f"no snapshot at step {step}; `crossinit show NAME` lists them")
-        return self.snapshots[step][SNAPSHOT_ROWS]
+        return self.snapshots[step]
+
+
+def _blend(learned: np.ndarray, init: np.ndarray | None, strength: float) -> np.ndarray:
+    if init is None or strength == 1.0:
+        return learned.copy()
+    return (init + strength * (learned - init)).astype("float32")
 
 
 def check_vectors(array: np.ndarray, what: str) -> np.ndarray:
@@ -221,7 +252,8 @@ class Library:
         def read_once() -> tuple[Identity, Vectors]:
             path = self.path_of(name)
             if os.open not in os.supports_dir_fd:  # no directory handles (Windows): read by path
-                return self._read_meta(path), self._read_vectors(name, path)
+                ident = self._read_meta(path)
+                return ident, self._read_vectors(name, path, ident.family)
             try:
                 folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             except (FileNotFoundError, NotADirectoryError):
@@ -229,7 +261,8 @@ class Library:
             except OSError as exc:
                 raise CrossinitError(f"cannot read identity {name!r}: {exc.strerror or exc}") from None
             try:
-                return self._read_meta(path, folder), self._read_vectors(name, folder)
+                ident = self._read_meta(path, folder)
+                return ident, self._read_vectors(name, folder, ident.family)
             finally:
                 os.close(folder)
 
@@ -243,24 +276,37 @@ class Library:
         ident, vectors = self.read(name)
         return vectors.at_strength(ident.strength, ident.active_step)
 
-    def _read_vectors(self, name: str, folder: Path | int) -> Vectors:
+    def effective_parts(self, name: str) -> list[np.ndarray]:
+        """The vectors prompts use, one array per text encoder of the identity's family (SDXL: two)."""
+        ident, vectors = self.read(name)
+        return vectors.per_encoder(ident.strength, ident.active_step)
+
+    def _read_vectors(self, name: str, folder: Path | int, family: str = "") -> Vectors:
         import numpy as np
         from safetensors import SafetensorError
         from safetensors.numpy import load
 
+        def checked(tensors: dict[str, Any], key: str, what: str) -> np.ndarray | None:
+            value = tensors.get(key)
+            return None if value is None else check_vectors(np.asarray(value), what)
+
         try:
             tensors = load(_read_at(folder, VECTORS))
-            learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
-            init = tensors.get("init")
-            init = None if init is None else check_vectors(np.asarray(init), f"identity {name!r} init")
-            snapshots: dict[int, dict[str, np.ndarray]] = {}
-            for key, value in tensors.items():
-                if key.startswith(SNAPSHOT_PREFIX):
-                    step, part = key[len(SNAPSHOT_PREFIX) :].split("/", 1)
-                    snapshots.setdefault(int(step), {})[part] = check_vectors(np.asarray(value), key)
+            snapshots = _snapshots_in(tensors)
+            if "learned" in tensors:  # one text encoder: the layout of every release so far
+                learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
+                init = checked(tensors, "init", f"identity {name!r} init")
+                return Vectors(learned, init, snapshots=snapshots)
+            parts: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+            for key in _encoder_keys(family, tensors):
+                learned = check_vectors(np.asarray(tensors[f"learned.{key}"]), f"identity {name!r} ({key})")
+                parts[key] = (learned, checked(tensors, f"init.{key}", f"identity {name!r} init ({key})"))
+            if not parts:
+                raise KeyError("learned")
         except (OSError, KeyError, SafetensorError, ValueError) as exc:
             raise CrossinitError(f"identity {name!r} is damaged: cannot read {VECTORS} ({exc})") from None
-        return Vectors(learned, init, dict(sorted(snapshots.items())))
+        first_learned, first_init = next(iter(parts.values()))
+        return Vectors(first_learned, first_init, parts, snapshots)
 
     def crops(self, name: str) -> list[Path]:
         folder = self.path_of(name) / CROPS
@@ -367,8 +413,8 @@ class Library:
     def add(
         self,
         identity: Identity,
-        learned: np.ndarray,
-        init: np.ndarray | None = None,
+        learned: np.ndarray | dict[str, np.ndarray],
+        init: np.ndarray | dict[str, np.ndarray] | None = None,
         crops: Sequence[Image.Image] = (),
         *,
         force: bool = False,
@@ -376,23 +422,22 @@ class Library:
     ) -> Path:
         """Store a new identity (replace an existing one only with `force`); returns its directory.
 
-        `snapshots` are the rows at some steps of its run ({step: {name: [k, width]}}), kept beside them."""
+        `learned` (and `init`) are one [k, width] array, or for a model with several text encoders (SDXL)
+        a dict of them by encoder key ("clip_l", "clip_g"), all with the same k. `snapshots` are the rows
+        at some steps of its run ({step: {"learned" or encoder key: [k, width]}}), kept beside them.
+        """
         from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         identity.name = validate_name(identity.name)
-        learned = check_vectors(learned, f"identity {identity.name!r}")
-        tensors = {"learned": learned}
-        if init is not None:
-            init = check_vectors(init, f"identity {identity.name!r} init")
-            if init.shape != learned.shape:
-                raise CrossinitError(f"init shape {list(init.shape)} differs from learned {list(learned.shape)}")
-            tensors["init"] = init
+        tensors, shapes = _vector_tensors(identity.name, learned, init)
         for step, parts in (snapshots or {}).items():
             for part, rows in parts.items():
                 tensors[f"{SNAPSHOT_PREFIX}{int(step)}/{part}"] = check_vectors(rows, f"snapshot at step {step}")
-        identity.tokens, identity.width = learned.shape
+        identity.tokens, identity.width = shapes[0]
+        identity.widths = [w for _, w in shapes]
         identity.has_init = init is not None
+        identity.schema = 2 if isinstance(learned, dict) else 1
         identity.modified = now()
         key = name_key(identity.name)
         with self.locked():
@@ -453,7 +498,7 @@ class Library:
                 ident = Identity.from_dict(raw)
             except (TypeError, ValueError) as exc:
                 raise CrossinitError(f"edited metadata is invalid: {exc}") from None
-            for fixed in ("tokens", "width", "has_init"):
+            for fixed in ("tokens", "width", "widths", "family", "has_init"):
                 if getattr(ident, fixed) != getattr(current, fixed):
                     raise CrossinitError(f"{fixed!r} cannot be edited")
             if ident.name.casefold() != current.name.casefold():
@@ -511,6 +556,57 @@ class Library:
             except OSError as exc:
                 raise CrossinitError(f"cannot remove identity {name!r}: {exc.strerror or exc}") from None
             shutil.rmtree(gone, ignore_errors=True)
+
+
+def _vector_tensors(
+    name: str, learned: np.ndarray | dict[str, np.ndarray], init: np.ndarray | dict[str, np.ndarray] | None
+) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+    """The safetensors dict an entry stores, and each encoder's [k, width], checked."""
+    if not isinstance(learned, dict):
+        pairs = {"": (learned, init)}
+    else:
+        if init is not None and (not isinstance(init, dict) or set(init) != set(learned)):
+            raise CrossinitError(f"identity {name!r}: init must have the same encoders as learned")
+        pairs = {key: (value, None if init is None else init[key]) for key, value in learned.items()}
+    if not pairs:
+        raise CrossinitError(f"identity {name!r}: no vectors")
+    tensors: dict[str, np.ndarray] = {}
+    shapes: list[tuple[int, int]] = []
+    for key, (rows, start) in pairs.items():
+        suffix = f".{key}" if key else ""
+        what = f"identity {name!r}" + (f" ({key})" if key else "")
+        rows = check_vectors(rows, what)
+        tensors["learned" + suffix] = rows
+        if start is not None:
+            start = check_vectors(start, f"{what} init")
+            if start.shape != rows.shape:
+                raise CrossinitError(f"init shape {list(start.shape)} differs from learned {list(rows.shape)}")
+            tensors["init" + suffix] = start
+        shapes.append((int(rows.shape[0]), int(rows.shape[1])))
+    if len({k for k, _ in shapes}) != 1:
+        raise CrossinitError(f"identity {name!r}: every text encoder needs the same number of vectors, got {shapes}")
+    return tensors, shapes
+
+
+def _snapshots_in(tensors: dict[str, Any]) -> dict[int, dict[str, np.ndarray]]:
+    """The snapshots stored beside an entry's vectors: "snapshot/<step>/<name>" -> {step: {name: rows}}."""
+    import numpy as np
+
+    found: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        if key.startswith(SNAPSHOT_PREFIX):
+            step, part = key[len(SNAPSHOT_PREFIX) :].split("/", 1)
+            found.setdefault(int(step), {})[part] = check_vectors(np.asarray(value), key)
+    return dict(sorted(found.items()))
+
+
+def _encoder_keys(family: str, tensors: dict[str, Any]) -> list[str]:
+    """The per-encoder keys of an entry's vectors, in its family's encoder order."""
+    from crossinit_cli import families
+
+    present = [k[len("learned.") :] for k in tensors if k.startswith("learned.")]
+    order = [e.key for e in families.FAMILIES[family].encoders] if family in families.FAMILIES else []
+    return [k for k in order if k in present] + sorted(k for k in present if k not in order)
 
 
 def _read_at(folder: Path | int, file: str) -> bytes:

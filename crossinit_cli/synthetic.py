@@ -1,9 +1,12 @@
 """Randomly initialised Stable Diffusion pipelines built on disk, offline.
 
 `build_tiny_sd` makes a small model (seconds to build, milliseconds a step) with the same structure as
-SD 1.x/2.x: the tests and the CPU benchmark run crossinit's real code paths on it. `build_full_size_sd21`
-makes a random-init model with SD 2.1-base's exact shapes, which costs the same per step as the real
-weights: the GPU benchmark times it. Neither is a model anyone should generate pictures with.
+SD 2.x, `build_tiny_sd1` one shaped like SD 1.x (quick_gelu CLIP text encoder, pad = EOS, no linear
+projection in the UNet) and `build_tiny_sdxl` one shaped like SDXL (two text encoders, the second with a
+projection, a text_time UNet): the tests and the CPU benchmark run crossinit's real code paths on them.
+`build_full_size_sd21` and `build_full_size_sdxl` make random-init models with SD 2.1-base's and SDXL
+base's exact shapes, which cost the same per step as the real weights: the GPU benchmark times them.
+None is a model anyone should generate pictures with.
 """
 
 from __future__ import annotations
@@ -87,66 +90,196 @@ def write_tokenizer(folder: Path, merges_wanted: int = 400) -> int:
 def build_tiny_sd(folder: Path, *, width: int = 32, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """A tiny random SD pipeline saved as a diffusers folder (64 px images, text width `width`)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     folder = Path(folder)
-    tok_dir = folder / "_tokenizer_src"
-    write_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(
-        str(tok_dir / "vocab.json"),
-        str(tok_dir / "merges.txt"),
-        model_max_length=77,
-        pad_token="<|endoftext|>",
-    )
+    tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=width * 2,
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=width,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=width,
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, width, mlp=2))
+    unet = _tiny_unet(
+        width,
         # diffusers' historical name: this is the number of heads. One head of 64 channels keeps SD's
         # 64-wide attention heads (SD 2.1: 5/10/20 heads of 64), so attention costs what it does there.
         attention_head_dim=1,
         use_linear_projection=True,  # as SD 2.x
-        norm_num_groups=16,
     )
-    vae = AutoencoderKL(
+    return _save(folder, tokenizer, text_encoder, unet, _tiny_vae(), prediction_type)
+
+
+def _tiny_text_config(tokenizer: Any, width: int, *, mlp: int, act: str = "quick_gelu", projection: int = 0) -> Any:
+    """A 3-layer, 4-head CLIP text config over `tokenizer`'s vocabulary (`mlp` x width MLP)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=width * mlp,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        hidden_act=act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection or width,
+    )
+
+
+def _tiny_unet(cross_attention_dim: int, **overrides: Any) -> Any:
+    """The tiny two-level UNet (64 px images through the tiny VAE), with the family's `overrides`."""
+    from diffusers import UNet2DConditionModel
+
+    settings: dict[str, Any] = {
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": cross_attention_dim,
+        "norm_num_groups": 16,
+    }
+    return UNet2DConditionModel(**{**settings, **overrides})
+
+
+def _tiny_tokenizer(folder: Path, pad: str) -> Any:
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(folder)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, pad_token=pad)
+
+
+def _tiny_vae(scaling_factor: float = 0.18215) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
-        layers_per_block=2,  # as SD's VAE
+        layers_per_block=2,
         norm_num_groups=16,
         sample_size=64,
+        scaling_factor=scaling_factor,
     )
-    return _save(folder, tokenizer, text_encoder, unet, vae, prediction_type)
+
+
+def build_tiny_sd1(folder: Path, *, width: int = 32, seed: int = 0) -> Path:
+    """A tiny random SD 1.x-shaped pipeline: CLIP ViT-L's quick_gelu and 4x MLP, pad = EOS, epsilon."""
+    import torch
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, width, mlp=4))  # 768 -> 3072, as CLIP ViT-L
+    unet = _tiny_unet(
+        width,
+        attention_head_dim=8,  # SD 1.x's config value (it is the number of heads)
+        use_linear_projection=False,  # as SD 1.x
+    )
+    return _save(folder, tokenizer, text_encoder, unet, _tiny_vae(), "epsilon")
+
+
+def build_tiny_sdxl(folder: Path, *, widths: tuple[int, int] = (32, 64), seed: int = 0) -> Path:
+    """A tiny random SDXL-shaped pipeline: a CLIP-L-like and a bigG-like (projected) encoder, text_time UNet."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
+    tokenizer_2 = _tiny_tokenizer(folder / "_tokenizer_2_src", "!")  # SDXL's second tokenizer pads with "!"
+    projection = widths[1] // 2
+    torch.manual_seed(seed)
+
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, widths[0], mlp=4, projection=projection))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _tiny_text_config(tokenizer, widths[1], mlp=4, act="gelu", projection=projection)
+    )
+    time_dim = 8
+    unet = _tiny_unet(
+        sum(widths),
+        attention_head_dim=(1, 1),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection,
+    )
+    modules = {"vae": _tiny_vae(0.13025), "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    return _save_sdxl(folder, tokenizer, tokenizer_2, {**modules, "unet": unet})
+
+
+def build_full_size_sdxl(folder: Path, *, seed: int = 0) -> Path:
+    """A random-init model with stable-diffusion-xl-base-1.0's shapes (2.6B UNet, CLIP-L 768 + bigG 1280)."""
+    import torch
+
+    folder = Path(folder)
+    tokenizer = _tiny_tokenizer(folder / "_tokenizer_src", "<|endoftext|>")
+    tokenizer_2 = _tiny_tokenizer(folder / "_tokenizer_2_src", "!")
+    torch.manual_seed(seed)
+    return _save_sdxl(folder, tokenizer, tokenizer_2, sdxl_base_modules(tokenizer))
+
+
+def _save_sdxl(folder: Path, tokenizer: Any, tokenizer_2: Any, modules: dict[str, Any]) -> Path:
+    """Assemble an SDXL pipeline with SDXL's Euler scheduler and write it as a diffusers folder."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler, **modules)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def sdxl_base_modules(tokenizer: Any) -> dict[str, Any]:
+    """SDXL base's text encoders, UNet and VAE with random weights (on the default device: under
+    `torch.device("meta")` they cost no memory, which is how a test counts their parameters)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def config(width: int, layers: int, heads: int, act: str, projection: int) -> Any:
+        # The real vocabulary has 49408 rows; the cost of the table does not depend on the tokenizer.
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=width,
+            intermediate_size=width * 4,
+            num_attention_heads=heads,
+            num_hidden_layers=layers,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=projection,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    text_encoder = CLIPTextModel(config(768, 12, 12, "quick_gelu", 768))
+    text_encoder_2 = CLIPTextModelWithProjection(config(1280, 32, 20, "gelu", 1280))
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = _sd_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
+    return {"vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "unet": unet}
 
 
 def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:
     """A random-init model with stable-diffusion-2-1-base's shapes (865M UNet, 1024-wide OpenCLIP-H text)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -181,15 +314,22 @@ def build_full_size_sd21(folder: Path, *, seed: int = 0) -> Path:
         attention_head_dim=(5, 10, 20, 20),
         use_linear_projection=True,
     )
-    vae = AutoencoderKL(
+    vae = _sd_vae(sample_size=512)
+    return _save(folder, tokenizer, text_encoder, unet, vae, "epsilon")
+
+
+def _sd_vae(**settings: Any) -> Any:
+    """Stable Diffusion's real 8x VAE (84M parameters), with random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         layers_per_block=2,
-        sample_size=512,
+        **settings,
     )
-    return _save(folder, tokenizer, text_encoder, unet, vae, "epsilon")
 
 
 def _save(folder: Path, tokenizer: Any, text_encoder: Any, unet: Any, vae: Any, prediction_type: str) -> Path:

@@ -15,6 +15,11 @@ What differs is only how fast the same numbers come out:
 - each distinct caption of a batch goes through the text encoder once;
 - bf16 (fp16 where bf16 is missing) autocast on CUDA with the UNet's weights in that dtype, fp32 on the
   CPU; PyTorch SDPA attention in the UNet and the text encoder.
+
+SDXL (families.py) has two text encoders: each gets its own two rows and its own start, the regulariser
+averages over all four rows, and the UNet also takes encoder 2's pooled embedding and the size/crop time
+ids (`condition`). Its 2.6B-parameter UNet runs with gradient checkpointing, so that batch 8 at 1024 px
+fits a 24 GB GPU; its VAE encodes in fp32, as every family's does here (it overflows in fp16).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from crossinit_cli import families
 from crossinit_cli.crossinit import PHRASE, add_placeholder_tokens
 from crossinit_cli.errors import CrossinitError
 
@@ -35,6 +41,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from crossinit_cli.devices import Placement
+    from crossinit_cli.families import Family, Slot
 
 # diffusers' textual-inversion `imagenet_templates_small`; the official code repeats it with "an
 # illustration of" and "a depiction of" in place of "a photo of" (81 captions, duplicates kept).
@@ -73,6 +80,7 @@ TEMPLATES = tuple(
     for t in _SMALL_TEMPLATES
 )
 FLIP_P = 0.5
+MIN_RESOLUTION = 256
 LR_PER_IMAGE = 0.000625
 """The official base learning rate; its `--scale_lr` multiplies it by the batch (0.005 at batch 8)."""
 FINAL_LOSS_WINDOW = 10
@@ -85,8 +93,8 @@ SaveState = Callable[[dict[str, Any]], None]
 CHECKPOINT_EVERY = 5
 """A checkpoint is written at most every this many steps (and at Ctrl-C): a kill -9 loses at most 4."""
 ROWS = "learned"
-"""The name of the learned rows in a snapshot or checkpoint: each is a dict of named tensors (SDXL's two
-encoders will have one name each)."""
+"""The name of the learned rows in a snapshot or checkpoint of a one-encoder model: each is a dict of
+named tensors, and a model with several encoders (SDXL) names its rows by encoder ("clip_l", "clip_g")."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,13 @@ class TrainConfig:
             raise CrossinitError(f"learning rate must be a positive number, not {self.lr:g}")
         if not math.isfinite(self.reg_weight) or self.reg_weight < 0:
             raise CrossinitError(f"regulariser weight must be zero or positive, not {self.reg_weight:g}")
+        check_resolution(self.resolution)
+
+
+def check_resolution(resolution: int | None) -> None:
+    """`--resolution`: a multiple of 64 (the VAE's 8x times the UNet's 8x), at least MIN_RESOLUTION."""
+    if resolution is not None and (resolution < MIN_RESOLUTION or resolution % 64):
+        raise CrossinitError(f"--resolution must be a multiple of 64 and at least {MIN_RESOLUTION}, not {resolution}")
 
 
 def scaled_lr(batch_size: int) -> float:
@@ -134,15 +149,18 @@ def scaled_lr(batch_size: int) -> float:
     return LR_PER_IMAGE * batch_size
 
 
-def oom_advice(config: TrainConfig) -> str:
-    """Settings that fit in less memory and keep the learning rate per image (and the images seen)."""
-    if config.batch_size <= 1:
-        return "try --device cpu, or a smaller --model"
-    half = config.batch_size // 2
-    lr = config.lr * half / config.batch_size
-    lr_flag = "" if math.isclose(config.lr, scaled_lr(config.batch_size)) else f" --lr {lr:g}"
-    steps = config.steps * config.batch_size // half
-    return f"try --batch-size {half} --steps {steps}{lr_flag} (same rate per image), or --device cpu"
+def oom_advice(config: TrainConfig, size: int) -> str:
+    """Settings that fit in less memory: a smaller size, or half the batch for twice the steps at the same
+    learning rate per image (so the run sees as many images, each learned at the same rate)."""
+    smaller = size // 2 // 64 * 64
+    options = [f"--resolution {smaller}"] if smaller >= MIN_RESOLUTION else []
+    if config.batch_size > 1:
+        half = config.batch_size // 2
+        lr = config.lr * half / config.batch_size
+        lr_flag = "" if math.isclose(config.lr, scaled_lr(config.batch_size)) else f" --lr {lr:g}"
+        steps = config.steps * config.batch_size // half
+        options.append(f"--batch-size {half} --steps {steps}{lr_flag} (same rate per image)")
+    return "try " + ", ".join([*options, "or --device cpu"]) if options else "try --device cpu, or a smaller --model"
 
 
 MODES = {
@@ -170,6 +188,8 @@ class TrainResult:
     device: str
     dtype: str
     token_ids: list[int] = field(default_factory=list)
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """Every text encoder's (learned, init) by its key (families.EncoderSpec.key); learned/init are the first's."""
     snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # step -> {name: [2, width]}
     snapshot_losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss of the steps before it
 
@@ -201,6 +221,32 @@ def regulariser(rows: torch.Tensor, start: torch.Tensor, weight: float) -> torch
     import torch.nn.functional as F
 
     return weight * F.pairwise_distance(rows, start, p=2).mean()
+
+
+def regulariser_all(rows: Sequence[torch.Tensor], starts: Sequence[torch.Tensor], weight: float) -> torch.Tensor:
+    """The regulariser over every encoder's rows (SDXL: 2 + 2), each against its own start, averaged."""
+    import torch
+    import torch.nn.functional as F
+
+    if len(rows) == 1:
+        return regulariser(rows[0], starts[0], weight)
+    distances = torch.cat([F.pairwise_distance(r, s, p=2) for r, s in zip(rows, starts)])
+    return weight * distances.mean()
+
+
+def condition(
+    family: Family, slots: Sequence[Slot], captions: Sequence[torch.Tensor], size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """The UNet's text conditioning for caption ids (one tensor per encoder), as the family's pipeline makes it."""
+    return families.conditioning(family, list(zip(slots, captions)), size)
+
+
+def _gather(conditioning: tuple[torch.Tensor, dict[str, torch.Tensor] | None], index: torch.Tensor, dtype: Any) -> Any:
+    """Rows `index` of a conditioning (distinct captions -> batch items), in the UNet's dtype."""
+    states, added = conditioning
+    if added is not None:
+        added = {k: v[index].to(dtype) for k, v in added.items()}
+    return states[index].to(dtype), added
 
 
 def _pixels(image: Image.Image, size: int) -> torch.Tensor:
@@ -242,19 +288,23 @@ def train(
     vae: Any,
     scheduler_config: Any,
     crops: Sequence[Image.Image],
-    init: torch.Tensor,
+    init: torch.Tensor | Sequence[torch.Tensor],
     config: TrainConfig,
     placement: Placement,
     progress: Progress | None = None,
+    family: Family | None = None,
+    slots: Sequence[Slot] | None = None,
     snapshot_every: int | None = None,
     save_state: SaveState | None = None,
     resume_from: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width].
 
-    The modules are moved to the placement's device (the UNet also cast to its dtype); the text encoder
-    keeps the two new tokens with the learned rows. Same seed, device and inputs give the same rows.
-    Raises CrossinitError if the loss becomes NaN or infinite.
+    A model with several text encoders (SDXL) passes its `family` and `slots` (families.slots), and one
+    init per encoder; `tokenizer` and `text_encoder` are then the first slot's. The modules are moved to
+    the placement's device (the UNet also cast to its dtype); each text encoder keeps the two new tokens
+    with the learned rows. Same seed, device and inputs give the same rows. Raises CrossinitError if the
+    loss becomes NaN or infinite.
 
     `snapshot_every` keeps the rows every that many steps (and at the last, when it kept some before).
     `save_state` receives the run's state every `CHECKPOINT_EVERY` steps and at Ctrl-C; `resume_from`
@@ -273,6 +323,10 @@ def train(
     on_cuda = device.type == "cuda"
     compute = placement.torch_dtype
     size = config.resolution or model_resolution(unet, vae)
+    family = family or families.FAMILIES["sd2"]
+    if slots is None:
+        slots = [families.Slot(family.encoders[0], tokenizer, text_encoder)]
+    inits = [init] if not isinstance(init, (list, tuple)) else list(init)
     draw = random.Random(config.seed)  # which photo, flip and caption each batch item gets
     noise_gen = torch.Generator(device).manual_seed(config.seed)  # latent samples, noise, timesteps
 
@@ -293,19 +347,14 @@ def train(
     encode_s = time.perf_counter() - started
 
     # ---- model: two new tokens at the cross init; everything else frozen ----------------------------
-    token_ids = add_placeholder_tokens(tokenizer, text_encoder, init)
-    captions = tokenizer(
-        [t.format(PHRASE) for t in TEMPLATES],
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids
-    if not all((captions == i).any(dim=1).all() for i in token_ids):
-        raise CrossinitError("this model's tokenizer does not keep the placeholder tokens whole; cannot train")
-    captions = captions.to(device)
-    text_encoder.requires_grad_(False).eval().to(device)  # fp32 weights; autocast computes in `compute`
+    all_ids = [add_placeholder_tokens(s.tokenizer, s.text_encoder, i) for s, i in zip(slots, inits)]
+    token_ids = all_ids[0]
+    captions = [_caption_ids(s.tokenizer, ids).to(device) for s, ids in zip(slots, all_ids)]
+    for slot in slots:
+        slot.text_encoder.requires_grad_(False).eval().to(device)  # fp32 weights; autocast computes in `compute`
     unet.requires_grad_(False).eval().to(device)
+    if family.checkpointing:  # SDXL's UNet: recompute activations in backward instead of holding them all
+        unet.enable_gradient_checkpointing()
     if unet.dtype != compute:  # frozen, so its weights can live in the compute dtype (as diffusers' example does)
         unet.to(dtype=compute)
     unet.set_attn_processor(_sdpa_processor())
@@ -313,14 +362,14 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         unet.to(memory_format=torch.channels_last)
-    start = init.detach().to(device=device, dtype=torch.float32)
-    rows = torch.nn.Parameter(start.clone())
+    starts = [i.detach().to(device=device, dtype=torch.float32) for i in inits]
+    rows_all = [torch.nn.Parameter(s.clone()) for s in starts]
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     steps_t = noise_scheduler.config.num_train_timesteps
 
     # ---- optimiser ----------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(
-        [rows], lr=config.lr, betas=config.adam_betas, weight_decay=config.adam_weight_decay, eps=config.adam_eps
+        rows_all, lr=config.lr, betas=config.adam_betas, weight_decay=config.adam_weight_decay, eps=config.adam_eps
     )
     scaler = torch.amp.GradScaler(device.type, enabled=placement.dtype == "fp16")
     autocast = torch.autocast(device.type, dtype=compute, enabled=placement.dtype != "fp32")
@@ -329,11 +378,12 @@ def train(
     losses: list[float] = []
     order: list[int] = []
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    named = dict(zip(row_names(slots), rows_all))
     done = 0
     if resume_from is not None:
-        done, order, losses, snapshots = restore_run(resume_from, rows, optimizer, scaler, draw, noise_gen)
+        done, order, losses, snapshots = restore_run(resume_from, named, optimizer, scaler, draw, noise_gen)
     state = resume_from
-    hook = _splice_rows(text_encoder, token_ids, rows)
+    hooks = [_splice_rows(s.text_encoder, ids, r) for s, ids, r in zip(slots, all_ids, rows_all)]
     loop_started = time.perf_counter()
     try:
         for step in range(done + 1, config.steps + 1):
@@ -354,9 +404,11 @@ def train(
             distinct, inverse = torch.unique(torch.tensor(chosen, device=device), return_inverse=True)
 
             with autocast:
-                states = text_encoder(captions[distinct]).last_hidden_state[inverse]
-                prediction = unet(noisy.to(compute), t, states.to(compute)).sample
-            loss = F.mse_loss(prediction.float(), target.float()) + regulariser(rows, start, config.reg_weight)
+                states, added = _gather(
+                    condition(family, slots, [c[distinct] for c in captions], size), inverse, compute
+                )
+                prediction = unet(noisy.to(compute), t, states, added_cond_kwargs=added).sample
+            loss = F.mse_loss(prediction.float(), target.float()) + regulariser_all(rows_all, starts, config.reg_weight)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -369,18 +421,18 @@ def train(
                 )
             losses.append(value)
             if _snapshot_due(step, snapshot_every, config.steps):
-                snapshots[step] = snapshot_rows(rows)
+                snapshots[step] = snapshot_rows(named)
             if save_state is not None:
                 rngs = capture_rng(draw, noise_gen)
-                state = capture_run(step, rows, optimizer, scaler, rngs, order, losses, snapshots)
+                state = capture_run(step, named, optimizer, scaler, rngs, order, losses, snapshots)
                 if step % CHECKPOINT_EVERY == 0 and step < config.steps:
                     save_state(state)
             if progress is not None:
                 progress(step, config.steps, value)
         # Each loss is computed before its update: check the last update on what prompts will see.
         with torch.no_grad(), autocast:
-            final = text_encoder(captions[:1]).last_hidden_state
-        if not (torch.isfinite(rows).all() and torch.isfinite(final).all()):
+            final = condition(family, slots, [c[:1] for c in captions], size)[0]
+        if not (all(torch.isfinite(r).all() for r in rows_all) and torch.isfinite(final).all()):
             raise CrossinitError(
                 f"training diverged at step {config.steps} (the learned vectors overflow); "
                 "try --dtype fp32 or a lower --lr"
@@ -391,22 +443,32 @@ def train(
         raise
     except torch.cuda.OutOfMemoryError:
         raise CrossinitError(
-            f"out of memory on {placement.device} at batch size {config.batch_size}; {oom_advice(config)}"
+            f"out of memory on {placement.device} at batch size {config.batch_size} and {size} px; "
+            f"{oom_advice(config, size)}"
         ) from None
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+        if family.checkpointing:
+            unet.disable_gradient_checkpointing()
     loop_s = time.perf_counter() - loop_started
     ran = max(1, config.steps - done)
 
     # ---- result: the learned rows, also written into the text encoder's table -----------------------
-    learned = rows.detach().float()
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with torch.no_grad():
-        table = text_encoder.get_input_embeddings().weight
-        table[token_ids] = learned.to(table.dtype)
+        for slot, ids, learned, begin in zip(slots, all_ids, rows_all, starts):
+            table = slot.text_encoder.get_input_embeddings().weight
+            table[ids] = learned.detach().to(table.dtype)
+            parts[slot.spec.key] = (
+                learned.detach().float().cpu().numpy().astype(np.float32),
+                begin.cpu().numpy().astype(np.float32),
+            )
     window = losses[-FINAL_LOSS_WINDOW:]
+    first_learned, first_init = next(iter(parts.values()))
     return TrainResult(
-        learned=learned.cpu().numpy().astype(np.float32),
-        init=start.cpu().numpy().astype(np.float32),
+        learned=first_learned,
+        init=first_init,
         losses=losses,
         final_loss=float(sum(window) / len(window)),
         per_step_s=loop_s / ran,
@@ -417,6 +479,7 @@ def train(
         device=placement.device,
         dtype=placement.dtype,
         token_ids=token_ids,
+        parts=parts,
         snapshots={k: {n: t.numpy().astype(np.float32) for n, t in v.items()} for k, v in snapshots.items()},
         snapshot_losses={k: _window_mean(losses[:k]) for k in snapshots},
     )
@@ -435,9 +498,14 @@ def _window_mean(losses: list[float]) -> float:
 # ---- snapshots and checkpoints: small helpers the loop calls --------------------------------------
 
 
-def snapshot_rows(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The learned rows at this step, as a snapshot's named tensors (a copy, on the CPU)."""
-    return {ROWS: rows.detach().float().cpu().clone()}
+def row_names(slots: Sequence[Slot]) -> list[str]:
+    """The names of a run's rows in snapshots and checkpoints: `ROWS` for one encoder, else each encoder's key."""
+    return [ROWS] if len(slots) == 1 else [s.spec.key for s in slots]
+
+
+def snapshot_rows(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The learned rows at this step, as a snapshot's named tensors (copies, on the CPU)."""
+    return {name: r.detach().float().cpu().clone() for name, r in rows.items()}
 
 
 def capture_rng(draw: random.Random, noise_gen: torch.Generator) -> dict[str, Any]:
@@ -463,7 +531,7 @@ def restore_rng(state: dict[str, Any], draw: random.Random, noise_gen: torch.Gen
 
 def capture_run(
     step: int,
-    rows: torch.Tensor,
+    rows: dict[str, torch.Tensor],
     optimizer: Any,
     scaler: Any,
     rngs: dict[str, Any],
@@ -489,19 +557,41 @@ def capture_run(
 
 
 def restore_run(
-    state: dict[str, Any], rows: torch.Tensor, optimizer: Any, scaler: Any, draw: random.Random, noise_gen: Any
+    state: dict[str, Any],
+    rows: dict[str, torch.Tensor],
+    optimizer: Any,
+    scaler: Any,
+    draw: random.Random,
+    noise_gen: Any,
 ) -> tuple[int, list[int], list[float], dict[int, dict[str, torch.Tensor]]]:
     """Put a captured state back; returns (step, data order, losses, snapshots) to continue from."""
     import torch
 
+    if set(state["rows"]) != set(rows):
+        raise CrossinitError(f"the checkpoint holds rows {sorted(state['rows'])}, this model trains {sorted(rows)}")
     with torch.no_grad():
-        rows.copy_(state["rows"][ROWS].to(rows.device))
+        for name, row in rows.items():
+            row.copy_(state["rows"][name].to(row.device))
     optimizer.load_state_dict(state["optimizer"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"], draw, noise_gen)
     snapshots = {int(k): v for k, v in state["snapshots"].items()}
     return int(state["step"]), list(state["order"]), list(state["losses"]), snapshots
+
+
+def _caption_ids(tokenizer: Any, token_ids: list[int]) -> torch.Tensor:
+    """Every caption template filled with the phrase, as one encoder's padded ids [81, 77]."""
+    captions = tokenizer(
+        [t.format(PHRASE) for t in TEMPLATES],
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+    if not all((captions == i).any(dim=1).all() for i in token_ids):
+        raise CrossinitError("this model's tokenizer does not keep the placeholder tokens whole; cannot train")
+    return captions
 
 
 def _sdpa_processor() -> Any:

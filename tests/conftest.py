@@ -34,6 +34,22 @@ def tiny_model_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 1.x-shaped pipeline (quick_gelu text encoder, pad = EOS, epsilon, width 32)."""
+    from crossinit_cli.synthetic import build_tiny_sd1
+
+    return build_tiny_sd1(tmp_path_factory.mktemp("tiny-sd1"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL-shaped pipeline (encoders 32 and 64 wide, the second projected; 64 px images)."""
+    from crossinit_cli.synthetic import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
 @pytest.fixture()
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty library and config of this test's own (also for subprocesses, through the env)."""

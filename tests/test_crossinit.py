@@ -16,9 +16,14 @@ NAMES = Path(crossinit.__file__).parent / "data" / "celeb_names.txt"
 OFFICIAL = sorted((Path(__file__).parent / "data" / "official").glob("*.bin"))
 
 
-def _reference_init(tokenizer, text_encoder) -> torch.Tensor:
-    """SPEC 1 steps 1-2 written out from the text, sharing no code with crossinit.py."""
-    table = text_encoder.get_input_embeddings().weight.detach()
+def _reference_init(tokenizer, text_encoder, *, penultimate: bool = False) -> torch.Tensor:
+    """SPEC 1 steps 1-2 written out from the text, sharing no code with crossinit.py or families.py.
+
+    `penultimate` (SPEC 8, SDXL's encoders): the output of the last layer but one, without the final
+    layer norm (hidden_states[-2]), instead of the final layer norm's output.
+    """
+    text_encoder = getattr(text_encoder, "text_model", text_encoder)  # CLIPTextModelWithProjection's inner model
+    table = text_encoder.embeddings.token_embedding.weight.detach()
     first, second = [], []
     for line in NAMES.read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -33,10 +38,10 @@ def _reference_init(tokenizer, text_encoder) -> torch.Tensor:
     length = text_encoder.config.max_position_embeddings
     rows = [table[tokenizer.bos_token_id], m0, m1, table[tokenizer.eos_token_id]]
     rows += [table[tokenizer.pad_token_id]] * (length - 4)
-    parts = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 nests the parts one level down
-    x = torch.stack(rows)[None] + parts.embeddings.position_embedding.weight[None, :length]
+    x = torch.stack(rows)[None] + text_encoder.embeddings.position_embedding.weight[None, :length]
     causal = torch.full((length, length), float("-inf")).triu(1)
-    for layer in parts.encoder.layers:
+    layers = list(text_encoder.encoder.layers)
+    for layer in layers[:-1] if penultimate else layers:
         attn = layer.self_attn
         h = layer.layer_norm1(x)
         heads, dim = attn.num_heads, attn.head_dim
@@ -48,7 +53,7 @@ def _reference_init(tokenizer, text_encoder) -> torch.Tensor:
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim) + causal, dim=-1)
         x = x + attn.out_proj((weights @ v).transpose(1, 2).reshape(1, length, -1))
         x = x + layer.mlp(layer.layer_norm2(x))
-    return parts.final_layer_norm(x)[0, 1:3]
+    return (x if penultimate else text_encoder.final_layer_norm(x))[0, 1:3]
 
 
 @torch.no_grad()

@@ -228,8 +228,16 @@ def _hostile_files(tmp_path: Path) -> dict[str, Path]:
     }.items():
         files[name] = tmp_path / f"{name}.safetensors"
         save_file({"emb_params": tensor}, str(files[name]))
-    files["sdxl"] = tmp_path / "sdxl.safetensors"
-    save_file({"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280)}, str(files["sdxl"]))
+    for name, state in {  # SDXL files that must not load: k differs, widths wrong or swapped, NaN, a key short
+        "sdxl-k": {"clip_l": torch.ones(2, 768), "clip_g": torch.ones(3, 1280)},
+        "sdxl-swapped": {"clip_l": torch.ones(2, 1280), "clip_g": torch.ones(2, 768)},
+        "sdxl-width": {"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1024)},
+        "sdxl-nan": {"clip_l": torch.ones(2, 768), "clip_g": torch.full((2, 1280), float("nan"))},
+        "sdxl-half": {"clip_l": torch.ones(2, 768)},
+        "sdxl-extra": {"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280), "emb_params": torch.ones(2, 768)},
+    }.items():
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file(state, str(files[name]))
     files["multi"] = tmp_path / "multi.safetensors"
     save_file({"a": torch.ones(2, WIDTH), "b": torch.ones(2, WIDTH)}, str(files["multi"]))
     files["not-a-dict"] = tmp_path / "list.pt"

@@ -17,6 +17,12 @@ from crossinit_cli.store import Identity, Library
 STEPS = ("--steps", "2")
 
 
+@pytest.fixture(params=["sd2", "sd1"])
+def tiny_model(request: pytest.FixtureRequest, tiny_model: Path, tiny_sd1: Path) -> Path:
+    """Every test here runs on the tiny SD 2.x model and on the tiny SD 1.x one (SD 1.x is first-class)."""
+    return tiny_model if request.param == "sd2" else tiny_sd1
+
+
 def _vectors(seed: int, k: int = 2, width: int = 32) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((k, width)) * 5).astype(np.float32)
 
@@ -251,7 +257,7 @@ def test_user_errors_exit_1_with_one_line_and_no_file(
     elif case.startswith("width"):
         args = ["<wide>"]
         if case == "width-after-load":  # a model whose config cannot be peeked at: caught after loading
-            monkeypatch.setattr(sample, "peek_text_width", lambda model: None)
+            monkeypatch.setattr(sample, "peek_model", lambda model: None)
     elif case == "size":
         args += ["--size", "100x7"]
     elif case == "size-abc":

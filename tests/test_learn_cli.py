@@ -25,6 +25,12 @@ OFFICIAL_BIN = DATA / "official" / "28017.bin"
 CHEAP = ("--steps", "2", "--batch-size", "2")
 
 
+@pytest.fixture(params=["sd2", "sd1"])
+def tiny_model(request: pytest.FixtureRequest, tiny_model: Path, tiny_sd1: Path) -> Path:
+    """Every test here runs on the tiny SD 2.x model and on the tiny SD 1.x one (SD 1.x is first-class)."""
+    return tiny_model if request.param == "sd2" else tiny_sd1
+
+
 def _files(home: Path) -> dict[str, bytes]:
     """Every file of the library's entries, by relative path (to prove nothing changed)."""
     root = home / "identities"
@@ -40,6 +46,7 @@ def test_learn_fast_stores_a_complete_entry(cli, library: Library, tiny_model: P
     record = json.loads(result.stdout)
     assert record["name"] == "astronaut" and record["token"] == "<astronaut>"
     assert (record["tokens"], record["width"]) == (2, 32)
+    assert record["family"] == ("sd1" if "tiny-sd1" in str(tiny_model) else "sd2") and record["widths"] == [32]
     training = record["training"]
     assert training["mode"] == "fast" and training["steps"] == 25 and training["batch_size"] == 1
     # --batch-size without --lr scales the rate as the official --scale_lr does: 0.000625 x 1.
@@ -227,7 +234,7 @@ def test_out_of_memory_advice_keeps_the_learning_rate_per_image(
     monkeypatch.setattr(train, "regulariser", out_of_memory)
     result = cli("learn", ASTRONAUT, "--model", tiny_model, "--steps", "6", "--batch-size", "8", "--quiet")
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
-    assert "out of memory on cpu at batch size 8; try --batch-size 4 --steps 12 (same rate per image)" in result.stderr
+    assert "at batch size 8 and 64 px; try --batch-size 4 --steps 12 (same rate per image)" in result.stderr
     own = cli("learn", ASTRONAUT, "--model", tiny_model, "--steps", "6", "--batch-size", "8", "--lr", "0.002")
     assert "try --batch-size 4 --steps 12 --lr 0.001 (same rate per image)" in own.stderr
     assert library.list() == [] and not any((home / ".unfinished").glob("*"))

@@ -127,11 +127,8 @@ def generate_images(
     seeds = [base_seed + i for i in range(n)]
     devices.check_model_reference(model)
     placement = devices.resolve(device or cfg.device, dtype or cfg.dtype)
-    width = sample.peek_text_width(model)
-    if width is not None:
-        for ident in known.values():
-            devices.check_width(ident.name, ident.width, model, width)
-    vectors = {ident.name: library.effective_vectors(ident.name) for ident in known.values()}
+    sample.check_model(model, known.values())
+    vectors = {ident.name: library.effective_parts(ident.name) for ident in known.values()}
     # Last of the checks, so that a mistake found above leaves no new folder behind.
     out_dir = prepare_out_dir(Path(out) if out is not None else Path(cfg.output_dir))
     for ident in known.values():
@@ -141,7 +138,7 @@ def generate_images(
     # ---- the model: loaded once, identities added once ------------------------------------------
     show = not quiet and ui.err().is_terminal
     with _status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"), ui.timed("model load"):
-        pipe = sample.load(model, placement)
+        pipe = sample.load(model, placement, known.values())
     mapping = sample.add_identities(pipe, vectors, model=model)
     image_width, image_height = wanted_size or sample.native_size(pipe)
     settings = sample.Settings(
@@ -438,6 +435,7 @@ def _metadata(
                 "strength": i.strength,
                 "tokens": i.tokens,
                 "width": i.width,
+                "family": i.family,
                 "base_model": i.base_model,
             }
             for i in job.identities

@@ -45,6 +45,7 @@ def learn_identity(
     reg_weight: float | None,
     model: str | None,
     device: str | None,
+    resolution: int | None = None,
     dtype: str | None,
     seed: int,
     force: bool,
@@ -71,7 +72,7 @@ def learn_identity(
     if lr is not None and not lr > 0:
         raise CrossinitError(f"--lr must be a positive number, not {lr:g}")
     train_config = TrainConfig.for_mode(
-        mode, steps=steps, lr=lr, batch_size=batch_size, reg_weight=reg_weight, seed=seed
+        mode, steps=steps, lr=lr, batch_size=batch_size, reg_weight=reg_weight, seed=seed, resolution=resolution
     )
     defaults = settings.load_config()
     model_id = model or defaults.model
@@ -80,6 +81,9 @@ def learn_identity(
         crops = faces.align_faces(paths, ALIGN_SIZE, align=align, warn=ui.warn)
     # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
     check_model_reference(model_id)
+    from crossinit_cli import families
+
+    families.peek(model_id)  # SD3, Flux, a refiner...: one line now, not after a model load
 
     # ---- the model -----------------------------------------------------------------------------------
     from crossinit_cli import devices
@@ -129,7 +133,8 @@ def resume_identity(library: Library, name: str, *, quiet: bool, as_json: bool) 
             "equal an uninterrupted run bit for bit"
         )
     trainer = load_trainer(library, model_id, placement, quiet=quiet)
-    if crops[0].size != (trainer.resolution, trainer.resolution):
+    size = saved["train"].get("resolution") or trainer.resolution
+    if crops[0].size != (size, size):
         raise CrossinitError(f"the checkpoint of {name!r} was made for another model size; start over with learn")
     if not quiet:
         ui.info(f"resuming [bold]{escape(name)}[/] at step {state['step'] if state else 0} of {run.steps}")
@@ -185,12 +190,14 @@ class Trainer:
     placement: Placement
     resolution: int
     fingerprint: str
-    init: Any  # torch.Tensor [2, width]: the cross-init start, the same for every identity of this model
+    init: Any  # list of torch.Tensor [2, width], one per text encoder: the same for every identity of this model
+    family: Any = None  # families.Family
+    slots: Any = None  # families.slots(pipe)
 
 
 def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet: bool) -> Trainer:
     """Load the model, free what training does not use, and compute (or read) its cross init."""
-    from crossinit_cli import crossinit, devices, train
+    from crossinit_cli import crossinit, devices, families, train
 
     _quiet_libraries()
     # A spinner on a terminal only: until something has worked, stderr holds nothing but an error.
@@ -198,11 +205,23 @@ def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet
         with ui.timed("model load"):
             pipe = devices.load_pipeline(model_id)
         train.free_vae_decoder(pipe.vae)
-        fingerprint = crossinit.encoder_fingerprint(pipe.text_encoder)
+        family = families.of_pipeline(pipe)
+        slots = families.slots(pipe, family)
+        fingerprint = model_fingerprint(slots)
         with ui.timed("cross initialization"):
-            init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, library.home / ".cache" / "init")
+            init = crossinit.cross_init_slots(slots, library.home / ".cache" / "init")
     resolution = train.model_resolution(pipe.unet, pipe.vae)
-    return Trainer(model_id, pipe, placement, resolution, fingerprint, init)
+    return Trainer(model_id, pipe, placement, resolution, fingerprint, init, family, slots)
+
+
+def model_fingerprint(slots: Any) -> str:
+    """The text encoders' fingerprint (crossinit.encoder_fingerprint; SDXL: of both tables together)."""
+    import hashlib
+
+    from crossinit_cli import crossinit
+
+    prints = [crossinit.encoder_fingerprint(s.text_encoder) for s in slots]
+    return prints[0] if len(prints) == 1 else hashlib.sha256("+".join(prints).encode()).hexdigest()[:16]
 
 
 def learn_and_store(
@@ -227,9 +246,10 @@ def learn_and_store(
     `resumable` keeps a checkpoint under the library home while it trains (see checkpoint.py)."""
     from crossinit_cli import checkpoint, faces, train
 
+    size = train_config.resolution or trainer.resolution
     if resume is None:
-        if trainer.resolution != ALIGN_SIZE:
-            crops = faces.align_faces(paths, trainer.resolution, align=align)
+        if size != ALIGN_SIZE:
+            crops = faces.align_faces(paths, size, align=align)
         images = [c.image for c in crops]
     else:
         images = list(crops)
@@ -237,8 +257,8 @@ def learn_and_store(
     if not quiet:
         ui.info(
             f"learning [bold]{escape(name)}[/] from {len(images)} photo{'s' if len(images) != 1 else ''} on "
-            f"{placement.device} ({placement.dtype}): {train_config.steps} steps, batch {train_config.batch_size}, "
-            f"lr {train_config.lr:g}"
+            f"{placement.device} ({placement.dtype}), {trainer.family.title} at {size} px: {train_config.steps} "
+            f"steps, batch {train_config.batch_size}, lr {train_config.lr:g}"
         )
     pipe = trainer.pipe
     run, state = resume if resume is not None else (None, None)
@@ -273,6 +293,8 @@ def learn_and_store(
                 config=train_config,
                 placement=placement,
                 progress=progress,
+                family=trainer.family,
+                slots=trainer.slots,
                 snapshot_every=snapshot_every,
                 save_state=run.save if run is not None else None,
                 resume_from=state,
@@ -292,6 +314,7 @@ def learn_and_store(
         name=name,
         tokens=int(result.learned.shape[0]),
         width=int(result.learned.shape[1]),
+        family=trainer.family.name,
         base_model=_model_record(trainer.model_id),
         encoder_fingerprint=trainer.fingerprint,
         source="learn",
@@ -315,12 +338,18 @@ def learn_and_store(
         snapshots=[{"step": step, "loss": result.snapshot_losses[step]} for step in result.snapshots],
     )
     with ui.timed("library write"):
-        target = library.add(
-            identity, result.learned, result.init, crops=images, force=force, snapshots=result.snapshots
-        )
+        learned, init = _stored_vectors(trainer.family, result)
+        target = library.add(identity, learned, init, crops=images, force=force, snapshots=result.snapshots)
     if run is not None:
         run.discard()  # after the write: killed in between, the run is still there and the entry is whole
     return target, result
+
+
+def _stored_vectors(family: Any, result: TrainResult) -> tuple[Any, Any]:
+    """What the store keeps: one learned/init pair (SD 1.x/2.x), or one per encoder key (SDXL)."""
+    if not family.multi:
+        return result.learned, result.init
+    return {k: v[0] for k, v in result.parts.items()}, {k: v[1] for k, v in result.parts.items()}
 
 
 def _identity_name(name: str | None, photos: list[Path]) -> str:

@@ -34,7 +34,19 @@ def identity_record(library: Library, ident: Identity, *, detail: bool = False) 
         record["vector_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.learned, axis=1)]
         if vectors.init is not None:
             record["init_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.init, axis=1)]
+        if vectors.parts:  # SDXL: the norms above are clip_l's; every encoder's by its key
+            record["encoder_norms"] = {
+                key: [round(float(n), 4) for n in np.linalg.norm(learned, axis=1)]
+                for key, (learned, _) in vectors.parts.items()
+            }
     return record
+
+
+def family_title(family: str) -> str:
+    """How `list` and `show` name a model family ("SDXL"); "?" for an entry that does not say."""
+    from crossinit_cli.families import FAMILIES
+
+    return FAMILIES[family].title if family in FAMILIES else (family or "?")
 
 
 def _mode(ident: Identity) -> str:
@@ -59,14 +71,15 @@ def list_identities(library: Library, *, as_json: bool) -> int:
             ui.info(f"No identities yet in {library.home}. Learn one: crossinit learn photo.jpg --fast")
         return 0
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "base model", "mode", "created", "tags", "notes"):
+    for column in ("name", "family", "base model", "mode", "created", "tags", "notes"):
         table.add_column(column, overflow="fold")
     for entry in entries:
         if isinstance(entry, Damaged):
-            table.add_row(escape(entry.name), f"[red]damaged: {escape(entry.reason)}[/]", "", "", "", "")
+            table.add_row(escape(entry.name), "", f"[red]damaged: {escape(entry.reason)}[/]", "", "", "", "")
             continue
         table.add_row(
             escape(entry.name),
+            escape(family_title(entry.family)),
             escape(entry.base_model),
             escape(_mode(entry)),
             entry.created[:10],
@@ -103,6 +116,7 @@ def show_identity(library: Library, name: str, *, as_json: bool) -> int:
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
+    record["family"] = family_title(ident.family)
     for key, value in record.items():
         if key == "snapshots":
             table.add_row(key, escape(_snapshot_summary(value, ident.active_step)))
