@@ -137,3 +137,42 @@ def test_snapshot_eval_mistakes_are_one_line(cli, library: Library, tiny_model: 
     ):
         result = cli(*args, *EVAL)
         assert result.exit_code == 1 and message in result.stderr and result.stderr.count("\n") == 1, args
+
+
+def test_sdxl_snapshots_and_resume_keep_each_encoders_rows(
+    cli, library: Library, tiny_sdxl: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SDXL's two encoders: a snapshot is one named tensor per encoder, --use-snapshot switches both, and a
+    run stopped by Ctrl-C resumes to the uninterrupted run's rows for both encoders."""
+    from crossinit_cli import checkpoint, train
+
+    args = ("--steps", "6", "--batch-size", "1", "--snapshot-every", "2", "--model", tiny_sdxl, "--quiet")
+    assert cli("learn", ASTRONAUT, "--name", "xl", *args).exit_code == 0
+    stored = load_file(str(library.path_of("xl") / "vectors.safetensors"))
+    assert {"snapshot/2/clip_l", "snapshot/2/clip_g", "snapshot/6/clip_l", "snapshot/6/clip_g"} <= set(stored)
+    assert stored["snapshot/2/clip_l"].shape == (2, 32) and stored["snapshot/2/clip_g"].shape[0] == 2
+    assert cli("edit", "xl", "--use-snapshot", "2").exit_code == 0
+    parts = library.effective_parts("xl")
+    assert np.array_equal(parts[0], stored["snapshot/2/clip_l"]) and np.array_equal(
+        parts[1], stored["snapshot/2/clip_g"]
+    )
+
+    # Ctrl-C after step 3 (in the loss of step 4), then --resume: the same rows as the run above.
+    calls = {"n": 0}
+    real = train.regulariser_all
+
+    def interrupted(*a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "regulariser_all", interrupted)
+    stopped = cli("learn", ASTRONAUT, "--name", "again", *args)
+    assert stopped.exit_code == 130 and checkpoint.find(home, "again").step == 3
+    monkeypatch.setattr(train, "regulariser_all", real)
+    assert cli("learn", "--resume", "again", "--quiet").exit_code == 0
+    again = load_file(str(library.path_of("again") / "vectors.safetensors"))
+    assert set(again) == set(stored)
+    for key in stored:
+        assert np.array_equal(again[key], stored[key]), key
