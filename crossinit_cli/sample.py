@@ -340,7 +340,8 @@ def sample(
 ) -> list[Image.Image]:
     """One image per seed for an (already expanded) prompt, in as few pipeline calls as memory allows.
 
-    `on_step(done, total)` is called after every denoising step of every batch.
+    `on_step(done, total)` is called after every denoising step of every batch. On CUDA out-of-memory the
+    batch is halved and the same seeds are tried again, down to one image.
     """
     import torch
 
@@ -349,34 +350,12 @@ def sample(
     device = str(pipe.device)
     if getattr(pipe, "_crossinit_scheduler", None) != settings.scheduler.strip().lower():
         use_scheduler(pipe, settings.scheduler)
-
-    def step_end(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if on_step is not None:
-            on_step(step + 1, int(getattr(pipeline, "num_timesteps", settings.steps)))
-        return kwargs
-
     images: list[Image.Image] = []
     batch = max(1, max_batch)
-    start = 0
-    while start < len(seeds):
-        chunk = list(seeds[start : start + batch])
-        # CPU generators make the starting noise the same on every device; one generator per image makes
-        # an image independent of its batch.
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
+    while len(images) < len(seeds):
+        chunk = list(seeds[len(images) : len(images) + batch])
         try:
-            with _quiet_libraries():
-                result = pipe(
-                    prompt=prompt,
-                    negative_prompt=settings.negative or None,
-                    num_images_per_prompt=len(chunk),
-                    generator=generators,
-                    num_inference_steps=settings.steps,
-                    guidance_scale=settings.guidance,
-                    width=settings.width,
-                    height=settings.height,
-                    callback_on_step_end=step_end,
-                    output_type="pil",
-                )
+            images.extend(_draw(pipe, prompt, chunk, settings, on_step))
         except torch.cuda.OutOfMemoryError:
             if len(chunk) == 1:
                 raise CrossinitError(
@@ -386,7 +365,34 @@ def sample(
             batch = max(1, len(chunk) // 2)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            continue
-        images.extend(result.images)
-        start += len(chunk)
     return images
+
+
+def _draw(
+    pipe: Any, prompt: str, seeds: list[int], settings: Settings, on_step: Callable[[int, int], None] | None
+) -> list[Image.Image]:
+    """One pipeline call: an image per seed, each from its own CPU generator."""
+    import torch
+
+    def step_end(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if on_step is not None:
+            on_step(step + 1, int(getattr(pipeline, "num_timesteps", settings.steps)))
+        return kwargs
+
+    # CPU generators make the starting noise the same on every device; one generator per image makes an
+    # image independent of its batch.
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    with _quiet_libraries():
+        result = pipe(
+            prompt=prompt,
+            negative_prompt=settings.negative or None,
+            num_images_per_prompt=len(seeds),
+            generator=generators,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            width=settings.width,
+            height=settings.height,
+            callback_on_step_end=step_end,
+            output_type="pil",
+        )
+    return list(result.images)

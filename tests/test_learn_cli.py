@@ -39,16 +39,13 @@ def _files(home: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_learn_fast_stores_a_complete_entry(
-    cli, library: Library, tiny_model: Path, tiny_sd1: Path, request: pytest.FixtureRequest
-) -> None:
+def test_learn_fast_stores_a_complete_entry(cli, library: Library, tiny_model: Path, tiny_sd1: Path) -> None:
     # --fast's own batch of 8 is checked in test_train; batch 1 keeps this run short on a small CPU.
     result = cli("learn", ASTRONAUT, "--fast", "--batch-size", "1", "--model", tiny_model, "--json")
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["name"] == "astronaut" and record["token"] == "<astronaut>"
     assert (record["tokens"], record["width"]) == (2, 32)
-    # By the fixture, not the folder name: pytest numbers folders, and "tiny-sd" can become "tiny-sd11".
     assert record["family"] == ("sd1" if tiny_model == tiny_sd1 else "sd2") and record["widths"] == [32]
     training = record["training"]
     assert training["mode"] == "fast" and training["steps"] == 25 and training["batch_size"] == 1

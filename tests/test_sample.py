@@ -220,3 +220,31 @@ def test_large_batches_are_split(pipe: Any) -> None:
     pipe.unet.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     images = sample.sample(pipe, "a photo", [1, 2, 3], sample.Settings(width=32, height=32, steps=1), max_batch=2)
     assert len(images) == 3 and calls == [4, 2]
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_seeds_image(pipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = sample.Settings(width=32, height=32, steps=1)
+    alone = [sample.sample(pipe, "a photo", [seed], settings)[0] for seed in (1, 2, 3, 4, 5)]
+    real_draw, calls = sample._draw, []
+
+    def draw_within_two(pipe: Any, prompt: str, seeds: list[int], *rest: Any) -> list[Any]:
+        calls.append(list(seeds))
+        if len(seeds) > 2:  # as if the GPU held two images at a time
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_draw(pipe, prompt, seeds, *rest)
+
+    monkeypatch.setattr(sample, "_draw", draw_within_two)
+    images = sample.sample(pipe, "a photo", [1, 2, 3, 4, 5], settings, max_batch=4)
+    assert calls == [[1, 2, 3, 4], [1, 2], [3, 4], [5]]
+    assert len(images) == 5  # each seed's image, in order (up to the float rounding of batching)
+    for image, single in zip(images, alone):
+        assert np.abs(np.asarray(image).astype(int) - np.asarray(single).astype(int)).max() <= 2
+
+
+def test_out_of_memory_on_one_image_is_a_one_line_error(pipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(*args: Any) -> list[Any]:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(sample, "_draw", no_memory)
+    with pytest.raises(CrossinitError, match=r"out of memory on cpu generating one 32x32 image; try a smaller --size"):
+        sample.sample(pipe, "a photo", [1, 2], sample.Settings(width=32, height=32, steps=1))

@@ -213,14 +213,14 @@ def test_a_replace_between_a_readers_two_reads_does_not_tear_it(
     real_read_vectors = Library._read_vectors
     replaced = []
 
-    def read_vectors_after_a_replace(self, name, folder):
+    def read_vectors_after_a_replace(self, name, folder, *rest):
         if not replaced:
             replaced.append(True)
             with monkeypatch.context() as patch:
                 if cleanup == "old files still there":  # as if the writer were killed before its cleanup
                     patch.setattr(shutil, "rmtree", lambda *a, **k: None)
                 writer.add(Identity(name="x", tokens=2, width=32, source="second"), _vectors(3), force=True)
-        return real_read_vectors(self, name, folder)
+        return real_read_vectors(self, name, folder, *rest)
 
     monkeypatch.setattr(store.Library, "_read_vectors", read_vectors_after_a_replace)
     ident, vectors = reader.read("x")
