@@ -205,6 +205,13 @@ def edit(
             "more editable, higher = more faithful. Reversible.",
         ),
     ] = None,
+    use_snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "--use-snapshot",
+            help="Make the vectors of the snapshot at STEP the ones prompts use ('final': the last ones). Reversible.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Change a stored identity in place; with no flags, open its metadata in $EDITOR.
@@ -214,7 +221,15 @@ def edit(
     from crossinit_cli.commands.library import edit_identity
 
     return edit_identity(
-        _library(), name, rename=rename, note=note, tags=tag, untags=untag, strength=strength, as_json=as_json
+        _library(),
+        name,
+        rename=rename,
+        note=note,
+        tags=tag,
+        untags=untag,
+        strength=strength,
+        use_snapshot=use_snapshot,
+        as_json=as_json,
     )
 
 
@@ -332,6 +347,22 @@ def learn(
     force: Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")] = False,
     no_align: Annotated[bool, typer.Option("--no-align", help="Use photos as they are (no face alignment).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    snapshot_every: Annotated[
+        int | None,
+        typer.Option(
+            "--snapshot-every",
+            min=0,
+            help="Keep the vectors every N steps with the identity (default: 40 in full mode, none in fast; 0: none).",
+        ),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Continue NAME's interrupted run from its checkpoint (same settings; `list` shows unfinished runs).",
+            autocompletion=_complete_names,
+        ),
+    ] = None,
     batch: Annotated[
         Path | None,
         typer.Option(
@@ -348,6 +379,12 @@ def learn(
     """
     if fast and full:
         raise CrossinitError("choose one of --fast and --full")
+    if resume is not None:
+        if photos or name or batch:
+            raise CrossinitError("--resume continues a run with its own photos, name and settings; give only the name")
+        from crossinit_cli.commands.learn import resume_identity
+
+        return resume_identity(_library(), resume, quiet=quiet, as_json=as_json)
     if batch is not None:
         if photos or name:
             raise CrossinitError("--batch takes its photos and names from the manifest; drop the photos and --name")
@@ -387,6 +424,7 @@ def learn(
         align=not no_align,
         quiet=quiet,
         as_json=as_json,
+        snapshot_every=snapshot_every,
     )
 
 
@@ -395,7 +433,8 @@ def learn(
 def generate(
     prompt: Annotated[list[str] | None, typer.Argument(help="Prompt; name identities as <alice>.")] = None,
     identity: Annotated[
-        str | None, typer.Option("--identity", "-i", help="Identity for a plain prompt ('a photo of <name>').")
+        str | None,
+        typer.Option("--identity", "-i", help="Identity for a plain prompt ('a photo of a <name> person, PROMPT')."),
     ] = None,
     n: Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")] = 1,
     seed: Annotated[int | None, typer.Option("--seed", help="First seed (image i uses seed + i).")] = None,
@@ -537,6 +576,23 @@ def eval_cmd(
         str | None,
         typer.Option("--clip-model", help="CLIP for prompt fidelity: hub id or folder (openai/clip-vit-base-patch32)."),
     ] = None,
+    snapshots: Annotated[
+        bool, typer.Option("--snapshots", help="Score every snapshot of the identity's run, in one table.")
+    ] = False,
+    pick_best: Annotated[
+        bool,
+        typer.Option(
+            "--pick-best",
+            help="Score the snapshots and make the best likeness/prompt-fidelity trade-off active (docs/eval.md).",
+        ),
+    ] = False,
+    fail_below: Annotated[
+        float | None,
+        typer.Option(
+            "--fail-below",
+            help="Exit with status 3 when any identity's likeness is below this (1.0 = the person's own ceiling).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> int:
@@ -559,6 +615,9 @@ def eval_cmd(
         device=device and device.value,
         dtype=dtype and dtype.value,
         clip_model=clip_model,
+        snapshots=snapshots or pick_best,
+        pick_best=pick_best,
+        fail_below=fail_below,
         quiet=quiet,
         as_json=as_json,
     )

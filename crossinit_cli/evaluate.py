@@ -52,20 +52,21 @@ if TYPE_CHECKING:
 
 PLACEHOLDER = "{}"
 DEFAULT_PROMPTS: tuple[str, ...] = (
+    # The official code's inference prompt is "a photo of a {} person": the person word stays.
     # reconstruction
-    "a photo of {}",
+    "a photo of a {} person",
     # expression
-    "a photo of {} smiling",
-    "a photo of {} looking angry",
+    "a photo of a {} person smiling",
+    "a photo of a {} person looking angry",
     # accessories
-    "a photo of {} wearing glasses",
-    "a photo of {} wearing a hat",
+    "a photo of a {} person wearing glasses",
+    "a photo of a {} person wearing a hat",
     # style
-    "an oil painting of {}",
-    "a pencil sketch of {}",
+    "an oil painting of a {} person",
+    "a pencil sketch of a {} person",
     # place
-    "a photo of {} on the beach",
-    "a photo of {} in the snow",
+    "a photo of a {} person on the beach",
+    "a photo of a {} person in the snow",
 )
 DEFAULT_N = 4
 DEFAULT_SEED = 0
@@ -86,29 +87,36 @@ MAX_SEED = 2**64 - 1
 def read_prompts(text: str, source: str = "prompts") -> list[str]:
     """Prompt templates from a file's text: one a line, `{}` where the identity goes.
 
-    Blank lines and `#` comments are skipped; a line without `{}` becomes "a photo of {}, <line>".
+    Blank lines and `#` comments are skipped; a line without `{}` (or `<name>`s) becomes
+    "a photo of a {} person, <line>".
     """
     templates = []
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        templates.append(line if PLACEHOLDER in line else f"a photo of {PLACEHOLDER}, {line}")
+        named = PLACEHOLDER in line or sample.identity_refs(line)
+        templates.append(line if named else f"a photo of a {PLACEHOLDER} person, {line}")
     if not templates:
         raise CrossinitError(f"no prompts in {source} (blank lines and # comments are skipped)")
     return check_templates(templates)
 
 
 def check_templates(templates: Sequence[str]) -> list[str]:
-    """Templates must name the identity with `{}` only: the same prompts run for every identity."""
+    """A template names its identity with `{}` (it runs for every identity evaluated), or names two or
+    more identities as `<alice> ... <bob>` and no `{}` (it runs once, and its faces are assigned)."""
     checked = []
     for template in templates:
-        if PLACEHOLDER not in template:
-            raise CrossinitError(f"prompt {template!r} has no {PLACEHOLDER} where the identity goes")
         refs = sample.identity_refs(template)
-        if refs:
+        if PLACEHOLDER in template and refs:
             raise CrossinitError(
-                f"prompt {template!r} names <{refs[0]}>; eval prompts name the identity with {PLACEHOLDER}"
+                f"prompt {template!r} names <{refs[0]}> beside {PLACEHOLDER}; a prompt names one identity "
+                f"with {PLACEHOLDER}, or two or more with <name>"
+            )
+        if PLACEHOLDER not in template and len(refs) < 2:
+            raise CrossinitError(
+                f"prompt {template!r} has no {PLACEHOLDER} where the identity goes"
+                + (f" (for <{refs[0]}> alone write {PLACEHOLDER})" if refs else "")
             )
         checked.append(template)
     if not checked:
@@ -117,8 +125,13 @@ def check_templates(templates: Sequence[str]) -> list[str]:
 
 
 def fill(template: str, name: str) -> str:
-    """The prompt generated for one identity: `{}` -> `<name>`."""
+    """The prompt generated for one identity: `{}` -> `<name>` (a prompt naming several stays as written)."""
     return template.replace(PLACEHOLDER, f"<{name}>")
+
+
+def group_names(template: str) -> list[str]:
+    """The identities a multi-identity template names, as written; [] for a `{}` template."""
+    return [] if PLACEHOLDER in template else sample.identity_refs(template)
 
 
 def clip_text(template: str) -> str:
@@ -127,7 +140,7 @@ def clip_text(template: str) -> str:
     This is the textual-inversion / Celeb Basis convention ("a photo of {} on the beach" -> "a photo of on
     the beach"): the score then measures the rest of the prompt, not how CLIP reads a new token.
     """
-    text = template.replace(PLACEHOLDER, " ")
+    text = sample.IDENTITY_REF.sub(" ", template.replace(PLACEHOLDER, " "))
     text = re.sub(r"\s+([,.;:!?])", r"\1", text)
     text = re.sub(r"([,;:])(?=[,;:])", "", text)
     return " ".join(text.split()).strip(" ,;:")
@@ -136,12 +149,107 @@ def clip_text(template: str) -> str:
 # ---- identity similarity ------------------------------------------------------------------------
 
 
+SIMILARITY_ZERO = 2 * SAME_PERSON_DISTANCE
+"""The dlib distance at which identity similarity reaches 0; the same-person threshold sits at 0.5."""
+
+
+def similarity(distance: float) -> float:
+    """Identity similarity on a scale a threshold can be read on: 1 - distance / 1.2, clipped to [0, 1].
+
+    dlib's descriptors lie in a narrow cone (cosines of strangers are ~0.88), so raw cosines compress
+    everything into a few hundredths; its distance is what dlib calibrates (0.6 = same person), and this
+    maps it linearly: 1.0 the identical face, 0.5 dlib's same-person threshold, 0 far apart."""
+    return min(1.0, max(0.0, 1.0 - distance / SIMILARITY_ZERO))
+
+
+THRESHOLD_SIMILARITY = similarity(SAME_PERSON_DISTANCE)
+
+
 @dataclass(frozen=True)
 class FaceMatch:
     """One generated face against the identity's reference descriptors (means over the references)."""
 
     cosine: float
     distance: float
+    crossover: bool = False  # in a multi-identity image: closer to another named identity than to this one
+
+    @property
+    def similarity(self) -> float:
+        return similarity(self.distance)
+
+    @property
+    def same_person(self) -> bool:
+        return self.distance < SAME_PERSON_DISTANCE
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The person's own ceiling: how similar their stored photos are to each other.
+
+    With two or more photos with a face: the mean similarity over every pair of distinct photos. With
+    one, there is no pair: dlib's same-person threshold (similarity 0.5) stands in, and `pairs` is 0."""
+
+    similarity: float
+    photos: int
+    pairs: int
+
+    @property
+    def from_threshold(self) -> bool:
+        return self.pairs == 0
+
+    def record(self) -> dict[str, Any]:
+        kind = "threshold" if self.from_threshold else "photo pairs"
+        return {"similarity": _round(self.similarity), "photos": self.photos, "pairs": self.pairs, "kind": kind}
+
+
+def reference_of(descriptors: Sequence[np.ndarray]) -> Reference:
+    """The ceiling of one identity from the descriptors of its stored crops (see `Reference`)."""
+    import itertools
+
+    import numpy as np
+
+    pairs = list(itertools.combinations(range(len(descriptors)), 2))
+    if not pairs:
+        return Reference(THRESHOLD_SIMILARITY, len(descriptors), 0)
+    values = [similarity(float(np.linalg.norm(descriptors[a] - descriptors[b]))) for a, b in pairs]
+    return Reference(sum(values) / len(values), len(descriptors), len(pairs))
+
+
+def assign_faces(found: Sequence[np.ndarray], references: Sequence[Sequence[np.ndarray]]) -> list[FaceMatch | None]:
+    """Match the faces of one image to the identities it names, one face each (an assignment).
+
+    `references[i]` are identity i's descriptors. The assignment maximises the summed similarity over
+    every one-to-one matching (exhaustive: a prompt names a few people and an image shows a few faces).
+    Returns, per identity, its face's match against its own references (None when it got no face),
+    flagged as a crossover when that face is closer to another named identity."""
+    import itertools
+
+    if not found:
+        return [None] * len(references)
+    table = [[compare_descriptors(refs, face) for refs in references] for face in found]
+    k, m = len(references), len(found)
+    best: tuple[float, tuple[int | None, ...]] = (-1.0, tuple([None] * k))
+    if m >= k:
+        choices = itertools.permutations(range(m), k)
+        candidates = (tuple(c) for c in choices)
+    else:  # fewer faces than identities: choose which identities get one
+        candidates = (
+            tuple(perm.index(i) if i in perm else None for i in range(k))
+            for perm in itertools.permutations(range(k), m)
+        )
+    for faces_of in candidates:
+        total = sum(table[f][i].similarity for i, f in enumerate(faces_of) if f is not None)
+        if total > best[0]:
+            best = (total, faces_of)
+    matches: list[FaceMatch | None] = []
+    for i, f in enumerate(best[1]):
+        if f is None:
+            matches.append(None)
+            continue
+        own = table[f][i]
+        rival = max((table[f][j].similarity for j in range(k) if j != i), default=-1.0)
+        matches.append(FaceMatch(own.cosine, own.distance, crossover=rival > own.similarity))
+    return matches
 
 
 def descriptor(image: Image.Image) -> np.ndarray | None:
@@ -190,7 +298,28 @@ def identity_summary(matches: Sequence[FaceMatch | None]) -> dict[str, Any]:
         "cosine": _mean([m.cosine for m in faces]),
         "distance": _mean([m.distance for m in faces]),
         # Over all images: a face that is missing is not the person either.
-        "match_rate": _round(sum(m.distance < SAME_PERSON_DISTANCE for m in faces) / total) if total else None,
+        "match_rate": _round(sum(m.same_person for m in faces) / total) if total else None,
+        "same_person": sum(m.same_person for m in faces),
+        "similarity": _mean([m.similarity for m in faces]),
+    }
+
+
+def likeness_of(matches: Sequence[FaceMatch | None], reference: Reference) -> dict[str, Any]:
+    """The calibrated numbers of docs/eval.md: similarity of the generated faces, the person's own
+    ceiling, their ratio, and the shares of faces that are the person and of images with a face."""
+    summary = identity_summary(matches)
+    faces = [m for m in matches if m is not None]
+    ident = summary["similarity"]
+    ceiling = reference.similarity
+    likeness: float | None = 0.0  # no face was found: nothing looks like the person
+    if ident is not None:
+        likeness = _round(ident / ceiling) if ceiling > 0 else None
+    return {
+        "identity_similarity": ident,
+        "reference_similarity": _round(ceiling),
+        "likeness": likeness,
+        "same_person_rate": _round(summary["same_person"] / len(faces)) if faces else None,
+        "face_rate": summary["face_rate"],
     }
 
 
@@ -298,14 +427,19 @@ class PromptResult:
 
     def record(self, with_identity: bool) -> dict[str, Any]:
         faces = identity_summary(self.matches) if with_identity else {}
+        named = group_names(self.template)
         return {
             "prompt": self.template,
             "clip_text": self.text,
             "images": len(self.images),
             "faces": faces.get("faces"),
+            "same_person": faces.get("same_person"),
+            "similarity": faces.get("similarity"),
             "cosine": faces.get("cosine"),
             "distance": faces.get("distance"),
             "clip_score": _mean(self.clip_scores) if self.clip_scores is not None else None,
+            "identities": named or None,
+            "crossover": sum(m is not None and m.crossover for m in self.matches) if named and with_identity else None,
         }
 
 
@@ -319,9 +453,11 @@ class Evaluation:
     prompts: list[PromptResult]
     identity_created: str = ""  # the identity evaluated: a re-learned one of the same name differs here
     references: int = 0  # stored crops in which a face was found
+    reference: Reference | None = None  # the person's own ceiling (None without usable crops)
     identity_note: str | None = None  # why identity similarity is unavailable
     fidelity_note: str | None = None  # why prompt fidelity is unavailable
     date: str = field(default_factory=now)
+    step: int | None = None  # with `snapshot_steps`: the snapshot's step (0: the final vectors)
 
     @property
     def has_identity(self) -> bool:
@@ -335,7 +471,14 @@ class Evaluation:
         if not self.has_identity:
             return {"available": False, "metric": FACE_METRIC, "reason": self.identity_note}
         summary = identity_summary([m for p in self.prompts for m in p.matches])
-        return {"available": True, "metric": FACE_METRIC, "reference_crops": self.references, **summary}
+        reference = self.reference.record() if self.reference is not None else None
+        return {
+            "available": True,
+            "metric": FACE_METRIC,
+            "reference_crops": self.references,
+            "reference": reference,
+            **summary,
+        }
 
     def fidelity(self) -> dict[str, Any]:
         model = self.settings.get("clip_model")
@@ -344,9 +487,28 @@ class Evaluation:
         scores = [s for p in self.prompts for s in (p.clip_scores or [])]
         return {"available": True, "model": model, "clip_score": _mean(scores)}
 
+    def calibrated(self) -> dict[str, Any]:
+        """The keys scripts read (docs/eval.md): `likeness` and its parts, prompt fidelity, crossover."""
+        matches = [m for p in self.prompts for m in p.matches]
+        if self.has_identity and self.reference is not None:
+            numbers = likeness_of(matches, self.reference)
+        else:
+            numbers = dict.fromkeys(
+                ("identity_similarity", "reference_similarity", "likeness", "same_person_rate", "face_rate")
+            )
+        group = [p for p in self.prompts if group_names(p.template)]
+        numbers["prompt_fidelity"] = self.fidelity().get("clip_score")
+        numbers["crossover"] = (
+            sum(m is not None and m.crossover for p in group for m in p.matches)
+            if group and self.has_identity
+            else None
+        )
+        return numbers
+
     def record(self) -> dict[str, Any]:
         """The identity's `evaluation` metadata (None values are dropped when written as TOML)."""
         return {
+            **self.calibrated(),
             "date": self.date,
             "crossinit": __version__,
             "settings": self.settings,
@@ -375,6 +537,7 @@ def evaluate(
     notify: Callable[[str], None] | None = None,
     on_image: Callable[[str, str], None] | None = None,
     on_load: Callable[[str], Any] | None = None,
+    snapshot_steps: Sequence[int] | None = None,
 ) -> list[Evaluation]:
     """Generate every template n times (seeds seed..seed+n-1) for each identity and score the images.
 
@@ -382,6 +545,8 @@ def evaluate(
     (`base_model`), or `fallback_model` when that is not recorded. `clip_model=None` skips prompt
     fidelity. `notify(message)` hears about a metric that is unavailable, `on_image(name, prompt)`
     about every image made, `on_load(model)` returns a context manager held while a model loads.
+    `snapshot_steps` evaluates the snapshots of one identity's run instead (0: the final vectors), all
+    on one pipeline load; each result's `step` says which.
     """
     import torch
 
@@ -404,23 +569,32 @@ def evaluate(
         identities[name_key(ident.name)] = ident
     if not identities:
         raise CrossinitError("no identity to evaluate")
+    vectors: dict[str, list[np.ndarray]] = {}
+    library_name: dict[str, str] = {}  # result key -> the identity whose crops it is scored against
+    step_of: dict[str, int | None] = {}
+    if snapshot_steps is not None:
+        identities, vectors, library_name, step_of = _snapshot_variants(library, identities, snapshot_steps)
     groups: dict[str, list[Identity]] = {}
     for ident in identities.values():
         chosen = model or ident.base_model or fallback_model
         if not chosen:
             raise CrossinitError(f"identity {ident.name!r} records no base model; pass --model")
         groups.setdefault(chosen, []).append(ident)
+    together = _multi_identity_templates(templates, identities, groups)
     for chosen, group in groups.items():
         sample.check_model(chosen, group)
     placement = devices.resolve(device, dtype)
-    vectors = {key: library.effective_parts(ident.name) for key, ident in identities.items()}
+    for key, ident in identities.items():
+        if key not in vectors:
+            vectors[key] = library.effective_parts(ident.name)
     seeds = [seed + i for i in range(n)]
 
     results: dict[str, Evaluation] = {}
     references: dict[str, list[np.ndarray]] = {}
     for key, ident in identities.items():
-        crops = _load_crops(library, ident.name)
+        crops = _load_crops(library, library_name.get(key, ident.name))
         result = Evaluation(name=ident.name, settings={}, crops=crops, prompts=[], identity_created=ident.created)
+        result.step = step_of.get(key)
         if not crops:
             result.identity_note = (
                 f"identity {ident.name!r} has no stored face crops (imported?), so identity similarity "
@@ -433,6 +607,8 @@ def evaluate(
                 result.identity_note = f"identity similarity is unavailable: {exc}"
             else:
                 result.references = len(references[key])
+                if references[key]:
+                    result.reference = reference_of(references[key])
                 if not references[key]:
                     result.identity_note = (
                         f"no face found in the {len(crops)} stored crop(s) of {ident.name!r} (learned with "
@@ -484,10 +660,13 @@ def evaluate(
                     "device": placement.device,
                     "dtype": placement.dtype,
                     "strength": ident.strength,
+                    "snapshot": ident.active_step,  # 0: the final vectors
                     "clip_model": clip_model,
                 }
                 result.fidelity_note = fidelity_note
                 for template in templates:
+                    if group_names(template):
+                        continue
                     prompt = fill(template, ident.name)
                     images = sample.sample(pipe, sample.expand_prompt(prompt, mapping), seeds, settings)
                     entry = PromptResult(template, prompt, clip_text(template), list(seeds), images)
@@ -496,6 +675,22 @@ def evaluate(
                             entry.matches.append(match_face(references[key], image))
                         if on_image is not None:
                             on_image(ident.name, prompt)
+                    result.prompts.append(entry)
+            for template, keys in together.get(chosen, []):
+                images = sample.sample(pipe, sample.expand_prompt(template, mapping), seeds, settings)
+                named = [results[key] for key in keys]
+                entries = [PromptResult(template, template, clip_text(template), list(seeds), images) for _ in keys]
+                scored = all(r.has_identity for r in named)
+                for image in images:
+                    if scored:
+                        found = faces_in(image)
+                        for entry, match in zip(entries, assign_faces(found, [references[k] for k in keys])):
+                            entry.matches.append(match)
+                    if on_image is not None:
+                        on_image(", ".join(r.name for r in named), template)
+                for result, entry in zip(named, entries):
+                    if not scored:  # one named identity without crops: faces cannot be told apart
+                        entry.matches = [None] * len(images) if result.has_identity else []
                     result.prompts.append(entry)
         finally:
             del pipe
@@ -512,6 +707,124 @@ def evaluate(
         del scorer
         gc.collect()
     return list(results.values())
+
+
+LIKENESS_KEEP = 0.9
+"""`eval --pick-best` keeps the snapshots within this share of the best likeness, then prefers prompt fidelity."""
+
+
+def pick_best(records: Sequence[dict[str, Any]]) -> int:
+    """The step of the best likeness / prompt-fidelity trade-off among snapshot records (docs/eval.md).
+
+    Candidates are the snapshots whose likeness is at least `LIKENESS_KEEP` of the best one; among them
+    the highest prompt fidelity wins. Without CLIP the earliest candidate wins: the least drift from the
+    cross-init start, which the paper ties to editability. Ties go to the earlier step for the same reason."""
+    measured = [r for r in records if r.get("likeness") is not None]
+    if not measured:
+        raise CrossinitError("likeness could not be measured for any snapshot (no stored face crops), so none is best")
+    top = max(r["likeness"] for r in measured)
+    candidates = [r for r in measured if r["likeness"] >= LIKENESS_KEEP * top]
+    scored = [r for r in candidates if r.get("prompt_fidelity") is not None]
+    if scored:
+        return int(max(scored, key=lambda r: (r["prompt_fidelity"], -r["step"]))["step"])
+    return int(min(candidates, key=lambda r: r["step"])["step"])
+
+
+def save_snapshot_scores(
+    library: Library, name: str, results: Sequence[Evaluation], picked: int | None = None
+) -> Identity:
+    """Store each snapshot's calibrated numbers with it in the identity's metadata; with `picked`, make
+    that snapshot the active one (the last step is the final vectors: active_step 0)."""
+    created = results[0].identity_created if results else ""
+    by_step = {r.step: {**r.calibrated(), "date": r.date, "settings": _short_settings(r.settings)} for r in results}
+
+    def change(ident: Identity) -> None:
+        if created and ident.created != created:
+            raise CrossinitError(
+                f"identity {ident.name!r} was replaced while it was being evaluated; run `crossinit eval` again"
+            )
+        for entry in ident.snapshots:
+            found = by_step.get(int(entry["step"]))
+            if found is not None:
+                entry["evaluation"] = found
+        if picked is not None:
+            last = max(int(e["step"]) for e in ident.snapshots)
+            ident.active_step = 0 if picked == last else picked
+
+    return library.modify(name, change)
+
+
+def _short_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    keep = ("n", "seed", "steps", "model", "strength", "clip_model")
+    return {k: settings.get(k) for k in keep} | {"prompts": len(settings.get("prompts", []))}
+
+
+def snapshot_label(name: str, step: int) -> str:
+    """How a snapshot is named inside one evaluation's pipeline (a valid identity name, never stored)."""
+    return f"{name}.s{step}" if step else name
+
+
+def _snapshot_variants(
+    library: Library, identities: dict[str, Identity], snapshot_steps: Sequence[int]
+) -> tuple[dict[str, Identity], dict[str, list[np.ndarray]], dict[str, str], dict[str, int | None]]:
+    """One pseudo-identity per snapshot of the one identity evaluated, with that snapshot's vectors."""
+    from dataclasses import replace
+
+    if len(identities) != 1:
+        raise CrossinitError("--snapshots evaluates one identity's run; name one identity")
+    (ident,) = identities.values()
+    _, stored = library.read(ident.name)
+    variants: dict[str, Identity] = {}
+    vectors: dict[str, list[np.ndarray]] = {}
+    names: dict[str, str] = {}
+    steps: dict[str, int | None] = {}
+    for step in snapshot_steps:
+        variant = replace(ident, name=snapshot_label(ident.name, step))
+        key = name_key(variant.name)
+        variants[key] = variant
+        vectors[key] = stored.per_encoder(ident.strength, step)
+        names[key] = ident.name
+        steps[key] = step
+    return variants, vectors, names, steps
+
+
+def faces_in(image: Image.Image) -> list[np.ndarray]:
+    """Descriptors of every face in a generated image."""
+    from crossinit_cli import faces
+
+    return faces.face_descriptors(image)
+
+
+def _multi_identity_templates(
+    templates: Sequence[str], identities: dict[str, Identity], groups: dict[str, list[Identity]]
+) -> dict[str, list[tuple[str, list[str]]]]:
+    """{model: [(template, [identity keys])]} for the templates naming several identities.
+
+    Each names only identities being evaluated, all learned on (or run with) the same base model."""
+    model_of = {name_key(i.name): model for model, group in groups.items() for i in group}
+    found: dict[str, list[tuple[str, list[str]]]] = {}
+    for template in templates:
+        named = group_names(template)
+        if not named:
+            continue
+        keys = [sample.ref_key(n) for n in named]
+        missing = [n for n, k in zip(named, keys) if k not in identities]
+        if missing:
+            raise CrossinitError(
+                f"prompt {template!r} names <{missing[0]}>, who is not being evaluated; name every identity "
+                f"it mentions: crossinit eval {' '.join(named)} ..."
+            )
+        models = {model_of[k] for k in keys}
+        if len(models) > 1:
+            raise CrossinitError(f"prompt {template!r} names identities learned on different base models; pass --model")
+        found.setdefault(models.pop(), []).append((template, keys))
+    return found
+
+
+def image_count(templates: Sequence[str], identities: int, n: int) -> int:
+    """How many images an evaluation makes: `{}` templates per identity, multi-identity ones once."""
+    per_identity = sum(1 for t in templates if not group_names(t))
+    return (per_identity * identities + (len(templates) - per_identity)) * n
 
 
 @contextmanager

@@ -193,6 +193,27 @@ def face_descriptor(image: Image.Image) -> np.ndarray | None:
     return np.array(_face_encoder().compute_face_descriptor(pixels, shape), dtype=np.float64)
 
 
+def face_descriptors(image: Image.Image, limit: int = 8) -> list[np.ndarray]:
+    """The descriptors of every face in `image` (the `limit` largest), left to right; [] when none.
+
+    Used where several people share a picture (`eval` of a prompt naming two identities)."""
+    small, _ = _downscaled(image.convert("RGB"), DETECT_LONG_SIDE)
+    pixels = np.ascontiguousarray(np.asarray(small))
+    detector = _detector()
+    rects, scores, _ = detector.run(pixels, 0, 0.0)
+    if len(rects) == 0:
+        rects, scores, _ = detector.run(pixels, 1, 0.0)
+    if len(rects) == 0:
+        return []
+    rects = [r for r, s in zip(rects, scores) if s >= WEAK_DETECTION * max(scores)]
+    rects = sorted(rects, key=lambda r: r.width() * r.height(), reverse=True)[:limit]
+    encoder, predictor = _face_encoder(), _shape_predictor()
+    return [
+        np.array(encoder.compute_face_descriptor(pixels, predictor(pixels, r)), dtype=np.float64)
+        for r in sorted(rects, key=lambda r: r.left())
+    ]
+
+
 # --- decoding -------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,9 @@ Layout under the library home:
 
     identities/<key>/meta.toml            metadata (schema, name, base model, training record, ...)
     identities/<key>/vectors.safetensors  "learned" float32[k, width], and "init" (the cross-init start);
-                                          SDXL: "learned.clip_l", "init.clip_l", "learned.clip_g", "init.clip_g"
+                                          SDXL: "learned.clip_l", "init.clip_l", "learned.clip_g", "init.clip_g";
+                                          snapshots of a run as "snapshot/<step>/<name>" (named tensors per
+                                          step: "learned", or one per encoder, "clip_l" and "clip_g")
     identities/<key>/crops/000.png        the aligned face crops it was learned from
     .lock                                 held while anything is written
     .staging/                             entries being assembled (always under the lock)
@@ -27,7 +29,7 @@ import shutil
 import stat
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -87,6 +89,8 @@ class Identity:
     modified: str = field(default_factory=now)
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # [{"step": 40, "loss": ...}, ...]
+    active_step: int = 0  # the snapshot prompts use; 0: the final vectors
     schema: int = 1
 
     @property
@@ -125,6 +129,11 @@ class Damaged:
     reason: str
 
 
+SNAPSHOT_PREFIX = "snapshot/"
+SNAPSHOT_ROWS = "learned"
+"""The name of a single-encoder model's rows inside a snapshot (a snapshot is a dict of named tensors)."""
+
+
 @dataclass
 class Vectors:
     """An identity's vectors: `learned`/`init` are its (first) text encoder's [k, width].
@@ -136,16 +145,35 @@ class Vectors:
     learned: np.ndarray
     init: np.ndarray | None
     parts: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # step -> named tensors
 
-    def at_strength(self, strength: float) -> np.ndarray:
-        """init + strength * (learned - init): 1.0 is as learned, 0.0 the cross-init start."""
-        return _blend(self.learned, self.init, strength)
+    def at_strength(self, strength: float, step: int = 0) -> np.ndarray:
+        """init + strength * (learned - init): 1.0 is as learned, 0.0 the cross-init start.
 
-    def per_encoder(self, strength: float = 1.0) -> list[np.ndarray]:
-        """Every text encoder's vectors at `strength`, in the family's order (one array for SD 1.x/2.x)."""
+        `step` picks a snapshot's rows instead of the final ones (0: the final vectors)."""
+        return _blend(self.at_step(step), self.init, strength)
+
+    def per_encoder(self, strength: float = 1.0, step: int = 0) -> list[np.ndarray]:
+        """Every text encoder's vectors at `strength`, in the family's order (one array for SD 1.x/2.x);
+        `step` picks a snapshot's."""
         if not self.parts:
-            return [self.at_strength(strength)]
-        return [_blend(learned, init, strength) for learned, init in self.parts.values()]
+            return [self.at_strength(strength, step)]
+        if not step:
+            return [_blend(learned, init, strength) for learned, init in self.parts.values()]
+        taken = self.snapshot(step)
+        return [_blend(taken[key], init, strength) for key, (_, init) in self.parts.items()]
+
+    def at_step(self, step: int) -> np.ndarray:
+        """The (first encoder's) rows of the snapshot taken at `step` (0: the final vectors)."""
+        if not step:
+            return self.learned
+        taken = self.snapshot(step)
+        return taken[SNAPSHOT_ROWS] if SNAPSHOT_ROWS in taken else taken[next(iter(self.parts))]
+
+    def snapshot(self, step: int) -> dict[str, np.ndarray]:
+        if step not in self.snapshots:
+            raise CrossinitError(f"no snapshot at step {step}; `crossinit show NAME` lists them")
+        return self.snapshots[step]
 
 
 def _blend(learned: np.ndarray, init: np.ndarray | None, strength: float) -> np.ndarray:
@@ -348,14 +376,14 @@ class Library:
         return self.read(name)[1]
 
     def effective_vectors(self, name: str) -> np.ndarray:
-        """The vectors prompts use: the learned ones at the identity's stored strength."""
+        """The vectors prompts use: the learned ones (or the active snapshot's) at the identity's strength."""
         ident, vectors = self.read(name)
-        return vectors.at_strength(ident.strength)
+        return vectors.at_strength(ident.strength, ident.active_step)
 
     def effective_parts(self, name: str) -> list[np.ndarray]:
         """The vectors prompts use, one array per text encoder of the identity's family (SDXL: two)."""
         ident, vectors = self.read(name)
-        return vectors.per_encoder(ident.strength)
+        return vectors.per_encoder(ident.strength, ident.active_step)
 
     def _read_vectors(self, name: str, folder: Path | int, family: str = "") -> Vectors:
         import numpy as np
@@ -368,9 +396,11 @@ class Library:
 
         try:
             tensors = load(_read_at(folder, VECTORS))
+            snapshots = _snapshots_in(tensors)
             if "learned" in tensors:  # one text encoder: the layout of every release so far
                 learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
-                return Vectors(learned, checked(tensors, "init", f"identity {name!r} init"))
+                init = checked(tensors, "init", f"identity {name!r} init")
+                return Vectors(learned, init, snapshots=snapshots)
             parts: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
             for key in _encoder_keys(family, tensors):
                 learned = check_vectors(np.asarray(tensors[f"learned.{key}"]), f"identity {name!r} ({key})")
@@ -380,7 +410,7 @@ class Library:
         except (OSError, KeyError, SafetensorError, ValueError) as exc:
             raise CrossinitError(f"identity {name!r} is damaged: cannot read {VECTORS} ({exc})") from None
         first_learned, first_init = next(iter(parts.values()))
-        return Vectors(first_learned, first_init, parts)
+        return Vectors(first_learned, first_init, parts, snapshots)
 
     def crops(self, name: str) -> list[Path]:
         folder = self.path_of(name) / CROPS
@@ -492,17 +522,22 @@ class Library:
         crops: Sequence[Image.Image] = (),
         *,
         force: bool = False,
+        snapshots: Mapping[int, Mapping[str, np.ndarray]] | None = None,
     ) -> Path:
         """Store a new identity (replace an existing one only with `force`); returns its directory.
 
         `learned` (and `init`) are one [k, width] array, or for a model with several text encoders (SDXL)
-        a dict of them by encoder key ("clip_l", "clip_g"), all with the same k.
+        a dict of them by encoder key ("clip_l", "clip_g"), all with the same k. `snapshots` are the rows
+        at some steps of its run ({step: {"learned" or encoder key: [k, width]}}), kept beside them.
         """
         from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         identity.name = validate_name(identity.name)
         tensors, shapes = _vector_tensors(identity.name, learned, init)
+        for step, parts in (snapshots or {}).items():
+            for part, rows in parts.items():
+                tensors[f"{SNAPSHOT_PREFIX}{int(step)}/{part}"] = check_vectors(rows, f"snapshot at step {step}")
         identity.tokens, identity.width = shapes[0]
         identity.widths = [w for _, w in shapes]
         identity.has_init = init is not None
@@ -671,6 +706,18 @@ def _vector_tensors(
     if len({k for k, _ in shapes}) != 1:
         raise CrossinitError(f"identity {name!r}: every text encoder needs the same number of vectors, got {shapes}")
     return tensors, shapes
+
+
+def _snapshots_in(tensors: dict[str, Any]) -> dict[int, dict[str, np.ndarray]]:
+    """The snapshots stored beside an entry's vectors: "snapshot/<step>/<name>" -> {step: {name: rows}}."""
+    import numpy as np
+
+    found: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        if key.startswith(SNAPSHOT_PREFIX):
+            step, part = key[len(SNAPSHOT_PREFIX) :].split("/", 1)
+            found.setdefault(int(step), {})[part] = check_vectors(np.asarray(value), key)
+    return dict(sorted(found.items()))
 
 
 def _encoder_keys(family: str, tensors: dict[str, Any]) -> list[str]:

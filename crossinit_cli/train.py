@@ -81,11 +81,20 @@ TEMPLATES = tuple(
 )
 FLIP_P = 0.5
 MIN_RESOLUTION = 256
+LR_PER_IMAGE = 0.000625
+"""The official base learning rate; its `--scale_lr` multiplies it by the batch (0.005 at batch 8)."""
 FINAL_LOSS_WINDOW = 10
 """final_loss is the mean of the last steps' losses: one step's loss is dominated by its random t."""
 
 Progress = Callable[[int, int, float], None]
 """Called after each step with (step, total steps, loss)."""
+SaveState = Callable[[dict[str, Any]], None]
+"""Called with a run's state (see `capture_run`) to keep it somewhere safe (a checkpoint)."""
+CHECKPOINT_EVERY = 5
+"""A checkpoint is written at most every this many steps (and at Ctrl-C): a kill -9 loses at most 4."""
+ROWS = "learned"
+"""The name of the learned rows in a snapshot or checkpoint of a one-encoder model: each is a dict of
+named tensors, and a model with several encoders (SDXL) names its rows by encoder ("clip_l", "clip_g")."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,7 @@ class TrainConfig:
     """What a training run does. Defaults are the paper's full mode."""
 
     steps: int = 320
-    lr: float = 0.005  # the official 0.000625 scaled by the batch of 8
+    lr: float = LR_PER_IMAGE * 8  # the official 0.000625 scaled by the batch of 8
     batch_size: int = 8
     reg_weight: float = 1e-5  # λ
     seed: int = 0
@@ -104,10 +113,16 @@ class TrainConfig:
 
     @classmethod
     def for_mode(cls, mode: str, **overrides: Any) -> TrainConfig:
-        """The paper's `full` or `fast` settings, with any non-None override applied."""
+        """The paper's `full` or `fast` settings, with any non-None override applied.
+
+        A batch size given without a learning rate scales the rate with it, as the official `--scale_lr`
+        does: `LR_PER_IMAGE` x batch (batch 4 trains at 0.0025)."""
         if mode not in MODES:
             raise CrossinitError(f"unknown mode {mode!r}; choose {' or '.join(MODES)}")
-        config = replace(MODES[mode], **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "batch_size" in given and "lr" not in given:
+            given["lr"] = scaled_lr(given["batch_size"])
+        config = replace(MODES[mode], **given)
         config.check()
         return config
 
@@ -127,6 +142,25 @@ def check_resolution(resolution: int | None) -> None:
     """`--resolution`: a multiple of 64 (the VAE's 8x times the UNet's 8x), at least MIN_RESOLUTION."""
     if resolution is not None and (resolution < MIN_RESOLUTION or resolution % 64):
         raise CrossinitError(f"--resolution must be a multiple of 64 and at least {MIN_RESOLUTION}, not {resolution}")
+
+
+def scaled_lr(batch_size: int) -> float:
+    """The official `--scale_lr` rule: the base rate times the batch (times processes, which is 1 here)."""
+    return LR_PER_IMAGE * batch_size
+
+
+def oom_advice(config: TrainConfig, size: int) -> str:
+    """Settings that fit in less memory: a smaller size, or half the batch for twice the steps at the same
+    learning rate per image (so the run sees as many images, each learned at the same rate)."""
+    smaller = size // 2 // 64 * 64
+    options = [f"--resolution {smaller}"] if smaller >= MIN_RESOLUTION else []
+    if config.batch_size > 1:
+        half = config.batch_size // 2
+        lr = config.lr * half / config.batch_size
+        lr_flag = "" if math.isclose(config.lr, scaled_lr(config.batch_size)) else f" --lr {lr:g}"
+        steps = config.steps * config.batch_size // half
+        options.append(f"--batch-size {half} --steps {steps}{lr_flag} (same rate per image)")
+    return "try " + ", ".join([*options, "or --device cpu"]) if options else "try --device cpu, or a smaller --model"
 
 
 MODES = {
@@ -156,6 +190,8 @@ class TrainResult:
     token_ids: list[int] = field(default_factory=list)
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     """Every text encoder's (learned, init) by its key (families.EncoderSpec.key); learned/init are the first's."""
+    snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # step -> {name: [2, width]}
+    snapshot_losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss of the steps before it
 
 
 def model_resolution(unet: Any, vae: Any) -> int:
@@ -258,6 +294,9 @@ def train(
     progress: Progress | None = None,
     family: Family | None = None,
     slots: Sequence[Slot] | None = None,
+    snapshot_every: int | None = None,
+    save_state: SaveState | None = None,
+    resume_from: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width].
 
@@ -266,6 +305,10 @@ def train(
     the placement's device (the UNet also cast to its dtype); each text encoder keeps the two new tokens
     with the learned rows. Same seed, device and inputs give the same rows. Raises CrossinitError if the
     loss becomes NaN or infinite.
+
+    `snapshot_every` keeps the rows every that many steps (and at the last, when it kept some before).
+    `save_state` receives the run's state every `CHECKPOINT_EVERY` steps and at Ctrl-C; `resume_from`
+    (such a state) continues a run, with the same result, bit for bit on the CPU, as one never interrupted.
     """
     import numpy as np
     import torch
@@ -334,10 +377,16 @@ def train(
     # ---- loop ---------------------------------------------------------------------------------------
     losses: list[float] = []
     order: list[int] = []
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    named = dict(zip(row_names(slots), rows_all))
+    done = 0
+    if resume_from is not None:
+        done, order, losses, snapshots = restore_run(resume_from, named, optimizer, scaler, draw, noise_gen)
+    state = resume_from
     hooks = [_splice_rows(s.text_encoder, ids, r) for s, ids, r in zip(slots, all_ids, rows_all)]
     loop_started = time.perf_counter()
     try:
-        for step in range(1, config.steps + 1):
+        for step in range(done + 1, config.steps + 1):
             items, chosen = [], []
             for _ in range(config.batch_size):
                 if not order:  # a fresh shuffle of the photos each pass, like the official DataLoader
@@ -371,6 +420,13 @@ def train(
                     f"training diverged at step {step} (loss is {value}); try --dtype fp32 or a lower --lr"
                 )
             losses.append(value)
+            if _snapshot_due(step, snapshot_every, config.steps):
+                snapshots[step] = snapshot_rows(named)
+            if save_state is not None:
+                rngs = capture_rng(draw, noise_gen)
+                state = capture_run(step, named, optimizer, scaler, rngs, order, losses, snapshots)
+                if step % CHECKPOINT_EVERY == 0 and step < config.steps:
+                    save_state(state)
             if progress is not None:
                 progress(step, config.steps, value)
         # Each loss is computed before its update: check the last update on what prompts will see.
@@ -381,12 +437,14 @@ def train(
                 f"training diverged at step {config.steps} (the learned vectors overflow); "
                 "try --dtype fp32 or a lower --lr"
             )
+    except KeyboardInterrupt:
+        if save_state is not None and state is not None:
+            save_state(state)  # the last whole step: a Ctrl-C mid-step may have half-updated the rows
+        raise
     except torch.cuda.OutOfMemoryError:
-        smaller = size // 2 // 64 * 64
-        resolution = f"--resolution {smaller}, " if smaller >= MIN_RESOLUTION else ""
         raise CrossinitError(
-            f"out of memory on {placement.device} at batch size {config.batch_size} and {size} px; try "
-            f"{resolution}--batch-size 4 (and --steps twice as many), or --device cpu"
+            f"out of memory on {placement.device} at batch size {config.batch_size} and {size} px; "
+            f"{oom_advice(config, size)}"
         ) from None
     finally:
         for hook in hooks:
@@ -394,6 +452,7 @@ def train(
         if family.checkpointing:
             unet.disable_gradient_checkpointing()
     loop_s = time.perf_counter() - loop_started
+    ran = max(1, config.steps - done)
 
     # ---- result: the learned rows, also written into the text encoder's table -----------------------
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -412,7 +471,7 @@ def train(
         init=first_init,
         losses=losses,
         final_loss=float(sum(window) / len(window)),
-        per_step_s=loop_s / config.steps,
+        per_step_s=loop_s / ran,
         total_s=time.perf_counter() - started,
         encode_s=encode_s,
         resolution=size,
@@ -421,7 +480,104 @@ def train(
         dtype=placement.dtype,
         token_ids=token_ids,
         parts=parts,
+        snapshots={k: {n: t.numpy().astype(np.float32) for n, t in v.items()} for k, v in snapshots.items()},
+        snapshot_losses={k: _window_mean(losses[:k]) for k in snapshots},
     )
+
+
+def _snapshot_due(step: int, every: int | None, steps: int) -> bool:
+    """Snapshots at every multiple of `every`, and at the last step when there are earlier ones."""
+    return bool(every) and every < steps and (step % every == 0 or step == steps)
+
+
+def _window_mean(losses: list[float]) -> float:
+    window = losses[-FINAL_LOSS_WINDOW:]
+    return round(float(sum(window) / len(window)), 6)
+
+
+# ---- snapshots and checkpoints: small helpers the loop calls --------------------------------------
+
+
+def row_names(slots: Sequence[Slot]) -> list[str]:
+    """The names of a run's rows in snapshots and checkpoints: `ROWS` for one encoder, else each encoder's key."""
+    return [ROWS] if len(slots) == 1 else [s.spec.key for s in slots]
+
+
+def snapshot_rows(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The learned rows at this step, as a snapshot's named tensors (copies, on the CPU)."""
+    return {name: r.detach().float().cpu().clone() for name, r in rows.items()}
+
+
+def capture_rng(draw: random.Random, noise_gen: torch.Generator) -> dict[str, Any]:
+    """Every random generator a run draws from: the data order's, the noise's, torch's global ones."""
+    import torch
+
+    state: dict[str, Any] = {"draw": draw.getstate(), "noise": noise_gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], draw: random.Random, noise_gen: torch.Generator) -> None:
+    import torch
+
+    version, internal, gauss = state["draw"]
+    draw.setstate((version, tuple(internal), gauss))
+    noise_gen.set_state(state["noise"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture_run(
+    step: int,
+    rows: dict[str, torch.Tensor],
+    optimizer: Any,
+    scaler: Any,
+    rngs: dict[str, Any],
+    order: list[int],
+    losses: list[float],
+    snapshots: dict[int, dict[str, torch.Tensor]],
+) -> dict[str, Any]:
+    """A run's whole state after `step`: with it the loop continues exactly as if never stopped.
+
+    Copies, not references: AdamW updates its state in place, and a Ctrl-C may land mid-update."""
+    import copy
+
+    return {
+        "step": step,
+        "rows": snapshot_rows(rows),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "scaler": copy.deepcopy(scaler.state_dict()),
+        "rng": rngs,
+        "order": list(order),
+        "losses": list(losses),
+        "snapshots": dict(snapshots),
+    }
+
+
+def restore_run(
+    state: dict[str, Any],
+    rows: dict[str, torch.Tensor],
+    optimizer: Any,
+    scaler: Any,
+    draw: random.Random,
+    noise_gen: Any,
+) -> tuple[int, list[int], list[float], dict[int, dict[str, torch.Tensor]]]:
+    """Put a captured state back; returns (step, data order, losses, snapshots) to continue from."""
+    import torch
+
+    if set(state["rows"]) != set(rows):
+        raise CrossinitError(f"the checkpoint holds rows {sorted(state['rows'])}, this model trains {sorted(rows)}")
+    with torch.no_grad():
+        for name, row in rows.items():
+            row.copy_(state["rows"][name].to(row.device))
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], draw, noise_gen)
+    snapshots = {int(k): v for k, v in state["snapshots"].items()}
+    return int(state["step"]), list(state["order"]), list(state["losses"]), snapshots
 
 
 def _caption_ids(tokenizer: Any, token_ids: list[int]) -> torch.Tensor:

@@ -25,6 +25,10 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ),
         ("A photo that is already a tight face crop", "crossinit learn crop.png --no-align --name carol"),
         (
+            "Keep a snapshot every 20 steps, then continue a run that was cut off",
+            "crossinit learn photos/alice/ --snapshot-every 20\ncrossinit learn --resume alice",
+        ),
+        (
             "Many identities over 4 GPUs",
             "accelerate launch --multi_gpu --num_processes 4 -m crossinit_cli learn --batch people.csv",
         ),
@@ -59,9 +63,19 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "crossinit edit alice --strength 0.8\ncrossinit edit alice --strength 1",
         ),
         ("Rename", "crossinit edit alice --rename alice-2026"),
+        (
+            "Use the vectors of step 160 of the run, then the final ones again",
+            "crossinit edit alice --use-snapshot 160\ncrossinit edit alice --use-snapshot final",
+        ),
         ("Edit the metadata in your editor", "EDITOR=nano crossinit edit alice"),
     ],
-    "remove": [("Remove without a question (scripts)", "crossinit remove alice --yes")],
+    "remove": [
+        ("Remove without a question (scripts)", "crossinit remove alice --yes"),
+        (
+            "Clear an unfinished run instead of resuming it",
+            "crossinit list    # unfinished run: alice at step 85 of 320 ...\ncrossinit remove alice --yes",
+        ),
+    ],
     "export": [
         (
             "AUTOMATIC1111 / Forge (write `alice` in a prompt)",
@@ -87,8 +101,13 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ),
     ],
     "eval": [
-        ("Both numbers for one identity", "crossinit eval alice"),
+        ("Likeness and prompt fidelity of one identity", "crossinit eval alice"),
         ("Fast vs full of one person, side by side", "crossinit eval alice-fast alice-full --compare -n 8"),
+        (
+            "Score every snapshot, then make the best one active",
+            "crossinit eval alice --snapshots\ncrossinit eval alice --pick-best",
+        ),
+        ("A gate in a script (exit status 3 below 0.8)", "crossinit eval alice --fail-below 0.8 --quiet > /dev/null"),
     ],
     "doctor": [("Before your first run, or when something fails", "crossinit doctor\ncrossinit doctor --json")],
     "config": [

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
+
+from tests.factories import random_vectors
 
 DATA = Path(__file__).parent / "data"
 OFFICIAL = sorted((DATA / "official").glob("*.bin"))
@@ -67,6 +71,38 @@ def library(home: Path):
     from crossinit_cli.store import Library
 
     return Library(home)
+
+
+@pytest.fixture()
+def add_identity(library) -> Callable[..., Any]:
+    """Store an identity straight into this test's library, as if `learn --fast` had made it.
+
+    add_identity("alice") draws its vectors from a seed taken from the name; `seed`, `width` and `scale`
+    choose them, `init` is the cross-init start (an array, True for random rows, None for none, as an
+    imported identity has), and any other keyword is an `Identity` field (base_model, training, ...).
+    """
+    from crossinit_cli.store import Identity
+
+    def add(
+        name: str,
+        *,
+        seed: int | None = None,
+        width: int = 32,
+        scale: float = 1.0,
+        init: Any = None,
+        crops: Any = (),
+        force: bool = False,
+        **fields: Any,
+    ) -> Identity:
+        seed = zlib.crc32(name.encode()) if seed is None else seed
+        learned = random_vectors(seed, width=width, scale=scale)
+        if init is True:
+            init = random_vectors(seed + 100, width=width, scale=scale)
+        fields = {"base_model": "tiny", "training": {"mode": "fast", "steps": 25}, **fields}
+        library.add(Identity(name=name, tokens=2, width=width, **fields), learned, init, crops=crops, force=force)
+        return library.get(name)
+
+    return add
 
 
 @pytest.fixture()

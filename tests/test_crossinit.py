@@ -124,7 +124,7 @@ def test_cache_does_not_mix_models(tiny_model: Path, tmp_path: Path) -> None:
     first = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, tmp_path)
     # A fine-tune with the same token table but other encoder layers gets its own init.
     with torch.no_grad():
-        pipe.text_encoder.encoder.layers[0].mlp.fc1.weight.mul_(1.5)
+        getattr(pipe.text_encoder, "text_model", pipe.text_encoder).encoder.layers[0].mlp.fc1.weight.mul_(1.5)
     tuned = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, tmp_path)
     assert not torch.allclose(first, tuned)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2

@@ -133,9 +133,11 @@ def test_prompt_templates_and_the_text_clip_scores() -> None:
     assert engine.fill("a photo of {} smiling", "Alice") == "a photo of <Alice> smiling"
     assert engine.read_prompts("# c\n\n {} in the snow \nwearing a hat\n") == [
         "{} in the snow",
-        "a photo of {}, wearing a hat",
+        "a photo of a {} person, wearing a hat",
     ]
-    assert all("{}" in t for t in engine.DEFAULT_PROMPTS) and engine.DEFAULT_PROMPTS[0] == "a photo of {}"
+    assert all("{}" in t for t in engine.DEFAULT_PROMPTS) and engine.DEFAULT_PROMPTS[0] == "a photo of a {} person"
+    # The official inference prompt says "person" (as training's "face of {} person" does): every default does.
+    assert all(" {} person" in t for t in engine.DEFAULT_PROMPTS)
     with pytest.raises(CrossinitError, match="no prompts"):
         engine.read_prompts("# only a comment\n")
     with pytest.raises(CrossinitError, match="<bob>"):
@@ -165,7 +167,7 @@ def test_eval_stores_metrics_and_reports_identity_alone_without_clip(
     assert 0 <= ident["face_rate"] <= 1 and ident["faces"] <= ident["images"]
     assert fidelity == {"available": False, "model": no_clip, "reason": fidelity["reason"]}
     assert [p["prompt"] for p in record["prompts"]] == list(engine.DEFAULT_PROMPTS)
-    assert record["prompts"][7]["clip_text"] == "a photo of on the beach"
+    assert record["prompts"][7]["clip_text"] == "a photo of a person on the beach"
     settings = record["settings"]
     assert settings["prompts"] == list(engine.DEFAULT_PROMPTS)
     assert (settings["n"], settings["seed"], settings["steps"]) == (1, 5, 2)

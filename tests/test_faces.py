@@ -198,7 +198,7 @@ def _cmyk(path: Path) -> None:
 def _sixteen_bit(path: Path) -> None:
     ramp = np.tile(np.linspace(0, 65535, 100).astype(np.uint16), (80, 1))
     Image.fromarray(ramp).save(path)
-    assert Image.open(path).mode == "I;16"  # or the test would prove nothing
+    assert Image.open(path).mode in ("I;16", "I")  # or the test would prove nothing (Pillow < 10.2 reads "I")
 
 
 def _palette(path: Path) -> None:

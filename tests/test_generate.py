@@ -170,10 +170,10 @@ def test_identity_option_templates_plain_prompts(gen, library: Library, tiny_mod
     _add(library, "bob", tiny_model, seed=2)
     result = gen("-i", "alice", "--prompts", "-", "--seed", "0", "--json", input="smiling\n<bob> waving\n")
     assert result.exit_code == 0, result.stderr
-    assert [r["prompt"] for r in json.loads(result.stdout)] == ["a photo of <alice>, smiling", "<bob> waving"]
+    assert [r["prompt"] for r in json.loads(result.stdout)] == ["a photo of a <alice> person, smiling", "<bob> waving"]
     result = gen("--identity", "ALICE", "--seed", "0", "--json")
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)[0]["prompt"] == "a photo of <alice>"
+    assert json.loads(result.stdout)[0]["prompt"] == "a photo of a <alice> person"
 
 
 def test_existing_files_are_never_overwritten_and_paths_go_to_stderr(gen, library: Library, tiny_model: Path) -> None:

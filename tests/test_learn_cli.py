@@ -21,6 +21,7 @@ from crossinit_cli.store import Library
 DATA = Path(__file__).parent / "data"
 ASTRONAUT = DATA / "astronaut.png"
 GRACE = DATA / "grace_hopper.jpg"
+OFFICIAL_BIN = DATA / "official" / "28017.bin"
 CHEAP = ("--steps", "2", "--batch-size", "2")
 
 
@@ -48,7 +49,8 @@ def test_learn_fast_stores_a_complete_entry(cli, library: Library, tiny_model: P
     assert record["family"] == ("sd1" if tiny_model == tiny_sd1 else "sd2") and record["widths"] == [32]
     training = record["training"]
     assert training["mode"] == "fast" and training["steps"] == 25 and training["batch_size"] == 1
-    assert training["lr"] == 0.005 and training["reg_weight"] == 1e-5 and training["seed"] == 0
+    # --batch-size without --lr scales the rate as the official --scale_lr does: 0.000625 x 1.
+    assert training["lr"] == 0.000625 and training["reg_weight"] == 1e-5 and training["seed"] == 0
     assert training["photos"] == ["astronaut.png"] and training["resolution"] == 64
     assert training["device"] == "cpu" and training["dtype"] == "fp32"
     assert training["per_step_s"] > 0 and training["total_s"] > 0 and np.isfinite(training["final_loss"])
@@ -65,7 +67,7 @@ def test_learn_fast_stores_a_complete_entry(cli, library: Library, tiny_model: P
     # Human output on stderr: plain progress lines (not a terminal), where it went, what to do next.
     assert "step 25/25" in result.stderr and "loss" in result.stderr
     assert str(library.path_of("astronaut")) in result.stderr
-    assert 'next: crossinit generate "a photo of <astronaut>' in result.stderr
+    assert 'next: crossinit generate "a photo of a <astronaut> person as an astronaut"' in result.stderr
 
 
 def test_same_seed_same_identity(cli, library: Library, tiny_model: Path) -> None:
@@ -202,3 +204,37 @@ def test_ctrl_c_mid_training_leaves_the_library_as_it_was(cli, home: Path, tiny_
     assert "interrupted" in rest and "Traceback" not in rest
     assert _files(home) == before  # the old "keep" is intact; nothing new, nothing half-written
     assert not any((home / ".staging").glob("*"))
+
+
+def test_an_empty_name_is_refused_never_replaced_by_the_file_stem(cli, library: Library, tmp_path: Path) -> None:
+    """`--name ''` is a mistake (an unset shell variable), not a request for the default name."""
+    learned = cli("learn", ASTRONAUT, "--name", "", *CHEAP)
+    assert learned.exit_code == 1 and learned.stderr.strip() == "error: identity name is empty"
+    imported = cli("import", OFFICIAL_BIN, "--name", "")
+    assert imported.exit_code == 1 and imported.stderr.strip() == "error: identity name is empty"
+    manifest = tmp_path / "people.csv"
+    manifest.write_text(f"name,photos\n,{ASTRONAUT}\n", encoding="utf-8")
+    batch = cli("learn", "--batch", manifest)
+    assert batch.exit_code == 1 and batch.stderr.count("\n") == 1 and "identity name is empty" in batch.stderr
+    assert library.list() == [] and not library.exists("astronaut") and not library.exists("28017")
+
+
+def test_out_of_memory_advice_keeps_the_learning_rate_per_image(
+    cli, library: Library, home: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU that runs out of memory, the advice halves the batch, doubles the steps and says the rate
+    follows (the official --scale_lr); nothing is stored and no unfinished run is left behind."""
+    import torch
+
+    from crossinit_cli import train
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "regulariser", out_of_memory)
+    result = cli("learn", ASTRONAUT, "--model", tiny_model, "--steps", "6", "--batch-size", "8", "--quiet")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "at batch size 8 and 64 px; try --batch-size 4 --steps 12 (same rate per image)" in result.stderr
+    own = cli("learn", ASTRONAUT, "--model", tiny_model, "--steps", "6", "--batch-size", "8", "--lr", "0.002")
+    assert "try --batch-size 4 --steps 12 --lr 0.001 (same rate per image)" in own.stderr
+    assert library.list() == [] and not any((home / ".unfinished").glob("*"))

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from crossinit_cli import sample
+from crossinit_cli.commands.generate import apply_template
 from crossinit_cli.store import Identity, Library
 
 
@@ -188,7 +189,9 @@ def test_identity_flag_templates_plain_manifest_prompts(
     result = cli(*args, "--out", tmp_path / "o", "--json")  # --json changes nothing: JSON Lines either way
     assert result.exit_code == 0, result.stderr
     records = _records(result.stdout)
+    templated = apply_template("smiling", stocked.get("alice"))  # as `generate -i alice smiling` writes it
+    assert "<alice>" in templated and templated.endswith("smiling")
     assert [(r["prompt"], r["identities"]) for r in records] == [
-        ("a photo of <alice>, smiling", ["alice"]),
+        (templated, ["alice"]),
         ("<bob> waves", ["bob"]),
     ]

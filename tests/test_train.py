@@ -23,7 +23,7 @@ def crops() -> list:
     return [c.image for c in align_faces([DATA / "astronaut.png", DATA / "grace_hopper.jpg"], 64)]
 
 
-def _run(model: Path, crops: list, *, vae_calls: list | None = None, **overrides):
+def _run(model: Path, crops: list, *, vae_calls: list | None = None, run: dict | None = None, **overrides):
     """Train on a freshly loaded pipeline (train() moves and changes it); returns (result, pipe, table before)."""
     pipe = load_pipeline(str(model))
     table_before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
@@ -42,6 +42,7 @@ def _run(model: Path, crops: list, *, vae_calls: list | None = None, **overrides
         init=init,
         config=train.TrainConfig(**settings),
         placement=CPU,
+        **(run or {}),
     )
     return result, pipe, table_before
 
@@ -153,6 +154,26 @@ def test_modes_and_overrides() -> None:
         train.TrainConfig.for_mode("turbo")
 
 
+def test_batch_size_without_lr_scales_the_rate_as_the_official_scale_lr() -> None:
+    assert train.TrainConfig.for_mode("full", batch_size=4).lr == 0.0025
+    assert train.TrainConfig.for_mode("fast", batch_size=16).lr == 0.01
+    assert train.TrainConfig.for_mode("full", batch_size=4, lr=0.001).lr == 0.001  # an explicit rate wins
+    assert train.TrainConfig.for_mode("full", lr=0.001, batch_size=None).lr == 0.001
+
+
+def test_out_of_memory_advice_keeps_the_rate_per_image() -> None:
+    default = train.oom_advice(train.TrainConfig.for_mode("full"), 512)
+    assert default == "try --resolution 256, --batch-size 4 --steps 640 (same rate per image), or --device cpu"
+    own = train.oom_advice(train.TrainConfig.for_mode("full", batch_size=8, lr=0.002, steps=100), 64)
+    assert own == "try --batch-size 4 --steps 200 --lr 0.001 (same rate per image), or --device cpu"
+    alone = train.oom_advice(train.TrainConfig.for_mode("fast", batch_size=1), 1024)
+    assert alone == "try --resolution 512, or --device cpu"
+    assert (
+        train.oom_advice(train.TrainConfig.for_mode("fast", batch_size=1), 64)
+        == "try --device cpu, or a smaller --model"
+    )
+
+
 def test_captions_are_the_official_templates() -> None:
     assert len(train.TEMPLATES) == 81 and train.TEMPLATES[0] == "a photo of a {}"
     assert "an illustration of my {}" in train.TEMPLATES and "a depiction of the large {}" in train.TEMPLATES
@@ -183,3 +204,41 @@ def test_mixed_precision_path_keeps_the_rows_in_fp32(tiny_model: Path, crops: li
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.float32
     assert result.learned.dtype == np.float32 and result.dtype == "bf16"
     assert np.isfinite(result.losses).all() and not np.allclose(result.learned, result.init)
+
+
+def test_a_run_resumed_from_any_saved_state_ends_bit_for_bit_where_the_whole_run_ends(
+    tiny_model: Path, crops: list
+) -> None:
+    """Two photos, batch 3: each checkpoint falls mid-shuffle, so the pending data order and every
+    generator must come back exactly; snapshots and losses continue too."""
+    saved: list[dict] = []
+    settings = {"steps": 12, "batch_size": 3, "seed": 5}
+    whole, _, _ = _run(tiny_model, crops, run={"snapshot_every": 4, "save_state": saved.append}, **settings)
+    assert [s["step"] for s in saved] == [5, 10]  # every CHECKPOINT_EVERY steps, not at the end
+    assert sorted(whole.snapshots) == [4, 8, 12]
+    for state in saved:
+        resumed, _, _ = _run(tiny_model, crops, run={"snapshot_every": 4, "resume_from": state}, **settings)
+        assert np.array_equal(resumed.learned, whole.learned) and resumed.losses == whole.losses
+        for step in whole.snapshots:
+            assert np.array_equal(resumed.snapshots[step]["learned"], whole.snapshots[step]["learned"])
+    # Without the generators' states (a fresh draw of the data order and noise) the run goes elsewhere.
+    broken = {**saved[0], "rng": {**saved[0]["rng"], "noise": torch.Generator().manual_seed(99).get_state()}}
+    other, _, _ = _run(tiny_model, crops, run={"resume_from": broken}, **settings)
+    assert not np.array_equal(other.learned, whole.learned)
+
+
+def test_ctrl_c_saves_the_last_whole_step(tiny_model: Path, crops: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved: list[dict] = []
+    calls = {"n": 0}
+    real = train.regulariser
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # mid-way through step 4: its forward ran, its update did not
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "regulariser", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_model, crops, run={"save_state": saved.append}, steps=12, batch_size=2)
+    assert [s["step"] for s in saved] == [3] and len(saved[0]["losses"]) == 3

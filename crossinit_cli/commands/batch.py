@@ -174,7 +174,7 @@ def learn_batch(
 
     from crossinit_cli import config as settings
     from crossinit_cli import devices, faces
-    from crossinit_cli.commands.learn import ALIGN_SIZE, learn_and_store, load_trainer
+    from crossinit_cli.commands.learn import ALIGN_SIZE, SNAPSHOT_EVERY, learn_and_store, load_trainer
     from crossinit_cli.train import TrainConfig
 
     jobs = read_manifest(manifest, defaults)
@@ -232,6 +232,7 @@ def learn_batch(
                     align=job.align,
                     force=force,
                     quiet=True,
+                    snapshot_every=SNAPSHOT_EVERY[job.mode],
                 )
                 outcome = Outcome(job.name, "learned", "", time.perf_counter() - started, result.final_loss)
             except CrossinitError as exc:

@@ -30,17 +30,23 @@ def evaluate_identities(
     device: str | None = None,
     dtype: str | None = None,
     clip_model: str | None = None,
+    fail_below: float | None = None,
+    snapshots: bool = False,
+    pick_best: bool = False,
     quiet: bool = False,
     as_json: bool = False,
 ) -> int:
+    if fail_below is not None and not fail_below >= 0:
+        raise CrossinitError(f"--fail-below must be a likeness of 0 or more, not {fail_below:g}")
     if compare and len(names) < 2:
         raise CrossinitError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
     cfg = config.load_config()
     templates = engine.DEFAULT_PROMPTS if prompts is None else _read_templates(prompts)
     for name in names:
         library.get(name)  # an unknown name is an error before anything loads
+    snapshot_steps = _snapshot_steps(library, names, templates, compare, fail_below) if snapshots else None
     show = not quiet and ui.err().is_terminal
-    total = len(templates) * n * len(names)
+    total = engine.image_count(templates, len(snapshot_steps) if snapshot_steps else len(names), n)
 
     with _progress(show, total) as bar:
         results = engine.evaluate(
@@ -58,25 +64,153 @@ def evaluate_identities(
             notify=ui.warn,
             on_image=bar.image,
             on_load=bar.loading,
+            snapshot_steps=snapshot_steps,
         )
+    if snapshot_steps is not None:
+        return _snapshot_report(library, names[0], results, pick_best=pick_best, as_json=as_json)
     sheets = {r.name: engine.save(library, r) for r in results}
     records = [{"name": r.name, **r.record(), "contact_sheet": str(sheets[r.name])} for r in results]
 
     if as_json:
         ui.print_json(records)
-        return 0
+        return _gate(records, fail_below)
     if compare:
         ui.out().print(_compare_table(records))
     else:
         for record in records:
             ui.out().print(_identity_table(record))
     for record in records:
+        for line in verdict(record):
+            ui.out().print(escape(line))
+    for record in records:
         ui.info(f"contact sheet of [bold]{escape(record['name'])}[/]: {escape(record['contact_sheet'])}")
-    ui.info(
-        "stored with each identity; see `crossinit show NAME` (cosine: higher is closer; dlib distance: "
-        f"below {engine.SAME_PERSON_DISTANCE} is the same person)"
-    )
+    ui.info("stored with each identity; see `crossinit show NAME` and docs/eval.md for what each number means")
+    return _gate(records, fail_below)
+
+
+def _snapshot_steps(
+    library: Library, names: list[str], templates: list[str], compare: bool, fail_below: float | None
+) -> list[int]:
+    if len(names) != 1 or compare:
+        raise CrossinitError("--snapshots and --pick-best score the snapshots of one identity; name one")
+    if fail_below is not None:
+        raise CrossinitError("--fail-below gates identities, not snapshots; run it without --snapshots/--pick-best")
+    if any(engine.group_names(t) for t in templates):
+        raise CrossinitError("--snapshots takes prompts with {} only (not prompts naming several identities)")
+    ident = library.get(names[0])
+    steps = [int(s["step"]) for s in ident.snapshots]
+    if not steps:
+        raise CrossinitError(
+            f"identity {ident.name!r} kept no snapshots; learn it with --snapshot-every N (full mode: every 40)"
+        )
+    return steps
+
+
+def _snapshot_report(
+    library: Library, name: str, results: list[engine.Evaluation], *, pick_best: bool, as_json: bool
+) -> int:
+    records = [{"step": r.step, **r.calibrated()} for r in results]
+    picked = engine.pick_best(records) if pick_best else None
+    ident = engine.save_snapshot_scores(library, name, results, picked)
+    losses = {int(s["step"]): s.get("loss") for s in ident.snapshots}
+    last = max(losses)
+    active = ident.active_step or last
+    if as_json:
+        for record in records:
+            record["loss"] = losses.get(record["step"])
+            record["active"] = record["step"] == active
+        ui.print_json({"name": ident.name, "snapshots": records, "active_step": ident.active_step, "picked": picked})
+        return 0
+    table = Table(title=f"snapshots of <{escape(ident.name)}>", title_justify="left")
+    for column in ("step", "loss", "faces found", "same person", "likeness", "CLIP score", ""):
+        table.add_column(column, justify="right" if column else "left", no_wrap=not column)
+    for record in records:
+        step = record["step"]
+        mark = "active" if step == active else ""
+        if step == picked:
+            mark = "picked, active"
+        table.add_row(
+            f"{step}" + (" (final)" if step == last else ""),
+            _num(losses.get(step)),
+            _share(record["face_rate"]),
+            _share(record["same_person_rate"]),
+            _num(record["likeness"]),
+            _num(record["prompt_fidelity"]),
+            mark,
+        )
+    ui.out().print(table)
+    if picked is not None:
+        which = "the final vectors" if picked == last else f"the snapshot at step {picked}"
+        ui.info(
+            f"[bold]{escape(ident.name)}[/] now uses {which} (best trade-off: likeness within "
+            f"{engine.LIKENESS_KEEP:.0%} of the best, then prompt fidelity); undo: crossinit edit "
+            f"{escape(ident.name)} --use-snapshot final"
+        )
+    else:
+        ui.info(f"stored with each snapshot; make one active: crossinit edit {escape(ident.name)} --use-snapshot STEP")
     return 0
+
+
+EXIT_BELOW = 3
+"""`eval --fail-below X`: some identity's likeness is below X (docs/exit-codes.md)."""
+
+
+def _gate(records: list[dict[str, Any]], fail_below: float | None) -> int:
+    """Exit status 3 when an identity's likeness is below `--fail-below` (or could not be measured)."""
+    if fail_below is None:
+        return 0
+    failed = 0
+    for record in records:
+        likeness = record.get("likeness")
+        if likeness is None:
+            ui.error(f"likeness of <{record['name']}> could not be measured, so it cannot pass --fail-below")
+        elif likeness < fail_below:
+            ui.error(f"likeness of <{record['name']}> is {likeness:.2f}, below --fail-below {fail_below:g}")
+        else:
+            continue
+        failed += 1
+    return EXIT_BELOW if failed else 0
+
+
+def verdict(record: dict[str, Any]) -> list[str]:
+    """The evaluation of one identity in words a person reads: does it look like them, and how much."""
+    name = record["name"]
+    ident = record["identity"]
+    if not ident.get("available"):
+        lines = [f"<{name}>: likeness not measured ({ident.get('reason')})"]
+    else:
+        images, faces, same = ident["images"], ident["faces"], ident["same_person"]
+        reference = ident.get("reference") or {}
+        if not faces:
+            lines = [
+                f"<{name}>: no face found in any of the {images} images, so nothing looks like {name} (likeness 0)"
+            ]
+        else:
+            lines = [
+                f"<{name}>: looks like {name} in {same} of {images} images "
+                f"(a face in {faces}; same person by dlib's {engine.SAME_PERSON_DISTANCE} distance)"
+            ]
+            if reference.get("kind") == "threshold":
+                lines.append(
+                    f"  likeness {record['likeness']:.2f}: 1.0 is dlib's same-person threshold (only one photo of "
+                    f"{name} has a face, so there is no pair to measure {name}'s own ceiling; learn from more photos)"
+                )
+            else:
+                lines.append(
+                    f"  likeness {record['likeness']:.2f}: the generated faces are {record['likeness']:.0%} as "
+                    f"similar to {name}'s photos as those {reference.get('photos')} photos are to each other"
+                )
+        if record.get("crossover"):
+            lines.append(
+                f"  {record['crossover']} face(s) in pictures with other identities look more like one of them "
+                f"than like {name} (crossover)"
+            )
+    fidelity = record.get("prompt_fidelity")
+    if fidelity is None:
+        lines.append("  prompt fidelity: not measured (no CLIP model)")
+    else:
+        lines.append(f"  prompt fidelity (CLIP, identity word left out): {fidelity:.3f} (0.2 to 0.35 is usual)")
+    return lines
 
 
 def _read_templates(prompts: str) -> list[str]:
@@ -109,27 +243,39 @@ def _identity_table(record: dict[str, Any]) -> Table:
     )
     table.add_column("prompt", overflow="fold")
     table.add_column("faces", justify="right")
-    table.add_column("identity cosine", justify="right")
-    table.add_column("dlib distance", justify="right")
+    table.add_column("looks like them", justify="right")
+    table.add_column("similarity", justify="right")
     table.add_column("CLIP score", justify="right")
     for entry in record["prompts"]:
         faces = "—" if entry["faces"] is None else f"{entry['faces']}/{entry['images']}"
+        same = "—" if entry.get("same_person") is None else f"{entry['same_person']}/{entry['images']}"
+        if entry.get("crossover"):
+            same += f" ({entry['crossover']} crossed)"
         table.add_row(
             escape(engine.fill(entry["prompt"], record["name"])),
             faces,
-            _num(entry["cosine"]),
-            _num(entry["distance"]),
+            same,
+            _num(entry.get("similarity")),
             _num(entry["clip_score"]),
         )
     faces = f"{ident['faces']}/{ident['images']}" if ident["available"] else "—"
+    same = f"{ident['same_person']}/{ident['images']}" if ident["available"] else "—"
     table.add_row(
         "[bold]all[/]",
         f"[bold]{faces}[/]",
-        f"[bold]{_num(ident.get('cosine'))}[/]",
-        f"[bold]{_num(ident.get('distance'))}[/]",
+        f"[bold]{same}[/]",
+        f"[bold]{_num(ident.get('similarity'))}[/]",
         f"[bold]{_num(fidelity.get('clip_score'))}[/]",
         end_section=True,
     )
+    if record.get("likeness") is not None:
+        table.add_row(
+            f"likeness (÷ {_num(record['reference_similarity'])}, {escape(record['name'])}'s own ceiling)",
+            "",
+            "",
+            f"[bold]{record['likeness']:.2f}[/]",
+            "",
+        )
     return table
 
 
@@ -145,16 +291,23 @@ def _compare_table(records: list[dict[str, Any]]) -> Table:
     row("base model", [escape(str(r["settings"]["model"])) for r in records])
     row("strength", [f"{r['settings']['strength']:g}" for r in records])
     row("faces found", [_share(r["identity"].get("face_rate")) for r in records])
+    row("likeness (1.0 = own ceiling)", [_num(r.get("likeness")) for r in records])
+    row("identity similarity", [_num(r.get("identity_similarity")) for r in records])
+    row("reference (ceiling)", [_num(r.get("reference_similarity")) for r in records])
     row("identity cosine", [_num(r["identity"].get("cosine")) for r in records])
     row("dlib distance", [_num(r["identity"].get("distance")) for r in records])
-    row(f"same person (< {engine.SAME_PERSON_DISTANCE})", [_share(r["identity"].get("match_rate")) for r in records])
+    row(f"same person (< {engine.SAME_PERSON_DISTANCE})", [_share(r.get("same_person_rate")) for r in records])
     row("prompt fidelity (CLIP)", [_num(r["fidelity"].get("clip_score")) for r in records], end_section=True)
-    for i, entry in enumerate(records[0]["prompts"]):
+    # A prompt naming several identities is in the records of those it names only.
+    prompts = list(dict.fromkeys(p["prompt"] for r in records for p in r["prompts"]))
+    for prompt in prompts:
         cells = []
         for record in records:
-            other = record["prompts"][i]
-            cells.append(f"cos {_num(other['cosine'])} · CLIP {_num(other['clip_score'])}")
-        row(escape(entry["prompt"]), cells)
+            other = next((p for p in record["prompts"] if p["prompt"] == prompt), None)
+            cells.append(
+                "—" if other is None else f"sim {_num(other.get('similarity'))} · CLIP {_num(other['clip_score'])}"
+            )
+        row(escape(prompt), cells)
     return table
 
 

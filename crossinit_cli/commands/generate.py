@@ -33,7 +33,7 @@ from crossinit_cli.store import Identity, Library, name_key
 if TYPE_CHECKING:
     from PIL import Image
 
-TEMPLATE = "a photo of <{name}>"
+TEMPLATE = "a photo of a <{name}> person"  # the official inference prompt, "a photo of a {} person"
 MAX_SEED = 2**64 - 1
 SLUG_CHARS = 48
 
@@ -252,7 +252,7 @@ def read_source(source: str, what: str, shape: str) -> str:
 
 
 def apply_template(text: str, identity: Identity | None) -> str:
-    """`--identity alice` with a prompt that names nobody: 'a photo of <alice>, <prompt>'."""
+    """`--identity alice` with a prompt that names nobody: 'a photo of a <alice> person, <prompt>'."""
     if identity is None or sample.identity_refs(text):
         return text
     start = TEMPLATE.format(name=identity.name)

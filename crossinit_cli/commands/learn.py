@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from crossinit_cli.faces import FaceCrop
     from crossinit_cli.train import Progress, TrainConfig, TrainResult
 
+SNAPSHOT_EVERY = {"full": 40, "fast": None}
+"""`--snapshot-every` by mode: full mode keeps 8 points of its 320 steps; fast mode's 25 steps, none."""
 ALIGN_SIZE = 512
 """Photos are checked and aligned at SD's native size before the model is loaded; a model of another size
 gets them aligned again at its own (a dlib pass is ~60 ms a photo, a model load several seconds)."""
@@ -50,15 +52,23 @@ def learn_identity(
     align: bool,
     quiet: bool,
     as_json: bool,
+    snapshot_every: int | None = None,
 ) -> int:
+    from crossinit_cli import checkpoint, faces
     from crossinit_cli import config as settings
-    from crossinit_cli import faces
     from crossinit_cli.train import TrainConfig
 
     # ---- cheap checks first: name, settings, photos ------------------------------------------------
     name = _identity_name(name, photos)
     if library.exists(name) and not force:
         raise CrossinitError(f"identity {name!r} already exists; pass --force to replace it, or --name")
+    unfinished = checkpoint.find(library.home, name)
+    if unfinished is not None and not force:
+        raise CrossinitError(
+            f"{name!r} has an unfinished run (step {unfinished.step} of {unfinished.steps}); continue it with "
+            f"`crossinit learn --resume {name}`, or pass --force to start over"
+        )
+    snapshot_every = _snapshot_every(snapshot_every, mode)
     if lr is not None and not lr > 0:
         raise CrossinitError(f"--lr must be a positive number, not {lr:g}")
     train_config = TrainConfig.for_mode(
@@ -93,8 +103,71 @@ def learn_identity(
         align=align,
         force=force,
         quiet=quiet,
+        snapshot_every=snapshot_every,
+        resumable=True,
     )
+    _report(library, name, result, target, model=model, quiet=quiet, as_json=as_json)
+    return 0
 
+
+def resume_identity(library: Library, name: str, *, quiet: bool, as_json: bool) -> int:
+    """`learn --resume NAME`: continue an interrupted run from its checkpoint, with its own settings."""
+    from crossinit_cli import checkpoint, devices
+    from crossinit_cli.train import TrainConfig
+
+    run = checkpoint.find(library.home, name)
+    if run is None:
+        raise CrossinitError(f"no unfinished run of {name!r}; `crossinit list` shows unfinished runs")
+    saved = run.settings
+    name = saved["name"]
+    if library.exists(name) and not saved.get("force"):
+        raise CrossinitError(f"identity {name!r} already exists; `crossinit remove {name}` first, or learn --force")
+    state = run.load_state()
+    crops = run.crops()
+    model_id = saved["model"]
+    check_model_reference(model_id)
+    placement = devices.resolve(saved["device"], saved["dtype"], training=True)
+    if placement.device != saved["placed_on"]:
+        ui.warn(
+            f"the run started on {saved['placed_on']} and continues on {placement.device}: the result will not "
+            "equal an uninterrupted run bit for bit"
+        )
+    trainer = load_trainer(library, model_id, placement, quiet=quiet)
+    size = saved["train"].get("resolution") or trainer.resolution
+    if crops[0].size != (size, size):
+        raise CrossinitError(f"the checkpoint of {name!r} was made for another model size; start over with learn")
+    if not quiet:
+        ui.info(f"resuming [bold]{escape(name)}[/] at step {state['step'] if state else 0} of {run.steps}")
+    target, result = learn_and_store(
+        library,
+        trainer,
+        name=name,
+        paths=[Path(p) for p in saved["photos"]],
+        crops=crops,
+        train_config=TrainConfig(**{**saved["train"], "adam_betas": tuple(saved["train"]["adam_betas"])}),
+        mode=saved["mode"],
+        align=saved["align"],
+        force=bool(saved.get("force")),
+        quiet=quiet,
+        snapshot_every=saved.get("snapshot_every"),
+        resumable=True,
+        resume=(run, state),
+    )
+    _report(library, name, result, target, model=model_id, quiet=quiet, as_json=as_json)
+    return 0
+
+
+def _snapshot_every(given: int | None, mode: str) -> int | None:
+    if given is None:
+        return SNAPSHOT_EVERY[mode]
+    if given < 0:
+        raise CrossinitError(f"--snapshot-every must be 0 (none) or a number of steps, not {given}")
+    return given or None
+
+
+def _report(
+    library: Library, name: str, result: TrainResult, target: Path, *, model: str | None, quiet: bool, as_json: bool
+) -> None:
     if as_json:
         from crossinit_cli.commands.library import identity_record
 
@@ -105,8 +178,7 @@ def learn_identity(
             f"({result.per_step_s:.3f} s/step, final loss {result.final_loss:.4f}); stored in {escape(str(target))}"
         )
         model_flag = f" --model {_shell_quote(model)}" if model else ""
-        ui.info(escape(f'next: crossinit generate "a photo of <{name}> as an astronaut" -n 4{model_flag}'))
-    return 0
+        ui.info(escape(f'next: crossinit generate "a photo of a <{name}> person as an astronaut" -n 4{model_flag}'))
 
 
 @dataclass
@@ -164,36 +236,80 @@ def learn_and_store(
     align: bool,
     force: bool,
     quiet: bool,
+    snapshot_every: int | None = None,
+    resumable: bool = False,
+    resume: tuple[Any, dict[str, Any] | None] | None = None,
 ) -> tuple[Path, TrainResult]:
-    """Train one identity on a loaded model and store it: the library is written once, atomically."""
-    from crossinit_cli import faces, train
+    """Train one identity on a loaded model and store it: the library is written once, atomically.
+
+    `crops` are FaceCrops, or (with `resume`, a checkpoint.Run and its state) the run's stored images.
+    `resumable` keeps a checkpoint under the library home while it trains (see checkpoint.py)."""
+    from crossinit_cli import checkpoint, faces, train
 
     size = train_config.resolution or trainer.resolution
-    if size != ALIGN_SIZE:
-        crops = faces.align_faces(paths, size, align=align)
+    if resume is None:
+        if size != ALIGN_SIZE:
+            crops = faces.align_faces(paths, size, align=align)
+        images = [c.image for c in crops]
+    else:
+        images = list(crops)
     placement = trainer.placement
     if not quiet:
         ui.info(
-            f"learning [bold]{escape(name)}[/] from {len(crops)} photo{'s' if len(crops) != 1 else ''} on "
+            f"learning [bold]{escape(name)}[/] from {len(images)} photo{'s' if len(images) != 1 else ''} on "
             f"{placement.device} ({placement.dtype}), {trainer.family.title} at {size} px: {train_config.steps} "
             f"steps, batch {train_config.batch_size}, lr {train_config.lr:g}"
         )
     pipe = trainer.pipe
-    with ui.timed("training"), _progress_display(quiet) as progress:
-        result = train.train(
-            tokenizer=pipe.tokenizer,
-            text_encoder=pipe.text_encoder,
-            unet=pipe.unet,
-            vae=pipe.vae,
-            scheduler_config=pipe.scheduler.config,
-            crops=[c.image for c in crops],
-            init=trainer.init,
-            config=train_config,
-            placement=placement,
-            progress=progress,
-            family=trainer.family,
-            slots=trainer.slots,
+    run, state = resume if resume is not None else (None, None)
+    if resumable and run is None:
+        run = checkpoint.start(
+            library.home,
+            {
+                "name": name,
+                "model": trainer.model_id,
+                "device": placement.device,
+                "placed_on": placement.device,
+                "dtype": placement.dtype,
+                "mode": mode,
+                "align": align,
+                "force": force,
+                "photos": [str(p) for p in paths],
+                "snapshot_every": snapshot_every,
+                "train": asdict(train_config),
+            },
+            images,
         )
+    try:
+        with ui.timed("training"), _progress_display(quiet) as progress:
+            result = train.train(
+                tokenizer=pipe.tokenizer,
+                text_encoder=pipe.text_encoder,
+                unet=pipe.unet,
+                vae=pipe.vae,
+                scheduler_config=pipe.scheduler.config,
+                crops=images,
+                init=trainer.init,
+                config=train_config,
+                placement=placement,
+                progress=progress,
+                family=trainer.family,
+                slots=trainer.slots,
+                snapshot_every=snapshot_every,
+                save_state=run.save if run is not None else None,
+                resume_from=state,
+            )
+    except CrossinitError:
+        if run is not None:  # diverged or out of memory: the same settings would fail the same way
+            run.discard()
+        raise
+    except KeyboardInterrupt:
+        if run is None:
+            raise
+        raise KeyboardInterrupt(
+            f"interrupted; nothing was stored, and the run is kept at step {run.step} of {train_config.steps}: "
+            f"continue it with `crossinit learn --resume {name}`"
+        ) from None
     identity = Identity(
         name=name,
         tokens=int(result.learned.shape[0]),
@@ -217,11 +333,15 @@ def learn_and_store(
             "photos": [p.name for p in paths],
             "resolution": result.resolution,
             "aligned": align,
+            **({"resumed_at": int(state["step"])} if state else {}),
         },
+        snapshots=[{"step": step, "loss": result.snapshot_losses[step]} for step in result.snapshots],
     )
     with ui.timed("library write"):
         learned, init = _stored_vectors(trainer.family, result)
-        target = library.add(identity, learned, init, crops=[c.image for c in crops], force=force)
+        target = library.add(identity, learned, init, crops=images, force=force, snapshots=result.snapshots)
+    if run is not None:
+        run.discard()  # after the write: killed in between, the run is still there and the entry is whole
     return target, result
 
 

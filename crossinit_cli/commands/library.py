@@ -70,10 +70,12 @@ def list_identities(library: Library, *, as_json: bool, query: Query | None = No
     if not entries:
         if query != Query():
             ui.info("No identities match.")
-        else:
+        elif not _show_unfinished(library):
             ui.info(f"No identities yet in {library.home}. Learn one: crossinit learn photo.jpg --fast")
         return 0
     _print_table(entries)
+    if query == Query():
+        _show_unfinished(library)
     damaged = sum(row.damaged is not None for row in entries)
     if damaged:
         ui.warn(f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}; `crossinit remove NAME` deletes one")
@@ -160,6 +162,19 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
+def _show_unfinished(library: Library) -> bool:
+    """Runs that were interrupted, with how to continue or clear them (on stderr: not identities)."""
+    from crossinit_cli import checkpoint
+
+    runs = checkpoint.unfinished(library.home)
+    for run in runs:
+        ui.info(
+            f"unfinished run: [bold]{escape(run.name)}[/] at step {run.step} of {run.steps} "
+            f"(crossinit learn --resume {escape(run.name)}, or crossinit remove {escape(run.name)})"
+        )
+    return bool(runs)
+
+
 def show_identity(library: Library, name: str, *, as_json: bool) -> int:
     ident = library.get(name)
     record = identity_record(library, ident, detail=True)
@@ -171,7 +186,9 @@ def show_identity(library: Library, name: str, *, as_json: bool) -> int:
     table.add_column(overflow="fold")
     record["family"] = family_title(ident.family)
     for key, value in record.items():
-        if isinstance(value, dict):
+        if key == "snapshots":
+            table.add_row(key, escape(_snapshot_summary(value, ident.active_step)))
+        elif isinstance(value, dict):
             for sub, subvalue in value.items():
                 table.add_row(f"{key}.{sub}", escape(str(subvalue)))
         elif isinstance(value, list):
@@ -191,9 +208,11 @@ def edit_identity(
     tags: list[str] | None = None,
     untags: list[str] | None = None,
     strength: float | None = None,
+    use_snapshot: str | None = None,
     as_json: bool = False,
 ) -> int:
     ident = library.get(name)
+    step = None if use_snapshot is None else _snapshot_step(ident, use_snapshot)
     if strength is not None:
         if not 0.0 <= strength <= MAX_STRENGTH:
             raise CrossinitError(f"--strength must be between 0 and {MAX_STRENGTH:g}, not {strength:g}")
@@ -211,8 +230,10 @@ def edit_identity(
         current.tags += [t for t in dict.fromkeys(tags or []) if t not in current.tags]
         if strength is not None:
             current.strength = strength
+        if step is not None:
+            current.active_step = step
 
-    if rename is None and note is None and not tags and not untags and strength is None:
+    if rename is None and note is None and not tags and not untags and strength is None and step is None:
         ident = _edit_in_editor(library, ident)
     elif rename is not None:  # one atomic step, so a kill never leaves the note changed but not the name
         ident = library.rename(ident.name, rename, change)
@@ -223,6 +244,38 @@ def edit_identity(
     else:
         ui.info(f"updated [bold]{escape(ident.name)}[/]")
     return 0
+
+
+def _snapshot_summary(snapshots: list[dict[str, Any]], active: int) -> str:
+    """`step 40 (loss 0.1234, likeness 0.91), ...`, the active one marked."""
+    if not snapshots:
+        return "none"
+    last = max(int(s["step"]) for s in snapshots)
+    parts = []
+    for snap in snapshots:
+        step = int(snap["step"])
+        numbers = [f"loss {snap['loss']:.4f}"] if "loss" in snap else []
+        likeness = snap.get("evaluation", {}).get("likeness")
+        if likeness is not None:
+            numbers.append(f"likeness {likeness:.2f}")
+        mark = " [active]" if step == (active or last) else ""
+        parts.append(f"step {step} ({', '.join(numbers)}){mark}")
+    return ", ".join(parts)
+
+
+def _snapshot_step(ident: Identity, wanted: str) -> int:
+    """The step `--use-snapshot` names (0 for 'final'), if the identity kept a snapshot there."""
+    if wanted.strip().lower() == "final":
+        return 0
+    steps = [int(s["step"]) for s in ident.snapshots]
+    try:
+        step = int(wanted)
+    except ValueError:
+        raise CrossinitError(f"--use-snapshot takes a step number or 'final', not {wanted!r}") from None
+    if step not in steps:
+        kept = ", ".join(map(str, steps)) if steps else "none (learn with --snapshot-every N to keep some)"
+        raise CrossinitError(f"identity {ident.name!r} has no snapshot at step {step}; kept: {kept}")
+    return step
 
 
 def _edit_in_editor(library: Library, ident: Identity) -> Identity:
@@ -259,8 +312,12 @@ def _edit_in_editor(library: Library, ident: Identity) -> Identity:
 
 
 def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
+    from crossinit_cli import checkpoint
+
+    runs = {name: checkpoint.find(library.home, name) for name in names}
     for name in names:
-        library.get(name)  # every name must exist before anything is removed
+        if runs[name] is None or library.exists(name):
+            library.get(name)  # every name must exist before anything is removed
     if not yes:
         if not sys.stdin.isatty():
             raise CrossinitError("refusing to remove without confirmation; pass --yes")
@@ -270,6 +327,11 @@ def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
             ui.info("nothing removed")
             return 1
     for name in names:
-        library.remove(name)
-        ui.info(f"removed [bold]{escape(name)}[/]")
+        run = runs[name]
+        if library.exists(name):
+            library.remove(name)
+            ui.info(f"removed [bold]{escape(name)}[/]")
+        if run is not None:
+            run.discard()
+            ui.info(f"removed the unfinished run of [bold]{escape(name)}[/] (step {run.step} of {run.steps})")
     return 0

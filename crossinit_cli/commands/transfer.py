@@ -251,11 +251,12 @@ def import_identity(
             )
         return import_folder(library, Path(path), model=model, force=force, as_json=as_json)
     loaded = formats.read_embedding_file(path, model)
-    chosen = name or loaded.suggested_name or _file_stem(path)
+    # An empty --name is a mistake to report, not a request for the file's stem.
+    chosen = name if name is not None else (loaded.suggested_name or _file_stem(path))
     try:
         chosen = validate_name(chosen)
     except CrossinitError as exc:
-        if name:
+        if name is not None:
             raise
         raise CrossinitError(f"{exc}; pass --name to choose a name") from None
     tokens, width = loaded.vectors.shape

@@ -1,0 +1,148 @@
+"""Unfinished `learn` runs: what an interrupted run leaves so that `learn --resume NAME` can continue it.
+
+Layout, under the library home but outside `identities/` (so a run is never taken for an entry):
+
+    .unfinished/<key>/run.json     the settings (name, model, mode, steps, lr, seed, ...) and the last step saved
+    .unfinished/<key>/crops/*.png  the aligned crops the run trains on (lossless: the same pixels on resume)
+    .unfinished/<key>/state.pt     the run's state (train.capture_run): rows, AdamW, every RNG, step, losses
+
+Each file is written atomically (temp file, fsync, rename); state.pt is written before run.json names its
+step, so a kill at any moment leaves a state that matches or is newer than what `list` shows. The folder
+is removed once the identity is stored. `run.json` is read without torch, for `list`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crossinit_cli.atomic import write_bytes_atomic
+from crossinit_cli.errors import CrossinitError
+from crossinit_cli.store import name_key, now
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+FOLDER = ".unfinished"
+RUN = "run.json"
+STATE = "state.pt"
+CROPS = "crops"
+
+
+@dataclass
+class Run:
+    """One unfinished run: its folder and its settings."""
+
+    path: Path
+    settings: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.settings["name"])
+
+    @property
+    def step(self) -> int:
+        return int(self.settings.get("step", 0))
+
+    @property
+    def steps(self) -> int:
+        return int(self.settings["train"]["steps"])
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Keep the run's state (train.SaveState); then record its step in run.json."""
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes_atomic(self.path / STATE, buffer.getvalue())
+        self.settings["step"] = int(state["step"])
+        self.settings["saved"] = now()
+        _write_json(self.path / RUN, self.settings)
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The saved state (None when the run was stopped before its first checkpoint)."""
+        import torch
+
+        path = self.path / STATE
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable pickle is the same user-facing problem
+            raise CrossinitError(
+                f"the checkpoint of {self.name!r} is damaged ({type(exc).__name__}); "
+                f"`crossinit remove {self.name}` clears it"
+            ) from None
+
+    def crops(self) -> list[Image.Image]:
+        from PIL import Image
+
+        images = []
+        for path in sorted((self.path / CROPS).glob("*.png")):
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        if not images:
+            raise CrossinitError(f"the checkpoint of {self.name!r} has no crops; `crossinit remove {self.name}`")
+        return images
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the folder of runs goes with its last run
+            self.path.parent.rmdir()
+
+
+def root(home: Path) -> Path:
+    return Path(home) / FOLDER
+
+
+def start(home: Path, settings: dict[str, Any], crops: list[Image.Image]) -> Run:
+    """Begin keeping a run: its crops and settings (the state follows at the first checkpoint)."""
+    path = root(home) / name_key(settings["name"])
+    if path.exists():
+        shutil.rmtree(path)
+    run = Run(path, {**settings, "step": 0, "started": now()})
+    try:
+        for i, crop in enumerate(crops):
+            buffer = io.BytesIO()
+            crop.save(buffer, format="PNG")
+            write_bytes_atomic(path / CROPS / f"{i:03d}.png", buffer.getvalue())
+        _write_json(path / RUN, run.settings)
+    except BaseException:  # a full disk (or Ctrl-C) here: no half-made run is left for `list` to show
+        run.discard()
+        raise
+    return run
+
+
+def find(home: Path, name: str) -> Run | None:
+    """The unfinished run of `name`, or None."""
+    path = root(home) / name_key(name)
+    try:
+        settings = json.loads((path / RUN).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CrossinitError(f"the unfinished run of {name!r} is damaged ({exc}); `crossinit remove {name}`") from None
+    return Run(path, settings)
+
+
+def unfinished(home: Path) -> list[Run]:
+    """Every unfinished run, by name (unreadable ones are skipped: `remove` clears them by name)."""
+    runs = []
+    folder = root(home)
+    if not folder.is_dir():
+        return []
+    for path in sorted(folder.iterdir()):
+        try:
+            runs.append(Run(path, json.loads((path / RUN).read_text(encoding="utf-8"))))
+        except (OSError, ValueError):
+            continue
+    return runs
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    write_bytes_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
