@@ -10,7 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from crossinit_cli import __version__, ui
+from crossinit_cli import __version__, config, formats, sample, ui
 from crossinit_cli.errors import CrossinitError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,33 +103,28 @@ def main_options(
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")]
+ReplaceOpt = Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")]
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", min=1, help=f"Sampling steps (default {sample.DEFAULT_STEPS}).")
+]
+NumImagesOpt = Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")]
 
 
-class Format(str, Enum):
-    a1111 = "a1111"
-    a1111_pt = "a1111-pt"
-    diffusers = "diffusers"
-    official = "official"
-    invokeai = "invokeai"
+# Choices come from the registries that define them, so a new format, device or precision touches one place.
+Format = Enum("Format", {name: name for name in formats.FORMATS}, type=str)  # type: ignore[misc]
+Device = Enum("Device", {name: name for name in config.DEVICES}, type=str)  # type: ignore[misc]
+Dtype = Enum("Dtype", {name: name for name in config.DTYPES}, type=str)  # type: ignore[misc]
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cuda = "cuda"
-    mps = "mps"
-    cpu = "cpu"
+DeviceOpt = Annotated[Device | None, typer.Option("--device", help="Where to sample (default: auto).")]
+DtypeOpt = Annotated[Dtype | None, typer.Option("--dtype", help="Compute precision (default: auto).")]
 
 
 class OnError(str, Enum):
     skip = "skip"
     stop = "stop"
-
-
-class Dtype(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 class Sort(str, Enum):
@@ -307,7 +302,7 @@ def import_cmd(
     ],
     name: Annotated[str | None, typer.Option("--name", help="Name to store it under (default: from the file).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Base model it was learned on, to record.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")] = False,
+    force: ReplaceOpt = False,
     as_json: JsonOpt = False,
 ) -> int:
     """Import an embedding file (any export format, or the official code's .bin), or every file of a folder.
@@ -332,7 +327,7 @@ def learn(
     reg_weight: Annotated[
         float | None, typer.Option("--reg-weight", help="Override λ of the regulariser (1e-5).")
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")] = None,
+    model: ModelOpt = None,
     resolution: Annotated[
         int | None,
         typer.Option(
@@ -342,11 +337,11 @@ def learn(
         ),
     ] = None,
     device: Annotated[Device | None, typer.Option("--device", help="Where to train (default: auto).")] = None,
-    dtype: Annotated[Dtype | None, typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
+    dtype: DtypeOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same result.")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")] = False,
+    force: ReplaceOpt = False,
     no_align: Annotated[bool, typer.Option("--no-align", help="Use photos as they are (no face alignment).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
     snapshot_every: Annotated[
         int | None,
         typer.Option(
@@ -436,24 +431,31 @@ def generate(
         str | None,
         typer.Option("--identity", "-i", help="Identity for a plain prompt ('a photo of a <name> person, PROMPT')."),
     ] = None,
-    n: Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")] = 1,
+    n: NumImagesOpt = 1,
     seed: Annotated[int | None, typer.Option("--seed", help="First seed (image i uses seed + i).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampling steps (default 30).")] = None,
+    steps: StepsOpt = None,
     guidance: Annotated[
         float | None, typer.Option("--guidance", help="Classifier-free guidance (default 7.5).")
     ] = None,
     negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt.")] = None,
     size: Annotated[str | None, typer.Option("--size", help="WxH, multiples of 8 (default: model's size).")] = None,
     scheduler: Annotated[
-        str | None, typer.Option("--scheduler", help="dpm++ (default), ddim, euler, euler-a, pndm.")
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help=", ".join(
+                f"{name} (default)" if name == sample.DEFAULT_SCHEDULER else name for name in sample.SCHEDULERS
+            )
+            + ".",
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: config output_dir).")] = None,
     prompts: Annotated[
         str | None, typer.Option("--prompts", help="File of prompts, one a line; '-' for stdin.")
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")] = None,
-    device: Annotated[Device | None, typer.Option("--device", help="Where to sample (default: auto).")] = None,
-    dtype: Annotated[Dtype | None, typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of each prompt's images.")] = False,
     manifest: Annotated[
         str | None,
@@ -467,7 +469,7 @@ def generate(
     on_error: Annotated[
         OnError, typer.Option("--on-error", help="With --manifest: skip a bad line (reported) or stop (exit 1).")
     ] = OnError.skip,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> int:
     """Generate images with stored identities.
@@ -564,14 +566,14 @@ def eval_cmd(
             "(default: the built-in set of docs/eval.md).",
         ),
     ] = None,
-    n: Annotated[int, typer.Option("-n", "--num-images", min=1, help="Images per prompt.")] = 4,
+    n: NumImagesOpt = 4,
     seed: Annotated[int, typer.Option("--seed", min=0, help="First seed (image i uses seed + i).")] = 0,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampling steps (default 30).")] = None,
+    steps: StepsOpt = None,
     model: Annotated[
         str | None, typer.Option("--model", help="Base model (default: the one each identity was learned on).")
     ] = None,
-    device: Annotated[Device | None, typer.Option("--device", help="Where to sample (default: auto).")] = None,
-    dtype: Annotated[Dtype | None, typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     clip_model: Annotated[
         str | None,
         typer.Option("--clip-model", help="CLIP for prompt fidelity: hub id or folder (openai/clip-vit-base-patch32)."),
@@ -593,7 +595,7 @@ def eval_cmd(
             help="Exit with status 3 when any identity's likeness is below this (1.0 = the person's own ceiling).",
         ),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> int:
     """Score identities on the paper's two axes: identity similarity and prompt fidelity (CLIP).
