@@ -46,6 +46,13 @@ def _library() -> Any:
     return Library(library_home(State.home))
 
 
+def _run_options(*, device: Enum | None = None, dtype: Enum | None = None, **flags: Any) -> config.RunOptions:
+    """The flags shared by the commands that run a model, merged once with the saved config (a flag wins)."""
+    return config.RunOptions.merged(
+        config.load_config(), device=device and device.value, dtype=dtype and dtype.value, **flags
+    )
+
+
 def _complete_names(incomplete: str) -> list[str]:
     """Shell completion of identity names, from the library's directory names (no metadata read)."""
     try:
@@ -477,78 +484,32 @@ def generate(
     Example: crossinit generate "<alice> as an astronaut, oil painting" -n 4 --seed 7
     (scripts: crossinit generate --manifest jobs.jsonl | jq -r .path)
     """
-    if manifest is not None:
-        return _generate_manifest(
-            manifest,
-            prompt=prompt,
-            prompts=prompts,
-            grid=grid,
-            defaults_of=dict(
-                n=n, seed=seed, size=size, steps=steps, guidance=guidance, negative=negative, scheduler=scheduler
-            ),
-            out=out,
-            identity=identity,
-            model=model,
-            device=device,
-            dtype=dtype,
-            on_error=on_error.value,
-            quiet=quiet,
-        )
-    from crossinit_cli.commands.generate import generate_images
+    from crossinit_cli.commands.generate import SamplingFlags
 
-    return generate_images(
-        _library(),
-        " ".join(prompt) if prompt else None,
-        identity=identity,
+    flags = SamplingFlags(
         n=n,
         seed=seed,
+        size=size,
         steps=steps,
         guidance=guidance,
         negative=negative,
-        size=size,
         scheduler=scheduler,
         out=out,
-        prompts=prompts,
-        model=model,
-        device=device and device.value,
-        dtype=dtype and dtype.value,
-        grid=grid,
-        quiet=quiet,
-        as_json=as_json,
+        identity=identity,
     )
+    run = _run_options(model=model, device=device, dtype=dtype, output_dir=out, quiet=quiet, as_json=as_json)
+    if manifest is not None:
+        if prompt or prompts is not None:
+            raise CrossinitError("give prompts in the manifest, or as arguments/--prompts, not both")
+        if grid:
+            raise CrossinitError("--grid is not available with --manifest")
+        from crossinit_cli.commands.manifest import generate_manifest
 
+        return generate_manifest(_library(), manifest, defaults=flags, run=run, on_error=on_error.value)
+    from crossinit_cli.commands.generate import generate_images
 
-def _generate_manifest(
-    manifest: str,
-    *,
-    prompt: list[str] | None,
-    prompts: str | None,
-    grid: bool,
-    defaults_of: dict[str, Any],
-    out: Path | None,
-    identity: str | None,
-    model: str | None,
-    device: Device | None,
-    dtype: Dtype | None,
-    on_error: str,
-    quiet: bool,
-) -> int:
-    if prompt or prompts is not None:
-        raise CrossinitError("give prompts in the manifest, or as arguments/--prompts, not both")
-    if grid:
-        raise CrossinitError("--grid is not available with --manifest")
-    from crossinit_cli.commands.manifest import Defaults, generate_manifest
-
-    return generate_manifest(
-        _library(),
-        manifest,
-        defaults=Defaults(**defaults_of, out=out, identity=identity),
-        model=model,
-        device=device and device.value,
-        dtype=dtype and dtype.value,
-        on_error=on_error,
-        quiet=quiet,
-    )
+    text = " ".join(prompt) if prompt else None
+    return generate_images(_library(), text, prompts=prompts, flags=flags, run=run, grid=grid)
 
 
 @app.command("eval")
@@ -635,7 +596,7 @@ def doctor(as_json: JsonOpt = False) -> int:
     from crossinit_cli.commands.doctor import doctor as run_doctor
     from crossinit_cli.config import library_home
 
-    return run_doctor(library_home(State.home), as_json=as_json)
+    return run_doctor(library_home(State.home), _run_options(as_json=as_json))
 
 
 @config_app.callback()

@@ -98,3 +98,41 @@ def save_config(config: Config, path: Path | None = None) -> Path:
     changed = {k: v for k, v in asdict(config).items() if v != getattr(defaults, k)}
     write_bytes_atomic(path, tomli_w.dumps(changed).encode())
     return path
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a command that runs a model takes from the flags every such command shares, merged once with the
+    saved defaults (a flag wins): the CLI builds it, the command reads it."""
+
+    model: str
+    device: str
+    dtype: str
+    output_dir: str
+    quiet: bool = False
+    as_json: bool = False
+
+    @classmethod
+    def merged(
+        cls,
+        saved: Config,
+        *,
+        model: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        output_dir: Path | None = None,
+        quiet: bool = False,
+        as_json: bool = False,
+    ) -> RunOptions:
+        return cls(
+            model=model or saved.model,
+            device=device or saved.device,
+            dtype=dtype or saved.dtype,
+            output_dir=str(output_dir) if output_dir is not None else saved.output_dir,
+            quiet=quiet,
+            as_json=as_json,
+        )
+
+    def settings(self) -> dict[str, str]:
+        """The merged defaults, as `config` shows them."""
+        return {"model": self.model, "device": self.device, "dtype": self.dtype, "output_dir": self.output_dir}

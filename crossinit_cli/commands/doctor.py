@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crossinit_cli import __version__, config, ui
+from crossinit_cli.config import RunOptions
 from crossinit_cli.errors import CrossinitError
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "dlib-bin", "face-recognition-models")
@@ -78,8 +79,7 @@ def _catalog_check(home: Path, facts: dict[str, object]) -> Check:
     return Check("catalog", True, f"{state['state']} ({counts}): {state['detail']}")
 
 
-def run_checks(home: Path) -> tuple[dict[str, object], list[Check]]:
-    settings = config.load_config()
+def run_checks(home: Path, settings: RunOptions) -> tuple[dict[str, object], list[Check]]:
     facts: dict[str, object] = {
         "crossinit": __version__,
         "python": sys.version.split()[0],
@@ -87,7 +87,7 @@ def run_checks(home: Path) -> tuple[dict[str, object], list[Check]]:
         "packages": {p: _version(p) for p in PACKAGES},
         "library": str(home),
         "config": str(config.config_path()),
-        "settings": asdict(settings),
+        "settings": settings.settings(),
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", ""),
     }
     checks: list[Check] = []
@@ -143,10 +143,10 @@ def run_checks(home: Path) -> tuple[dict[str, object], list[Check]]:
     return facts, checks
 
 
-def doctor(home: Path, *, as_json: bool) -> int:
-    facts, checks = run_checks(home)
+def doctor(home: Path, run: RunOptions) -> int:
+    facts, checks = run_checks(home, run)
     healthy = all(c.ok for c in checks)
-    if as_json:
+    if run.as_json:
         ui.print_json({**facts, "checks": [asdict(c) for c in checks], "ok": healthy})
         return 0 if healthy else 1
     table = Table(box=None, show_header=False, pad_edge=False)

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from crossinit_cli import __version__, config, devices, sample, ui
+from crossinit_cli import __version__, devices, sample, ui
 from crossinit_cli.atomic import TEMP_PREFIX
+from crossinit_cli.config import RunOptions
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, name_key
 
@@ -45,6 +46,21 @@ class Job:
     prompt: str
     identities: list[Identity]
     slug: str  # the file-name stem before `-<seed>-<i>`
+
+
+@dataclass(frozen=True)
+class SamplingFlags:
+    """generate's sampling flags as given (None: not given); with --manifest, what a line leaves out."""
+
+    n: int = 1
+    seed: int | None = None
+    size: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    negative: str | None = None
+    scheduler: str | None = None
+    out: Path | None = None
+    identity: str | None = None
 
 
 @dataclass
@@ -77,29 +93,11 @@ class Written:
 
 
 def generate_images(
-    library: Library,
-    prompt: str | None,
-    *,
-    identity: str | None = None,
-    n: int = 1,
-    seed: int | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    negative: str | None = None,
-    size: str | None = None,
-    scheduler: str | None = None,
-    out: Path | None = None,
-    prompts: str | None = None,
-    model: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    grid: bool = False,
-    quiet: bool = False,
-    as_json: bool = False,
+    library: Library, prompt: str | None, *, prompts: str | None, flags: SamplingFlags, run: RunOptions, grid: bool
 ) -> int:
-    cfg = config.load_config()
-    model = model or cfg.model
-    negative = negative or ""
+    n, seed, steps, guidance, size = flags.n, flags.seed, flags.steps, flags.guidance, flags.size
+    identity, model, quiet, as_json = flags.identity, run.model, run.quiet, run.as_json
+    negative = flags.negative or ""
 
     # ---- everything cheap first: no model has been loaded if any of this fails -----------------
     default = library.get(identity) if identity else None
@@ -118,7 +116,7 @@ def generate_images(
     steps = sample.DEFAULT_STEPS if steps is None else steps
     if steps < 1:
         raise CrossinitError(f"--steps must be at least 1, not {steps}")
-    scheduler = (scheduler or sample.DEFAULT_SCHEDULER).strip().lower()
+    scheduler = (flags.scheduler or sample.DEFAULT_SCHEDULER).strip().lower()
     choice = sample.scheduler_choice(scheduler)
     wanted_size = sample.parse_size(size) if size is not None else None
     base_seed = secrets.randbelow(2**32) if seed is None else seed
@@ -126,11 +124,11 @@ def generate_images(
         raise CrossinitError(f"--seed must be between 0 and {MAX_SEED - (n - 1)}, not {base_seed}")
     seeds = [base_seed + i for i in range(n)]
     devices.check_model_reference(model)
-    placement = devices.resolve(device or cfg.device, dtype or cfg.dtype)
+    placement = devices.resolve(run.device, run.dtype)
     sample.check_model(model, known.values())
     vectors = {ident.name: library.effective_parts(ident.name) for ident in known.values()}
     # Last of the checks, so that a mistake found above leaves no new folder behind.
-    out_dir = prepare_out_dir(Path(out) if out is not None else Path(cfg.output_dir))
+    out_dir = prepare_out_dir(Path(run.output_dir))
     for ident in known.values():
         if ident.base_model and ident.base_model != model:
             ui.warn(f"identity {ident.name!r} was learned on {ident.base_model}; generating with {model}")

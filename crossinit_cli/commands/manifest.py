@@ -18,10 +18,11 @@ from typing import Any
 
 from rich.markup import escape
 
-from crossinit_cli import config, devices, sample, ui
+from crossinit_cli import devices, sample, ui
 from crossinit_cli.commands.generate import (
     MAX_SEED,
     Job,
+    SamplingFlags,
     Written,
     _metadata,
     _progress,
@@ -33,6 +34,7 @@ from crossinit_cli.commands.generate import (
     resolve_identities,
     save_png,
 )
+from crossinit_cli.config import RunOptions
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library
 
@@ -54,21 +56,6 @@ class Line:
     negative: str
     scheduler: str
     out: Path
-
-
-@dataclass
-class Defaults:
-    """The command's own flags: what a line does not say."""
-
-    n: int = 1
-    seed: int | None = None
-    size: str | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    negative: str | None = None
-    scheduler: str | None = None
-    out: Path | None = None
-    identity: str | None = None
 
 
 def read_lines(source: str) -> list[tuple[int, str]]:
@@ -93,7 +80,7 @@ def _text(value: Any, key: str) -> str:
     return value
 
 
-def parse_line(number: int, text: str, defaults: Defaults, library: Library, fallback_out: Path) -> Line:
+def parse_line(number: int, text: str, defaults: SamplingFlags, library: Library, fallback_out: Path) -> Line:
     """One line as a Line, or a CrossinitError saying what is wrong with it (without its number)."""
     try:
         raw = json.loads(text)
@@ -148,18 +135,14 @@ def generate_manifest(
     library: Library,
     source: str,
     *,
-    defaults: Defaults,
-    model: str | None,
-    device: str | None,
-    dtype: str | None,
+    defaults: SamplingFlags,
+    run: RunOptions,
     on_error: str = "skip",
-    quiet: bool = False,
 ) -> int:
     if on_error not in ON_ERROR:
         raise CrossinitError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
-    cfg = config.load_config()
-    model = model or cfg.model
-    fallback_out = Path(cfg.output_dir).expanduser()
+    model = run.model
+    fallback_out = Path(run.output_dir).expanduser()
 
     # ---- every line checked before the model loads ---------------------------------------------
     lines: list[Line] = []
@@ -173,7 +156,7 @@ def generate_manifest(
             continue
         lines.append(line)
     devices.check_model_reference(model)
-    placement = devices.resolve(device or cfg.device, dtype or cfg.dtype)
+    placement = devices.resolve(run.device, run.dtype)
     width = sample.peek_text_width(model)
     checked: list[Line] = []
     for line in lines:
@@ -195,7 +178,7 @@ def generate_manifest(
     vectors = {name: library.effective_vectors(name) for name in identities}
 
     # ---- one model load for the whole manifest -------------------------------------------------
-    show = not quiet and ui.err().is_terminal
+    show = not run.quiet and ui.err().is_terminal
     with _status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"), ui.timed("model load"):
         pipe = sample.load(model, placement)
     mapping = sample.add_identities(pipe, vectors, model=model)
