@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,43 +29,157 @@ from crossinit_cli.store import LEGACY_FAMILIES, MAX_TOKENS, check_vectors
 if TYPE_CHECKING:
     import numpy as np
 
-FORMATS = ("a1111", "a1111-pt", "diffusers", "official", "invokeai")
 # A1111's own placeholder token id in its .pt files (the id of "*" in the SD 1.x CLIP vocabulary).
 A1111_STAR_TOKEN = 265
 MAX_IMPORT_BYTES = 64 * 1024 * 1024
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 
+# (vectors per encoder, identity name, base model, training steps, family) -> the file's bytes
+Writer = Callable[[list["np.ndarray"], str, str, int, str], bytes]
+
+
+def _safetensors(single_key: Callable[[str], str]) -> Writer:
+    """A safetensors writer: one encoder's vectors under `single_key(name)`, SDXL's under clip_l/clip_g."""
+
+    def write(parts: list[np.ndarray], name: str, base_model: str, steps: int, family: str) -> bytes:
+        from safetensors.numpy import save
+
+        if len(parts) > 1:
+            keys = [e.key for e in families.get(family).encoders]
+            tensors = dict(zip(keys, parts))
+        else:
+            tensors = {single_key(name): parts[0]}
+        return save(tensors, metadata={"crossinit_name": name, "base_model": base_model, "family": family})
+
+    return write
+
+
+def _torch_bytes(payload: dict[str, Any]) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def _write_a1111_pt(parts: list[np.ndarray], name: str, base_model: str, steps: int, family: str) -> bytes:
+    import torch
+
+    tensor = torch.from_numpy(parts[0].copy())
+    return _torch_bytes(
+        {
+            "string_to_token": {"*": A1111_STAR_TOKEN},
+            "string_to_param": {"*": tensor},
+            "name": name,
+            "step": int(steps),
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": base_model or None,
+        }
+    )
+
+
+def _write_official(parts: list[np.ndarray], name: str, base_model: str, steps: int, family: str) -> bytes:
+    import torch
+
+    tensor = torch.from_numpy(parts[0].copy())
+    return _torch_bytes({f"{name}_v{i}": tensor[i].clone() for i in range(tensor.shape[0])})
+
 
 @dataclass(frozen=True)
-class FormatInfo:
+class Format:
+    """One export format: all that the CLI's choice, export, its hints and `export --to` know about it.
+
+    Import does not dispatch on it: it recognises a file by its content (`_interpret`), and a new layout
+    needs a branch there too.
+    """
+
+    name: str
     suffix: str
     description: str
+    write: Writer
+    hint: str  # how to use an exported file; {stem}, {name} and {path} are filled in
+    sdxl_hint: str = ""  # the hint for an identity with vectors per text encoder, where it differs
+    single_encoder: str = ""  # why it cannot hold an SDXL identity; "" when it can
+    tools: tuple[str, ...] = ()  # the tools (tools.Tool.key) whose embeddings folder `export --to` fills with it
+
+    def usage(self, path: Path, name: str, stem: str, parts: int) -> str:
+        template = self.sdxl_hint if parts > 1 and self.sdxl_hint else self.hint
+        return template.format(stem=stem, name=name, path=path)
 
 
-INFO = {
-    "a1111": FormatInfo(".safetensors", 'safetensors {"emb_params": [k, width]}: A1111, ComfyUI, Forge'),
-    "a1111-pt": FormatInfo(".pt", "torch pickle with string_to_param: A1111's classic .pt"),
-    "diffusers": FormatInfo(".diffusers.safetensors", 'safetensors {"<name>": [k, width]}: load_textual_inversion'),
-    "official": FormatInfo(".bin", 'torch pickle {"<name>_v0": [width], ...}: the official Cross Init code'),
-    "invokeai": FormatInfo(".safetensors", "A1111 layout, named <name>.safetensors for InvokeAI's embedding folder"),
+_SDXL_DIFFUSERS_HINT = (
+    'state = safetensors.torch.load_file("{path}"); '
+    'pipe.load_textual_inversion(state["clip_l"], token="<{name}>", text_encoder=pipe.text_encoder, '
+    "tokenizer=pipe.tokenizer); "
+    'pipe.load_textual_inversion(state["clip_g"], token="<{name}>", text_encoder=pipe.text_encoder_2, '
+    "tokenizer=pipe.tokenizer_2)"
+)
+
+REGISTRY: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format(
+            "a1111",
+            ".safetensors",
+            'safetensors {"emb_params": [k, width]}: A1111, ComfyUI, Forge',
+            _safetensors(lambda name: "emb_params"),
+            "A1111/Forge: put it in stable-diffusion-webui/embeddings/ and write `{stem}` in a prompt; "
+            "ComfyUI: models/embeddings/, prompt `embedding:{stem}`",
+            tools=("a1111", "forge", "comfyui", "sdnext"),
+        ),
+        Format(
+            "a1111-pt",
+            ".pt",
+            "torch pickle with string_to_param: A1111's classic .pt",
+            _write_a1111_pt,
+            "A1111: put it in stable-diffusion-webui/embeddings/ and write `{stem}` in a prompt",
+            single_encoder="A1111's .pt layout holds one text encoder's vectors",
+        ),
+        Format(
+            "diffusers",
+            ".diffusers.safetensors",
+            'safetensors {"<name>": [k, width]}: load_textual_inversion',
+            _safetensors(lambda name: f"<{name}>"),
+            'pipe.load_textual_inversion("{path}", token="<{name}>"), then write <{name}> in a prompt',
+            sdxl_hint=_SDXL_DIFFUSERS_HINT,
+        ),
+        Format(
+            "official",
+            ".bin",
+            'torch pickle {"<name>_v0": [width], ...}: the official Cross Init code',
+            _write_official,
+            "the official Cross Initialization code's test scripts load it as learned embeddings",
+            single_encoder="the official Cross Initialization code runs SD 2.1 only (one text encoder)",
+        ),
+        Format(
+            "invokeai",
+            ".safetensors",
+            "A1111 layout, named <name>.safetensors for InvokeAI's embedding folder",
+            _safetensors(lambda name: "emb_params"),
+            "InvokeAI: put it in its models folder (or Model Manager > Add) and write <{stem}> in a prompt",
+            tools=("invokeai",),
+        ),
+    )
 }
-
-
-_PICKLES = ("a1111-pt", "official")
+FORMATS = tuple(REGISTRY)
+# Every suffix an export can end in, longest first (a file's stem drops the first that matches).
+EXPORT_SUFFIXES = tuple(sorted({f.suffix for f in REGISTRY.values()}, key=len, reverse=True))
 
 
 def default_filename(name: str, fmt: str) -> str:
-    return f"{name}{INFO[fmt].suffix}"
+    return f"{name}{REGISTRY[fmt].suffix}"
 
 
-# What each tool's embeddings folder reads, per model family (tools.py finds the folder). SDXL identities
-# go as the A1111 layout's SDXL form, {"clip_l", "clip_g"}, which A1111, Forge, ComfyUI and InvokeAI read
-# (SPEC 5); SD.Next is left out for SDXL until its loader is checked.
+# What each tool's embeddings folder reads, per model family (tools.py finds the folder): the format whose
+# `tools` name it. SDXL identities go as the A1111 layout's SDXL form, {"clip_l", "clip_g"}, which A1111,
+# Forge, ComfyUI and InvokeAI read (SPEC 5); SD.Next is left out for SDXL until its loader is checked.
+_UNCHECKED = {("sdnext", "sdxl")}
 TOOL_FORMATS: dict[tuple[str, str], str] = {
-    (tool, family): "a1111" if tool != "invokeai" else "invokeai"
-    for tool in ("a1111", "forge", "comfyui", "invokeai", "sdnext")
-    for family in ("sd1", "sd2", "sdxl")
-    if not (tool == "sdnext" and family == "sdxl")
+    (tool, family): fmt.name
+    for fmt in REGISTRY.values()
+    for tool in fmt.tools
+    for family in families.FAMILIES
+    if (tool, family) not in _UNCHECKED
 }
 
 
@@ -78,14 +193,10 @@ def format_for_tool(tool: str, family: str) -> str:
 
 def check_format(fmt: str, family: str) -> None:
     """Refuse, in one line, a format that cannot hold an identity of `family`."""
-    if fmt not in FORMATS:
+    if fmt not in REGISTRY:
         raise CrossinitError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if family in families.FAMILIES and families.get(family).multi and fmt in _PICKLES:
-        why = (
-            "the official Cross Initialization code runs SD 2.1 only (one text encoder)"
-            if fmt == "official"
-            else "A1111's .pt layout holds one text encoder's vectors"
-        )
+    why = REGISTRY[fmt].single_encoder
+    if family in families.FAMILIES and families.get(family).multi and why:
         raise CrossinitError(
             f"format {fmt!r} cannot hold an SDXL identity: {why}; use --format a1111 (clip_l + clip_g)"
         )
@@ -105,34 +216,7 @@ def encode(
 
     check_format(fmt, family)
     parts = [np.ascontiguousarray(v, dtype=np.float32) for v in (vectors if isinstance(vectors, list) else [vectors])]
-    vectors = parts[0]
-    if fmt in ("a1111", "invokeai", "diffusers"):
-        from safetensors.numpy import save
-
-        if len(parts) > 1:
-            keys = [e.key for e in families.get(family).encoders]
-            tensors = dict(zip(keys, parts))
-        else:
-            tensors = {"emb_params" if fmt != "diffusers" else f"<{name}>": vectors}
-        return save(tensors, metadata={"crossinit_name": name, "base_model": base_model, "family": family})
-
-    import torch
-
-    tensor = torch.from_numpy(vectors.copy())
-    if fmt == "a1111-pt":
-        payload: dict[str, Any] = {
-            "string_to_token": {"*": A1111_STAR_TOKEN},
-            "string_to_param": {"*": tensor},
-            "name": name,
-            "step": int(steps),
-            "sd_checkpoint": None,
-            "sd_checkpoint_name": base_model or None,
-        }
-    else:
-        payload = {f"{name}_v{i}": tensor[i].clone() for i in range(tensor.shape[0])}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
+    return REGISTRY[fmt].write(parts, name, base_model, int(steps), family)
 
 
 def export_vectors(

@@ -13,28 +13,10 @@ from crossinit_cli.catalog import Query
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Damaged, Identity, Library, validate_name
 
-USAGE_HINTS = {
-    "a1111": "A1111/Forge: put it in stable-diffusion-webui/embeddings/ and write `{stem}` in a prompt; "
-    "ComfyUI: models/embeddings/, prompt `embedding:{stem}`",
-    "a1111-pt": "A1111: put it in stable-diffusion-webui/embeddings/ and write `{stem}` in a prompt",
-    "diffusers": 'pipe.load_textual_inversion("{path}", token="<{name}>"), then write <{name}> in a prompt',
-    "official": "the official Cross Initialization code's test scripts load it as learned embeddings",
-    "invokeai": "InvokeAI: put it in its models folder (or Model Manager > Add) and write <{stem}> in a prompt",
-}
-
-
-SDXL_DIFFUSERS_HINT = (
-    'state = safetensors.torch.load_file("{path}"); '
-    'pipe.load_textual_inversion(state["clip_l"], token="<{name}>", text_encoder=pipe.text_encoder, '
-    "tokenizer=pipe.tokenizer); "
-    'pipe.load_textual_inversion(state["clip_g"], token="<{name}>", text_encoder=pipe.text_encoder_2, '
-    "tokenizer=pipe.tokenizer_2)"
-)
-
 
 def _file_stem(path: Path) -> str:
     name = path.name
-    for suffix in (".diffusers.safetensors", ".safetensors", ".pt", ".bin"):
+    for suffix in formats.EXPORT_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -65,9 +47,7 @@ def export_identity(library: Library, name: str, *, fmt: str, output: str | None
         steps=int(ident.training.get("steps", 0)),
         family=ident.family,
     )
-    hint = USAGE_HINTS[fmt].format(stem=_file_stem(path), name=ident.name, path=path)
-    if fmt == "diffusers" and len(parts) > 1:
-        hint = SDXL_DIFFUSERS_HINT.format(name=ident.name, path=path)
+    hint = formats.REGISTRY[fmt].usage(path, ident.name, _file_stem(path), len(parts))
     fits = families.get(ident.family).checkpoints if ident.family in families.FAMILIES else None
     if as_json:
         ui.print_json(
