@@ -92,14 +92,92 @@ class Written:
         return {**record, **run}
 
 
+@dataclass
+class Plan:
+    """A generate run, checked before any model is loaded."""
+
+    jobs: list[Job]
+    identities: list[Identity]  # every one a prompt or the negative prompt names
+    vectors: dict[str, list[Any]]  # their effective vectors, per text encoder
+    negative: str
+    seeds: list[int]
+    steps: int
+    guidance: float
+    scheduler: sample.SchedulerChoice
+    scheduler_name: str
+    size: tuple[int, int] | None  # None: the model's own
+    placement: devices.Placement
+    out_dir: Path
+    grid: bool
+
+    @property
+    def base_seed(self) -> int:
+        return self.seeds[0]
+
+
 def generate_images(
     library: Library, prompt: str | None, *, prompts: str | None, flags: SamplingFlags, run: RunOptions, grid: bool
 ) -> int:
-    n, seed, steps, guidance, size = flags.n, flags.seed, flags.steps, flags.guidance, flags.size
-    identity, model, quiet, as_json = flags.identity, run.model, run.quiet, run.as_json
-    negative = flags.negative or ""
+    plan = plan_run(library, prompt, prompts, flags, run, grid)
+    show = not run.quiet and ui.err().is_terminal
+    loaded = load_run(plan, run.model, show)
+    written: list[Written] = []
+    try:
+        with _progress(show, len(plan.jobs) * len(plan.seeds)) as bar:
+            for job in plan.jobs:
+                loaded.sample_job(job, bar, written, echo=not run.as_json)
+    except KeyboardInterrupt:
+        if written:
+            raise KeyboardInterrupt(
+                f"interrupted; the {len(written)} file(s) already written to {plan.out_dir} are complete"
+            ) from None
+        raise
+    if run.as_json:
+        ui.print_json([w.to_json(loaded.record) for w in written])
+    else:
+        _summary(plan, written)
+    return 0
 
-    # ---- everything cheap first: no model has been loaded if any of this fails -----------------
+
+# ---- the checks: everything cheap first, so a mistake costs no model load ------------------------
+
+
+def plan_run(
+    library: Library, prompt: str | None, prompts: str | None, flags: SamplingFlags, run: RunOptions, grid: bool
+) -> Plan:
+    negative = flags.negative or ""
+    jobs, known = _jobs(library, prompt, prompts, flags.identity, negative)
+    seeds, steps, scheduler_name, size = _sampling_choices(flags)
+    devices.check_model_reference(run.model)
+    placement = devices.resolve(run.device, run.dtype)
+    sample.check_model(run.model, known.values())
+    vectors = {ident.name: library.effective_parts(ident.name) for ident in known.values()}
+    # Last of the checks, so that a mistake found above leaves no new folder behind.
+    out_dir = prepare_out_dir(Path(run.output_dir))
+    for ident in known.values():
+        if ident.base_model and ident.base_model != run.model:
+            ui.warn(f"identity {ident.name!r} was learned on {ident.base_model}; generating with {run.model}")
+    return Plan(
+        jobs=jobs,
+        identities=list(known.values()),
+        vectors=vectors,
+        negative=negative,
+        seeds=seeds,
+        steps=steps,
+        guidance=sample.DEFAULT_GUIDANCE if flags.guidance is None else flags.guidance,
+        scheduler=sample.scheduler_choice(scheduler_name),
+        scheduler_name=scheduler_name,
+        size=size,
+        placement=placement,
+        out_dir=out_dir,
+        grid=grid,
+    )
+
+
+def _jobs(
+    library: Library, prompt: str | None, prompts: str | None, identity: str | None, negative: str
+) -> tuple[list[Job], dict[str, Identity]]:
+    """One Job per prompt (after `--identity` templating), and every identity the prompts name."""
     default = library.get(identity) if identity else None
     texts = prompt_texts(prompt, prompts)
     if not texts and default is None:
@@ -110,112 +188,106 @@ def generate_images(
     for text in texts:
         named = [known[sample.ref_key(r)] for r in sample.identity_refs(text)]
         jobs.append(Job(text, named, file_slug(text, named)))
+    return jobs, known
 
+
+def _sampling_choices(flags: SamplingFlags) -> tuple[list[int], int, str, tuple[int, int] | None]:
+    """The seeds, steps, scheduler name and size the flags ask for, each checked."""
+    n = flags.n
     if n < 1:
         raise CrossinitError(f"-n must be at least 1, not {n}")
-    steps = sample.DEFAULT_STEPS if steps is None else steps
+    steps = sample.DEFAULT_STEPS if flags.steps is None else flags.steps
     if steps < 1:
         raise CrossinitError(f"--steps must be at least 1, not {steps}")
     scheduler = (flags.scheduler or sample.DEFAULT_SCHEDULER).strip().lower()
-    choice = sample.scheduler_choice(scheduler)
-    wanted_size = sample.parse_size(size) if size is not None else None
-    base_seed = secrets.randbelow(2**32) if seed is None else seed
+    sample.scheduler_choice(scheduler)
+    size = sample.parse_size(flags.size) if flags.size is not None else None
+    base_seed = secrets.randbelow(2**32) if flags.seed is None else flags.seed
     if not 0 <= base_seed <= MAX_SEED - (n - 1):
         raise CrossinitError(f"--seed must be between 0 and {MAX_SEED - (n - 1)}, not {base_seed}")
-    seeds = [base_seed + i for i in range(n)]
-    devices.check_model_reference(model)
-    placement = devices.resolve(run.device, run.dtype)
-    sample.check_model(model, known.values())
-    vectors = {ident.name: library.effective_parts(ident.name) for ident in known.values()}
-    # Last of the checks, so that a mistake found above leaves no new folder behind.
-    out_dir = prepare_out_dir(Path(run.output_dir))
-    for ident in known.values():
-        if ident.base_model and ident.base_model != model:
-            ui.warn(f"identity {ident.name!r} was learned on {ident.base_model}; generating with {model}")
+    return [base_seed + i for i in range(n)], steps, scheduler, size
 
-    # ---- the model: loaded once, identities added once ------------------------------------------
-    show = not quiet and ui.err().is_terminal
+
+# ---- the model: loaded once, identities added once, then every prompt --------------------------
+
+
+@dataclass
+class LoadedRun:
+    """The pipeline with the run's identities in it, and the settings every prompt of the run shares."""
+
+    plan: Plan
+    pipe: Any
+    mapping: dict[str, Any]
+    settings: sample.Settings
+    record: dict[str, Any]  # the run's settings, as each image's metadata and `--json` record them
+
+    def sample_job(self, job: Job, bar: _Bar, written: list[Written], *, echo: bool) -> None:
+        """Sample one prompt's images (and its grid), write them, and add each to `written` once it is."""
+        plan = self.plan
+        expanded = sample.expand_prompt(job.prompt, self.mapping)
+        for name in sample.truncated_identities(self.pipe, expanded, self.mapping):
+            ui.warn(
+                f"prompt {_short(job.prompt)} is longer than the text encoder's window; <{name}> "
+                "falls in the part that is cut off"
+            )
+        bar.start(job.prompt, self.settings.steps)
+        with ui.timed(f"sampling {len(plan.seeds)} image(s) for {_short(job.prompt)}"):
+            images = sample.sample(self.pipe, expanded, plan.seeds, self.settings, on_step=bar.step)
+        batch: list[Written] = []
+        for i, image in enumerate(images):
+            meta = _metadata(job, expanded, plan.negative, plan.seeds[i], plan.base_seed, i, self.record)
+            path = save_png(image, plan.out_dir, f"{job.slug}-{plan.base_seed}-{i}", meta)
+            record = Written("image", path, job.prompt, plan.negative, plan.seeds[i], _names(job), index=i)
+            batch.append(record)
+            written.append(record)
+            if echo:
+                ui.err().print(escape(str(path)), soft_wrap=True)
+        bar.images_done(len(images))
+        if plan.grid:
+            paths = [str(r.path) for r in batch]
+            meta = _metadata(job, expanded, plan.negative, plan.base_seed, plan.base_seed, None, self.record)
+            meta["crossinit"]["images"] = paths
+            path = save_png(contact_sheet(images), plan.out_dir, f"{job.slug}-{plan.base_seed}-grid", meta)
+            written.append(Written("grid", path, job.prompt, plan.negative, plan.base_seed, _names(job), images=paths))
+            if echo:
+                ui.err().print(escape(str(path)), soft_wrap=True)
+
+
+def load_run(plan: Plan, model: str, show: bool) -> LoadedRun:
+    placement = plan.placement
     with _status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"), ui.timed("model load"):
-        pipe = sample.load(model, placement, known.values())
-    mapping = sample.add_identities(pipe, vectors, model=model)
-    image_width, image_height = wanted_size or sample.native_size(pipe)
+        pipe = sample.load(model, placement, plan.identities)
+    mapping = sample.add_identities(pipe, plan.vectors, model=model)
+    image_width, image_height = plan.size or sample.native_size(pipe)
     settings = sample.Settings(
         width=image_width,
         height=image_height,
-        steps=steps,
-        guidance=sample.DEFAULT_GUIDANCE if guidance is None else guidance,
-        negative=sample.expand_prompt(negative, mapping),
-        scheduler=scheduler,
+        steps=plan.steps,
+        guidance=plan.guidance,
+        negative=sample.expand_prompt(plan.negative, mapping),
+        scheduler=plan.scheduler_name,
     )
-    run = {
+    record = {
         "steps": settings.steps,
         "guidance": settings.guidance,
         "scheduler": settings.scheduler,
-        "sampler": choice.a1111,
+        "sampler": plan.scheduler.a1111,
         "width": settings.width,
         "height": settings.height,
         "model": model,
         "device": placement.device,
         "dtype": placement.dtype,
     }
+    return LoadedRun(plan, pipe, mapping, settings, record)
 
-    written: list[Written] = []
-    try:
-        with _progress(show, len(jobs) * n) as bar:
-            for job in jobs:
-                expanded = sample.expand_prompt(job.prompt, mapping)
-                for name in sample.truncated_identities(pipe, expanded, mapping):
-                    ui.warn(
-                        f"prompt {_short(job.prompt)} is longer than the text encoder's window; <{name}> "
-                        "falls in the part that is cut off"
-                    )
-                bar.start(job.prompt, settings.steps)
-                with ui.timed(f"sampling {len(seeds)} image(s) for {_short(job.prompt)}"):
-                    images = sample.sample(pipe, expanded, seeds, settings, on_step=bar.step)
-                batch: list[Written] = []
-                for i, image in enumerate(images):
-                    meta = _metadata(job, expanded, negative, seeds[i], base_seed, i, run)
-                    path = save_png(image, out_dir, f"{job.slug}-{base_seed}-{i}", meta)
-                    record = Written("image", path, job.prompt, negative, seeds[i], _names(job), index=i)
-                    batch.append(record)
-                    written.append(record)
-                    if not as_json:
-                        ui.err().print(escape(str(path)), soft_wrap=True)
-                bar.images_done(len(images))
-                if grid:
-                    meta = _metadata(job, expanded, negative, base_seed, base_seed, None, run)
-                    meta["crossinit"]["images"] = [str(r.path) for r in batch]
-                    path = save_png(contact_sheet(images), out_dir, f"{job.slug}-{base_seed}-grid", meta)
-                    written.append(
-                        Written(
-                            "grid",
-                            path,
-                            job.prompt,
-                            negative,
-                            base_seed,
-                            _names(job),
-                            images=[str(r.path) for r in batch],
-                        )
-                    )
-                    if not as_json:
-                        ui.err().print(escape(str(path)), soft_wrap=True)
-    except KeyboardInterrupt:
-        if written:
-            raise KeyboardInterrupt(
-                f"interrupted; the {len(written)} file(s) already written to {out_dir} are complete"
-            ) from None
-        raise
 
-    if as_json:
-        ui.print_json([w.to_json(run) for w in written])
-    else:
-        images_written = sum(w.kind == "image" for w in written)
-        ui.info(
-            f"wrote {images_written} image{'s' if images_written != 1 else ''} to {escape(str(out_dir))} "
-            f"(seed {base_seed}{f'..{seeds[-1]}' if n > 1 else ''}, {settings.steps} steps, {choice.a1111}, "
-            f"{placement.device})"
-        )
-    return 0
+def _summary(plan: Plan, written: list[Written]) -> None:
+    images_written = sum(w.kind == "image" for w in written)
+    seeds = f"{plan.base_seed}{f'..{plan.seeds[-1]}' if len(plan.seeds) > 1 else ''}"
+    ui.info(
+        f"wrote {images_written} image{'s' if images_written != 1 else ''} to {escape(str(plan.out_dir))} "
+        f"(seed {seeds}, {plan.steps} steps, {plan.scheduler.a1111}, {plan.placement.device})"
+    )
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -373,30 +445,20 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def a1111_parameters(
-    prompt: str,
-    negative: str,
-    *,
-    steps: int,
-    sampler: str,
-    guidance: float,
-    seed: int,
-    width: int,
-    height: int,
-    model: str,
-    identities: list[str],
-) -> str:
-    """The `parameters` text chunk in AUTOMATIC1111's layout (read by A1111, ComfyUI, civitai, ...)."""
+def a1111_parameters(prompt: str, negative: str, seed: int, run: dict[str, Any], identities: list[str]) -> str:
+    """The `parameters` text chunk in AUTOMATIC1111's layout (read by A1111, ComfyUI, civitai, ...).
+
+    `run` is the run's record: its steps, sampler, guidance, width, height and model."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
     fields = [
-        f"Steps: {steps}",
-        f"Sampler: {sampler}",
-        f"CFG scale: {float(guidance)}",
+        f"Steps: {run['steps']}",
+        f"Sampler: {run['sampler']}",
+        f"CFG scale: {float(run['guidance'])}",
         f"Seed: {seed}",
-        f"Size: {width}x{height}",
-        f"Model: {_quote(model)}",
+        f"Size: {run['width']}x{run['height']}",
+        f"Model: {_quote(run['model'])}",
     ]
     if identities:
         fields.append(f"Identities: {_quote(', '.join(identities))}")
@@ -409,18 +471,7 @@ def _metadata(
     job: Job, expanded: str, negative: str, seed: int, base_seed: int, index: int | None, run: dict[str, Any]
 ) -> dict[str, Any]:
     names = _names(job)
-    parameters = a1111_parameters(
-        job.prompt,
-        negative,
-        steps=run["steps"],
-        sampler=run["sampler"],
-        guidance=run["guidance"],
-        seed=seed,
-        width=run["width"],
-        height=run["height"],
-        model=run["model"],
-        identities=names,
-    )
+    parameters = a1111_parameters(job.prompt, negative, seed, run, names)
     own = {
         "version": __version__,
         "prompt": job.prompt,
