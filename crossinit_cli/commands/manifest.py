@@ -132,44 +132,16 @@ def _bad_line(number: int, message: str, on_error: str) -> None:
 
 
 def generate_manifest(
-    library: Library,
-    source: str,
-    *,
-    defaults: SamplingFlags,
-    run: RunOptions,
-    on_error: str = "skip",
+    library: Library, source: str, *, defaults: SamplingFlags, run: RunOptions, on_error: str = "skip"
 ) -> int:
     if on_error not in ON_ERROR:
         raise CrossinitError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
     model = run.model
-    fallback_out = Path(run.output_dir).expanduser()
-
-    # ---- every line checked before the model loads ---------------------------------------------
-    lines: list[Line] = []
-    skipped = 0
-    for number, text in read_lines(source):
-        try:
-            line = parse_line(number, text, defaults, library, fallback_out)
-        except CrossinitError as exc:
-            _bad_line(number, str(exc), on_error)
-            skipped += 1
-            continue
-        lines.append(line)
+    lines, skipped = _parsed_lines(library, source, defaults, Path(run.output_dir).expanduser(), on_error)
     devices.check_model_reference(model)
     placement = devices.resolve(run.device, run.dtype)
-    width = sample.peek_text_width(model)
-    checked: list[Line] = []
-    for line in lines:
-        try:
-            for ident in line.job.identities:
-                if width is not None:
-                    devices.check_width(ident.name, ident.width, model, width)
-            prepare_out_dir(line.out)
-        except CrossinitError as exc:
-            _bad_line(line.number, str(exc), on_error)
-            skipped += 1
-            continue
-        checked.append(line)
+    checked, unrunnable = _runnable_lines(lines, model, on_error)
+    skipped += unrunnable
     if not checked:
         raise CrossinitError(f"none of the {skipped} line(s) of the manifest can be run")
     identities: dict[str, Identity] = {i.name: i for line in checked for i in line.job.identities}
@@ -202,6 +174,42 @@ def generate_manifest(
         f"model load ({placement.device})" + (f"; {skipped} line(s) skipped" if skipped else "")
     )
     return 0
+
+
+def _parsed_lines(
+    library: Library, source: str, defaults: SamplingFlags, fallback_out: Path, on_error: str
+) -> tuple[list[Line], int]:
+    """Every line parsed and checked, before the model loads; and how many were skipped."""
+    lines: list[Line] = []
+    skipped = 0
+    for number, text in read_lines(source):
+        try:
+            line = parse_line(number, text, defaults, library, fallback_out)
+        except CrossinitError as exc:
+            _bad_line(number, str(exc), on_error)
+            skipped += 1
+            continue
+        lines.append(line)
+    return lines, skipped
+
+
+def _runnable_lines(lines: list[Line], model: str, on_error: str) -> tuple[list[Line], int]:
+    """The lines whose identities fit the model's text encoder and whose output folder is writable."""
+    width = sample.peek_text_width(model)
+    checked: list[Line] = []
+    skipped = 0
+    for line in lines:
+        try:
+            for ident in line.job.identities:
+                if width is not None:
+                    devices.check_width(ident.name, ident.width, model, width)
+            prepare_out_dir(line.out)
+        except CrossinitError as exc:
+            _bad_line(line.number, str(exc), on_error)
+            skipped += 1
+            continue
+        checked.append(line)
+    return checked, skipped
 
 
 def _run_line(
