@@ -79,6 +79,38 @@ def _catalog_check(home: Path, facts: dict[str, object]) -> Check:
     return Check("catalog", True, f"{state['state']} ({counts}): {state['detail']}")
 
 
+def _device_check(settings: RunOptions, facts: dict[str, object]) -> Check:
+    """The device and precision crossinit would use, and why (with free GPU memory on CUDA)."""
+    from crossinit_cli import devices
+
+    try:
+        placement = devices.resolve(settings.device, settings.dtype)
+        detail = f"{placement.device} ({placement.dtype}): {placement.reason}"
+        if placement.device == "cuda":
+            import torch
+
+            free, total = torch.cuda.mem_get_info()
+            detail += f"; {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+            facts["gpu_free_gib"] = round(free / 2**30, 2)
+        facts["device"] = placement.device
+        facts["dtype"] = placement.dtype
+        return Check("device", True, detail)
+    except CrossinitError as exc:
+        return Check("device", False, str(exc), "crossinit config set device auto")
+
+
+def _face_models_check() -> Check:
+    face_spec = importlib.util.find_spec("face_recognition_models")
+    models = Path(next(iter(face_spec.submodule_search_locations))) / "models" if face_spec else None
+    ok = bool(models and (models / "shape_predictor_5_face_landmarks.dat").is_file())
+    return Check(
+        "face models",
+        ok,
+        str(models) if ok else "face-recognition-models not found",
+        "" if ok else "pip install face-recognition-models (or learn with --no-align)",
+    )
+
+
 def run_checks(home: Path, settings: RunOptions) -> tuple[dict[str, object], list[Check]]:
     facts: dict[str, object] = {
         "crossinit": __version__,
@@ -101,22 +133,7 @@ def run_checks(home: Path, settings: RunOptions) -> tuple[dict[str, object], lis
         )
     )
     if _version("torch"):
-        from crossinit_cli import devices
-
-        try:
-            placement = devices.resolve(settings.device, settings.dtype)
-            detail = f"{placement.device} ({placement.dtype}): {placement.reason}"
-            if placement.device == "cuda":
-                import torch
-
-                free, total = torch.cuda.mem_get_info()
-                detail += f"; {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
-                facts["gpu_free_gib"] = round(free / 2**30, 2)
-            facts["device"] = placement.device
-            facts["dtype"] = placement.dtype
-            checks.append(Check("device", True, detail))
-        except CrossinitError as exc:
-            checks.append(Check("device", False, str(exc), "crossinit config set device auto"))
+        checks.append(_device_check(settings, facts))
     ok, detail = _writable(home)
     checks.append(Check("library", ok, f"{home}: {detail}", "" if ok else "pass --home or set CROSSINIT_HOME"))
     checks.append(_catalog_check(home, facts))
@@ -129,17 +146,7 @@ def run_checks(home: Path, settings: RunOptions) -> tuple[dict[str, object], lis
             "" if ok else f"hf download {settings.model}, or crossinit config set model /path/to/model",
         )
     )
-    face_spec = importlib.util.find_spec("face_recognition_models")
-    models = Path(next(iter(face_spec.submodule_search_locations))) / "models" if face_spec else None
-    ok = bool(models and (models / "shape_predictor_5_face_landmarks.dat").is_file())
-    checks.append(
-        Check(
-            "face models",
-            ok,
-            str(models) if ok else "face-recognition-models not found",
-            "" if ok else "pip install face-recognition-models (or learn with --no-align)",
-        )
-    )
+    checks.append(_face_models_check())
     return facts, checks
 
 
