@@ -220,19 +220,10 @@ def edit(
 
     Example: crossinit edit alice --tag family --strength 0.8
     """
-    from crossinit_cli.commands.library import edit_identity
+    from crossinit_cli.commands.library import Edits, edit_identity
 
-    return edit_identity(
-        _library(),
-        name,
-        rename=rename,
-        note=note,
-        tags=tag,
-        untags=untag,
-        strength=strength,
-        use_snapshot=use_snapshot,
-        as_json=as_json,
-    )
+    edits = Edits(rename=rename, note=note, tags=tag, untags=untag, strength=strength, use_snapshot=use_snapshot)
+    return edit_identity(_library(), name, edits, as_json=as_json)
 
 
 @app.command()
@@ -286,13 +277,11 @@ def export(
 
     Example: crossinit export --all --to ~/ComfyUI    (one file: crossinit export alice -o alice.safetensors)
     """
-    from crossinit_cli.commands.transfer import export_identities
+    from crossinit_cli.commands.transfer import Selection, export_identities
 
     return export_identities(
         _library(),
-        names or [],
-        every=every,
-        tag=tag,
+        Selection(names or [], every=every, tag=tag),
         fmt=fmt and fmt.value,
         output=output,
         to=to,

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,18 +200,31 @@ def show_identity(library: Library, name: str, *, as_json: bool) -> int:
     return 0
 
 
-def edit_identity(
-    library: Library,
-    name: str,
-    *,
-    rename: str | None = None,
-    note: str | None = None,
-    tags: list[str] | None = None,
-    untags: list[str] | None = None,
-    strength: float | None = None,
-    use_snapshot: str | None = None,
-    as_json: bool = False,
-) -> int:
+@dataclass(frozen=True)
+class Edits:
+    """What `edit` changes; all None/empty: open the metadata in $EDITOR."""
+
+    rename: str | None = None
+    note: str | None = None
+    tags: list[str] | None = None
+    untags: list[str] | None = None
+    strength: float | None = None
+    use_snapshot: str | None = None
+
+    def none(self) -> bool:
+        return (
+            self.rename is None
+            and self.note is None
+            and not self.tags
+            and not self.untags
+            and self.strength is None
+            and self.use_snapshot is None
+        )
+
+
+def edit_identity(library: Library, name: str, edits: Edits, *, as_json: bool = False) -> int:
+    rename, note, tags, untags = edits.rename, edits.note, edits.tags, edits.untags
+    strength, use_snapshot = edits.strength, edits.use_snapshot
     ident = library.get(name)
     step = None if use_snapshot is None else _snapshot_step(ident, use_snapshot)
     if strength is not None:
@@ -233,7 +247,7 @@ def edit_identity(
         if step is not None:
             current.active_step = step
 
-    if rename is None and note is None and not tags and not untags and strength is None and step is None:
+    if edits.none():
         ident = _edit_in_editor(library, ident)
     elif rename is not None:  # one atomic step, so a kill never leaves the note changed but not the name
         ident = library.rename(ident.name, rename, change)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +72,19 @@ def export_identity(library: Library, name: str, *, fmt: str, output: str | None
     return 0
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The identities an export names: some by name, `--all`, or `--tag` (exactly one of the three)."""
+
+    names: list[str]
+    every: bool = False
+    tag: str | None = None
+
+
 def export_identities(
     library: Library,
-    names: list[str],
+    selection: Selection,
     *,
-    every: bool,
-    tag: str | None,
     fmt: str | None,
     output: str | None,
     to: Path | None,
@@ -84,6 +92,7 @@ def export_identities(
     as_json: bool,
 ) -> int:
     """`export`: one identity as before, several (names, --all, --tag) into a folder, or --to a tool."""
+    names, every, tag = selection.names, selection.every, selection.tag
     if sum((bool(names), every, tag is not None)) != 1:
         raise CrossinitError("name the identities to export, or pass --all or --tag TAG (one of the three)")
     if to is not None:
