@@ -170,15 +170,11 @@ def learn_batch(
     as_json: bool,
 ) -> int:
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
-    from crossinit_cli import config as settings
-    from crossinit_cli import devices, faces
-    from crossinit_cli.commands.learn import ALIGN_SIZE, SNAPSHOT_EVERY, learn_and_store, load_trainer
-    from crossinit_cli.train import TrainConfig
+    from crossinit_cli import config, devices
 
     jobs = read_manifest(manifest, defaults)
-    config_defaults = settings.load_config()
+    config_defaults = config.load_config()
     model_id = model or config_defaults.model
     placement = devices.resolve(device or config_defaults.device, dtype or config_defaults.dtype, training=True)
     # accelerate forms a CPU process group (gloo) only when told the processes run on the CPU.
@@ -188,10 +184,7 @@ def learn_batch(
 
         torch.cuda.set_device(state.device)  # one GPU per process, as accelerate assigned them
     main = state.is_main_process
-    skipped = [
-        Outcome(j.name, "skipped", "already in the library") for j in jobs if not force and library.exists(j.name)
-    ]
-    todo = [j for j in jobs if force or not library.exists(j.name)]
+    todo, skipped = _to_learn(library, jobs, force)
     # Every process must agree on the list before any of them adds to the library.
     state.wait_for_everyone()
     if main and not quiet:
@@ -201,42 +194,13 @@ def learn_batch(
         )
 
     outcomes: list[Outcome] = []
-    trainer = None
+    learner = _Learner(library, model_id, placement, force)
     show = main and not quiet and ui.err().is_terminal
     progress = _Overall(library, [name_key(j.name) for j in todo])
     with state.split_between_processes(todo) as mine, _overall_bar(show, len(todo)) as bar:
         for job in mine:
             bar.begin(job.name)
-            started = time.perf_counter()
-            try:
-                train_config = TrainConfig.for_mode(
-                    job.mode,
-                    steps=job.steps,
-                    lr=job.lr,
-                    batch_size=job.batch_size,
-                    reg_weight=job.reg_weight,
-                    seed=job.seed,
-                )
-                paths = faces.collect_photos(job.photos)
-                crops = faces.align_faces(paths, ALIGN_SIZE, align=job.align, warn=ui.warn)
-                if trainer is None:
-                    trainer = load_trainer(library, model_id, placement, quiet=True)
-                _, result = learn_and_store(
-                    library,
-                    trainer,
-                    name=job.name,
-                    paths=paths,
-                    crops=crops,
-                    train_config=train_config,
-                    mode=job.mode,
-                    align=job.align,
-                    force=force,
-                    quiet=True,
-                    snapshot_every=SNAPSHOT_EVERY[job.mode],
-                )
-                outcome = Outcome(job.name, "learned", "", time.perf_counter() - started, result.final_loss)
-            except CrossinitError as exc:
-                outcome = Outcome(job.name, "failed", str(exc), time.perf_counter() - started)
+            outcome = learner.learn(job)
             outcome.process = state.process_index
             outcomes.append(outcome)
             bar.done(progress.finished(failed=outcome.status == "failed"))
@@ -245,15 +209,76 @@ def learn_batch(
                     f"[{state.process_index}] {escape(job.name)}: {outcome.status} {escape(outcome.detail)}".rstrip()
                 )
 
-    everything = (
-        gather_object([asdict(o) for o in outcomes]) if state.num_processes > 1 else [asdict(o) for o in outcomes]
-    )
-    results = [asdict(o) for o in skipped] + sorted(everything, key=lambda o: [j.name for j in jobs].index(o["name"]))
+    results = _all_outcomes(state, jobs, skipped, outcomes)
     failed = sum(r["status"] == "failed" for r in results)
     if main:
         _report(results, as_json=as_json)
     state.wait_for_everyone()
     return 1 if failed else 0
+
+
+def _to_learn(library: Library, jobs: list[Job], force: bool) -> tuple[list[Job], list[Outcome]]:
+    """The jobs to learn, and the outcomes of those skipped because their identity is already there."""
+    skipped = [
+        Outcome(j.name, "skipped", "already in the library") for j in jobs if not force and library.exists(j.name)
+    ]
+    todo = [j for j in jobs if force or not library.exists(j.name)]
+    return todo, skipped
+
+
+def _all_outcomes(state: Any, jobs: list[Job], skipped: list[Outcome], outcomes: list[Outcome]) -> list[dict[str, Any]]:
+    """Every process's outcomes (gathered when there are several), skipped ones first, then in manifest order."""
+    from accelerate.utils import gather_object
+
+    everything = (
+        gather_object([asdict(o) for o in outcomes]) if state.num_processes > 1 else [asdict(o) for o in outcomes]
+    )
+    return [asdict(o) for o in skipped] + sorted(everything, key=lambda o: [j.name for j in jobs].index(o["name"]))
+
+
+class _Learner:
+    """Learns one job after another in this process, loading the model at the first one that needs it."""
+
+    def __init__(self, library: Library, model: str, placement: Any, force: bool) -> None:
+        self.library, self.model, self.placement, self.force = library, model, placement, force
+        self.trainer: Any = None
+
+    def learn(self, job: Job) -> Outcome:
+        """Learn and store `job`'s identity; a mistake in it is its outcome, not the batch's end."""
+        from crossinit_cli import faces
+        from crossinit_cli.commands.learn import ALIGN_SIZE, SNAPSHOT_EVERY, learn_and_store, load_trainer
+        from crossinit_cli.train import TrainConfig
+
+        started = time.perf_counter()
+        try:
+            train_config = TrainConfig.for_mode(
+                job.mode,
+                steps=job.steps,
+                lr=job.lr,
+                batch_size=job.batch_size,
+                reg_weight=job.reg_weight,
+                seed=job.seed,
+            )
+            paths = faces.collect_photos(job.photos)
+            crops = faces.align_faces(paths, ALIGN_SIZE, align=job.align, warn=ui.warn)
+            if self.trainer is None:
+                self.trainer = load_trainer(self.library, self.model, self.placement, quiet=True)
+            _, result = learn_and_store(
+                self.library,
+                self.trainer,
+                name=job.name,
+                paths=paths,
+                crops=crops,
+                train_config=train_config,
+                mode=job.mode,
+                align=job.align,
+                force=self.force,
+                quiet=True,
+                snapshot_every=SNAPSHOT_EVERY[job.mode],
+            )
+            return Outcome(job.name, "learned", "", time.perf_counter() - started, result.final_loss)
+        except CrossinitError as exc:
+            return Outcome(job.name, "failed", str(exc), time.perf_counter() - started)
 
 
 class _Bar:
