@@ -200,8 +200,9 @@ def check_vectors(array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-class Library:
-    """The identity library at `home`. Usable from Python: `Library(home).list()`."""
+class LibraryLock:
+    """The library's part that keeps it whole: the library-wide write lock, the recovery of what a killed
+    writer left behind it, and readers settling against it (waiting out a write in progress)."""
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home)
@@ -210,7 +211,85 @@ class Library:
         self._trash = self.home / ".trash"
         self._held = False  # this object holds the lock: reads inside a write must not wait for it
 
-    # ---- reading -------------------------------------------------------------------------------
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the library-wide write lock (released by the OS if this process dies)."""
+        from filelock import FileLock, Timeout
+
+        try:
+            self.entries.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.home / ".lock"), timeout=LOCK_TIMEOUT_S)
+            lock.acquire()
+            self._held = True
+        except Timeout:
+            raise CrossinitError(
+                f"the library at {self.home} stayed locked by another crossinit process for "
+                f"{LOCK_TIMEOUT_S:.0f} s; try again"
+            ) from None
+        except OSError as exc:
+            raise CrossinitError(f"cannot write to the library at {self.home}: {exc.strerror or exc}") from None
+        try:
+            self._recover()
+            yield
+        finally:
+            self._held = False
+            lock.release()
+
+    def _recover(self) -> None:
+        """Finish or undo what a killed process left: staging dirs, trashed entries, temp files."""
+        if self._staging.is_dir():
+            shutil.rmtree(self._staging, ignore_errors=True)
+        if self._trash.is_dir():
+            for item in self._trash.iterdir():
+                key = item.name.split("~")[0]
+                target = self.entries / key
+                if not target.exists() and (item / META).is_file():
+                    item.rename(target)
+                else:
+                    shutil.rmtree(item, ignore_errors=True)
+        for gone in self.entries.glob(".removed~*"):
+            shutil.rmtree(gone, ignore_errors=True)
+        for tmp in self.entries.glob(f"*/{TEMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+        for pending in self.entries.glob(f"*/{PENDING}"):
+            # Past a rename's commit point (its key is the directory's): finish it; else drop it.
+            if _read_pending(pending.parent) is not None:
+                os.replace(pending, pending.parent / META)
+            else:
+                pending.unlink(missing_ok=True)
+
+    def _in_flux(self) -> bool:
+        """Something in .staging/ or .trash/: a write is in progress, or one was killed."""
+        for folder in (self._staging, self._trash):
+            with contextlib.suppress(OSError), os.scandir(folder) as items:
+                if next(items, None) is not None:
+                    return True
+        return False
+
+    def _settle(self, *, always: bool = False) -> None:
+        """Wait for the write in progress (or recover a killed one's) before reading.
+
+        Taking the lock is enough: behind it the writer has finished, or it died, the OS released its
+        lock and `locked()` recovers what it left. A library we cannot lock (read-only) is read as it is.
+        """
+        if self._held or not self.entries.is_dir() or not (always or self._in_flux()):
+            return
+        with contextlib.suppress(CrossinitError), self.locked():
+            pass
+
+    def _read_settled(self, read: Callable[[], Any]) -> Any:
+        """`read()`; if it fails, once more after any write in progress (a replace racing this read)."""
+        try:
+            return read()
+        except CrossinitError:
+            if self._held or not self.entries.is_dir():
+                raise
+        self._settle(always=True)
+        return read()
+
+
+class EntryReads(LibraryLock):
+    """Reading one entry from its own folder: its metadata, its vectors (both from the same write), its crops."""
 
     def path_of(self, name: str) -> Path:
         key = name_key(name)
@@ -219,6 +298,124 @@ class Library:
 
     def exists(self, name: str) -> bool:
         return (self.path_of(name) / META).is_file()
+
+    def get(self, name: str) -> Identity:
+        def read() -> Identity:
+            path = self.path_of(name)
+            if not path.is_dir():
+                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
+            return self._read_meta(path)
+
+        return self._read_settled(read)
+
+    def read(self, name: str) -> tuple[Identity, Vectors]:
+        """An identity's metadata and vectors, both from the same write.
+
+        Both files are read through one handle on the entry's folder: a replace running meanwhile can
+        move that folder aside but not swap it under the handle. If the replace deletes the old files
+        first, the read is repeated behind the lock."""
+
+        def read_once() -> tuple[Identity, Vectors]:
+            path = self.path_of(name)
+            if os.open not in os.supports_dir_fd:  # no directory handles (Windows): read by path
+                ident = self._read_meta(path)
+                return ident, self._read_vectors(name, path, ident.family)
+            try:
+                folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except (FileNotFoundError, NotADirectoryError):
+                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`") from None
+            except OSError as exc:
+                raise CrossinitError(f"cannot read identity {name!r}: {exc.strerror or exc}") from None
+            try:
+                ident = self._read_meta(path, folder)
+                return ident, self._read_vectors(name, folder, ident.family)
+            finally:
+                os.close(folder)
+
+        return self._read_settled(read_once)
+
+    def vectors(self, name: str) -> Vectors:
+        return self.read(name)[1]
+
+    def effective_vectors(self, name: str) -> np.ndarray:
+        """The vectors prompts use: the learned ones (or the active snapshot's) at the identity's strength."""
+        ident, vectors = self.read(name)
+        return vectors.at_strength(ident.strength, ident.active_step)
+
+    def effective_parts(self, name: str) -> list[np.ndarray]:
+        """The vectors prompts use, one array per text encoder of the identity's family (SDXL: two)."""
+        ident, vectors = self.read(name)
+        return vectors.per_encoder(ident.strength, ident.active_step)
+
+    def crops(self, name: str) -> list[Path]:
+        folder = self.path_of(name) / CROPS
+        return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+    def scan(self) -> list[Identity | Damaged]:
+        """Every entry read from its own folder, without the catalog: the truth the catalog is checked against."""
+        if not self.entries.is_dir():
+            return []
+        self._settle()
+        found: list[Identity | Damaged] = []
+        for path in sorted(self.entries.iterdir()):
+            if path.name.startswith(".") or not path.is_dir():
+                continue
+            try:
+                found.append(self._read_meta(path))
+            except CrossinitError as exc:
+                found.append(Damaged(path.name, path, str(exc)))
+        return found
+
+    def _read_meta(self, path: Path, folder: int | None = None) -> Identity:
+        """The metadata of the entry at `path` (read through `folder`, a handle on it, when given)."""
+        where = path if folder is None else folder
+        try:
+            raw = tomllib.loads(_read_at(where, META).decode("utf-8"))
+            ident = Identity.from_dict(raw)
+        except FileNotFoundError:
+            raise CrossinitError(f"entry {path.name!r} is damaged: {META} is missing") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CrossinitError(f"entry {path.name!r} is damaged: {reason}") from None
+        if not _is_file_at(where, VECTORS):
+            raise CrossinitError(f"entry {path.name!r} is damaged: {VECTORS} is missing")
+        # The directory is the source of truth for the key. A rename that got past its commit point
+        # (the directory rename) but not further left its new metadata beside the old one.
+        if ident.name.casefold() != path.name:
+            ident = _read_pending(path, folder) or ident
+            ident.name = ident.name if ident.name.casefold() == path.name else path.name
+        return ident
+
+    def _read_vectors(self, name: str, folder: Path | int, family: str = "") -> Vectors:
+        import numpy as np
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        def checked(tensors: dict[str, Any], key: str, what: str) -> np.ndarray | None:
+            value = tensors.get(key)
+            return None if value is None else check_vectors(np.asarray(value), what)
+
+        try:
+            tensors = load(_read_at(folder, VECTORS))
+            snapshots = _snapshots_in(tensors)
+            if "learned" in tensors:  # one text encoder: the layout of every release so far
+                learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
+                init = checked(tensors, "init", f"identity {name!r} init")
+                return Vectors(learned, init, snapshots=snapshots)
+            parts: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+            for key in _encoder_keys(family, tensors):
+                learned = check_vectors(np.asarray(tensors[f"learned.{key}"]), f"identity {name!r} ({key})")
+                parts[key] = (learned, checked(tensors, f"init.{key}", f"identity {name!r} init ({key})"))
+            if not parts:
+                raise KeyError("learned")
+        except (OSError, KeyError, SafetensorError, ValueError) as exc:
+            raise CrossinitError(f"identity {name!r} is damaged: cannot read {VECTORS} ({exc})") from None
+        first_learned, first_init = next(iter(parts.values()))
+        return Vectors(first_learned, first_init, parts, snapshots)
+
+
+class CatalogReads(EntryReads):
+    """Answering `list` and completion from the catalog, kept in step with the folders by their stamps."""
 
     def list(self, query: Query | None = None) -> list[Identity | Damaged]:
         """Every entry (or those `query` selects), sorted by name; unreadable ones as `Damaged`.
@@ -246,21 +443,6 @@ class Library:
         with Catalog(None).connect() as db:
             self._refresh(db, disk)
             return Catalog.query(db, query, table=table)
-
-    def scan(self) -> list[Identity | Damaged]:
-        """Every entry read from its own folder, without the catalog: the truth the catalog is checked against."""
-        if not self.entries.is_dir():
-            return []
-        self._settle()
-        found: list[Identity | Damaged] = []
-        for path in sorted(self.entries.iterdir()):
-            if path.name.startswith(".") or not path.is_dir():
-                continue
-            try:
-                found.append(self._read_meta(path))
-            except CrossinitError as exc:
-                found.append(Damaged(path.name, path, str(exc)))
-        return found
 
     def tags(self, prefix: str = "") -> list[str]:
         """Tags in use that start with `prefix`, from the catalog as it is (for shell completion: no check)."""
@@ -337,182 +519,13 @@ class Library:
         except Corrupt:
             Catalog(self.home).discard()  # rebuilt from the folders by the next list
 
-    def get(self, name: str) -> Identity:
-        def read() -> Identity:
-            path = self.path_of(name)
-            if not path.is_dir():
-                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
-            return self._read_meta(path)
 
-        return self._read_settled(read)
+class Library(CatalogReads):
+    """The identity library at `home`. Usable from Python: `Library(home).list()`.
 
-    def read(self, name: str) -> tuple[Identity, Vectors]:
-        """An identity's metadata and vectors, both from the same write.
-
-        Both files are read through one handle on the entry's folder: a replace running meanwhile can
-        move that folder aside but not swap it under the handle. If the replace deletes the old files
-        first, the read is repeated behind the lock."""
-
-        def read_once() -> tuple[Identity, Vectors]:
-            path = self.path_of(name)
-            if os.open not in os.supports_dir_fd:  # no directory handles (Windows): read by path
-                ident = self._read_meta(path)
-                return ident, self._read_vectors(name, path, ident.family)
-            try:
-                folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            except (FileNotFoundError, NotADirectoryError):
-                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`") from None
-            except OSError as exc:
-                raise CrossinitError(f"cannot read identity {name!r}: {exc.strerror or exc}") from None
-            try:
-                ident = self._read_meta(path, folder)
-                return ident, self._read_vectors(name, folder, ident.family)
-            finally:
-                os.close(folder)
-
-        return self._read_settled(read_once)
-
-    def vectors(self, name: str) -> Vectors:
-        return self.read(name)[1]
-
-    def effective_vectors(self, name: str) -> np.ndarray:
-        """The vectors prompts use: the learned ones (or the active snapshot's) at the identity's strength."""
-        ident, vectors = self.read(name)
-        return vectors.at_strength(ident.strength, ident.active_step)
-
-    def effective_parts(self, name: str) -> list[np.ndarray]:
-        """The vectors prompts use, one array per text encoder of the identity's family (SDXL: two)."""
-        ident, vectors = self.read(name)
-        return vectors.per_encoder(ident.strength, ident.active_step)
-
-    def _read_vectors(self, name: str, folder: Path | int, family: str = "") -> Vectors:
-        import numpy as np
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
-        def checked(tensors: dict[str, Any], key: str, what: str) -> np.ndarray | None:
-            value = tensors.get(key)
-            return None if value is None else check_vectors(np.asarray(value), what)
-
-        try:
-            tensors = load(_read_at(folder, VECTORS))
-            snapshots = _snapshots_in(tensors)
-            if "learned" in tensors:  # one text encoder: the layout of every release so far
-                learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
-                init = checked(tensors, "init", f"identity {name!r} init")
-                return Vectors(learned, init, snapshots=snapshots)
-            parts: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-            for key in _encoder_keys(family, tensors):
-                learned = check_vectors(np.asarray(tensors[f"learned.{key}"]), f"identity {name!r} ({key})")
-                parts[key] = (learned, checked(tensors, f"init.{key}", f"identity {name!r} init ({key})"))
-            if not parts:
-                raise KeyError("learned")
-        except (OSError, KeyError, SafetensorError, ValueError) as exc:
-            raise CrossinitError(f"identity {name!r} is damaged: cannot read {VECTORS} ({exc})") from None
-        first_learned, first_init = next(iter(parts.values()))
-        return Vectors(first_learned, first_init, parts, snapshots)
-
-    def crops(self, name: str) -> list[Path]:
-        folder = self.path_of(name) / CROPS
-        return sorted(folder.glob("*.png")) if folder.is_dir() else []
-
-    def _read_meta(self, path: Path, folder: int | None = None) -> Identity:
-        """The metadata of the entry at `path` (read through `folder`, a handle on it, when given)."""
-        where = path if folder is None else folder
-        try:
-            raw = tomllib.loads(_read_at(where, META).decode("utf-8"))
-            ident = Identity.from_dict(raw)
-        except FileNotFoundError:
-            raise CrossinitError(f"entry {path.name!r} is damaged: {META} is missing") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CrossinitError(f"entry {path.name!r} is damaged: {reason}") from None
-        if not _is_file_at(where, VECTORS):
-            raise CrossinitError(f"entry {path.name!r} is damaged: {VECTORS} is missing")
-        # The directory is the source of truth for the key. A rename that got past its commit point
-        # (the directory rename) but not further left its new metadata beside the old one.
-        if ident.name.casefold() != path.name:
-            ident = _read_pending(path, folder) or ident
-            ident.name = ident.name if ident.name.casefold() == path.name else path.name
-        return ident
-
-    def _in_flux(self) -> bool:
-        """Something in .staging/ or .trash/: a write is in progress, or one was killed."""
-        for folder in (self._staging, self._trash):
-            with contextlib.suppress(OSError), os.scandir(folder) as items:
-                if next(items, None) is not None:
-                    return True
-        return False
-
-    def _settle(self, *, always: bool = False) -> None:
-        """Wait for the write in progress (or recover a killed one's) before reading.
-
-        Taking the lock is enough: behind it the writer has finished, or it died, the OS released its
-        lock and `locked()` recovers what it left. A library we cannot lock (read-only) is read as it is.
-        """
-        if self._held or not self.entries.is_dir() or not (always or self._in_flux()):
-            return
-        with contextlib.suppress(CrossinitError), self.locked():
-            pass
-
-    def _read_settled(self, read: Callable[[], Any]) -> Any:
-        """`read()`; if it fails, once more after any write in progress (a replace racing this read)."""
-        try:
-            return read()
-        except CrossinitError:
-            if self._held or not self.entries.is_dir():
-                raise
-        self._settle(always=True)
-        return read()
-
-    # ---- writing -------------------------------------------------------------------------------
-
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the library-wide write lock (released by the OS if this process dies)."""
-        from filelock import FileLock, Timeout
-
-        try:
-            self.entries.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(self.home / ".lock"), timeout=LOCK_TIMEOUT_S)
-            lock.acquire()
-            self._held = True
-        except Timeout:
-            raise CrossinitError(
-                f"the library at {self.home} stayed locked by another crossinit process for "
-                f"{LOCK_TIMEOUT_S:.0f} s; try again"
-            ) from None
-        except OSError as exc:
-            raise CrossinitError(f"cannot write to the library at {self.home}: {exc.strerror or exc}") from None
-        try:
-            self._recover()
-            yield
-        finally:
-            self._held = False
-            lock.release()
-
-    def _recover(self) -> None:
-        """Finish or undo what a killed process left: staging dirs, trashed entries, temp files."""
-        if self._staging.is_dir():
-            shutil.rmtree(self._staging, ignore_errors=True)
-        if self._trash.is_dir():
-            for item in self._trash.iterdir():
-                key = item.name.split("~")[0]
-                target = self.entries / key
-                if not target.exists() and (item / META).is_file():
-                    item.rename(target)
-                else:
-                    shutil.rmtree(item, ignore_errors=True)
-        for gone in self.entries.glob(".removed~*"):
-            shutil.rmtree(gone, ignore_errors=True)
-        for tmp in self.entries.glob(f"*/{TEMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
-        for pending in self.entries.glob(f"*/{PENDING}"):
-            # Past a rename's commit point (its key is the directory's): finish it; else drop it.
-            if _read_pending(pending.parent) is not None:
-                os.replace(pending, pending.parent / META)
-            else:
-                pending.unlink(missing_ok=True)
+    Built in parts a reader can take one at a time: `LibraryLock` (the lock and crash recovery),
+    `EntryReads` (one entry from its folder), `CatalogReads` (listing through the catalog), and here the
+    writes (add, modify, replace_meta, rename, remove), each under the lock and atomic."""
 
     def add(
         self,
