@@ -281,7 +281,7 @@ class _Learner:
             return Outcome(job.name, "failed", str(exc), time.perf_counter() - started)
 
 
-class _Bar:
+class _IdentitiesBar:
     """One bar over the identities (with an ETA), on stderr; `--json` keeps stdout to itself."""
 
     def __init__(self, progress: Any = None, task: Any = None) -> None:
@@ -316,11 +316,11 @@ class _Overall:
 
 
 @contextmanager
-def _overall_bar(show: bool, total: int) -> Iterator[_Bar]:
+def _overall_bar(show: bool, total: int) -> Iterator[_IdentitiesBar]:
     """The whole batch's progress, shown by the main process: with several processes the count includes
     what the others finished (see _Overall), so the ETA is the batch's."""
     if not show or total == 0:
-        yield _Bar()
+        yield _IdentitiesBar()
         return
     from rich.progress import (
         BarColumn,
@@ -342,7 +342,7 @@ def _overall_bar(show: bool, total: int) -> Iterator[_Bar]:
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=ui.err(), transient=True) as progress:
-        yield _Bar(progress, progress.add_task("learning", total=total))
+        yield _IdentitiesBar(progress, progress.add_task("learning", total=total))
 
 
 def _report(results: list[dict[str, Any]], *, as_json: bool) -> None:

@@ -40,7 +40,7 @@ SLUG_CHARS = 48
 
 
 @dataclass
-class Job:
+class PromptJob:
     """One prompt to sample: as the user wrote it (after `--identity` templating)."""
 
     prompt: str
@@ -96,7 +96,7 @@ class Written:
 class Plan:
     """A generate run, checked before any model is loaded."""
 
-    jobs: list[Job]
+    jobs: list[PromptJob]
     identities: list[Identity]  # every one a prompt or the negative prompt names
     vectors: dict[str, list[Any]]  # their effective vectors, per text encoder
     negative: str
@@ -176,8 +176,8 @@ def plan_run(
 
 def _jobs(
     library: Library, prompt: str | None, prompts: str | None, identity: str | None, negative: str
-) -> tuple[list[Job], dict[str, Identity]]:
-    """One Job per prompt (after `--identity` templating), and every identity the prompts name."""
+) -> tuple[list[PromptJob], dict[str, Identity]]:
+    """One PromptJob per prompt (after `--identity` templating), and every identity the prompts name."""
     default = library.get(identity) if identity else None
     texts = prompt_texts(prompt, prompts)
     if not texts and default is None:
@@ -187,7 +187,7 @@ def _jobs(
     jobs = []
     for text in texts:
         named = [known[sample.ref_key(r)] for r in sample.identity_refs(text)]
-        jobs.append(Job(text, named, file_slug(text, named)))
+        jobs.append(PromptJob(text, named, file_slug(text, named)))
     return jobs, known
 
 
@@ -221,7 +221,7 @@ class LoadedRun:
     settings: sample.Settings
     record: dict[str, Any]  # the run's settings, as each image's metadata and `--json` record them
 
-    def sample_job(self, job: Job, bar: _Bar, written: list[Written], *, echo: bool) -> None:
+    def sample_job(self, job: PromptJob, bar: _SamplingBar, written: list[Written], *, echo: bool) -> None:
         """Sample one prompt's images (and its grid), write them, and add each to `written` once it is."""
         plan = self.plan
         expanded = sample.expand_prompt(job.prompt, self.mapping)
@@ -362,7 +362,7 @@ def _short(text: str, limit: int = 60) -> str:
     return json.dumps(text if len(text) <= limit else text[: limit - 1] + "…", ensure_ascii=False)
 
 
-def _names(job: Job) -> list[str]:
+def _names(job: PromptJob) -> list[str]:
     return [i.name for i in job.identities]
 
 
@@ -468,7 +468,7 @@ def a1111_parameters(prompt: str, negative: str, seed: int, run: dict[str, Any],
 
 
 def _metadata(
-    job: Job, expanded: str, negative: str, seed: int, base_seed: int, index: int | None, run: dict[str, Any]
+    job: PromptJob, expanded: str, negative: str, seed: int, base_seed: int, index: int | None, run: dict[str, Any]
 ) -> dict[str, Any]:
     names = _names(job)
     parameters = a1111_parameters(job.prompt, negative, seed, run, names)
@@ -509,7 +509,7 @@ def _status(show: bool, message: str) -> Iterator[None]:
         yield
 
 
-class _Bar:
+class _SamplingBar:
     """Images done overall, and steps of the batch being sampled (rich, on stderr)."""
 
     def __init__(self, progress: Any, total_images: int) -> None:
@@ -531,9 +531,9 @@ class _Bar:
 
 
 @contextmanager
-def _progress(show: bool, total_images: int) -> Iterator[_Bar]:
+def _progress(show: bool, total_images: int) -> Iterator[_SamplingBar]:
     if not show:
-        yield _Bar(None, total_images)
+        yield _SamplingBar(None, total_images)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -544,4 +544,4 @@ def _progress(show: bool, total_images: int) -> Iterator[_Bar]:
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=ui.err(), transient=True) as progress:
-        yield _Bar(progress, total_images)
+        yield _SamplingBar(progress, total_images)

@@ -21,7 +21,7 @@ from rich.markup import escape
 from crossinit_cli import devices, sample, ui
 from crossinit_cli.commands.generate import (
     MAX_SEED,
-    Job,
+    PromptJob,
     SamplingFlags,
     Written,
     _metadata,
@@ -47,7 +47,7 @@ class Line:
     """One manifest line, checked, with the command's flags filled in."""
 
     number: int
-    job: Job
+    job: PromptJob
     n: int
     seed: int
     size: tuple[int, int] | None
@@ -113,7 +113,7 @@ def parse_line(number: int, text: str, defaults: SamplingFlags, library: Library
     out = Path(_text(raw["out"], "out")).expanduser() if "out" in raw else defaults.out or fallback_out
     return Line(
         number=number,
-        job=Job(prompt, named, file_slug(prompt, named)),
+        job=PromptJob(prompt, named, file_slug(prompt, named)),
         n=n,
         seed=seed,
         size=None if size is None else sample.parse_size(_text(size, "size")),
