@@ -102,6 +102,12 @@ class Identity:
         # Not dataclasses.asdict: its deep copy is most of the cost of `list --json` at 10,000 entries.
         return {name: _plain_copy(getattr(self, name)) for name in self.__dataclass_fields__}
 
+    def to_toml(self) -> bytes:
+        """The metadata as `meta.toml` holds it (UTF-8 TOML; None values left out)."""
+        import tomli_w
+
+        return tomli_w.dumps(_drop_none(self.to_dict())).encode("utf-8")
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Identity:
         known = {f for f in cls.__dataclass_fields__}
@@ -568,7 +574,7 @@ class Library(CatalogReads):
                 save_file(tensors, str(stage / VECTORS))
                 for i, crop in enumerate(crops):
                     crop.save(stage / CROPS / f"{i:03d}.png")
-                (stage / META).write_bytes(_dump(identity))
+                (stage / META).write_bytes(identity.to_toml())
                 atomic.fsync_tree(stage)  # every byte on disk before the rename publishes the entry
                 if target.exists():
                     self._trash.mkdir(exist_ok=True)
@@ -601,16 +607,9 @@ class Library(CatalogReads):
             if (ident.name, ident.tokens, ident.width, ident.schema, ident.has_init) != fixed:
                 raise CrossinitError("name, tokens, width, schema and has_init cannot be changed this way")
             ident.modified = now()
-            write_bytes_atomic(self.path_of(ident.name) / META, _dump(ident))
+            write_bytes_atomic(self.path_of(ident.name) / META, ident.to_toml())
             self._index(name_key(ident.name))
             return ident
-
-    def update(self, name: str, **changes: Any) -> Identity:
-        """Set metadata fields of one identity in place (atomically)."""
-        unknown = set(changes) - set(Identity.__dataclass_fields__)
-        if unknown:
-            raise CrossinitError(f"unknown field(s): {', '.join(sorted(unknown))}")
-        return self.modify(name, lambda ident: ident.__dict__.update(changes))
 
     def replace_meta(self, name: str, raw: dict[str, Any]) -> Identity:
         """Store edited metadata (from $EDITOR); name, tokens and width must stay as they are."""
@@ -627,7 +626,7 @@ class Library(CatalogReads):
                 raise CrossinitError("use `crossinit edit NAME --rename NEW` to rename")
             ident.name = validate_name(ident.name)
             ident.modified = now()
-            write_bytes_atomic(self.path_of(name) / META, _dump(ident))
+            write_bytes_atomic(self.path_of(name) / META, ident.to_toml())
             self._index(name_key(name))
             return ident
 
@@ -654,10 +653,10 @@ class Library(CatalogReads):
             ident.name = new
             ident.modified = now()
             if target == source:  # a change of case only: one atomic write
-                write_bytes_atomic(target / META, _dump(ident))
+                write_bytes_atomic(target / META, ident.to_toml())
                 self._index(target.name)
                 return ident
-            write_bytes_atomic(source / PENDING, _dump(ident))
+            write_bytes_atomic(source / PENDING, ident.to_toml())
             try:
                 source.rename(target)
                 atomic.fsync_dir(self.entries)  # else a power cut could bring the old name back
@@ -766,12 +765,6 @@ def _read_pending(path: Path, folder: int | None = None) -> Identity | None:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError, ValueError):
         return None
     return ident if ident.name.casefold() == path.name else None
-
-
-def _dump(identity: Identity) -> bytes:
-    import tomli_w
-
-    return tomli_w.dumps(_drop_none(identity.to_dict())).encode("utf-8")
 
 
 def _plain_copy(value: Any) -> Any:

@@ -39,7 +39,7 @@ def test_writes_keep_the_catalog_current_and_list_reads_no_entry(
 ) -> None:
     _add(library, "Alice", notes="first", tags=["x"])
     _add(library, "bob")
-    library.update("alice", notes="second")
+    library.modify("alice", lambda ident: setattr(ident, "notes", "second"))
     library.rename("bob", "Robert")
     _add(library, "carol")
     library.remove("carol")
@@ -136,7 +136,7 @@ def test_a_write_that_dies_before_its_catalog_update_is_caught_by_the_next_list(
     cli("list")
     with monkeypatch.context() as patch:  # as if killed right after the folder's commit
         patch.setattr(Library, "_index", lambda self, *keys: None)
-        library.update("alice", notes="new")
+        library.modify("alice", lambda ident: setattr(ident, "notes", "new"))
         library.rename("bob", "robert")
         _add(library, "carol")
     assert library.catalog_state()["state"] == "stale"
@@ -207,7 +207,7 @@ def stocked(library: Library) -> Library:
         ("carol", "2026-01-04"),
         ("dave", "2026-01-02"),
     ):
-        library.update(name, created=f"{created}T00:00:00+00:00")
+        library.modify(name, lambda ident, when=created: setattr(ident, "created", f"{when}T00:00:00+00:00"))
     return library
 
 
@@ -282,7 +282,9 @@ def test_a_damaged_page_found_while_reading_is_rebuilt(cli, library: Library) ->
     assert len(_names(cli)) == 300
     _same(library)
     assert library.catalog_state()["state"] == "fresh"
-    library.update("person-000", notes="after")  # a write that finds it damaged does not fail either
+    library.modify(
+        "person-000", lambda ident: setattr(ident, "notes", "after")
+    )  # a write that finds it damaged does not fail either
     assert json.loads(cli("list", "--json", "--limit", "1").stdout)[0]["notes"] == "after"
 
 

@@ -86,7 +86,7 @@ def test_export_all_to_a_tool_writes_what_it_reads_and_rewrites_only_changes(
     assert again.exit_code == 0 and "3 unchanged" in again.stderr and "written" not in again.stderr
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (root / folder).iterdir()} == before
 
-    stocked.update("alice", strength=0.5)
+    stocked.modify("alice", lambda ident: setattr(ident, "strength", 0.5))
     third = json.loads(cli("export", "--all", "--to", root, "--json").stdout)
     assert [r["status"] for r in third] == ["written", "unchanged", "unchanged"]
     np.testing.assert_allclose(read(root / folder / "alice.safetensors").numpy(), stocked.effective_vectors("alice"))

@@ -79,7 +79,7 @@ def test_prompts_from_stdin_load_the_pipeline_once_and_json_matches_disk(
 
 def test_png_metadata_is_a1111_parameters_plus_crossinit_keys(gen, library: Library, tiny_model: Path) -> None:
     _add(library, "alice", tiny_model, seed=1, init=True)
-    assert library.update("alice", strength=0.75)
+    assert library.modify("alice", lambda ident: setattr(ident, "strength", 0.75))
     result = gen("<alice> as an astronaut, oil painting", "--seed", "123", "--negative", "blurry", "--json")
     assert result.exit_code == 0, result.stderr
     (record,) = json.loads(result.stdout)

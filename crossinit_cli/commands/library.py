@@ -302,9 +302,7 @@ def _edit_in_editor(library: Library, ident: Identity) -> Identity:
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
     if not editor:
         raise CrossinitError("no edit flags given and $EDITOR is not set; see `crossinit edit --help`")
-    from crossinit_cli.store import _dump
-
-    text = _dump(ident).decode("utf-8")
+    text = ident.to_toml().decode("utf-8")
     with tempfile.TemporaryDirectory(prefix="crossinit-edit-") as tmp:
         path = Path(tmp) / f"{library.path_of(ident.name).name}.toml"
         path.write_text(text, encoding="utf-8")
