@@ -32,7 +32,7 @@ def build_library(home: Path, count: int) -> None:
     import numpy as np
     from safetensors.numpy import save
 
-    from crossinit_cli.store import VECTORS, Identity, _dump, name_key
+    from crossinit_cli.store import VECTORS, Identity, name_key
 
     rng = np.random.default_rng(0)
     entries = home / "identities"
@@ -52,7 +52,7 @@ def build_library(home: Path, count: int) -> None:
         folder = entries / name_key(ident.name)
         folder.mkdir()
         (folder / VECTORS).write_bytes(save({"learned": vectors, "init": vectors}))
-        (folder / "meta.toml").write_bytes(_dump(ident))
+        (folder / "meta.toml").write_bytes(ident.to_toml())
 
 
 def run(args: list[str], env: dict[str, str]) -> float:
@@ -131,7 +131,7 @@ def bench_durability(samples: int, work: Path) -> None:
         if op == "import":
             library.add(Identity(name=f"d{i}", tokens=2, width=1024), vectors, force=True)
         else:
-            library.update("d0", notes=f"note {i}")
+            library.modify("d0", lambda ident: setattr(ident, "notes", f"note {i}"))
         return time.perf_counter() - started
 
     library.add(Identity(name="d0", tokens=2, width=1024), vectors)
