@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from crossinit_cli import devices, faces
 from crossinit_cli import evaluate as engine
 from crossinit_cli.errors import CrossinitError
-from crossinit_cli.store import Identity, Library
+from crossinit_cli.store import Library
 
 DATA = Path(__file__).parent / "data"
 FAST = ("--steps", "2", "-n", "1", "--quiet")
@@ -92,13 +92,6 @@ def prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.txt"
     path.write_text("# two of the defaults\na photo of {}\n\nan oil painting of {}\n", encoding="utf-8")
     return path
-
-
-def _add(library: Library, name: str, model: Path | str, crops: list[Image.Image], seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    learned = (rng.standard_normal((2, 32)) * 5).astype(np.float32)
-    init = (rng.standard_normal((2, 32)) * 5).astype(np.float32) if crops else None
-    library.add(Identity(name=name, tokens=2, width=32, base_model=str(model)), learned, init, crops=crops)
 
 
 # ---- the engine on real photos ------------------------------------------------------------------
@@ -198,9 +191,11 @@ def test_compare_with_a_local_clip_gives_finite_fidelity_for_both(
     astronaut_crop: Image.Image,
     prompts_file: Path,
     loads: list[str],
+    add_identity,
 ) -> None:
-    _add(library, "fast", tiny_model, [astronaut_crop], seed=1)
-    _add(library, "full", tiny_model, [astronaut_crop, ImageOps.mirror(astronaut_crop)], seed=2)
+    add_identity("fast", seed=1, scale=5, init=True, crops=[astronaut_crop], base_model=str(tiny_model))
+    crops = [astronaut_crop, ImageOps.mirror(astronaut_crop)]
+    add_identity("full", seed=2, scale=5, init=True, crops=crops, base_model=str(tiny_model))
     args = ("eval", "fast", "full", "--compare", "--prompts", prompts_file, "--clip-model", tiny_clip, *FAST)
     result = cli(*args, "-n", "2", "--json")
     assert result.exit_code == 0, result.stderr
@@ -220,9 +215,9 @@ def test_compare_with_a_local_clip_gives_finite_fidelity_for_both(
 
 
 def test_identity_without_crops_is_reported_without_identity_metric(
-    cli, library: Library, tiny_model: Path, tiny_clip: Path, prompts_file: Path
+    cli, library: Library, tiny_model: Path, tiny_clip: Path, prompts_file: Path, add_identity
 ) -> None:
-    _add(library, "imported", tiny_model, [])
+    add_identity("imported", seed=0, scale=5, base_model=str(tiny_model))
     result = cli("eval", "imported", "--prompts", prompts_file, "--clip-model", tiny_clip, *FAST)
     assert result.exit_code == 0, result.stderr
     assert "has no stored face crops" in result.stderr
@@ -234,13 +229,20 @@ def test_identity_without_crops_is_reported_without_identity_metric(
 
 
 def test_identities_of_different_base_models_load_one_pipeline_each(
-    cli, library: Library, tiny_model: Path, tmp_path: Path, prompts_file: Path, no_clip: str, loads: list[str]
+    cli,
+    library: Library,
+    tiny_model: Path,
+    tmp_path: Path,
+    prompts_file: Path,
+    no_clip: str,
+    loads: list[str],
+    add_identity,
 ) -> None:
     other = tmp_path / "same-weights-other-name"
     other.symlink_to(tiny_model, target_is_directory=True)
-    _add(library, "a", tiny_model, [], seed=1)
-    _add(library, "b", other, [], seed=2)
-    _add(library, "c", tiny_model, [], seed=3)
+    add_identity("a", seed=1, scale=5, base_model=str(tiny_model))
+    add_identity("b", seed=2, scale=5, base_model=str(other))
+    add_identity("c", seed=3, scale=5, base_model=str(tiny_model))
     result = cli("eval", "a", "b", "c", "--compare", "--prompts", prompts_file, *FAST)
     assert result.exit_code == 0, result.stderr
     assert sorted(loads) == sorted([str(tiny_model), str(other)])
@@ -265,9 +267,9 @@ def test_identities_of_different_base_models_load_one_pipeline_each(
     ],
 )
 def test_mistakes_are_one_line_and_exit_1_before_any_model_loads(
-    cli, library: Library, tiny_model: Path, loads: list[str], args: tuple[str, ...], message: str
+    cli, library: Library, tiny_model: Path, loads: list[str], args: tuple[str, ...], message: str, add_identity
 ) -> None:
-    _add(library, "alice", tiny_model, [])
+    add_identity("alice", seed=0, scale=5, base_model=str(tiny_model))
     result = cli(*args)
     assert result.exit_code == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -275,16 +277,20 @@ def test_mistakes_are_one_line_and_exit_1_before_any_model_loads(
     assert library.get("alice").evaluation == {}
 
 
-def test_a_prompt_naming_another_identity_is_refused(cli, library: Library, tiny_model: Path, tmp_path: Path) -> None:
-    _add(library, "alice", tiny_model, [])
+def test_a_prompt_naming_another_identity_is_refused(
+    cli, library: Library, tiny_model: Path, tmp_path: Path, add_identity
+) -> None:
+    add_identity("alice", seed=0, scale=5, base_model=str(tiny_model))
     bad = tmp_path / "bad.txt"
     bad.write_text("{} and <bob> at the beach\n", encoding="utf-8")
     result = cli("eval", "alice", "--prompts", bad)
     assert result.exit_code == 1 and "<bob>" in result.stderr
 
 
-def test_an_evaluation_is_not_stored_on_an_identity_relearned_meanwhile(library: Library, tiny_model: Path) -> None:
-    _add(library, "alice", tiny_model, [])
+def test_an_evaluation_is_not_stored_on_an_identity_relearned_meanwhile(
+    library: Library, tiny_model: Path, add_identity
+) -> None:
+    add_identity("alice", seed=0, scale=5, base_model=str(tiny_model))
     stale = engine.Evaluation(name="alice", settings={}, crops=[], prompts=[], identity_created="2000-01-01T00:00:00")
     with pytest.raises(CrossinitError, match="replaced while it was being evaluated"):
         engine.save(library, stale)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from crossinit_cli import sample
-from crossinit_cli.store import Identity, Library
+from crossinit_cli.store import Library
 
 STEPS = ("--steps", "2")
 
@@ -21,16 +21,6 @@ STEPS = ("--steps", "2")
 def tiny_model(request: pytest.FixtureRequest, tiny_model: Path, tiny_sd1: Path) -> Path:
     """Every test here runs on the tiny SD 2.x model and on the tiny SD 1.x one (SD 1.x is first-class)."""
     return tiny_model if request.param == "sd2" else tiny_sd1
-
-
-def _vectors(seed: int, k: int = 2, width: int = 32) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal((k, width)) * 5).astype(np.float32)
-
-
-def _add(library: Library, name: str, model: Path, *, seed: int = 0, width: int = 32, init: bool = False) -> None:
-    learned = _vectors(seed, width=width)
-    start = _vectors(seed + 100, width=width) if init else None
-    library.add(Identity(name=name, tokens=2, width=width, base_model=str(model)), learned, start)
 
 
 @pytest.fixture()
@@ -50,10 +40,10 @@ def _files(folder: Path) -> list[str]:
 
 
 def test_prompts_from_stdin_load_the_pipeline_once_and_json_matches_disk(
-    gen, library: Library, tiny_model: Path, loads: list[Any]
+    gen, tiny_model: Path, loads: list[Any], add_identity
 ) -> None:
-    _add(library, "Alice", tiny_model, seed=1)
-    _add(library, "bob", tiny_model, seed=2)
+    add_identity("Alice", seed=1, scale=5, base_model=str(tiny_model))
+    add_identity("bob", seed=2, scale=5, base_model=str(tiny_model))
     lines = "a red car, at night\n\n# a comment\n<alice> smiling\n   \n<ALICE> and <bob> at the beach\n"
     result = gen("--prompts", "-", "--seed", "3", "--json", input=lines)
     assert result.exit_code == 0, result.stderr
@@ -77,8 +67,10 @@ def test_prompts_from_stdin_load_the_pipeline_once_and_json_matches_disk(
         assert Image.open(record["path"]).size == (64, 64)
 
 
-def test_png_metadata_is_a1111_parameters_plus_crossinit_keys(gen, library: Library, tiny_model: Path) -> None:
-    _add(library, "alice", tiny_model, seed=1, init=True)
+def test_png_metadata_is_a1111_parameters_plus_crossinit_keys(
+    gen, library: Library, tiny_model: Path, add_identity
+) -> None:
+    add_identity("alice", seed=1, init=True, scale=5, base_model=str(tiny_model))
     assert library.modify("alice", lambda ident: setattr(ident, "strength", 0.75))
     result = gen("<alice> as an astronaut, oil painting", "--seed", "123", "--negative", "blurry", "--json")
     assert result.exit_code == 0, result.stderr
@@ -97,8 +89,8 @@ def test_png_metadata_is_a1111_parameters_plus_crossinit_keys(gen, library: Libr
     assert own["model"] == str(tiny_model) and own["device"] == "cpu"
 
 
-def test_same_seed_same_pixels_different_seed_different(gen, library: Library, tiny_model: Path) -> None:
-    _add(library, "alice", tiny_model, seed=1)
+def test_same_seed_same_pixels_different_seed_different(gen, tiny_model: Path, add_identity) -> None:
+    add_identity("alice", seed=1, scale=5, base_model=str(tiny_model))
     arrays = []
     for seed in ("11", "11", "12"):
         result = gen("<alice> smiling", "--seed", seed, "--json")
@@ -110,11 +102,11 @@ def test_same_seed_same_pixels_different_seed_different(gen, library: Library, t
 
 
 def test_n_images_are_one_batched_call(
-    gen, library: Library, tiny_model: Path, loads: list[Any], monkeypatch: pytest.MonkeyPatch
+    gen, tiny_model: Path, loads: list[Any], monkeypatch: pytest.MonkeyPatch, add_identity
 ) -> None:
     from diffusers import StableDiffusionPipeline
 
-    _add(library, "alice", tiny_model, seed=1)
+    add_identity("alice", seed=1, scale=5, base_model=str(tiny_model))
     calls: list[dict[str, Any]] = []
     real_call = StableDiffusionPipeline.__call__
 
@@ -140,9 +132,9 @@ def test_n_images_are_one_batched_call(
 
 
 def test_the_pipeline_sees_the_vectors_at_the_stored_strength(
-    cli, gen, library: Library, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    cli, gen, library: Library, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, add_identity
 ) -> None:
-    _add(library, "alice", tiny_model, seed=1, init=True)
+    add_identity("alice", seed=1, init=True, scale=5, base_model=str(tiny_model))
     assert cli("edit", "alice", "--strength", "0.5").exit_code == 0
     vectors = library.vectors("alice")
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -165,9 +157,9 @@ def test_the_pipeline_sees_the_vectors_at_the_stored_strength(
     np.testing.assert_allclose(torch.stack(rows).numpy(), expected, rtol=0, atol=1e-6)
 
 
-def test_identity_option_templates_plain_prompts(gen, library: Library, tiny_model: Path) -> None:
-    _add(library, "alice", tiny_model, seed=1)
-    _add(library, "bob", tiny_model, seed=2)
+def test_identity_option_templates_plain_prompts(gen, tiny_model: Path, add_identity) -> None:
+    add_identity("alice", seed=1, scale=5, base_model=str(tiny_model))
+    add_identity("bob", seed=2, scale=5, base_model=str(tiny_model))
     result = gen("-i", "alice", "--prompts", "-", "--seed", "0", "--json", input="smiling\n<bob> waving\n")
     assert result.exit_code == 0, result.stderr
     assert [r["prompt"] for r in json.loads(result.stdout)] == ["a photo of a <alice> person, smiling", "<bob> waving"]
@@ -176,8 +168,8 @@ def test_identity_option_templates_plain_prompts(gen, library: Library, tiny_mod
     assert json.loads(result.stdout)[0]["prompt"] == "a photo of a <alice> person"
 
 
-def test_existing_files_are_never_overwritten_and_paths_go_to_stderr(gen, library: Library, tiny_model: Path) -> None:
-    _add(library, "alice", tiny_model, seed=1)
+def test_existing_files_are_never_overwritten_and_paths_go_to_stderr(gen, tiny_model: Path, add_identity) -> None:
+    add_identity("alice", seed=1, scale=5, base_model=str(tiny_model))
     gen.out.mkdir()
     (gen.out / "alice-5-0.png").write_bytes(b"someone else's file")
     result = gen("<alice>", "--seed", "5", "-n", "2")
@@ -227,14 +219,14 @@ def test_user_errors_exit_1_with_one_line_and_no_file(
     case: str,
     message: str,
     cli,
-    library: Library,
     tiny_model: Path,
     tmp_path: Path,
     loads: list[Any],
     monkeypatch: pytest.MonkeyPatch,
+    add_identity,
 ) -> None:
-    _add(library, "alice", tiny_model, seed=1)
-    _add(library, "wide", tiny_model, seed=2, width=48)
+    add_identity("alice", seed=1, scale=5, base_model=str(tiny_model))
+    add_identity("wide", seed=2, width=48, scale=5, base_model=str(tiny_model))
     out = tmp_path / "out"
     args = ["<alice> smiling"]
     stdin = None
