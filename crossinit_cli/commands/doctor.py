@@ -79,12 +79,12 @@ def _catalog_check(home: Path, facts: dict[str, object]) -> Check:
     return Check("catalog", True, f"{state['state']} ({counts}): {state['detail']}")
 
 
-def _device_check(settings: RunOptions, facts: dict[str, object]) -> Check:
+def _device_check(run: RunOptions, facts: dict[str, object]) -> Check:
     """The device and precision crossinit would use, and why (with free GPU memory on CUDA)."""
     from crossinit_cli import devices
 
     try:
-        placement = devices.resolve(settings.device, settings.dtype)
+        placement = devices.resolve(run.device, run.dtype)
         detail = f"{placement.device} ({placement.dtype}): {placement.reason}"
         if placement.device == "cuda":
             import torch
@@ -111,7 +111,7 @@ def _face_models_check() -> Check:
     )
 
 
-def run_checks(home: Path, settings: RunOptions) -> tuple[dict[str, object], list[Check]]:
+def run_checks(home: Path, run: RunOptions) -> tuple[dict[str, object], list[Check]]:
     facts: dict[str, object] = {
         "crossinit": __version__,
         "python": sys.version.split()[0],
@@ -119,7 +119,7 @@ def run_checks(home: Path, settings: RunOptions) -> tuple[dict[str, object], lis
         "packages": {p: _version(p) for p in PACKAGES},
         "library": str(home),
         "config": str(config.config_path()),
-        "settings": settings.settings(),
+        "settings": run.settings(),
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", ""),
     }
     checks: list[Check] = []
@@ -133,17 +133,17 @@ def run_checks(home: Path, settings: RunOptions) -> tuple[dict[str, object], lis
         )
     )
     if _version("torch"):
-        checks.append(_device_check(settings, facts))
+        checks.append(_device_check(run, facts))
     ok, detail = _writable(home)
     checks.append(Check("library", ok, f"{home}: {detail}", "" if ok else "pass --home or set CROSSINIT_HOME"))
     checks.append(_catalog_check(home, facts))
-    ok, detail = _model_available(settings.model)
+    ok, detail = _model_available(run.model)
     checks.append(
         Check(
             "model",
             ok,
-            f"{settings.model}: {detail}",
-            "" if ok else f"hf download {settings.model}, or crossinit config set model /path/to/model",
+            f"{run.model}: {detail}",
+            "" if ok else f"hf download {run.model}, or crossinit config set model /path/to/model",
         )
     )
     checks.append(_face_models_check())
