@@ -10,7 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from crossinit_cli import __version__, config, formats, sample, ui
+from crossinit_cli import __version__, catalog, config, families, formats, sample, ui
 from crossinit_cli.errors import CrossinitError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -134,10 +134,8 @@ class OnError(str, Enum):
     stop = "stop"
 
 
-class Sort(str, Enum):
-    name = "name"
-    created = "created"
-    likeness = "likeness"
+_FAMILY_NAMES = " or ".join(", ".join(families.FAMILIES).rsplit(", ", 1))
+Sort = Enum("Sort", {name: name for name in catalog.SORTS}, type=str)  # type: ignore[misc]
 
 
 def _complete_tags(incomplete: str) -> list[str]:
@@ -155,7 +153,7 @@ def list_cmd(
     tag: Annotated[
         str | None, typer.Option("--tag", help="Only identities with this tag.", autocompletion=_complete_tags)
     ] = None,
-    family: Annotated[str | None, typer.Option("--family", help="Only this model family: sd1, sd2 or sdxl.")] = None,
+    family: Annotated[str | None, typer.Option("--family", help=f"Only this model family: {_FAMILY_NAMES}.")] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="Only identities whose base model contains this text.")
     ] = None,
@@ -164,7 +162,7 @@ def list_cmd(
     ] = None,
     sort: Annotated[
         Sort, typer.Option("--sort", help="name (A-Z), created (newest first) or likeness (best first).")
-    ] = Sort.name,
+    ] = Sort.name,  # type: ignore[attr-defined]
     limit: Annotated[int | None, typer.Option("--limit", min=0, help="Show at most N identities.")] = None,
     as_json: JsonOpt = False,
 ) -> int:
