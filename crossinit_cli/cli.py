@@ -40,10 +40,9 @@ class State:
 
 
 def _library() -> Any:
-    from crossinit_cli.config import library_home
     from crossinit_cli.store import Library
 
-    return Library(library_home(State.home))
+    return Library(config.library_home(State.home))
 
 
 def _run_options(*, device: Enum | None = None, dtype: Enum | None = None, **flags: Any) -> config.RunOptions:
@@ -581,9 +580,8 @@ def doctor(as_json: JsonOpt = False) -> int:
     Exits 1 with advice when something needs fixing. Example: crossinit doctor
     """
     from crossinit_cli.commands.doctor import doctor as run_doctor
-    from crossinit_cli.config import library_home
 
-    return run_doctor(library_home(State.home), _run_options(as_json=as_json))
+    return run_doctor(config.library_home(State.home), _run_options(as_json=as_json))
 
 
 @config_app.callback()
@@ -593,9 +591,8 @@ def config_show(ctx: typer.Context, as_json: JsonOpt = False) -> int:
     if ctx.invoked_subcommand is not None:
         return 0
     from crossinit_cli.commands.settings import show
-    from crossinit_cli.config import library_home
 
-    return show(library_home(State.home), as_json=as_json)
+    return show(config.library_home(State.home), as_json=as_json)
 
 
 @config_app.command("set")
