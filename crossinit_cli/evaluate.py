@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import __version__, devices, sample
+from crossinit_cli import __version__, devices, hf, sample
 from crossinit_cli.atomic import write_bytes_atomic
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, name_key, now
@@ -78,7 +78,6 @@ SHEET_PATH = Path("eval") / "contact-sheet.png"
 SHEET_TILE = 256  # px per image on the contact sheet (a full-size 4 x 10 sheet of 512 px tiles is ~15 MB)
 SHEET_CROPS = 4  # stored crops shown in the sheet's first row, at least
 CLIP_BATCH = 32
-MAX_SEED = 2**64 - 1
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -330,21 +329,6 @@ class ClipUnavailable(Exception):
     """The CLIP model could not be loaded (offline and not cached, not a CLIP folder, ...)."""
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as tlog
-
-    verbosity, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(verbosity)
-        if bars:
-            tlog.enable_progress_bar()
-
-
 class ClipScorer:
     """CLIP image-text cosine similarity, the "CLIP score" of textual inversion and Celeb Basis."""
 
@@ -368,7 +352,7 @@ class ClipScorer:
             from transformers import CLIPImageProcessor as ImageProcessor
         source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
         try:
-            with _quiet_transformers():
+            with hf.quiet_libraries():
                 model = CLIPModel.from_pretrained(source)
                 tokenizer = AutoTokenizer.from_pretrained(source)
                 processor = ImageProcessor.from_pretrained(source)
@@ -556,8 +540,7 @@ def evaluate(
         raise CrossinitError(f"-n must be at least 1, not {n}")
     if steps < 1:
         raise CrossinitError(f"--steps must be at least 1, not {steps}")
-    if not 0 <= seed <= MAX_SEED - (n - 1):
-        raise CrossinitError(f"--seed must be between 0 and {MAX_SEED - (n - 1)}, not {seed}")
+    sample.check_seed_range(seed, n)
     sample.scheduler_choice(scheduler)
 
     # ---- everything cheap first: no model is loaded if any of this fails ------------------------

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from crossinit_cli import config, sample, ui
 from crossinit_cli import evaluate as engine
+from crossinit_cli.commands.common import stderr_progress
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
 
@@ -45,10 +46,9 @@ def evaluate_identities(
     for name in names:
         library.get(name)  # an unknown name is an error before anything loads
     snapshot_steps = _snapshot_steps(library, names, templates, compare, fail_below) if snapshots else None
-    show = not quiet and ui.err().is_terminal
     total = engine.image_count(templates, len(snapshot_steps) if snapshot_steps else len(names), n)
 
-    with _progress(show, total) as bar:
+    with _progress(quiet, total) as bar:
         results = engine.evaluate(
             library,
             names,
@@ -318,7 +318,9 @@ def _share(value: Any) -> str:
 # ---- progress -----------------------------------------------------------------------------------
 
 
-class _Bar:
+class _ImageProgress:
+    """The eval progress bar: one tick per generated image, the model being loaded as its description."""
+
     def __init__(self, progress: Any, total: int) -> None:
         self.progress = progress
         self.task = progress.add_task("images", total=total) if progress else None
@@ -337,18 +339,19 @@ class _Bar:
 
 
 @contextmanager
-def _progress(show: bool, total: int) -> Iterator[_Bar]:
-    if not show:
-        yield _Bar(None, total)
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _progress(quiet: bool, total: int) -> Iterator[_ImageProgress]:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    with Progress(
+    progress = stderr_progress(
+        quiet,
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=ui.err(),
         transient=True,
-    ) as progress:
-        yield _Bar(progress, total)
+    )
+    if progress is None:
+        yield _ImageProgress(None, total)
+        return
+    with progress:
+        yield _ImageProgress(progress, total)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 
 from crossinit_cli import ui
+from crossinit_cli.commands.common import stderr_progress
 from crossinit_cli.devices import check_model_reference
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
@@ -197,11 +197,11 @@ class Trainer:
 
 def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet: bool) -> Trainer:
     """Load the model, free what training does not use, and compute (or read) its cross init."""
-    from crossinit_cli import crossinit, devices, families, train
+    from crossinit_cli import crossinit, devices, families, hf, train
 
-    _quiet_libraries()
+    hf.silence_libraries()  # for the whole run: the model stays loaded while it trains
     # A spinner on a terminal only: until something has worked, stderr holds nothing but an error.
-    with ui.err().status(f"loading {escape(model_id)}", spinner="dots") if not quiet else _nothing():
+    with ui.err().status(f"loading {escape(model_id)}", spinner="dots") if not quiet else contextlib.nullcontext():
         with ui.timed("model load"):
             pipe = devices.load_pipeline(model_id)
         train.free_vae_decoder(pipe.vae)
@@ -370,26 +370,10 @@ def _model_record(model_id: str) -> str:
     return str(path.resolve()) if path.exists() else model_id
 
 
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def _shell_quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
-
-
-def _quiet_libraries() -> None:
-    """diffusers and transformers print loading bars and advice on stderr; the user sees ours instead."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 class _progress_display:  # noqa: N801 - used as a context manager, like rich's own
@@ -405,19 +389,18 @@ class _progress_display:  # noqa: N801 - used as a context manager, like rich's 
         if self.quiet:
             return None
         self.started = time.perf_counter()
-        console = ui.err()
-        if console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(
-                TextColumn("training"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=console,
-            )
+        self.bar = stderr_progress(
+            False,
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        if self.bar is not None:
             self.bar.start()
         return self.update
 
