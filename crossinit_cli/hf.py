@@ -1,7 +1,7 @@
 """The Hugging Face libraries' own output: diffusers and transformers print loading bars, advice and
 warnings on stderr; crossinit shows its own progress and one-line errors instead.
 
-An engine-level module (engines must not import from `commands/`): `sample.py`, `evaluate.py` and the
+An engine-level module (engines must not import from `commands/`): `sample.py`, `scoring.py` and the
 commands all quiet the libraries through it.
 """
 

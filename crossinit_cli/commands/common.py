@@ -1,6 +1,6 @@
 """What several commands share: the progress display on stderr.
 
-Engines (train.py, sample.py, evaluate.py) never import from here; what engines and commands both need
+Engines (train.py, sample.py, scoring.py) never import from here; what engines and commands both need
 lives at engine level (`hf.py` quiets the Hugging Face libraries, `sample.check_seed_range` checks seeds).
 """
 

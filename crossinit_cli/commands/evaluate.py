@@ -1,4 +1,4 @@
-"""`eval`: the CLI around `crossinit_cli.evaluate`: options in, tables or one JSON document out."""
+"""`eval`: the CLI around `crossinit_cli.scoring`: options in, tables or one JSON document out."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crossinit_cli import config, sample, ui
-from crossinit_cli import evaluate as engine
+from crossinit_cli import scoring as engine
 from crossinit_cli.commands.common import stderr_progress
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library

@@ -13,14 +13,14 @@ follow the rest of the prompt?). This module measures both for identities in the
 
 Usable from Python without the CLI:
 
-    from crossinit_cli import evaluate
+    from crossinit_cli import scoring
     from crossinit_cli.store import Library
 
     lib = Library(home)
-    request = evaluate.EvalRequest(model="stabilityai/stable-diffusion-2-1-base")
-    results = evaluate.evaluate(lib, ["alice"], request)
+    request = scoring.EvalRequest(model="stabilityai/stable-diffusion-2-1-base")
+    results = scoring.evaluate(lib, ["alice"], request)
     for result in results:
-        evaluate.save(lib, result)   # metadata `evaluation` + eval/contact-sheet.png
+        scoring.save(lib, result)   # metadata `evaluation` + eval/contact-sheet.png
         print(result.record()["identity"])
 
 The pipeline is loaded once per base model for all prompts and identities of a run (identities learned
