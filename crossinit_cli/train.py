@@ -1,4 +1,7 @@
-"""Training the two new token rows, SPEC 1 steps 4-5; reads top to bottom: data, model, optimiser, loop, result.
+"""Training the two new token rows, paper steps 4-5 (docs/method.md#the-steps-and-where-they-are).
+
+`run` reads top to bottom through named phases: data (`encode_crops`), model (`_model`), optimiser, loop
+(`_train_loop`: `_step`, `_keep`), result.
 
 Faithful to the official Cross Initialization code (a fork of diffusers' textual-inversion example): the
 standard diffusion loss (MSE on the scheduler's epsilon or v target, t uniform in [0, T)) plus
@@ -417,7 +420,8 @@ class _Latents:
 
 
 def encode_crops(vae: Any, crops: Sequence[Image.Image], setup: _Setup) -> _Latents:
-    """Data: every crop and its mirror image through the VAE once, in fp32 (the random flip's two sides)."""
+    """Data (paper step 5): every crop and its mirror image through the VAE once, in fp32 (the random flip's
+    two sides)."""
     import torch
 
     vae.requires_grad_(False).eval().to(setup.device)
@@ -453,7 +457,7 @@ class _Model:
 
 
 def _model(parts: ModelParts, setup: _Setup, init: torch.Tensor | Sequence[torch.Tensor]) -> _Model:
-    """Model: two new tokens at the cross init (docs/method.md steps 1-3 made them); everything else frozen."""
+    """Model (paper step 3): two new tokens at the cross init (steps 1-2, crossinit.py); everything else frozen."""
     import torch
     from diffusers import DDPMScheduler
 
@@ -572,7 +576,7 @@ def _train_loop(
 
 def _draw_batch(loop: _Loop, photos: int, batch_size: int) -> tuple[list[int], list[int]]:
     """Which latent (photo, or its mirror with probability FLIP_P) and which caption each batch item gets:
-    a fresh shuffle of the photos each pass, like the official DataLoader."""
+    a fresh shuffle of the photos each pass, like the official DataLoader (paper step 5)."""
     items, chosen = [], []
     for _ in range(batch_size):
         if not loop.order:
@@ -584,7 +588,7 @@ def _draw_batch(loop: _Loop, photos: int, batch_size: int) -> tuple[list[int], l
 
 
 def _step(loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, setup: _Setup) -> float:
-    """One step (docs/method.md step 4): the diffusion loss on a noised batch plus the regulariser, and
+    """One step (paper step 4): the diffusion loss on a noised batch plus the regulariser, and
     one AdamW update of the rows. Returns the step's loss."""
     import torch
     import torch.nn.functional as F
@@ -652,7 +656,7 @@ class _Timing:
 
 
 def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> TrainResult:
-    """Result (docs/method.md step 5): the learned rows, also written into each text encoder's table."""
+    """Result: the learned rows, also written into each text encoder's table."""
     import numpy as np
     import torch
 
