@@ -345,7 +345,8 @@ def run(
     hooks: RunHooks = RunHooks(),
 ) -> TrainResult:
     """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width]
-    (one init per text encoder for SDXL). docs/method.md#training says which paper step each phase is.
+    (one init per text encoder for SDXL). Each phase's docstring names its paper step
+    (docs/method.md#the-steps-and-where-they-are).
 
     The modules are moved to the placement's device (the UNet also cast to its dtype); each text encoder
     keeps the two new tokens with the learned rows. Same seed, device and inputs give the same rows. Raises
@@ -361,7 +362,7 @@ def run(
     if not crops:
         raise CrossinitError("no face crops to learn from")
     setup = _setup(parts, config, placement)
-    loop = _Loop.start(config.seed, setup.device)  # the generators first: a resume restores their states
+    loop = _Loop.start(config.seed, setup.device)  # seeded first; a resume restores their states
     data = encode_crops(parts.vae, crops, setup)
     encode_s = time.perf_counter() - started
     model = _model(parts, setup, init)
