@@ -1,4 +1,7 @@
-"""Atomic file writes: write a sibling temp file, flush it to disk, rename it over the target."""
+"""Atomic, durable file writes: write a sibling temp file, flush it to disk, rename it over the target, flush
+the folder. A rename lives in the folder's own data: until the folder is flushed too, a power cut soon after
+can lose the new file or bring back the old one although the command said it was done (SQLite and git flush
+folders for the same reason)."""
 
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except (OSError, SafetensorError) as exc:  # safetensors' writer reports a full disk as its own error
         tmp.unlink(missing_ok=True)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
@@ -40,3 +43,28 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk."""
+    if os.name == "nt":  # a folder cannot be opened to flush it; NTFS journals its metadata itself
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root`, and `root` itself, children first."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_dir(Path(folder))

@@ -120,6 +120,11 @@ class Device(str, Enum):
     cpu = "cpu"
 
 
+class OnError(str, Enum):
+    skip = "skip"
+    stop = "stop"
+
+
 class Dtype(str, Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -127,16 +132,49 @@ class Dtype(str, Enum):
     bf16 = "bf16"
 
 
+class Sort(str, Enum):
+    name = "name"
+    created = "created"
+    likeness = "likeness"
+
+
+def _complete_tags(incomplete: str) -> list[str]:
+    """Shell completion of tags in use, from the library's catalog (one query, no folder read)."""
+    try:
+        tags = _library().tags(incomplete)
+    except (OSError, CrossinitError):
+        return []
+    return [incomplete + tag[len(incomplete) :] for tag in tags]  # as typed, or the shell drops them
+
+
 @app.command("list")
 @handles_errors
-def list_cmd(as_json: JsonOpt = False) -> int:
-    """List stored identities.
+def list_cmd(
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Only identities with this tag.", autocompletion=_complete_tags)
+    ] = None,
+    family: Annotated[str | None, typer.Option("--family", help="Only this model family: sd1, sd2 or sdxl.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Only identities whose base model contains this text.")
+    ] = None,
+    search: Annotated[
+        str | None, typer.Option("--search", help="Only identities whose name or notes contain this.")
+    ] = None,
+    sort: Annotated[
+        Sort, typer.Option("--sort", help="name (A-Z), created (newest first) or likeness (best first).")
+    ] = Sort.name,
+    limit: Annotated[int | None, typer.Option("--limit", min=0, help="Show at most N identities.")] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """List stored identities (text matches ignore case).
 
-    Example: crossinit list --json | jq -r '.[].name'
+    Example: crossinit list --tag family --sort created --limit 5    (scripts: crossinit list --json | jq -r '.[].name')
     """
+    from crossinit_cli.catalog import Query
     from crossinit_cli.commands.library import list_identities
 
-    return list_identities(_library(), as_json=as_json)
+    query = Query(tag=tag, family=family, model=model, search=search, sort=sort.value, limit=limit)
+    return list_identities(_library(), as_json=as_json, query=query)
 
 
 @app.command()
@@ -213,36 +251,66 @@ def remove(
 @app.command()
 @handles_errors
 def export(
-    name: NameArg,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="File layout (see docs/formats.md).")] = Format.a1111,
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Identity names (or --all, --tag).", autocompletion=_complete_names)
+    ] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every identity in the library.")] = False,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Every identity with this tag.", autocompletion=_complete_tags)
+    ] = None,
+    fmt: Annotated[
+        Format | None, typer.Option("--format", "-f", help="File layout (see docs/formats.md; default a1111).")
+    ] = None,
     output: Annotated[
         str | None,
         typer.Option(
-            "--output", "-o", help="File, or folder (existing or ending in /), to write (default: ./<name>.<ext>)."
+            "--output",
+            "-o",
+            help="File, or folder (existing or ending in /), to write (default: ./<name>.<ext>); a folder for several.",
+        ),
+    ] = None,
+    to: Annotated[
+        Path | None,
+        typer.Option(
+            "--to",
+            help="Install folder of AUTOMATIC1111, Forge, ComfyUI, InvokeAI or SD.Next: each identity goes into its "
+            "embeddings folder in the format it reads; run again, only what changed is rewritten.",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
     as_json: JsonOpt = False,
 ) -> int:
-    """Export an identity for AUTOMATIC1111, ComfyUI, Forge, InvokeAI, diffusers or the official code.
+    """Export identities for AUTOMATIC1111, ComfyUI, Forge, InvokeAI, SD.Next, diffusers or the official code.
 
-    Example: crossinit export alice -o ~/stable-diffusion-webui/embeddings/
+    Example: crossinit export --all --to ~/ComfyUI    (one file: crossinit export alice -o alice.safetensors)
     """
-    from crossinit_cli.commands.transfer import export_identity
+    from crossinit_cli.commands.transfer import export_identities
 
-    return export_identity(_library(), name, fmt=fmt.value, output=output, force=force, as_json=as_json)
+    return export_identities(
+        _library(),
+        names or [],
+        every=every,
+        tag=tag,
+        fmt=fmt and fmt.value,
+        output=output,
+        to=to,
+        force=force,
+        as_json=as_json,
+    )
 
 
 @app.command("import")
 @handles_errors
 def import_cmd(
-    path: Annotated[Path, typer.Argument(help="Embedding file (.safetensors, .pt, .bin) or diffusers folder.")],
+    path: Annotated[
+        Path, typer.Argument(help="Embedding file (.safetensors, .pt, .bin), diffusers folder, or a folder of files.")
+    ],
     name: Annotated[str | None, typer.Option("--name", help="Name to store it under (default: from the file).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Base model it was learned on, to record.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")] = False,
     as_json: JsonOpt = False,
 ) -> int:
-    """Import an embedding file (any export format, or the official code's .bin).
+    """Import an embedding file (any export format, or the official code's .bin), or every file of a folder.
 
     Example: crossinit import 28017.bin --name celeb28017 --model stabilityai/stable-diffusion-2-1-base
     """
@@ -387,13 +455,43 @@ def generate(
     device: Annotated[Device | None, typer.Option("--device", help="Where to sample (default: auto).")] = None,
     dtype: Annotated[Dtype | None, typer.Option("--dtype", help="Compute precision (default: auto).")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of each prompt's images.")] = False,
+    manifest: Annotated[
+        str | None,
+        typer.Option(
+            "--manifest",
+            help="JSON Lines file ('-' for stdin): one object a line with 'prompt' and any of seed, n, size, "
+            "steps, guidance, negative, scheduler, out (the flags give the rest). One model load; one JSON line "
+            "per image on stdout as soon as it is written.",
+        ),
+    ] = None,
+    on_error: Annotated[
+        OnError, typer.Option("--on-error", help="With --manifest: skip a bad line (reported) or stop (exit 1).")
+    ] = OnError.skip,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> int:
     """Generate images with stored identities.
 
     Example: crossinit generate "<alice> as an astronaut, oil painting" -n 4 --seed 7
+    (scripts: crossinit generate --manifest jobs.jsonl | jq -r .path)
     """
+    if manifest is not None:
+        return _generate_manifest(
+            manifest,
+            prompt=prompt,
+            prompts=prompts,
+            grid=grid,
+            defaults_of=dict(
+                n=n, seed=seed, size=size, steps=steps, guidance=guidance, negative=negative, scheduler=scheduler
+            ),
+            out=out,
+            identity=identity,
+            model=model,
+            device=device,
+            dtype=dtype,
+            on_error=on_error.value,
+            quiet=quiet,
+        )
     from crossinit_cli.commands.generate import generate_images
 
     return generate_images(
@@ -415,6 +513,39 @@ def generate(
         grid=grid,
         quiet=quiet,
         as_json=as_json,
+    )
+
+
+def _generate_manifest(
+    manifest: str,
+    *,
+    prompt: list[str] | None,
+    prompts: str | None,
+    grid: bool,
+    defaults_of: dict[str, Any],
+    out: Path | None,
+    identity: str | None,
+    model: str | None,
+    device: Device | None,
+    dtype: Dtype | None,
+    on_error: str,
+    quiet: bool,
+) -> int:
+    if prompt or prompts is not None:
+        raise CrossinitError("give prompts in the manifest, or as arguments/--prompts, not both")
+    if grid:
+        raise CrossinitError("--grid is not available with --manifest")
+    from crossinit_cli.commands.manifest import Defaults, generate_manifest
+
+    return generate_manifest(
+        _library(),
+        manifest,
+        defaults=Defaults(**defaults_of, out=out, identity=identity),
+        model=model,
+        device=device and device.value,
+        dtype=dtype and dtype.value,
+        on_error=on_error,
+        quiet=quiet,
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crossinit_cli import families
-from crossinit_cli.atomic import write_atomic, write_bytes_atomic
+from crossinit_cli.atomic import write_bytes_atomic
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import LEGACY_FAMILIES, MAX_TOKENS, check_vectors
 
@@ -57,6 +57,25 @@ def default_filename(name: str, fmt: str) -> str:
     return f"{name}{INFO[fmt].suffix}"
 
 
+# What each tool's embeddings folder reads, per model family (tools.py finds the folder). SDXL identities
+# go as the A1111 layout's SDXL form, {"clip_l", "clip_g"}, which A1111, Forge, ComfyUI and InvokeAI read
+# (SPEC 5); SD.Next is left out for SDXL until its loader is checked.
+TOOL_FORMATS: dict[tuple[str, str], str] = {
+    (tool, family): "a1111" if tool != "invokeai" else "invokeai"
+    for tool in ("a1111", "forge", "comfyui", "invokeai", "sdnext")
+    for family in ("sd1", "sd2", "sdxl")
+    if not (tool == "sdnext" and family == "sdxl")
+}
+
+
+def format_for_tool(tool: str, family: str) -> str:
+    """The export format `tool`'s embeddings folder reads for an identity of model `family`."""
+    fmt = TOOL_FORMATS.get((tool, family))
+    if fmt is None:
+        raise CrossinitError(f"crossinit cannot deliver {family or 'unknown-family'} identities to {tool} yet")
+    return fmt
+
+
 def check_format(fmt: str, family: str) -> None:
     """Refuse, in one line, a format that cannot hold an identity of `family`."""
     if fmt not in FORMATS:
@@ -72,33 +91,30 @@ def check_format(fmt: str, family: str) -> None:
         )
 
 
-def export_vectors(
+def encode(
     vectors: np.ndarray | list[np.ndarray],
     name: str,
     fmt: str,
-    path: Path,
     *,
     base_model: str = "",
     steps: int = 0,
     family: str = "",
-) -> Path:
-    """Write `vectors` [k, width] (SDXL: one array per encoder) to `path` in format `fmt` (atomically)."""
+) -> bytes:
+    """The bytes of an export of `vectors` [k, width] (SDXL: one array per encoder) in format `fmt`."""
     import numpy as np
 
     check_format(fmt, family)
     parts = [np.ascontiguousarray(v, dtype=np.float32) for v in (vectors if isinstance(vectors, list) else [vectors])]
     vectors = parts[0]
     if fmt in ("a1111", "invokeai", "diffusers"):
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         if len(parts) > 1:
             keys = [e.key for e in families.get(family).encoders]
             tensors = dict(zip(keys, parts))
         else:
             tensors = {"emb_params" if fmt != "diffusers" else f"<{name}>": vectors}
-        meta = {"crossinit_name": name, "base_model": base_model, "family": family}
-        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        return path
+        return save(tensors, metadata={"crossinit_name": name, "base_model": base_model, "family": family})
 
     import torch
 
@@ -116,7 +132,22 @@ def export_vectors(
         payload = {f"{name}_v{i}": tensor[i].clone() for i in range(tensor.shape[0])}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def export_vectors(
+    vectors: np.ndarray | list[np.ndarray],
+    name: str,
+    fmt: str,
+    path: Path,
+    *,
+    base_model: str = "",
+    steps: int = 0,
+    family: str = "",
+) -> Path:
+    """Write `vectors` [k, width] (SDXL: one array per encoder) to `path` in format `fmt` (atomically)."""
+    data = encode(vectors, name, fmt, base_model=base_model, steps=steps, family=family)
+    write_bytes_atomic(path, data)
     return path
 
 
@@ -135,6 +166,15 @@ class Imported:
         return [int(v.shape[1]) for v in (self.parts or {"": self.vectors}).values()]
 
 
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+_FOLDER_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
+
+
+def is_embedding_folder(path: Path) -> bool:
+    """A diffusers textual-inversion output folder (one identity), as opposed to a folder of files."""
+    return any((path / name).is_file() for name in _FOLDER_FILES)
+
+
 def read_embedding_file(path: Path, model: str | None = None) -> Imported:
     """Read any supported embedding file into [k, width] float32 vectors, or refuse with one line.
 
@@ -143,7 +183,7 @@ def read_embedding_file(path: Path, model: str | None = None) -> Imported:
     """
     path = Path(path)
     if path.is_dir():
-        for candidate in ("learned_embeds.safetensors", "learned_embeds.bin"):
+        for candidate in _FOLDER_FILES:
             if (path / candidate).is_file():
                 return read_embedding_file(path / candidate, model)
         raise CrossinitError(f"{path} is a folder without learned_embeds.safetensors or learned_embeds.bin")
@@ -269,7 +309,7 @@ def _load_pickle(path: Path) -> dict[str, Any]:
             f"{path} was refused: it is a pickle that needs more than plain tensors to load "
             f"(possibly code); {_first_line(exc)[:120]}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         raise CrossinitError(f"{path} is not a readable torch file ({_first_line(exc)[:160]})") from None
     if not isinstance(state, dict):
         raise CrossinitError(f"{path} holds a {type(state).__name__}, not a dict of tensors")

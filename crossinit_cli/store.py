@@ -31,13 +31,14 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import names
+from crossinit_cli import atomic, names
 from crossinit_cli.atomic import TEMP_PREFIX, write_bytes_atomic
+from crossinit_cli.catalog import Catalog, Corrupt, Query, Row, Unavailable, scan, stamp_of
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.names import name_key, validate_name
 
@@ -98,7 +99,8 @@ class Identity:
         return f"<{self.name}>"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: its deep copy is most of the cost of `list --json` at 10,000 entries.
+        return {name: _plain_copy(getattr(self, name)) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Identity:
@@ -218,8 +220,35 @@ class Library:
     def exists(self, name: str) -> bool:
         return (self.path_of(name) / META).is_file()
 
-    def list(self) -> list[Identity | Damaged]:
-        """Every entry, sorted by name; unreadable ones as `Damaged`."""
+    def list(self, query: Query | None = None) -> list[Identity | Damaged]:
+        """Every entry (or those `query` selects), sorted by name; unreadable ones as `Damaged`.
+
+        Answered by the catalog once its stamps have been checked against the folders (see catalog.py)."""
+        return [self._from_row(row) for row in self.rows(query)]
+
+    def rows(self, query: Query | None = None, *, table: bool = False) -> list[Row]:
+        """`list`'s entries as the catalog holds them: metadata as JSON text (parsed on demand), or with
+        `table` the columns `crossinit list` shows (catalog.summary)."""
+        if not self.entries.is_dir():
+            return []
+        self._settle()
+        query = query or Query()
+        disk = scan(self.entries)
+        for _attempt in range(2):
+            try:
+                with Catalog(self.home).connect() as db:
+                    self._refresh(db, disk)
+                    return Catalog.query(db, query, table=table)
+            except Corrupt:
+                Catalog(self.home).discard()  # and rebuilt from the folders on the second attempt
+            except Unavailable:
+                break  # cannot be written (read-only library ...): answer from a catalog in memory
+        with Catalog(None).connect() as db:
+            self._refresh(db, disk)
+            return Catalog.query(db, query, table=table)
+
+    def scan(self) -> list[Identity | Damaged]:
+        """Every entry read from its own folder, without the catalog: the truth the catalog is checked against."""
         if not self.entries.is_dir():
             return []
         self._settle()
@@ -232,6 +261,81 @@ class Library:
             except CrossinitError as exc:
                 found.append(Damaged(path.name, path, str(exc)))
         return found
+
+    def tags(self, prefix: str = "") -> list[str]:
+        """Tags in use that start with `prefix`, from the catalog as it is (for shell completion: no check)."""
+        if not Catalog(self.home).exists():
+            self.list()
+        try:
+            with Catalog(self.home).connect() as db:
+                return Catalog.tags(db, prefix)
+        except (Unavailable, Corrupt):
+            return []
+
+    def catalog_state(self) -> dict[str, Any]:
+        """What `doctor` reports about the catalog: fresh, stale, missing or damaged (and nothing changed)."""
+        import sqlite3
+
+        catalog = Catalog(self.home)
+        disk = scan(self.entries)
+        state: dict[str, Any] = {"path": str(catalog.path), "entries": len(disk)}
+        if not catalog.exists():
+            return {**state, "state": "missing", "detail": "the next `crossinit list` builds it"}
+        try:
+            db = sqlite3.connect(f"{Path(catalog.path).resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+            try:
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                known = Catalog.stamps(db) if check == "ok" else {}
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            check = str(exc)
+        if check != "ok":
+            return {**state, "state": "damaged", "detail": f"{check}; the next `crossinit list` rebuilds it"}
+        differ = sum(known.get(key) != stamp for key, stamp in disk.items()) + len(set(known) - set(disk))
+        if differ:
+            return {**state, "state": "stale", "stale": differ, "detail": "the next `crossinit list` updates them"}
+        return {**state, "state": "fresh", "detail": "matches the folders"}
+
+    def _refresh(self, db: Any, disk: dict[str, str]) -> None:
+        """Re-read the entries whose stamps differ from the catalog's; drop the rows of entries gone."""
+        known = Catalog.stamps(db)
+        stale = [key for key, stamp in disk.items() if known.get(key) != stamp]
+        rows = [row for row in map(self._row, stale) if row is not None]
+        Catalog.update(db, rows, [key for key in known if key not in disk] + sorted(set(stale) - {r.key for r in rows}))
+
+    def _row(self, key: str) -> Row | None:
+        """The catalog row of the entry `key` as its folder holds it now (None: it is gone)."""
+        path = self.entries / key
+        stamp = stamp_of(path)  # before the read: a change during the read leaves the row stale, not wrong
+        if stamp is None:
+            return None
+        try:
+            ident = self._read_meta(path)
+        except CrossinitError as exc:
+            if not path.is_dir():  # removed or renamed while we read it
+                return None
+            return Row(key, stamp, key, damaged=str(exc))
+        return Row(key, stamp, ident.name, ident.to_dict())
+
+    def _from_row(self, row: Row) -> Identity | Damaged:
+        record = row.metadata()
+        if record is None:
+            return Damaged(row.name, self.entries / row.key, row.damaged or "unreadable")
+        return Identity.from_dict(record)
+
+    def _index(self, *keys: str) -> None:
+        """Bring the catalog rows of `keys` up to date with their folders, inside the write's lock.
+
+        A catalog that cannot be written is left as it is: the next `list` finds those rows stale by their stamps."""
+        try:
+            with Catalog(self.home).connect() as db:
+                rows = [row for row in map(self._row, keys) if row is not None]
+                Catalog.update(db, rows, [key for key in keys if key not in {r.key for r in rows}])
+        except Unavailable:
+            pass
+        except Corrupt:
+            Catalog(self.home).discard()  # rebuilt from the folders by the next list
 
     def get(self, name: str) -> Identity:
         def read() -> Identity:
@@ -452,18 +556,22 @@ class Library:
                 for i, crop in enumerate(crops):
                     crop.save(stage / CROPS / f"{i:03d}.png")
                 (stage / META).write_bytes(_dump(identity))
+                atomic.fsync_tree(stage)  # every byte on disk before the rename publishes the entry
                 if target.exists():
                     self._trash.mkdir(exist_ok=True)
                     old = self._trash / f"{key}~{uuid.uuid4().hex}"
                     target.rename(old)
                     stage.rename(target)
+                    atomic.fsync_dir(self.entries)  # and the rename itself, before we say it is done
                     shutil.rmtree(old, ignore_errors=True)
                 else:
                     stage.rename(target)
+                    atomic.fsync_dir(self.entries)
             except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
                 shutil.rmtree(stage, ignore_errors=True)
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
                 raise CrossinitError(f"cannot write identity {identity.name!r}: {reason}") from None
+            self._index(key)
         return target
 
     def _refuse_lookalike(self, name: str) -> None:
@@ -481,6 +589,7 @@ class Library:
                 raise CrossinitError("name, tokens, width, schema and has_init cannot be changed this way")
             ident.modified = now()
             write_bytes_atomic(self.path_of(ident.name) / META, _dump(ident))
+            self._index(name_key(ident.name))
             return ident
 
     def update(self, name: str, **changes: Any) -> Identity:
@@ -506,6 +615,7 @@ class Library:
             ident.name = validate_name(ident.name)
             ident.modified = now()
             write_bytes_atomic(self.path_of(name) / META, _dump(ident))
+            self._index(name_key(name))
             return ident
 
     def rename(self, old: str, new: str, change: Callable[[Identity], None] | None = None) -> Identity:
@@ -532,15 +642,22 @@ class Library:
             ident.modified = now()
             if target == source:  # a change of case only: one atomic write
                 write_bytes_atomic(target / META, _dump(ident))
+                self._index(target.name)
                 return ident
             write_bytes_atomic(source / PENDING, _dump(ident))
             try:
                 source.rename(target)
+                atomic.fsync_dir(self.entries)  # else a power cut could bring the old name back
             except OSError as exc:
+                if not source.is_dir():  # renamed, but the flush failed: the disk itself is failing
+                    reason = exc.strerror or exc
+                    raise CrossinitError(f"renamed {old!r} but could not flush it to disk: {reason}") from None
                 (source / PENDING).unlink(missing_ok=True)
                 raise CrossinitError(f"cannot rename identity {old!r}: {exc.strerror or exc}") from None
             with contextlib.suppress(OSError):  # else the next write promotes it; readers use it already
                 os.replace(target / PENDING, target / META)
+                atomic.fsync_dir(target)
+            self._index(source.name, target.name)
             return ident
 
     def remove(self, name: str) -> None:
@@ -553,9 +670,12 @@ class Library:
             gone = self.entries / f".removed~{uuid.uuid4().hex}"
             try:
                 path.rename(gone)
+                atomic.fsync_dir(self.entries)
             except OSError as exc:
-                raise CrossinitError(f"cannot remove identity {name!r}: {exc.strerror or exc}") from None
+                if path.is_dir():
+                    raise CrossinitError(f"cannot remove identity {name!r}: {exc.strerror or exc}") from None
             shutil.rmtree(gone, ignore_errors=True)
+            self._index(path.name)
 
 
 def _vector_tensors(
@@ -639,6 +759,15 @@ def _dump(identity: Identity) -> bytes:
     import tomli_w
 
     return tomli_w.dumps(_drop_none(identity.to_dict())).encode("utf-8")
+
+
+def _plain_copy(value: Any) -> Any:
+    """A copy of nested dicts and lists (the metadata's only containers)."""
+    if isinstance(value, dict):
+        return {k: _plain_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_copy(v) for v in value]
+    return value
 
 
 def _drop_none(value: Any) -> Any:

@@ -33,6 +33,12 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def print_json_lines(items: list[str]) -> None:
+    """A JSON array of already-encoded items, one a line (`list --json` of 10,000 entries stays fast)."""
+    sys.stdout.write("[\n" + ",\n".join(items) + "\n]\n" if items else "[]\n")
+    sys.stdout.flush()
+
+
 def info(message: str) -> None:
     err().print(message, soft_wrap=True)
 

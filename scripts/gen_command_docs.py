@@ -41,8 +41,20 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "From a shell script, one prompt a line",
             "cat prompts.txt | crossinit generate --prompts - --json | jq -r '.[].path'",
         ),
+        (
+            "Different settings per line, one model load (JSON Lines in and out)",
+            'printf \'%s\\n\' \'{"prompt": "<alice> as a knight", "seed": 1, "n": 4}\' \\\n'
+            '  \'{"prompt": "<bob> on the moon", "size": "768x512", "steps": 40}\' \\\n'
+            "  | crossinit generate --manifest - | jq -r .path",
+        ),
     ],
-    "list": [("Everything, or just the names", "crossinit list\ncrossinit list --json | jq -r '.[].name'")],
+    "list": [
+        ("Everything, or just the names", "crossinit list\ncrossinit list --json | jq -r '.[].name'"),
+        (
+            "Finding things",
+            "crossinit list --tag family --sort created --limit 5\ncrossinit list --family sd2 --search berlin",
+        ),
+    ],
     "show": [("One identity, its training record and crops", "crossinit show alice\ncrossinit show alice --json")],
     "edit": [
         ("Notes and tags", 'crossinit edit alice --note "from the 2026 holiday" --tag family'),
@@ -70,6 +82,10 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "crossinit export alice -o ~/stable-diffusion-webui/embeddings/",
         ),
         ("ComfyUI (`embedding:alice`)", "crossinit export alice -o ~/ComfyUI/models/embeddings/"),
+        (
+            "Every identity into a tool's own folder (run again: only what changed is rewritten)",
+            "crossinit export --all --to ~/ComfyUI\ncrossinit export --tag family --to ~/stable-diffusion-webui",
+        ),
         ("diffusers", "crossinit export alice --format diffusers -o alice.safetensors"),
         ("The official code's layout", "crossinit export alice --format official"),
     ],
@@ -79,6 +95,10 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "crossinit import 28017.bin --name celeb --model stabilityai/stable-diffusion-2-1-base",
         ),
         ("An A1111 embedding", "crossinit import ~/stable-diffusion-webui/embeddings/bob.safetensors"),
+        (
+            "Every embedding file of a folder (one line per file skipped, and why)",
+            "crossinit import ~/Downloads/embeddings/",
+        ),
     ],
     "eval": [
         ("Likeness and prompt fidelity of one identity", "crossinit eval alice"),

@@ -4,6 +4,7 @@
 # then ruff and pytest (the install tests build the wheel and install it as a user does).
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"` for the quick suite).
 # The install step is skipped when the venv was set up from these same pins and this same pyproject.toml.
+# Tests run on one pytest-xdist worker per core (CROSSINIT_TEST_WORKERS=0 runs them in this process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${CROSSINIT_TEST_VENV:-.venv-test}"
@@ -23,4 +24,4 @@ fi
 export HF_HUB_OFFLINE=1
 "$py" -m ruff check .
 "$py" -m ruff format --check .
-exec "$py" -m pytest -m "" --durations=15 "$@"
+exec "$py" -m pytest -m "" -n "${CROSSINIT_TEST_WORKERS:-logical}" --durations=15 "$@"

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
+
+from tests.factories import random_vectors
 
 DATA = Path(__file__).parent / "data"
 OFFICIAL = sorted((DATA / "official").glob("*.bin"))
@@ -69,6 +74,38 @@ def library(home: Path):
 
 
 @pytest.fixture()
+def add_identity(library) -> Callable[..., Any]:
+    """Store an identity straight into this test's library, as if `learn --fast` had made it.
+
+    add_identity("alice") draws its vectors from a seed taken from the name; `seed`, `width` and `scale`
+    choose them, `init` is the cross-init start (an array, True for random rows, None for none, as an
+    imported identity has), and any other keyword is an `Identity` field (base_model, training, ...).
+    """
+    from crossinit_cli.store import Identity
+
+    def add(
+        name: str,
+        *,
+        seed: int | None = None,
+        width: int = 32,
+        scale: float = 1.0,
+        init: Any = None,
+        crops: Any = (),
+        force: bool = False,
+        **fields: Any,
+    ) -> Identity:
+        seed = zlib.crc32(name.encode()) if seed is None else seed
+        learned = random_vectors(seed, width=width, scale=scale)
+        if init is True:
+            init = random_vectors(seed + 100, width=width, scale=scale)
+        fields = {"base_model": "tiny", "training": {"mode": "fast", "steps": 25}, **fields}
+        library.add(Identity(name=name, tokens=2, width=width, **fields), learned, init, crops=crops, force=force)
+        return library.get(name)
+
+    return add
+
+
+@pytest.fixture()
 def cli(home: Path):
     """Run the CLI in-process: cli("list", "--json") -> click Result (stdout and stderr separate)."""
     from crossinit_cli.cli import app
@@ -79,3 +116,19 @@ def cli(home: Path):
         return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture()
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every pipeline `generate` loads, in order (the real loader, counted)."""
+    from crossinit_cli import devices
+
+    real = devices.load_pipeline
+    pipes: list[Any] = []
+
+    def counting(model: str, **kwargs: Any) -> Any:
+        pipes.append(real(model, **kwargs))
+        return pipes[-1]
+
+    monkeypatch.setattr(devices, "load_pipeline", counting)
+    return pipes

@@ -105,3 +105,47 @@ def test_batch_spreads_over_two_accelerate_processes(tiny_model: Path, home: Pat
     library = Library(home)
     assert sorted(e.name for e in library.list()) == ["a1", "a2", "g1", "g2"]
     assert all(library.vectors(n).learned.shape == (2, 32) for n in ("a1", "a2", "g1", "g2"))
+
+
+def test_batch_shows_one_overall_bar_on_a_terminal_and_json_stays_clean(
+    tiny_model: Path, home: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    people = _people(tmp_path / "people", {"astro": "astronaut.png", "grace": "grace_hopper.jpg"})
+    args = ["learn", "--batch", str(people), "--fast", "--steps", "1", "--model", str(tiny_model), "--json"]
+    # FORCE_COLOR makes rich treat stderr as a terminal, as it is for a user at a shell.
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "160"}
+    done = subprocess.run(
+        [sys.executable, "-m", "crossinit_cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert [r["status"] for r in json.loads(done.stdout)] == ["learned", "learned"]  # stdout: the JSON only
+    assert "identities" in done.stderr and "eta" in done.stderr and "2/2" in done.stderr
+    quiet = subprocess.run(
+        [sys.executable, "-m", "crossinit_cli", *args, "--force", "--quiet"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert quiet.returncode == 0 and "eta" not in quiet.stderr
+
+
+def test_the_overall_count_includes_what_other_processes_finished(library: Library, tmp_path: Path) -> None:
+    """The main process's bar counts every identity of the batch in the library since it began (another
+    process adds its own), plus the failures it saw; entries older than the batch do not count."""
+    import os
+    import time
+
+    from crossinit_cli.commands.batch import _Overall
+    from crossinit_cli.store import Identity
+
+    old = np.ones((2, 32), np.float32)
+    library.add(Identity(name="before", tokens=2, width=32), old)
+    stale = time.time_ns() - 60 * 10**9
+    os.utime(library.entries / "before", ns=(stale, stale))  # learned long before this batch
+    overall = _Overall(library, ["before", "mine", "theirs", "failed"])
+    library.add(Identity(name="mine", tokens=2, width=32), old)
+    assert overall.finished(failed=False) == 1
+    library.add(Identity(name="theirs", tokens=2, width=32), old)  # as another process would
+    assert overall.finished(failed=True) == 3

@@ -12,22 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossinit_cli.store import Identity, Library
+from crossinit_cli.store import Library
 
 
-def _add(library: Library, name: str, *, init: bool = True, width: int = 32) -> None:
-    rng = np.random.default_rng(len(name))
-    learned = rng.standard_normal((2, width)).astype(np.float32)
-    library.add(
-        Identity(name=name, tokens=2, width=width, base_model="tiny", training={"mode": "fast", "steps": 25}),
-        learned,
-        learned * 0.5 if init else None,
-    )
-
-
-def test_list_json_is_the_only_stdout(cli, library: Library) -> None:
-    _add(library, "alice")
-    _add(library, "bob")
+def test_list_json_is_the_only_stdout(add_identity, cli, library: Library) -> None:
+    add_identity("alice", init=True)
+    add_identity("bob", init=True)
     result = cli("list", "--json")
     assert result.exit_code == 0
     records = json.loads(result.stdout)
@@ -36,17 +26,17 @@ def test_list_json_is_the_only_stdout(cli, library: Library) -> None:
     assert records[0]["damaged"] is False
 
 
-def test_list_human_and_empty(cli, library: Library) -> None:
+def test_list_human_and_empty(add_identity, cli, library: Library) -> None:
     result = cli("list")
     assert result.exit_code == 0 and "No identities yet" in result.stderr and result.stdout == ""
-    _add(library, "alice")
+    add_identity("alice", init=True)
     result = cli("list")
     assert "alice" in result.stdout and "fast (25 steps)" in result.stdout
 
 
-def test_list_reports_damaged_entries_and_keeps_going(cli, library: Library) -> None:
-    _add(library, "alice")
-    _add(library, "broken")
+def test_list_reports_damaged_entries_and_keeps_going(add_identity, cli, library: Library) -> None:
+    add_identity("alice", init=True)
+    add_identity("broken", init=True)
     (library.path_of("broken") / "meta.toml").write_text("this is = = not toml")
     result = cli("list", "--json")
     assert result.exit_code == 0
@@ -56,8 +46,8 @@ def test_list_reports_damaged_entries_and_keeps_going(cli, library: Library) -> 
     assert "damaged" in human.stdout and "alice" in human.stdout and "1 damaged entry" in human.stderr
 
 
-def test_show_json_has_training_record_and_norms(cli, library: Library) -> None:
-    _add(library, "Alice")
+def test_show_json_has_training_record_and_norms(add_identity, cli, library: Library) -> None:
+    add_identity("Alice", init=True)
     result = cli("show", "ALICE", "--json")
     record = json.loads(result.stdout)
     assert record["name"] == "Alice" and record["training"] == {"mode": "fast", "steps": 25}
@@ -84,8 +74,8 @@ def test_usage_error_is_exit_2(cli) -> None:
     assert cli("export", "x", "--format", "jpeg").exit_code == 2
 
 
-def test_edit_flags(cli, library: Library) -> None:
-    _add(library, "alice")
+def test_edit_flags(add_identity, cli, library: Library) -> None:
+    add_identity("alice", init=True)
     result = cli("edit", "alice", "--note", "from holiday", "--tag", "family", "--tag", "2026", "--strength", "0.7")
     assert result.exit_code == 0, result.stderr
     ident = library.get("alice")
@@ -95,8 +85,8 @@ def test_edit_flags(cli, library: Library) -> None:
     assert library.get("alicia").strength == 0.7
 
 
-def test_strength_is_reversible(cli, library: Library) -> None:
-    _add(library, "alice")
+def test_strength_is_reversible(add_identity, cli, library: Library) -> None:
+    add_identity("alice", init=True)
     learned = library.vectors("alice").learned
     cli("edit", "alice", "--strength", "0.3")
     assert not np.allclose(library.effective_vectors("alice"), learned)
@@ -104,10 +94,10 @@ def test_strength_is_reversible(cli, library: Library) -> None:
     np.testing.assert_array_equal(library.effective_vectors("alice"), learned)
 
 
-def test_edit_refusals(cli, library: Library) -> None:
-    _add(library, "alice")
-    _add(library, "bob")
-    _add(library, "imported", init=False)
+def test_edit_refusals(add_identity, cli, library: Library) -> None:
+    add_identity("alice", init=True)
+    add_identity("bob", init=True)
+    add_identity("imported")
     cases = {
         ("edit", "alice", "--rename", "BOB"): "already exists",
         ("edit", "alice", "--rename", "../evil"): "may not contain",
@@ -128,8 +118,8 @@ def _editor(tmp_path: Path, body: str) -> str:
     return f"{sys.executable} {script}"
 
 
-def test_edit_in_editor(cli, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _add(library, "alice")
+def test_edit_in_editor(add_identity, cli, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    add_identity("alice", init=True)
     monkeypatch.setenv(
         "EDITOR", _editor(tmp_path, "p.write_text(p.read_text().replace('notes = \"\"', 'notes = \"edited\"'))")
     )
@@ -139,9 +129,9 @@ def test_edit_in_editor(cli, library: Library, tmp_path: Path, monkeypatch: pyte
 
 
 def test_edit_in_editor_refuses_broken_toml(
-    cli, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    add_identity, cli, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _add(library, "alice")
+    add_identity("alice", init=True)
     meta = (library.path_of("alice") / "meta.toml").read_bytes()
     monkeypatch.setenv("EDITOR", _editor(tmp_path, "p.write_text('width = [')"))
     result = cli("edit", "alice")
@@ -151,8 +141,8 @@ def test_edit_in_editor_refuses_broken_toml(
     assert (library.path_of("alice") / "meta.toml").read_bytes() == meta
 
 
-def test_remove_needs_confirmation(cli, library: Library) -> None:
-    _add(library, "alice")
+def test_remove_needs_confirmation(add_identity, cli, library: Library) -> None:
+    add_identity("alice", init=True)
     result = cli("remove", "alice")  # CliRunner's stdin is not a TTY
     assert result.exit_code == 1 and "--yes" in result.stderr and library.exists("alice")
     assert cli("remove", "ALICE", "--yes").exit_code == 0
@@ -179,10 +169,10 @@ def test_home_option_overrides_env(cli, tmp_path: Path) -> None:
     assert Library(other).exists("28017")
 
 
-def test_read_only_library_gives_one_line(cli, library: Library) -> None:
+def test_read_only_library_gives_one_line(add_identity, cli, library: Library) -> None:
     if os.geteuid() == 0:
         pytest.skip("root ignores permission bits")
-    _add(library, "alice")
+    add_identity("alice", init=True)
     library.home.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
         result = cli("edit", "alice", "--note", "x")
@@ -216,8 +206,8 @@ def _modules_after(args: list[str], env: dict[str, str]) -> set[str]:
         ["generate", "--help"],
     ],
 )
-def test_fast_paths_do_not_import_torch(args: list[str], library: Library) -> None:
-    _add(library, "alice")
+def test_fast_paths_do_not_import_torch(add_identity, args: list[str], library: Library) -> None:
+    add_identity("alice", init=True)
     modules = _modules_after(args, dict(os.environ))
     heavy = {"torch", "diffusers", "transformers"} & modules
     assert not heavy, f"{args} imported {heavy}"

@@ -41,3 +41,16 @@ def test_identity_names_are_completed(home: Path) -> None:
     (home / "identities" / "albert").mkdir()
     (home / "identities" / "bob").mkdir()
     assert _complete("crossinit show Al", 2) == ["Albert", "Alice"]
+
+
+def test_tags_are_completed_from_the_catalog(home: Path) -> None:
+    import numpy as np
+
+    from crossinit_cli.store import Identity, Library
+
+    library = Library(home)
+    for name, tags in (("alice", ["Family", "2024"]), ("bob", ["work"]), ("carol", ["family"])):
+        library.add(Identity(name=name, tokens=2, width=32, tags=tags), np.ones((2, 32), np.float32))
+    assert library.tags("fa") == ["Family"]  # one spelling of each tag, whatever its case elsewhere
+    assert _complete("crossinit list --tag ", 3) == ["2024", "Family", "work"]
+    assert _complete("crossinit list --tag W", 3) == ["Work"]  # as typed, or bash would drop it

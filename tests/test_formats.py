@@ -261,3 +261,12 @@ def test_hostile_embedding_files_are_refused(cli, alice, library: Library, tmp_p
 def test_read_embedding_file_names_the_reason() -> None:
     with pytest.raises(CrossinitError, match="no such file"):
         formats.read_embedding_file(Path("/nonexistent/x.pt"))
+
+
+def test_a_truncated_pickle_is_a_one_line_refusal(cli, library: Library, tmp_path: Path) -> None:
+    """torch's weights-only unpickler raises IndexError on some garbage (found by importing a folder)."""
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"\x80garbage")
+    result = cli("import", bad)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "not a readable torch file" in result.stderr and library.list() == []

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crossinit_cli import devices, sample
+from crossinit_cli import sample
 from crossinit_cli.store import Identity, Library
 
 STEPS = ("--steps", "2")
@@ -31,20 +31,6 @@ def _add(library: Library, name: str, model: Path, *, seed: int = 0, width: int 
     learned = _vectors(seed, width=width)
     start = _vectors(seed + 100, width=width) if init else None
     library.add(Identity(name=name, tokens=2, width=width, base_model=str(model)), learned, start)
-
-
-@pytest.fixture()
-def loads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every pipeline `generate` loads, in order (the real loader, counted)."""
-    real = devices.load_pipeline
-    pipes: list[Any] = []
-
-    def counting(model: str, **kwargs: Any) -> Any:
-        pipes.append(real(model, **kwargs))
-        return pipes[-1]
-
-    monkeypatch.setattr(devices, "load_pipeline", counting)
-    return pipes
 
 
 @pytest.fixture()

@@ -12,11 +12,7 @@ import torch
 from crossinit_cli import devices, sample
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library
-
-
-def _vectors(seed: int, k: int = 2, width: int = 32) -> np.ndarray:
-    # Norms ~30 like real learned vectors, far from any row of the random table.
-    return (np.random.default_rng(seed).standard_normal((k, width)) * 5).astype(np.float32)
+from tests.factories import random_vectors
 
 
 @pytest.fixture()
@@ -71,7 +67,7 @@ def test_token_names_are_unique_per_identity_and_ascii() -> None:
 
 
 def test_expand_prompt_rewrites_known_and_refuses_unknown(pipe: Any) -> None:
-    mapping = sample.add_identities(pipe, {"alice": _vectors(1)})
+    mapping = sample.add_identities(pipe, {"alice": random_vectors(1, scale=5)})
     assert sample.expand_prompt("<ALICE>, smiling <lora:x:1>", mapping) == (
         "<crossinit:alice:0> <crossinit:alice:1>, smiling <lora:x:1>"
     )
@@ -83,14 +79,14 @@ def test_expand_prompt_rewrites_known_and_refuses_unknown(pipe: Any) -> None:
 
 
 def test_identity_changes_conditioning_and_pipeline_sees_exactly_its_vectors(pipe: Any) -> None:
-    alice = _vectors(1)
+    alice = random_vectors(1, scale=5)
     before = _conditioning(pipe, "a photo of smiling")
     mapping = sample.add_identities(pipe, {"alice": alice})
     expanded = sample.expand_prompt("a photo of <alice> smiling", mapping)
     with_alice = _conditioning(pipe, expanded)
     assert not torch.allclose(before, with_alice, atol=1e-3)
     # The vectors, not just the extra tokens, drive the conditioning.
-    sample.add_identities(pipe, {"alice": _vectors(2)})
+    sample.add_identities(pipe, {"alice": random_vectors(2, scale=5)})
     assert not torch.allclose(with_alice, _conditioning(pipe, expanded), atol=1e-3)
     sample.add_identities(pipe, {"alice": alice})
 
@@ -103,7 +99,7 @@ def test_identity_changes_conditioning_and_pipeline_sees_exactly_its_vectors(pip
 
 
 def test_two_identities_in_one_prompt_each_get_their_own_rows(pipe: Any) -> None:
-    alice, bob = _vectors(1), _vectors(2, k=3)
+    alice, bob = random_vectors(1, scale=5), random_vectors(2, k=3, scale=5)
     calls: list[int] = []
     real_resize = pipe.text_encoder.resize_token_embeddings
     pipe.text_encoder.resize_token_embeddings = lambda *a, **k: (calls.append(1), real_resize(*a, **k))[1]
@@ -122,9 +118,9 @@ def test_two_identities_in_one_prompt_each_get_their_own_rows(pipe: Any) -> None
 def test_stored_strength_scales_the_offset_from_the_cross_init_start(
     pipe: Any, library: Library, tiny_model: Path
 ) -> None:
-    learned, init = _vectors(3), _vectors(4)
+    learned, init = random_vectors(3, scale=5), random_vectors(4, scale=5)
     library.add(Identity(name="alice", tokens=2, width=32, base_model=str(tiny_model)), learned, init)
-    library.update("alice", strength=0.5)
+    library.modify("alice", lambda ident: setattr(ident, "strength", 0.5))
     mapping = sample.add_identities(pipe, {"alice": library.effective_vectors("alice")})
     spy = EmbeddingSpy(pipe)
     sample.sample(pipe, sample.expand_prompt("<alice>", mapping), [0], sample.Settings(width=64, height=64, steps=1))
@@ -135,11 +131,11 @@ def test_stored_strength_scales_the_offset_from_the_cross_init_start(
 
 def test_width_mismatch_names_both_widths_and_the_model(pipe: Any) -> None:
     with pytest.raises(CrossinitError, match=r"'wide' has 48-wide .* model 'tiny-sd' has a 32-wide"):
-        sample.add_identities(pipe, {"wide": _vectors(1, width=48)}, model="tiny-sd")
+        sample.add_identities(pipe, {"wide": random_vectors(1, width=48, scale=5)}, model="tiny-sd")
 
 
 def test_truncated_identities_are_reported(pipe: Any) -> None:
-    mapping = sample.add_identities(pipe, {"alice": _vectors(1)})
+    mapping = sample.add_identities(pipe, {"alice": random_vectors(1, scale=5)})
     assert sample.truncated_identities(pipe, sample.expand_prompt("<alice> smiling", mapping), mapping) == []
     long = "smiling " * 80 + "<alice>"
     assert sample.truncated_identities(pipe, sample.expand_prompt(long, mapping), mapping) == ["alice"]

@@ -8,20 +8,11 @@ from PIL import Image
 
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Damaged, Identity, Library, name_key, validate_name
-
-
-def _vectors(seed: int = 0, k: int = 2, width: int = 32) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((k, width)).astype(np.float32)
-
-
-def _add(library: Library, name: str, seed: int = 0, **kwargs) -> Identity:
-    learned = _vectors(seed)
-    library.add(Identity(name=name, tokens=2, width=32, base_model="tiny"), learned, **kwargs)
-    return library.get(name)
+from tests.factories import random_vectors
 
 
 def test_add_writes_entry_with_vectors_init_crops_and_meta(library: Library) -> None:
-    learned, init = _vectors(1), _vectors(2)
+    learned, init = random_vectors(1), random_vectors(2)
     crop = Image.new("RGB", (64, 64), (200, 10, 10))
     path = library.add(Identity(name="Alice", tokens=2, width=32), learned, init, crops=[crop, crop])
     assert path == library.home / "identities" / "alice"
@@ -36,13 +27,13 @@ def test_add_writes_entry_with_vectors_init_crops_and_meta(library: Library) -> 
     assert "schema = 1" in (path / "meta.toml").read_text()
 
 
-def test_names_match_case_insensitively_and_refuse_duplicates(library: Library) -> None:
-    _add(library, "Bob")
+def test_names_match_case_insensitively_and_refuse_duplicates(add_identity, library: Library) -> None:
+    add_identity("Bob")
     assert library.exists("bob") and library.exists("BOB")
     with pytest.raises(CrossinitError, match="already exists"):
-        _add(library, "BOB")
-    _add(library, "BOB", seed=5, force=True)
-    np.testing.assert_array_equal(library.vectors("bob").learned, _vectors(5))
+        add_identity("BOB")
+    add_identity("BOB", seed=5, force=True)
+    np.testing.assert_array_equal(library.vectors("bob").learned, random_vectors(5))
     assert [e.name for e in library.list()] == ["BOB"]
 
 
@@ -67,12 +58,12 @@ def test_names_match_case_insensitively_and_refuse_duplicates(library: Library) 
         "-dash",
     ],
 )
-def test_hostile_names_are_refused_with_one_line(bad: str, library: Library) -> None:
+def test_hostile_names_are_refused_with_one_line(add_identity, bad: str, library: Library) -> None:
     with pytest.raises(CrossinitError) as info:
         validate_name(bad)
     assert "\n" not in str(info.value)
     with pytest.raises(CrossinitError):
-        _add(library, bad)
+        add_identity(bad)
     assert not (library.home / "identities").exists() or not any((library.home / "identities").iterdir())
 
 
@@ -81,10 +72,10 @@ def test_unicode_names_are_normalised() -> None:
     assert name_key("ÉMILE") == name_key("émile")
 
 
-def test_damaged_entries_are_listed_not_fatal(library: Library) -> None:
-    _add(library, "good")
-    _add(library, "broken")
-    _add(library, "novectors")
+def test_damaged_entries_are_listed_not_fatal(add_identity, library: Library) -> None:
+    add_identity("good")
+    add_identity("broken")
+    add_identity("novectors")
     (library.path_of("broken") / "meta.toml").write_text("name = [unclosed")
     (library.path_of("novectors") / "vectors.safetensors").unlink()
     entries = {e.name: e for e in library.list()}
@@ -93,14 +84,14 @@ def test_damaged_entries_are_listed_not_fatal(library: Library) -> None:
     assert isinstance(entries["novectors"], Damaged) and "vectors" in entries["novectors"].reason
 
 
-def test_update_rename_remove(library: Library) -> None:
-    _add(library, "carol")
-    library.update("carol", notes="hi", tags=["a"], strength=0.5)
+def test_update_rename_remove(add_identity, library: Library) -> None:
+    add_identity("carol")
+    library.modify("carol", lambda ident: ident.__dict__.update(notes="hi", tags=["a"], strength=0.5))
     assert (library.get("carol").notes, library.get("carol").tags, library.get("carol").strength) == ("hi", ["a"], 0.5)
     library.rename("carol", "Caroline")
     assert not library.exists("carol") and library.get("caroline").name == "Caroline"
     assert library.get("caroline").notes == "hi"
-    _add(library, "dave")
+    add_identity("dave")
     with pytest.raises(CrossinitError, match="already exists"):
         library.rename("caroline", "DAVE")
     library.remove("dave")
@@ -110,38 +101,38 @@ def test_update_rename_remove(library: Library) -> None:
 
 
 def test_strength_scales_offset_from_init(library: Library) -> None:
-    learned, init = _vectors(1), _vectors(2)
+    learned, init = random_vectors(1), random_vectors(2)
     library.add(Identity(name="e", tokens=2, width=32), learned, init)
-    library.update("e", strength=0.25)
+    library.modify("e", lambda ident: setattr(ident, "strength", 0.25))
     np.testing.assert_allclose(library.effective_vectors("e"), init + 0.25 * (learned - init), rtol=1e-6)
-    library.update("e", strength=1.0)
+    library.modify("e", lambda ident: setattr(ident, "strength", 1.0))
     np.testing.assert_array_equal(library.effective_vectors("e"), learned)
 
 
 def test_nan_vectors_are_refused(library: Library) -> None:
-    bad = _vectors()
+    bad = random_vectors()
     bad[0, 3] = np.nan
     with pytest.raises(CrossinitError, match="NaN"):
         library.add(Identity(name="nan", tokens=2, width=32), bad)
     assert library.list() == []
 
 
-def test_leftovers_of_a_killed_writer_are_recovered(library: Library) -> None:
+def test_leftovers_of_a_killed_writer_are_recovered(add_identity, library: Library) -> None:
     """A process killed mid-replace leaves the old entry in .trash: the next write restores it."""
-    _add(library, "frank", seed=3)
+    add_identity("frank", seed=3)
     trash = library.home / ".trash"
     trash.mkdir()
     (library.path_of("frank")).rename(trash / "frank~deadbeef")
     staging = library.home / ".staging" / "x~1"
     staging.mkdir(parents=True)
-    _add(library, "other")
-    np.testing.assert_array_equal(library.vectors("frank").learned, _vectors(3))
+    add_identity("other")
+    np.testing.assert_array_equal(library.vectors("frank").learned, random_vectors(3))
     assert not any(trash.iterdir())
     assert not any((library.home / ".staging").iterdir())
 
 
-def test_schema_from_the_future_is_damaged(library: Library) -> None:
-    _add(library, "g")
+def test_schema_from_the_future_is_damaged(add_identity, library: Library) -> None:
+    add_identity("g")
     meta = library.path_of("g") / "meta.toml"
     meta.write_text(meta.read_text().replace("schema = 1", "schema = 99"))
     [entry] = library.list()
@@ -150,7 +141,7 @@ def test_schema_from_the_future_is_damaged(library: Library) -> None:
 
 @pytest.mark.parametrize(("width", "family"), [(768, "sd1"), (1024, "sd2"), (32, "")])
 def test_entries_written_without_a_family_get_it_from_their_width(library: Library, width: int, family: str) -> None:
-    path = library.add(Identity(name="old", tokens=2, width=width), _vectors(width=width))
+    path = library.add(Identity(name="old", tokens=2, width=width), random_vectors(width=width))
     meta = path / "meta.toml"
     meta.write_text("\n".join(line for line in meta.read_text().splitlines() if not line.startswith("family")))
     assert "family" not in meta.read_text()

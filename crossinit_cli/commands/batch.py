@@ -14,7 +14,10 @@ to the CSV's folder), and optionally `mode` (fast/full), `steps`, `lr`, `batch_s
 from __future__ import annotations
 
 import csv
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -199,8 +202,11 @@ def learn_batch(
 
     outcomes: list[Outcome] = []
     trainer = None
-    with state.split_between_processes(todo) as mine:
+    show = main and not quiet and ui.err().is_terminal
+    progress = _Overall(library, [name_key(j.name) for j in todo])
+    with state.split_between_processes(todo) as mine, _overall_bar(show, len(todo)) as bar:
         for job in mine:
+            bar.begin(job.name)
             started = time.perf_counter()
             try:
                 train_config = TrainConfig.for_mode(
@@ -233,6 +239,7 @@ def learn_batch(
                 outcome = Outcome(job.name, "failed", str(exc), time.perf_counter() - started)
             outcome.process = state.process_index
             outcomes.append(outcome)
+            bar.done(progress.finished(failed=outcome.status == "failed"))
             if not quiet:
                 ui.info(
                     f"[{state.process_index}] {escape(job.name)}: {outcome.status} {escape(outcome.detail)}".rstrip()
@@ -247,6 +254,70 @@ def learn_batch(
         _report(results, as_json=as_json)
     state.wait_for_everyone()
     return 1 if failed else 0
+
+
+class _Bar:
+    """One bar over the identities (with an ETA), on stderr; `--json` keeps stdout to itself."""
+
+    def __init__(self, progress: Any = None, task: Any = None) -> None:
+        self.progress, self.task = progress, task
+
+    def begin(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=f"learning {escape(name)}")
+
+    def done(self, finished: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=finished)
+
+
+class _Overall:
+    """How many of the batch's identities are finished, by every process: those learned are in the library
+    with a folder written since the batch began (each process adds its own as it finishes them), plus the
+    ones this process saw fail. Read by the main process after each of its own identities."""
+
+    def __init__(self, library: Library, keys: list[str]) -> None:
+        self.entries, self.keys = library.entries, keys
+        self.since = time.time_ns() - 1_000_000_000  # file times can lag the clock by a tick
+        self.failed = 0
+
+    def finished(self, *, failed: bool) -> int:
+        self.failed += failed
+        learned = 0
+        for key in self.keys:
+            with suppress(OSError):  # not there (yet): not learned
+                learned += os.stat(self.entries / key).st_mtime_ns >= self.since
+        return min(learned + self.failed, len(self.keys))
+
+
+@contextmanager
+def _overall_bar(show: bool, total: int) -> Iterator[_Bar]:
+    """The whole batch's progress, shown by the main process: with several processes the count includes
+    what the others finished (see _Overall), so the ETA is the batch's."""
+    if not show or total == 0:
+        yield _Bar()
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    label = "identities"
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(label),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=ui.err(), transient=True) as progress:
+        yield _Bar(progress, progress.add_task("learning", total=total))
 
 
 def _report(results: list[dict[str, Any]], *, as_json: bool) -> None:

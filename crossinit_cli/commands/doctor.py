@@ -66,6 +66,18 @@ def _model_available(model: str) -> tuple[bool, str]:
     return False, "not in the local Hugging Face cache"
 
 
+def _catalog_check(home: Path, facts: dict[str, object]) -> Check:
+    """The catalog's state. Stale, missing or damaged, it mends itself on the next `list`: only reported."""
+    from crossinit_cli.store import Library
+
+    state = Library(home).catalog_state()
+    facts["catalog"] = state
+    counts = f"{state['entries']} entr{'y' if state['entries'] == 1 else 'ies'}"
+    if state["state"] == "stale":
+        counts += f", {state['stale']} out of date"
+    return Check("catalog", True, f"{state['state']} ({counts}): {state['detail']}")
+
+
 def run_checks(home: Path) -> tuple[dict[str, object], list[Check]]:
     settings = config.load_config()
     facts: dict[str, object] = {
@@ -107,6 +119,7 @@ def run_checks(home: Path) -> tuple[dict[str, object], list[Check]]:
             checks.append(Check("device", False, str(exc), "crossinit config set device auto"))
     ok, detail = _writable(home)
     checks.append(Check("library", ok, f"{home}: {detail}", "" if ok else "pass --home or set CROSSINIT_HOME"))
+    checks.append(_catalog_check(home, facts))
     ok, detail = _model_available(settings.model)
     checks.append(
         Check(

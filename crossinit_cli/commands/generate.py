@@ -229,23 +229,26 @@ def prompt_texts(prompt: str | None, prompts: str | None) -> list[str]:
         return [prompt.strip()] if prompt is not None and prompt.strip() else []
     if prompt is not None and prompt.strip():
         raise CrossinitError("give either a prompt or --prompts, not both")
-    if prompts == "-":
-        if sys.stdin.isatty():
-            ui.info("reading prompts from stdin, one a line (Ctrl-D to finish)")
-        text = sys.stdin.read()
-        source = "stdin"
-    else:
-        try:
-            text = Path(prompts).expanduser().read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise CrossinitError(f"cannot read prompts from {prompts}: {reason}") from None
-        source = prompts
+    text = read_source(prompts, "prompts", "one a line")
+    source = "stdin" if prompts == "-" else prompts
     lines = [line.strip() for line in text.splitlines()]
     found = [line for line in lines if line and not line.startswith("#")]
     if not found:
         raise CrossinitError(f"no prompts in {source} (blank lines and # comments are skipped)")
     return found
+
+
+def read_source(source: str, what: str, shape: str) -> str:
+    """The text of FILE, or of stdin for '-' (saying so on a terminal); a one-line error if unreadable."""
+    if source == "-":
+        if sys.stdin.isatty():
+            ui.info(f"reading {what} from stdin, {shape} (Ctrl-D to finish)")
+        return sys.stdin.read()
+    try:
+        return Path(source).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CrossinitError(f"cannot read {what} from {source}: {reason}") from None
 
 
 def apply_template(text: str, identity: Identity | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -14,8 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from crossinit_cli import ui
+from crossinit_cli.catalog import SORTS, Query, Row
 from crossinit_cli.errors import CrossinitError
-from crossinit_cli.store import Damaged, Identity, Library
+from crossinit_cli.store import Identity, Library
 
 MAX_STRENGTH = 4.0
 
@@ -26,7 +28,8 @@ def identity_record(library: Library, ident: Identity, *, detail: bool = False) 
         ident, vectors = library.read(ident.name)
     record = ident.to_dict()
     record["token"] = ident.token
-    record["path"] = str(library.path_of(ident.name))
+    # A stored name is already normalised: its key is its case-folded form (no validation per listed entry).
+    record["path"] = str(library.entries / ident.name.casefold())
     if detail:
         import numpy as np
 
@@ -49,49 +52,114 @@ def family_title(family: str) -> str:
     return FAMILIES[family].title if family in FAMILIES else (family or "?")
 
 
-def _mode(ident: Identity) -> str:
-    steps = ident.training.get("steps")
-    mode = ident.training.get("mode") or ident.source.split(":")[0]
-    return f"{mode} ({steps} steps)" if steps else mode
+COLUMNS = ("name", "family", "base model", "mode", "created", "tags", "notes")
 
 
-def list_identities(library: Library, *, as_json: bool) -> int:
-    entries = library.list()
+def list_identities(library: Library, *, as_json: bool, query: Query | None = None) -> int:
+    from crossinit_cli.families import FAMILIES
+
+    query = query or Query()
+    if query.family is not None and query.family.casefold() not in FAMILIES:
+        raise CrossinitError(f"unknown family {query.family!r}; choose one of {', '.join(FAMILIES)}")
+    if query.sort not in SORTS:
+        raise CrossinitError(f"unknown sort {query.sort!r}; choose one of {', '.join(SORTS)}")
     if as_json:
-        records = []
-        for entry in entries:
-            if isinstance(entry, Damaged):
-                records.append({"name": entry.name, "damaged": True, "reason": entry.reason, "path": str(entry.path)})
-            else:
-                records.append({**identity_record(library, entry), "damaged": False})
-        ui.print_json(records)
+        _print_json_rows(library, library.rows(query))
         return 0
+    entries = library.rows(query, table=True)
     if not entries:
-        if not _show_unfinished(library):
+        if query != Query():
+            ui.info("No identities match.")
+        elif not _show_unfinished(library):
             ui.info(f"No identities yet in {library.home}. Learn one: crossinit learn photo.jpg --fast")
         return 0
-    table = Table(box=None, pad_edge=False)
-    for column in ("name", "family", "base model", "mode", "created", "tags", "notes"):
-        table.add_column(column, overflow="fold")
-    for entry in entries:
-        if isinstance(entry, Damaged):
-            table.add_row(escape(entry.name), "", f"[red]damaged: {escape(entry.reason)}[/]", "", "", "", "")
-            continue
-        table.add_row(
-            escape(entry.name),
-            escape(family_title(entry.family)),
-            escape(entry.base_model),
-            escape(_mode(entry)),
-            entry.created[:10],
-            escape(", ".join(entry.tags)),
-            escape(entry.notes.splitlines()[0] if entry.notes else ""),
-        )
-    ui.out().print(table)
-    _show_unfinished(library)
-    damaged = sum(isinstance(e, Damaged) for e in entries)
+    _print_table(entries)
+    if query == Query():
+        _show_unfinished(library)
+    damaged = sum(row.damaged is not None for row in entries)
     if damaged:
         ui.warn(f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}; `crossinit remove NAME` deletes one")
     return 0
+
+
+def _print_json_rows(library: Library, rows: list[Row]) -> None:
+    """`list --json`: each identity's record as `identity_record` makes it, spliced from the catalog's JSON
+    text without parsing it (one JSON object a line: 10,000 entries in well under a second)."""
+    folder = _json_text(str(library.entries) + os.sep)  # encoded once; most keys need no escaping
+    lines = []
+    for row in rows:
+        path = f'"{folder}{_json_text(row.key)}"'
+        if row.damaged is not None or row.text is None:
+            name, reason = (_json_text(text) for text in (row.name, row.damaged or "unreadable"))
+            lines.append(f'{{"name": "{name}", "damaged": true, "reason": "{reason}", "path": {path}}}')
+        else:
+            lines.append(f'{row.text[:-1]}, "token": "<{_json_text(row.name)}>", "path": {path}, "damaged": false}}')
+    ui.print_json_lines(lines)
+
+
+def _json_text(text: str) -> str:
+    """`text` as the inside of a JSON string (what json.dumps gives, without the quotes)."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def _print_table(entries: list[Row]) -> None:
+    """The listing as aligned columns, written directly: a rich Table takes seconds for 10,000 rows.
+
+    On a terminal the widest columns are cut (with '…') to fit its width; piped, lines are whole."""
+    from crossinit_cli.families import FAMILIES
+
+    titles = {key: family.title for key, family in FAMILIES.items()}
+    rows: list[tuple[list[str], str]] = [(list(COLUMNS), "bold")]
+    for entry in entries:
+        if entry.cells is None:
+            rows.append(([entry.name, f"damaged: {_printable(entry.damaged or '')}"], "red"))
+        else:
+            family, *rest = entry.cells
+            rows.append(([entry.name, titles.get(family) or family_title(family), *rest], ""))
+    whole = [cells for cells, _ in rows if len(cells) == len(COLUMNS)]
+    widths = [max(len(cells[i]) for cells in whole) for i in range(len(COLUMNS))]
+    widths[0] = max(len(cells[0]) for cells, _ in rows)
+    console = ui.out()
+    if console.is_terminal:
+        widths = _fit(widths, console.width)
+    for cells, style in rows:
+        if len(cells) == 2 and style == "red":
+            line = f"{_cut(cells[0], widths[0]).ljust(widths[0])}  {cells[1]}"
+            if console.is_terminal:
+                line = _cut(line, console.width)
+        else:
+            line = "  ".join(_cut(c, w).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        if style:
+            from rich.text import Text
+
+            console.print(Text(line, style=style), soft_wrap=True, crop=False)
+        else:
+            console.file.write(line + "\n")
+    console.file.flush()
+
+
+def _printable(text: str) -> str:
+    """One line of text without control characters (a note could hold any)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else " " for c in text)
+
+
+def _fit(widths: list[int], total: int) -> list[int]:
+    """Column widths that fit in `total` characters: the widest columns give way first, but never the name
+    or the date (a cut name could not be typed back), and none below 8."""
+    widths = list(widths)
+    cuttable = [i for i in range(len(widths)) if COLUMNS[i] not in ("name", "created")]
+    while sum(widths) + 2 * (len(widths) - 1) > total:
+        widest = max(cuttable, key=lambda i: widths[i])
+        if widths[widest] <= 8:
+            break
+        widths[widest] -= 1
+    return widths
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
 def _show_unfinished(library: Library) -> bool:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 
-from crossinit_cli import families, formats, ui
+from crossinit_cli import families, formats, tools, ui
+from crossinit_cli.atomic import write_bytes_atomic
+from crossinit_cli.catalog import Query
 from crossinit_cli.errors import CrossinitError
-from crossinit_cli.store import Identity, Library, validate_name
+from crossinit_cli.store import Damaged, Identity, Library, validate_name
 
 USAGE_HINTS = {
     "a1111": "A1111/Forge: put it in stable-diffusion-webui/embeddings/ and write `{stem}` in a prompt; "
@@ -88,6 +91,150 @@ def export_identity(library: Library, name: str, *, fmt: str, output: str | None
     return 0
 
 
+def export_identities(
+    library: Library,
+    names: list[str],
+    *,
+    every: bool,
+    tag: str | None,
+    fmt: str | None,
+    output: str | None,
+    to: Path | None,
+    force: bool,
+    as_json: bool,
+) -> int:
+    """`export`: one identity as before, several (names, --all, --tag) into a folder, or --to a tool."""
+    if sum((bool(names), every, tag is not None)) != 1:
+        raise CrossinitError("name the identities to export, or pass --all or --tag TAG (one of the three)")
+    if to is not None:
+        if output is not None or fmt is not None:
+            raise CrossinitError("--to picks the folder and the format each tool reads; drop -o/--format")
+        tool = tools.detect(to)  # before anything is read: a wrong folder is refused at once
+        return deliver(library, _chosen(library, names, every, tag), tool, force=force, as_json=as_json)
+    fmt = fmt or "a1111"
+    if len(names) == 1:
+        return export_identity(library, names[0], fmt=fmt, output=output, force=force, as_json=as_json)
+    chosen = _chosen(library, names, every, tag)
+    folder = Path.cwd() if output is None else Path(output).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise CrossinitError(f"{folder} is a file; exporting several identities needs a folder")
+    for ident in chosen:  # a format that cannot hold one of them is refused before anything is written
+        formats.check_format(fmt, ident.family)
+    paths = {ident.name: folder / formats.default_filename(ident.name, fmt) for ident in chosen}
+    taken = [str(p) for p in paths.values() if p.exists()]
+    if taken and not force:  # checked for all before any is written
+        raise CrossinitError(f"{taken[0]} already exists ({len(taken)} in all); pass --force to overwrite")
+    records = []
+    for ident in chosen:
+        parts = library.effective_parts(ident.name)
+        steps = int(ident.training.get("steps", 0) or 0)
+        formats.export_vectors(
+            parts, ident.name, fmt, paths[ident.name], base_model=ident.base_model, steps=steps, family=ident.family
+        )
+        records.append({"name": ident.name, "format": fmt, "path": str(paths[ident.name]), "status": "written"})
+        if not as_json:
+            ui.info(f"exported [bold]{escape(ident.name)}[/] ({fmt}) to {escape(str(paths[ident.name]))}")
+    if as_json:
+        ui.print_json(records)
+    return 0
+
+
+def _chosen(library: Library, names: list[str], every: bool, tag: str | None) -> list[Identity]:
+    """The identities an export names: each name (all must exist), or all of them, or those with `tag`."""
+    if names:
+        return [library.get(name) for name in dict.fromkeys(names)]
+    entries = library.list(Query(tag=tag))
+    for entry in entries:
+        if isinstance(entry, Damaged):
+            ui.warn(f"skipped {entry.name}: {entry.reason}")
+    chosen = [entry for entry in entries if isinstance(entry, Identity)]
+    if not chosen:
+        raise CrossinitError(f"no identities with tag {tag!r}" if tag is not None else "the library is empty")
+    return chosen
+
+
+def deliver(library: Library, chosen: list[Identity], tool: tools.Tool, *, force: bool, as_json: bool) -> int:
+    """Write each identity into `tool`'s embeddings folder in the format it reads, rewriting only files whose
+    bytes would change. Files go in whole (temp file, then rename), so the tool never reads half of one."""
+    if not as_json:
+        ui.info(f"{tool.label} at {escape(str(tool.root))}: embeddings go to {escape(str(tool.embeddings))}")
+    records, failed = [], 0
+    for ident in chosen:
+        record: dict[str, Any] = {"name": ident.name, "tool": tool.key, "path": None}
+        try:
+            fmt = formats.format_for_tool(tool.key, ident.family)
+            path = tool.embeddings / formats.default_filename(ident.name, fmt)
+            record.update(format=fmt, path=str(path))
+            parts = library.effective_parts(ident.name)
+            steps = int(ident.training.get("steps", 0) or 0)
+            data = formats.encode(parts, ident.name, fmt, base_model=ident.base_model, steps=steps, family=ident.family)
+            record["status"] = _put(path, data, ident.name, force=force)
+        except CrossinitError as exc:
+            failed += 1
+            record.update(status="skipped", reason=str(exc))
+            ui.warn(f"skipped {ident.name}: {exc}")
+            records.append(record)
+            continue
+        records.append(record)
+        if not as_json:
+            stem = _file_stem(path)
+            how = tool.hint.format(stem=stem)
+            ui.info(f"{record['status']:>9} [bold]{escape(ident.name)}[/] -> {escape(path.name)} ({escape(how)})")
+    if as_json:
+        ui.print_json(records)
+    else:
+        counts = {s: sum(r["status"] == s for r in records) for s in ("written", "unchanged", "skipped")}
+        ui.info(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do")
+    return 1 if failed else 0
+
+
+def _put(path: Path, data: bytes, name: str, *, force: bool) -> str:
+    """Write `data` to `path` unless it already holds exactly that: 'written' or 'unchanged'."""
+    try:
+        current = path.read_bytes() if path.is_file() else None
+    except OSError as exc:
+        raise CrossinitError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if current is not None and _same_content(current, data):
+        return "unchanged"
+    if current is not None and not force and _written_for(path) != name:
+        raise CrossinitError(f"{path} exists and is not crossinit's export of {name!r}; pass --force to replace it")
+    if path.exists() and not path.is_file():
+        raise CrossinitError(f"{path} exists and is not a file")
+    write_bytes_atomic(path, data)
+    return "written"
+
+
+def _same_content(old: bytes, new: bytes) -> bool:
+    """Equal files, or safetensors files equal but for the order of their header's keys (the writer's own
+    map has no fixed order, so two exports of the same identity may differ byte for byte)."""
+    if old == new:
+        return True
+    import json
+
+    def split(blob: bytes) -> tuple[dict[str, Any], bytes] | None:
+        size = int.from_bytes(blob[:8], "little")
+        if len(blob) < 8 + size:
+            return None
+        try:
+            return json.loads(blob[8 : 8 + size]), blob[8 + size :]
+        except ValueError:
+            return None
+
+    parts = split(old), split(new)
+    return parts[0] is not None and parts[0] == parts[1]
+
+
+def _written_for(path: Path) -> str | None:
+    """The identity name crossinit recorded in a file it exported, if it is one."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            return (handle.metadata() or {}).get("crossinit_name")
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not ours
+        return None
+
+
 def _keys(family: str, count: int) -> list[str]:
     if family in families.FAMILIES and len(families.get(family).encoders) == count:
         return [e.key for e in families.get(family).encoders]
@@ -97,6 +244,12 @@ def _keys(family: str, count: int) -> list[str]:
 def import_identity(
     library: Library, path: Path, *, name: str | None, model: str | None, force: bool, as_json: bool
 ) -> int:
+    if Path(path).is_dir() and not formats.is_embedding_folder(Path(path)):
+        if name is not None:
+            raise CrossinitError(
+                f"{path} is a folder of embedding files: each is named after itself, so --name does not apply"
+            )
+        return import_folder(library, Path(path), model=model, force=force, as_json=as_json)
     loaded = formats.read_embedding_file(path, model)
     # An empty --name is a mistake to report, not a request for the file's stem.
     chosen = name if name is not None else (loaded.suggested_name or _file_stem(path))
@@ -107,16 +260,7 @@ def import_identity(
             raise
         raise CrossinitError(f"{exc}; pass --name to choose a name") from None
     tokens, width = loaded.vectors.shape
-    ident = Identity(
-        name=chosen,
-        tokens=tokens,
-        width=width,
-        family=loaded.family,
-        base_model=model or loaded.base_model or "",
-        source=f"import:{loaded.layout}:{Path(path).resolve()}",
-        training={"steps": loaded.steps} if loaded.steps else {},
-    )
-    target = library.add(ident, loaded.parts or loaded.vectors, force=force)
+    target = _store(library, loaded, chosen, Path(path), model=model, force=force)
     if as_json:
         from crossinit_cli.commands.library import identity_record
 
@@ -127,3 +271,64 @@ def import_identity(
             f"layout{', ' + families.get(loaded.family).title if loaded.family else ''}) into {escape(str(target))}"
         )
     return 0
+
+
+def import_folder(library: Library, folder: Path, *, model: str | None, force: bool, as_json: bool) -> int:
+    """Import every embedding file directly in `folder`; one line per file skipped, and why."""
+    imported, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        reason = None
+        if path.is_dir():
+            reason = "a folder (folders inside are not searched)"
+        elif path.suffix.lower() not in formats.EMBEDDING_SUFFIXES:
+            reason = f"not an embedding file ({', '.join(formats.EMBEDDING_SUFFIXES)})"
+        else:
+            try:
+                name = _import_one(library, path, model=model, force=force)
+                imported.append(name)
+                if not as_json:
+                    ui.info(f"imported [bold]{escape(name)}[/] from {escape(path.name)}")
+                continue
+            except CrossinitError as exc:
+                reason = str(exc).replace(str(path), path.name)
+        skipped.append({"file": str(path), "reason": reason})
+        ui.warn(f"skipped {path.name}: {reason}")
+    if not imported:
+        raise CrossinitError(f"nothing imported from {folder} ({len(skipped)} file(s) skipped)")
+    if as_json:
+        from crossinit_cli.commands.library import identity_record
+
+        records = [identity_record(library, library.get(name)) for name in imported]
+        ui.print_json({"imported": records, "skipped": skipped})
+    else:
+        ui.info(f"imported {len(imported)}, skipped {len(skipped)} from {escape(str(folder))}")
+    return 0
+
+
+def _import_one(library: Library, path: Path, *, model: str | None, force: bool) -> str:
+    loaded = formats.read_embedding_file(path, model)
+    try:
+        chosen = validate_name(loaded.suggested_name or _file_stem(path))
+    except CrossinitError:
+        chosen = validate_name(_file_stem(path))
+    _store(library, loaded, chosen, path, model=model, force=force)
+    return chosen
+
+
+def _store(
+    library: Library, loaded: formats.Imported, name: str, path: Path, *, model: str | None, force: bool
+) -> Path:
+    """Add an imported embedding to the library under `name`, recording where it came from."""
+    tokens, width = loaded.vectors.shape
+    ident = Identity(
+        name=name,
+        tokens=tokens,
+        width=width,
+        family=loaded.family,
+        base_model=model or loaded.base_model or "",
+        source=f"import:{loaded.layout}:{path.resolve()}",
+        training={"steps": loaded.steps} if loaded.steps else {},
+    )
+    return library.add(ident, loaded.parts or loaded.vectors, force=force)

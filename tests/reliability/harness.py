@@ -152,6 +152,19 @@ def snapshot(home: Path, *, times: bool = False) -> dict[str, Any]:
     return seen
 
 
+def assert_catalog_matches(home: Path, label: str = "") -> None:
+    """`list` (answered by the catalog) says exactly what the folders hold, and leaves the catalog fresh."""
+
+    def plain(entries: list) -> list:
+        return [("damaged", e.name, e.reason) if isinstance(e, Damaged) else e.to_dict() for e in entries]
+
+    library = Library(home)
+    listed, truth = plain(library.list()), plain(library.scan())
+    assert listed == truth, f"{label}: list != folders\nlist={listed}\nfolders={truth}"
+    state = library.catalog_state()
+    assert state["state"] == "fresh", f"{label}: catalog {state}"
+
+
 def leftovers(home: Path) -> list[str]:
     """Anything a writer leaves only while it runs: temp files, staging and trash entries, pending metadata."""
     found = []

@@ -24,6 +24,7 @@ from crossinit_cli.store import LOCK_TIMEOUT_S, Identity, Library
 from tests.reliability.harness import (
     DATA,
     Timer,
+    assert_catalog_matches,
     assert_no_traceback,
     copy_library,
     crossinit,
@@ -67,8 +68,10 @@ def _count_calls(home: Path, args: list[str], env: dict[str, str], log: Path) ->
 def _check_after_kill(
     home: Path, env: dict[str, str] | None, probe: Path, before: dict, after: dict, label: str
 ) -> str:
-    """A reader sees before or after; the next write (a `crossinit import` process, or the same write
-    in-process when `env` is None) is not held up and leaves no leftovers. Returns which state it was."""
+    """A reader sees before or after, and `list` (the catalog) says what the folders hold; the next write (a
+    `crossinit import` process, or the same write in-process when `env` is None) is not held up and leaves
+    no leftovers. Returns which state it was."""
+    assert_catalog_matches(home, label)
     seen = snapshot(home)
     state = "before" if seen == before else "after" if seen == after else None
     assert state is not None, f"{label}: between states\nbefore={before}\nafter={after}\nseen={seen}"
@@ -80,6 +83,7 @@ def _check_after_kill(
             assert done.returncode == 0, f"{label}: the next command failed: {done.stderr}"
     assert timer.elapsed < NEXT_COMMAND_LIMIT_S, f"{label}: the next command waited {timer.elapsed:.1f} s"
     assert leftovers(home) == [], f"{label}: {leftovers(home)}"
+    assert_catalog_matches(home, f"{label}, after the next write")
     seen = snapshot(home)
     seen.pop("probe")
     assert seen == (before if state == "before" else after), f"{label}: recovery changed the state"
@@ -250,3 +254,86 @@ def test_sigkill_learn_at_random_moments(base: Path, env: dict[str, str], tmp_pa
     ]
     counts = _random_kills(base, env, tmp_path, args, range(4), probe)
     assert counts["before"] + counts["after"] == 4
+
+
+# ---- the catalog ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("catalog", ["stale", "damaged", "missing"])
+def test_kill_list_while_it_mends_the_catalog(catalog: str, base: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """`list` writes too: it refreshes the rows of folders changed by hand and rebuilds a damaged or missing
+    catalog. Killed before any of its file-system calls or catalog commits, the next `list` is still right."""
+    import json
+
+    from crossinit_cli.catalog import CATALOG
+
+    entries = base / "identities"
+    shutil.copytree(entries / "bystander", entries / "copied")  # a folder copied in by hand
+    meta = entries / "copied" / "meta.toml"
+    meta.write_text(meta.read_text().replace('name = "bystander"', 'name = "copied"'))
+    meta = entries / "other" / "meta.toml"  # and one edited in place
+    with open(meta, "r+", encoding="utf-8") as handle:
+        text = handle.read().replace('notes = ""', 'notes = "edited by hand"')
+        handle.seek(0)
+        handle.write(text)
+    if catalog == "damaged":
+        (base / CATALOG).write_bytes(b"\x00garbage" * 512)
+    elif catalog == "missing":
+        (base / CATALOG).unlink()
+    truth = snapshot(copy_library(base, tmp_path / "truth"))  # through list: mends the copy's catalog
+    assert truth["other"]["notes"] == "edited by hand" and "copied" in truth
+
+    reference = copy_library(base, tmp_path / "reference")
+    calls = _count_calls(reference, ["list", "--json"], {**env, "CROSSINIT_HOME": str(reference)}, tmp_path / "log")
+    assert any(" commit " in call for call in calls), calls
+
+    def one(nth: int) -> None:
+        home = copy_library(base, tmp_path / f"kill-{nth}")
+        run_env = {**env, "CROSSINIT_HOME": str(home)}
+        done = crossinit("list", "--json", env=fault_env(run_env, f"kill-before:{nth}", home))
+        label = f"list killed before {calls[nth - 1].replace(str(reference), '<home>')}"
+        assert done.returncode == -9, f"{label}: {done.returncode} {done.stderr}"
+        after = crossinit("list", "--json", env=run_env)
+        assert after.returncode == 0, f"{label}: {after.stderr}"
+        assert [r["name"].casefold() for r in json.loads(after.stdout)] == sorted(truth), label
+        assert_catalog_matches(home, label)
+        assert snapshot(home) == truth, label
+        shutil.rmtree(home)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(one, range(1, len(calls) + 1)))
+    print(f"list mending a {catalog} catalog: {len(calls)} kill points")
+
+
+def test_kill_export_to_a_tool_never_leaves_half_a_file(env: dict[str, str], tmp_path: Path, rhome: Path) -> None:
+    """`export --all --to` killed before any of its file-system calls in the tool's folder: every file there
+    with an embedding's extension is whole (the identity's exact vectors), and the next run completes it."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    library = Library(rhome)
+    expected = {}
+    for i, name in enumerate(("ann", "ben", "cy")):
+        expected[name] = np.random.default_rng(i).standard_normal((2, 32)).astype(np.float32)
+        library.add(Identity(name=name, tokens=2, width=32, family="sd2"), expected[name])
+    tool = tmp_path / "webui"
+    (tool / "embeddings").mkdir(parents=True)
+    (tool / "webui.py").write_text("")
+    reference = copy_library(tool, tmp_path / "reference")
+    calls = _count_calls(reference, ["export", "--all", "--to", reference], env, tmp_path / "calls.log")
+    assert len(calls) >= 6, calls
+
+    for nth in range(1, len(calls) + 1):
+        target = copy_library(tool, tmp_path / f"kill-{nth}")
+        done = crossinit("export", "--all", "--to", target, env=fault_env(env, f"kill-before:{nth}", target))
+        assert done.returncode == -9, done.stderr
+        for path in (target / "embeddings").glob("*.safetensors"):
+            np.testing.assert_array_equal(load_file(str(path))["emb_params"], expected[path.stem])
+        assert crossinit("export", "--all", "--to", target, env=env).returncode == 0
+        assert sorted(p.name for p in (target / "embeddings").glob("*.safetensors")) == [
+            "ann.safetensors",
+            "ben.safetensors",
+            "cy.safetensors",
+        ]
+        shutil.rmtree(target)
+    print(f"export --all --to: {len(calls)} kill points, never half a file")

@@ -21,7 +21,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from crossinit_cli.store import Damaged, Identity, Library
-from tests.reliability.harness import DATA, crossinit, leftovers, write_embedding
+from tests.reliability.harness import DATA, assert_catalog_matches, crossinit, leftovers, write_embedding
 
 pytestmark = pytest.mark.reliability
 
@@ -191,6 +191,8 @@ def test_sixteen_processes_on_one_library(tmp_path: Path, env: dict[str, str], r
             norms = np.linalg.norm(candidates[record["source"]], axis=1)
             np.testing.assert_allclose(record["vector_norms"], np.round(norms, 4), atol=1e-4)
     assert leftovers(rhome) == []
+    # The catalog, written by every one of those commands, says what the folders hold.
+    assert_catalog_matches(rhome, "after the load test")
 
     counts: dict[str, int] = {}
     for args, *_ in log:

@@ -4,7 +4,9 @@ Does nothing unless CROSSINIT_FAULT is set. It wraps the file-system calls that 
 (os.open and open() for writing, mkdir, rename, replace, unlink, rmdir) and counts those that touch
 CROSSINIT_FAULT_ROOT (or any call relative to a directory fd, which only shutil.rmtree makes in crossinit).
 CROSSINIT_FAULT_OPS=rename,replace restricts what is counted; an open for writing is "create" when the file
-does not exist yet, else "open" (a full disk refuses the first, not the second).
+does not exist yet, else "open" (a full disk refuses the first, not the second). SQLite writes its files
+from C, out of reach of these wrappers: what is counted of the catalog is each transaction's COMMIT
+("commit", on the database's path), the one moment its changes reach the file.
 
     CROSSINIT_FAULT=count:FILE        append one line per counted call to FILE, and carry on
     CROSSINIT_FAULT=kill-before:N     SIGKILL this process just before the N-th counted call
@@ -21,6 +23,7 @@ import errno
 import io
 import os
 import signal
+import sqlite3
 import time
 
 _SPEC = os.environ.get("CROSSINIT_FAULT", "")
@@ -99,3 +102,24 @@ if _SPEC:
     for _name, _op in (("mkdir", "mkdir"), ("rename", "rename"), ("replace", "replace"), ("unlink", "unlink")):
         _wrap(_name, _op)
     _wrap("rmdir", "rmdir")
+
+    class _Counted(sqlite3.Connection):
+        """A connection that reports each COMMIT before it runs (crossinit commits with an explicit COMMIT)."""
+
+        where = ""
+
+        def execute(self, sql, *args, **kwargs):
+            if sql.strip().upper() == "COMMIT":
+                _event("commit", self.where)
+            return super().execute(sql, *args, **kwargs)
+
+    _real_connect = sqlite3.connect
+
+    def _connect(database, *args, **kwargs):
+        kwargs.setdefault("factory", _Counted)
+        connection = _real_connect(database, *args, **kwargs)
+        if isinstance(connection, _Counted):
+            connection.where = os.fsdecode(database)
+        return connection
+
+    sqlite3.connect = _connect
