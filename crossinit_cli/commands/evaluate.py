@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -14,7 +12,7 @@ from rich.table import Table
 
 from crossinit_cli import config, sample, ui
 from crossinit_cli import scoring as engine
-from crossinit_cli.commands.common import stderr_progress
+from crossinit_cli.commands.common import read_source, stderr_progress
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
 
@@ -267,16 +265,8 @@ def verdict(record: dict[str, Any]) -> list[str]:
 
 
 def _read_templates(prompts: str) -> list[str]:
-    if prompts == "-":
-        if sys.stdin.isatty():
-            ui.info("reading prompts from stdin, one a line, {} where the identity goes (Ctrl-D to finish)")
-        return engine.read_prompts(sys.stdin.read(), "stdin")
-    try:
-        text = Path(prompts).expanduser().read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise CrossinitError(f"cannot read prompts from {prompts}: {reason}") from None
-    return engine.read_prompts(text, prompts)
+    text = read_source(prompts, "prompts", "one a line, {} where the identity goes")
+    return engine.read_prompts(text, "stdin" if prompts == "-" else prompts)
 
 
 # ---- tables -------------------------------------------------------------------------------------
