@@ -1,4 +1,6 @@
-"""Cross Initialization, SPEC 1 steps 1-3 (Pang et al., CVPR 2024): where the new tokens start.
+"""Cross Initialization, paper steps 1-3 (Pang et al., CVPR 2024): where the new tokens start.
+
+docs/method.md#the-steps-and-where-they-are describes each step and where it lives.
 
 Textual Inversion usually starts a new token at the embedding of a word such as "person", far from where
 training ends. Cross Initialization starts it where the text encoder's *outputs* live: the mean input

@@ -1,7 +1,7 @@
 """Which device and precision to run on, and loading a Stable Diffusion model from wherever it lives.
 
-`--device auto` picks CUDA, then Apple MPS, then the CPU. Precision follows SPEC 6: bf16 (or fp16 where
-bf16 is unsupported) autocast on CUDA, fp32 on the CPU, fp32 weights on MPS for training and fp16 for
+`--device auto` picks CUDA, then Apple MPS, then the CPU. Precision (docs/method.md#device-and-precision): bf16
+(or fp16 where bf16 is unsupported) autocast on CUDA, fp32 on the CPU, fp32 weights on MPS for training and fp16 for
 sampling. A model is a hub id (from the local cache; `HF_HUB_OFFLINE` respected), a local diffusers
 folder, or a single-file `.safetensors`/`.ckpt` checkpoint.
 """

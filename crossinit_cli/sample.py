@@ -23,13 +23,11 @@ seed, so an image depends on its seed, the settings and the device, not on its p
 from __future__ import annotations
 
 import re
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import devices, families
+from crossinit_cli import devices, families, hf
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, name_key
 
@@ -198,29 +196,17 @@ def check_model(model: str, identities: Iterable[Identity], pipe: Any = None) ->
         families.check_identity(ident.name, ident.family, tuple(ident.widths), model, family, widths)
 
 
+MAX_SEED = 2**64 - 1
+"""The largest seed a torch generator takes; n images use seeds seed..seed+n-1."""
+
+
+def check_seed_range(seed: int, n: int) -> None:
+    """`--seed` for n images: every one of seed..seed+n-1 must be a valid generator seed."""
+    if not 0 <= seed <= MAX_SEED - (n - 1):
+        raise CrossinitError(f"--seed must be between 0 and {MAX_SEED - (n - 1)}, not {seed}")
+
+
 # ---- the pipeline -------------------------------------------------------------------------------
-
-
-@contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """Silence diffusers'/transformers' own progress bars and warnings: our progress and errors are ours."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
-    for lib, _, _ in saved:
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            # diffusers 0.42 renamed `torch_dtype`; older releases we support know only that name.
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            yield
-    finally:
-        for lib, verbosity, bars in saved:
-            lib.set_verbosity(verbosity)
-            if bars:
-                lib.enable_progress_bar()
 
 
 def load(model: str, placement: devices.Placement, identities: Iterable[Identity] = ()) -> Any:
@@ -228,7 +214,7 @@ def load(model: str, placement: devices.Placement, identities: Iterable[Identity
 
     `identities` that do not fit the model (check_model) are refused before its weights move to the device.
     """
-    with _quiet_libraries():
+    with hf.quiet_libraries():
         pipe = devices.load_pipeline(model, torch_dtype=placement.torch_dtype)
     check_model(model, identities, pipe)
     pipe = pipe.to(placement.device)
@@ -308,7 +294,7 @@ def _add_rows(tokenizer: Any, encoder: Any, entries: list[tuple[list[str], np.nd
 
 def truncated_identities(pipe: Any, expanded: str, mapping: Mapping[str, IdentityTokens]) -> list[str]:
     """Identities with tokens past the text encoder's window (77 tokens), which the pipeline drops."""
-    with _quiet_libraries():  # transformers warns about the over-long sequence we asked for
+    with hf.quiet_libraries():  # transformers warns about the over-long sequence we asked for
         ids = pipe.tokenizer(expanded, truncation=False).input_ids
     cut = set(ids[pipe.tokenizer.model_max_length - 1 :])  # the window's last slot holds the end token
     return [entry.name for entry in mapping.values() if cut.intersection(entry.ids)]
@@ -382,7 +368,7 @@ def _draw(
     # CPU generators make the starting noise the same on every device; one generator per image makes an
     # image independent of its batch.
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    with _quiet_libraries():
+    with hf.quiet_libraries():
         result = pipe(
             prompt=prompt,
             negative_prompt=settings.negative or None,

@@ -1,4 +1,7 @@
-"""Training the two new token rows, SPEC 1 steps 4-5; reads top to bottom: data, model, optimiser, loop, result.
+"""Training the two new token rows, paper steps 4-5 (docs/method.md#the-steps-and-where-they-are).
+
+`run` reads top to bottom through named phases: data (`encode_crops`), model (`_model`), optimiser, loop
+(`_train_loop`: `_step`, `_keep`), result.
 
 Faithful to the official Cross Initialization code (a fork of diffusers' textual-inversion example): the
 standard diffusion loss (MSE on the scheduler's epsilon or v target, t uniform in [0, T)) plus
@@ -280,6 +283,36 @@ def _splice_rows(text_encoder: Any, token_ids: list[int], rows: torch.Tensor) ->
     return table.register_forward_hook(splice)
 
 
+@dataclass(frozen=True)
+class ModelParts:
+    """The parts of a loaded pipeline that training uses.
+
+    A model with several text encoders (SDXL) gives its `family` and `slots` (families.slots); `tokenizer`
+    and `text_encoder` are then the first slot's. Without them the model is SD 2.x with one encoder."""
+
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler_config: Any
+    family: Family | None = None
+    slots: Sequence[Slot] | None = None
+
+    @classmethod
+    def of_pipeline(cls, pipe: Any, family: Family | None = None, slots: Sequence[Slot] | None = None) -> ModelParts:
+        return cls(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler.config, family, slots)
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller hears and keeps of a run: progress, snapshots, checkpoints, and a state to resume from."""
+
+    progress: Progress | None = None
+    snapshot_every: int | None = None
+    save_state: SaveState | None = None
+    resume_from: dict[str, Any] | None = None
+
+
 def train(
     *,
     tokenizer: Any,
@@ -298,172 +331,346 @@ def train(
     save_state: SaveState | None = None,
     resume_from: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width].
+    """`run` with every part named by keyword (tests, benchmarks): builds its records and calls it."""
+    parts = ModelParts(tokenizer, text_encoder, unet, vae, scheduler_config, family, slots)
+    return run(parts, crops, init, config, placement, RunHooks(progress, snapshot_every, save_state, resume_from))
 
-    A model with several text encoders (SDXL) passes its `family` and `slots` (families.slots), and one
-    init per encoder; `tokenizer` and `text_encoder` are then the first slot's. The modules are moved to
-    the placement's device (the UNet also cast to its dtype); each text encoder keeps the two new tokens
-    with the learned rows. Same seed, device and inputs give the same rows. Raises CrossinitError if the
-    loss becomes NaN or infinite.
 
-    `snapshot_every` keeps the rows every that many steps (and at the last, when it kept some before).
-    `save_state` receives the run's state every `CHECKPOINT_EVERY` steps and at Ctrl-C; `resume_from`
-    (such a state) continues a run, with the same result, bit for bit on the CPU, as one never interrupted.
+def run(
+    parts: ModelParts,
+    crops: Sequence[Image.Image],
+    init: torch.Tensor | Sequence[torch.Tensor],
+    config: TrainConfig,
+    placement: Placement,
+    hooks: RunHooks = RunHooks(),
+) -> TrainResult:
+    """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width]
+    (one init per text encoder for SDXL). Each phase's docstring names its paper step
+    (docs/method.md#the-steps-and-where-they-are).
+
+    The modules are moved to the placement's device (the UNet also cast to its dtype); each text encoder
+    keeps the two new tokens with the learned rows. Same seed, device and inputs give the same rows. Raises
+    CrossinitError if the loss becomes NaN or infinite.
+
+    `hooks.snapshot_every` keeps the rows every that many steps (and at the last, when it kept some before).
+    `hooks.save_state` receives the run's state every `CHECKPOINT_EVERY` steps and at Ctrl-C;
+    `hooks.resume_from` (such a state) continues a run, with the same result, bit for bit on the CPU, as
+    one never interrupted.
     """
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
-
     started = time.perf_counter()
     config.check()
     if not crops:
         raise CrossinitError("no face crops to learn from")
-    device = torch.device(placement.device)
-    on_cuda = device.type == "cuda"
-    compute = placement.torch_dtype
-    size = config.resolution or model_resolution(unet, vae)
-    family = family or families.FAMILIES["sd2"]
-    if slots is None:
-        slots = [families.Slot(family.encoders[0], tokenizer, text_encoder)]
-    inits = [init] if not isinstance(init, (list, tuple)) else list(init)
-    draw = random.Random(config.seed)  # which photo, flip and caption each batch item gets
-    noise_gen = torch.Generator(device).manual_seed(config.seed)  # latent samples, noise, timesteps
+    setup = _setup(parts, config, placement)
+    loop = _Loop.start(config.seed, setup.device)  # seeded first; a resume restores their states
+    data = encode_crops(parts.vae, crops, setup)
+    encode_s = time.perf_counter() - started
+    model = _model(parts, setup, init)
+    optimiser = _optimiser(model.rows, config, placement, setup)
+    loop.restore(hooks.resume_from, model, optimiser)
+    loop_started = time.perf_counter()
+    _train_loop(loop, data, model, optimiser, setup, hooks)
+    timing = _Timing(started, encode_s, time.perf_counter() - loop_started)
+    return _result(loop, model, setup, timing)
 
-    # ---- data: every crop and its mirror image through the VAE once, in fp32 -------------------------
-    vae.requires_grad_(False).eval().to(device)
+
+# ---- the phases `run` reads through -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Where and how a run computes: device, dtype, image size and the model family's encoder slots."""
+
+    config: TrainConfig
+    placement: Placement
+    device: Any  # torch.device
+    compute: Any  # torch.dtype of the UNet and autocast
+    size: int
+    family: Family
+    slots: list[Slot]
+
+
+def _setup(parts: ModelParts, config: TrainConfig, placement: Placement) -> _Setup:
+    import torch
+
+    family = parts.family or families.FAMILIES["sd2"]
+    slots = (
+        list(parts.slots)
+        if parts.slots is not None
+        else [families.Slot(family.encoders[0], parts.tokenizer, parts.text_encoder)]
+    )
+    return _Setup(
+        config=config,
+        placement=placement,
+        device=torch.device(placement.device),
+        compute=placement.torch_dtype,
+        size=config.resolution or model_resolution(parts.unet, parts.vae),
+        family=family,
+        slots=slots,
+    )
+
+
+@dataclass(frozen=True)
+class _Latents:
+    """Every crop and its mirror image as the VAE's latent distribution (mean and std), encoded once."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling: float
+    photos: int  # row i + photos is photo i mirrored
+
+
+def encode_crops(vae: Any, crops: Sequence[Image.Image], setup: _Setup) -> _Latents:
+    """Data (paper step 5): every crop and its mirror image through the VAE once, in fp32 (the random flip's
+    two sides)."""
+    import torch
+
+    vae.requires_grad_(False).eval().to(setup.device)
     if vae.dtype != torch.float32:
         vae.to(dtype=torch.float32)
-    pixels = torch.stack([_pixels(c, size) for c in crops])
+    pixels = torch.stack([_pixels(c, setup.size) for c in crops])
     pixels = torch.cat([pixels, pixels.flip(-1)])  # row i + len(crops) is crop i mirrored
     means, stds = [], []
     with torch.inference_mode():
         for chunk in pixels.split(8):
-            dist = vae.encode(chunk.to(device)).latent_dist
+            dist = vae.encode(chunk.to(setup.device)).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
-    latent_mean, latent_std = torch.cat(means).clone(), torch.cat(stds).clone()
-    scaling = vae.config.scaling_factor
-    encode_s = time.perf_counter() - started
+    return _Latents(torch.cat(means).clone(), torch.cat(stds).clone(), vae.config.scaling_factor, len(crops))
 
-    # ---- model: two new tokens at the cross init; everything else frozen ----------------------------
+
+@dataclass(frozen=True)
+class _Model:
+    """The frozen model with the two new tokens per encoder, and the rows being learned."""
+
+    unet: Any
+    noise_scheduler: Any
+    slots: list[Slot]
+    token_ids: list[list[int]]  # per slot, the placeholder ids
+    captions: list[torch.Tensor]  # per slot, every caption template's ids [81, 77]
+    starts: list[torch.Tensor]  # per slot, the cross-init start v⁰ [2, width]
+    rows: list[torch.Tensor]  # per slot, the learned rows (torch.nn.Parameter) [2, width]
+
+    @property
+    def named(self) -> dict[str, torch.Tensor]:
+        """The rows by their snapshot and checkpoint names (`row_names`)."""
+        return dict(zip(row_names(self.slots), self.rows))
+
+
+def _model(parts: ModelParts, setup: _Setup, init: torch.Tensor | Sequence[torch.Tensor]) -> _Model:
+    """Model (paper step 3): two new tokens at the cross init (steps 1-2, crossinit.py); everything else frozen."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    inits = [init] if not isinstance(init, (list, tuple)) else list(init)
+    slots, device = setup.slots, setup.device
     all_ids = [add_placeholder_tokens(s.tokenizer, s.text_encoder, i) for s, i in zip(slots, inits)]
-    token_ids = all_ids[0]
     captions = [_caption_ids(s.tokenizer, ids).to(device) for s, ids in zip(slots, all_ids)]
     for slot in slots:
         slot.text_encoder.requires_grad_(False).eval().to(device)  # fp32 weights; autocast computes in `compute`
-    unet.requires_grad_(False).eval().to(device)
-    if family.checkpointing:  # SDXL's UNet: recompute activations in backward instead of holding them all
+    _freeze_unet(parts.unet, setup)
+    starts = [i.detach().to(device=device, dtype=torch.float32) for i in inits]
+    rows = [torch.nn.Parameter(s.clone()) for s in starts]
+    noise_scheduler = DDPMScheduler.from_config(parts.scheduler_config)
+    return _Model(parts.unet, noise_scheduler, slots, all_ids, captions, starts, rows)
+
+
+def _freeze_unet(unet: Any, setup: _Setup) -> None:
+    """The UNet frozen on the device in the compute dtype, with SDPA attention (and SDXL's checkpointing)."""
+    import torch
+
+    unet.requires_grad_(False).eval().to(setup.device)
+    if setup.family.checkpointing:  # SDXL's UNet: recompute activations in backward instead of holding them all
         unet.enable_gradient_checkpointing()
-    if unet.dtype != compute:  # frozen, so its weights can live in the compute dtype (as diffusers' example does)
-        unet.to(dtype=compute)
+    if unet.dtype != setup.compute:  # frozen, so its weights can live in the compute dtype (as diffusers' example does)
+        unet.to(dtype=setup.compute)
     unet.set_attn_processor(_sdpa_processor())
-    if on_cuda:
+    if setup.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         unet.to(memory_format=torch.channels_last)
-    starts = [i.detach().to(device=device, dtype=torch.float32) for i in inits]
-    rows_all = [torch.nn.Parameter(s.clone()) for s in starts]
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
-    steps_t = noise_scheduler.config.num_train_timesteps
 
-    # ---- optimiser ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Optimiser:
+    """AdamW over the new rows only, its loss scaler (fp16) and the autocast context of each step."""
+
+    optimizer: Any
+    scaler: Any
+    autocast: Any
+
+
+def _optimiser(rows: list[torch.Tensor], config: TrainConfig, placement: Placement, setup: _Setup) -> _Optimiser:
+    """Optimiser: the official AdamW settings at a constant learning rate."""
+    import torch
+
     optimizer = torch.optim.AdamW(
-        rows_all, lr=config.lr, betas=config.adam_betas, weight_decay=config.adam_weight_decay, eps=config.adam_eps
+        rows, lr=config.lr, betas=config.adam_betas, weight_decay=config.adam_weight_decay, eps=config.adam_eps
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=placement.dtype == "fp16")
-    autocast = torch.autocast(device.type, dtype=compute, enabled=placement.dtype != "fp32")
+    scaler = torch.amp.GradScaler(setup.device.type, enabled=placement.dtype == "fp16")
+    autocast = torch.autocast(setup.device.type, dtype=setup.compute, enabled=placement.dtype != "fp32")
+    return _Optimiser(optimizer, scaler, autocast)
 
-    # ---- loop ---------------------------------------------------------------------------------------
-    losses: list[float] = []
-    order: list[int] = []
-    snapshots: dict[int, dict[str, torch.Tensor]] = {}
-    named = dict(zip(row_names(slots), rows_all))
-    done = 0
-    if resume_from is not None:
-        done, order, losses, snapshots = restore_run(resume_from, named, optimizer, scaler, draw, noise_gen)
-    state = resume_from
-    hooks = [_splice_rows(s.text_encoder, ids, r) for s, ids, r in zip(slots, all_ids, rows_all)]
-    loop_started = time.perf_counter()
+
+@dataclass
+class _Loop:
+    """What the loop carries from step to step: the generators, the data order, losses and snapshots."""
+
+    draw: random.Random  # which photo, flip and caption each batch item gets
+    noise_gen: Any  # torch.Generator: latent samples, noise, timesteps
+    done: int = 0  # the steps finished before this run (a resume)
+    order: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    state: dict[str, Any] | None = None  # the last whole step's state, for save_state at Ctrl-C
+
+    @classmethod
+    def start(cls, seed: int, device: Any) -> _Loop:
+        import torch
+
+        return cls(random.Random(seed), torch.Generator(device).manual_seed(seed))
+
+    def restore(self, state: dict[str, Any] | None, model: _Model, optimiser: _Optimiser) -> None:
+        """Continue from a captured state (`capture_run`), or start at step 1 when there is none."""
+        if state is not None:
+            self.done, self.order, self.losses, self.snapshots = restore_run(
+                state, model.named, optimiser.optimizer, optimiser.scaler, self.draw, self.noise_gen
+            )
+        self.state = state
+
+
+def _train_loop(
+    loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, setup: _Setup, hooks: RunHooks
+) -> None:
+    """Loop: one step per batch until `config.steps`, then the check on what prompts will see.
+
+    Ctrl-C saves the last whole step (a Ctrl-C mid-step may have half-updated the rows); out of memory
+    becomes one line with settings that fit."""
+    import torch
+
+    config = setup.config
+    hooked = [_splice_rows(s.text_encoder, ids, r) for s, ids, r in zip(model.slots, model.token_ids, model.rows)]
     try:
-        for step in range(done + 1, config.steps + 1):
-            items, chosen = [], []
-            for _ in range(config.batch_size):
-                if not order:  # a fresh shuffle of the photos each pass, like the official DataLoader
-                    order = draw.sample(range(len(crops)), len(crops))
-                photo = order.pop()
-                items.append(photo + (len(crops) if draw.random() < FLIP_P else 0))
-                chosen.append(draw.randrange(len(TEMPLATES)))
-            index = torch.tensor(items, device=device)
-            mean, std = latent_mean[index], latent_std[index]
-            latents = (mean + std * torch.randn(mean.shape, generator=noise_gen, device=device)) * scaling
-            noise = torch.randn(latents.shape, generator=noise_gen, device=device)
-            t = torch.randint(0, steps_t, (len(items),), generator=noise_gen, device=device)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            target = loss_target(noise_scheduler, latents, noise, t)
-            distinct, inverse = torch.unique(torch.tensor(chosen, device=device), return_inverse=True)
-
-            with autocast:
-                states, added = _gather(
-                    condition(family, slots, [c[distinct] for c in captions], size), inverse, compute
-                )
-                prediction = unet(noisy.to(compute), t, states, added_cond_kwargs=added).sample
-            loss = F.mse_loss(prediction.float(), target.float()) + regulariser_all(rows_all, starts, config.reg_weight)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-            value = float(loss.item())
+        for step in range(loop.done + 1, config.steps + 1):
+            value = _step(loop, data, model, optimiser, setup)
             if not math.isfinite(value):
                 raise CrossinitError(
                     f"training diverged at step {step} (loss is {value}); try --dtype fp32 or a lower --lr"
                 )
-            losses.append(value)
-            if _snapshot_due(step, snapshot_every, config.steps):
-                snapshots[step] = snapshot_rows(named)
-            if save_state is not None:
-                rngs = capture_rng(draw, noise_gen)
-                state = capture_run(step, named, optimizer, scaler, rngs, order, losses, snapshots)
-                if step % CHECKPOINT_EVERY == 0 and step < config.steps:
-                    save_state(state)
-            if progress is not None:
-                progress(step, config.steps, value)
-        # Each loss is computed before its update: check the last update on what prompts will see.
-        with torch.no_grad(), autocast:
-            final = condition(family, slots, [c[:1] for c in captions], size)[0]
-        if not (all(torch.isfinite(r).all() for r in rows_all) and torch.isfinite(final).all()):
-            raise CrossinitError(
-                f"training diverged at step {config.steps} (the learned vectors overflow); "
-                "try --dtype fp32 or a lower --lr"
-            )
+            _keep(step, value, loop, model, optimiser, config, hooks)
+        _check_final(model, optimiser, setup)
     except KeyboardInterrupt:
-        if save_state is not None and state is not None:
-            save_state(state)  # the last whole step: a Ctrl-C mid-step may have half-updated the rows
+        if hooks.save_state is not None and loop.state is not None:
+            hooks.save_state(loop.state)
         raise
     except torch.cuda.OutOfMemoryError:
         raise CrossinitError(
-            f"out of memory on {placement.device} at batch size {config.batch_size} and {size} px; "
-            f"{oom_advice(config, size)}"
+            f"out of memory on {setup.placement.device} at batch size {config.batch_size} and {setup.size} px; "
+            f"{oom_advice(config, setup.size)}"
         ) from None
     finally:
-        for hook in hooks:
+        for hook in hooked:
             hook.remove()
-        if family.checkpointing:
-            unet.disable_gradient_checkpointing()
-    loop_s = time.perf_counter() - loop_started
-    ran = max(1, config.steps - done)
+        if setup.family.checkpointing:
+            model.unet.disable_gradient_checkpointing()
 
-    # ---- result: the learned rows, also written into the text encoder's table -----------------------
+
+def _draw_batch(loop: _Loop, photos: int, batch_size: int) -> tuple[list[int], list[int]]:
+    """Which latent (photo, or its mirror with probability FLIP_P) and which caption each batch item gets:
+    a fresh shuffle of the photos each pass, like the official DataLoader (paper step 5)."""
+    items, chosen = [], []
+    for _ in range(batch_size):
+        if not loop.order:
+            loop.order = loop.draw.sample(range(photos), photos)
+        photo = loop.order.pop()
+        items.append(photo + (photos if loop.draw.random() < FLIP_P else 0))
+        chosen.append(loop.draw.randrange(len(TEMPLATES)))
+    return items, chosen
+
+
+def _step(loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, setup: _Setup) -> float:
+    """One step (paper step 4): the diffusion loss on a noised batch plus the regulariser, and
+    one AdamW update of the rows. Returns the step's loss."""
+    import torch
+    import torch.nn.functional as F
+
+    device, noise_gen, scheduler = setup.device, loop.noise_gen, model.noise_scheduler
+    items, chosen = _draw_batch(loop, data.photos, setup.config.batch_size)
+    index = torch.tensor(items, device=device)
+    mean, std = data.mean[index], data.std[index]
+    latents = (mean + std * torch.randn(mean.shape, generator=noise_gen, device=device)) * data.scaling
+    noise = torch.randn(latents.shape, generator=noise_gen, device=device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(items),), generator=noise_gen, device=device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = loss_target(scheduler, latents, noise, t)
+    distinct, inverse = torch.unique(torch.tensor(chosen, device=device), return_inverse=True)
+
+    with optimiser.autocast:
+        conditioning = condition(setup.family, model.slots, [c[distinct] for c in model.captions], setup.size)
+        states, added = _gather(conditioning, inverse, setup.compute)
+        prediction = model.unet(noisy.to(setup.compute), t, states, added_cond_kwargs=added).sample
+    reg = regulariser_all(model.rows, model.starts, setup.config.reg_weight)
+    loss = F.mse_loss(prediction.float(), target.float()) + reg
+    optimiser.scaler.scale(loss).backward()
+    optimiser.scaler.step(optimiser.optimizer)
+    optimiser.scaler.update()
+    optimiser.optimizer.zero_grad(set_to_none=True)
+    return float(loss.item())
+
+
+def _keep(
+    step: int, value: float, loop: _Loop, model: _Model, optimiser: _Optimiser, config: TrainConfig, hooks: RunHooks
+) -> None:
+    """After a step: its loss, a snapshot when one is due, the run's state (a checkpoint every
+    CHECKPOINT_EVERY steps), and the caller's progress."""
+    loop.losses.append(value)
+    if _snapshot_due(step, hooks.snapshot_every, config.steps):
+        loop.snapshots[step] = snapshot_rows(model.named)
+    if hooks.save_state is not None:
+        rngs = capture_rng(loop.draw, loop.noise_gen)
+        named, opt, scaler = model.named, optimiser.optimizer, optimiser.scaler
+        loop.state = capture_run(step, named, opt, scaler, rngs, loop.order, loop.losses, loop.snapshots)
+        if step % CHECKPOINT_EVERY == 0 and step < config.steps:
+            hooks.save_state(loop.state)
+    if hooks.progress is not None:
+        hooks.progress(step, config.steps, value)
+
+
+def _check_final(model: _Model, optimiser: _Optimiser, setup: _Setup) -> None:
+    """Each loss is computed before its update: check the last update on what prompts will see."""
+    import torch
+
+    with torch.no_grad(), optimiser.autocast:
+        final = condition(setup.family, model.slots, [c[:1] for c in model.captions], setup.size)[0]
+    if not (all(torch.isfinite(r).all() for r in model.rows) and torch.isfinite(final).all()):
+        raise CrossinitError(
+            f"training diverged at step {setup.config.steps} (the learned vectors overflow); "
+            "try --dtype fp32 or a lower --lr"
+        )
+
+
+@dataclass(frozen=True)
+class _Timing:
+    started: float  # perf_counter at the start of the run
+    encode_s: float
+    loop_s: float
+
+
+def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> TrainResult:
+    """Result: the learned rows, also written into each text encoder's table."""
+    import numpy as np
+    import torch
+
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with torch.no_grad():
-        for slot, ids, learned, begin in zip(slots, all_ids, rows_all, starts):
+        for slot, ids, learned, begin in zip(model.slots, model.token_ids, model.rows, model.starts):
             table = slot.text_encoder.get_input_embeddings().weight
             table[ids] = learned.detach().to(table.dtype)
             parts[slot.spec.key] = (
                 learned.detach().float().cpu().numpy().astype(np.float32),
                 begin.cpu().numpy().astype(np.float32),
             )
+    config, losses = setup.config, loop.losses
     window = losses[-FINAL_LOSS_WINDOW:]
     first_learned, first_init = next(iter(parts.values()))
     return TrainResult(
@@ -471,17 +678,17 @@ def train(
         init=first_init,
         losses=losses,
         final_loss=float(sum(window) / len(window)),
-        per_step_s=loop_s / ran,
-        total_s=time.perf_counter() - started,
-        encode_s=encode_s,
-        resolution=size,
-        config=replace(config, resolution=size),
-        device=placement.device,
-        dtype=placement.dtype,
-        token_ids=token_ids,
+        per_step_s=timing.loop_s / max(1, config.steps - loop.done),
+        total_s=time.perf_counter() - timing.started,
+        encode_s=timing.encode_s,
+        resolution=setup.size,
+        config=replace(config, resolution=setup.size),
+        device=setup.placement.device,
+        dtype=setup.placement.dtype,
+        token_ids=model.token_ids[0],
         parts=parts,
-        snapshots={k: {n: t.numpy().astype(np.float32) for n, t in v.items()} for k, v in snapshots.items()},
-        snapshot_losses={k: _window_mean(losses[:k]) for k in snapshots},
+        snapshots={k: {n: t.numpy().astype(np.float32) for n, t in v.items()} for k, v in loop.snapshots.items()},
+        snapshot_losses={k: _window_mean(losses[:k]) for k in loop.snapshots},
     )
 
 

@@ -1,4 +1,5 @@
-"""Cross Initialization (SPEC 1 steps 1-3) checked against an independent computation of the SPEC's text."""
+"""Cross Initialization (paper steps 1-3) checked against an independent computation of their description in
+docs/method.md#the-steps-and-where-they-are."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ OFFICIAL = sorted((Path(__file__).parent / "data" / "official").glob("*.bin"))
 
 
 def _reference_init(tokenizer, text_encoder, *, penultimate: bool = False) -> torch.Tensor:
-    """SPEC 1 steps 1-2 written out from the text, sharing no code with crossinit.py or families.py.
+    """Paper steps 1-2 written out from docs/method.md's text, sharing no code with crossinit.py or families.py.
 
-    `penultimate` (SPEC 8, SDXL's encoders): the output of the last layer but one, without the final
-    layer norm (hidden_states[-2]), instead of the final layer norm's output.
+    `penultimate` (docs/method.md#model-families, SDXL's encoders): the output of the last layer but one,
+    without the final layer norm (hidden_states[-2]), instead of the final layer norm's output.
     """
     text_encoder = getattr(text_encoder, "text_model", text_encoder)  # CLIPTextModelWithProjection's inner model
     table = text_encoder.embeddings.token_embedding.weight.detach()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from crossinit_cli import devices, faces
-from crossinit_cli import evaluate as engine
+from crossinit_cli import scoring as engine
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from crossinit_cli import evaluate as engine
 from crossinit_cli import faces, sample
+from crossinit_cli import scoring as engine
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library
 

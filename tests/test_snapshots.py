@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from crossinit_cli import evaluate as engine
 from crossinit_cli import faces, sample
+from crossinit_cli import scoring as engine
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
 

@@ -1,4 +1,5 @@
-"""Training the two new rows (SPEC 1 steps 4-5) on the tiny model: what moves, where it goes, and how."""
+"""Training the two new rows (paper steps 4-5, docs/method.md#the-steps-and-where-they-are) on the tiny model:
+what moves, where it goes, and how."""
 
 from __future__ import annotations
 

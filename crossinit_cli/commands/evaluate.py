@@ -1,20 +1,40 @@
-"""`eval`: the CLI around `crossinit_cli.evaluate`: options in, tables or one JSON document out."""
+"""`eval`: the CLI around `crossinit_cli.scoring`: options in, tables or one JSON document out."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
 from crossinit_cli import config, sample, ui
-from crossinit_cli import evaluate as engine
+from crossinit_cli import scoring as engine
+from crossinit_cli.commands.common import read_source, stderr_progress
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `crossinit eval` asked for, beyond the names; None takes the configuration's default."""
+
+    compare: bool = False
+    prompts: str | None = None
+    n: int = engine.DEFAULT_N
+    seed: int = engine.DEFAULT_SEED
+    steps: int | None = None
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    clip_model: str | None = None
+    fail_below: float | None = None
+    snapshots: bool = False
+    pick_best: bool = False
+    quiet: bool = False
+    as_json: bool = False
 
 
 def evaluate_identities(
@@ -36,45 +56,76 @@ def evaluate_identities(
     quiet: bool = False,
     as_json: bool = False,
 ) -> int:
+    """cli.py's entry point: its keywords gathered into EvalOptions for `evaluate_command`."""
+    options = EvalOptions(
+        compare=compare,
+        prompts=prompts,
+        n=n,
+        seed=seed,
+        steps=steps,
+        model=model,
+        device=device,
+        dtype=dtype,
+        clip_model=clip_model,
+        fail_below=fail_below,
+        snapshots=snapshots,
+        pick_best=pick_best,
+        quiet=quiet,
+        as_json=as_json,
+    )
+    return evaluate_command(library, names, options)
+
+
+def evaluate_command(library: Library, names: list[str], options: EvalOptions) -> int:
+    """`eval NAMES`: check the options, score the identities (or one's snapshots), report and store."""
+    fail_below = options.fail_below
     if fail_below is not None and not fail_below >= 0:
         raise CrossinitError(f"--fail-below must be a likeness of 0 or more, not {fail_below:g}")
-    if compare and len(names) < 2:
+    if options.compare and len(names) < 2:
         raise CrossinitError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
     cfg = config.load_config()
-    templates = engine.DEFAULT_PROMPTS if prompts is None else _read_templates(prompts)
+    templates = engine.DEFAULT_PROMPTS if options.prompts is None else _read_templates(options.prompts)
     for name in names:
         library.get(name)  # an unknown name is an error before anything loads
-    snapshot_steps = _snapshot_steps(library, names, templates, compare, fail_below) if snapshots else None
-    show = not quiet and ui.err().is_terminal
-    total = engine.image_count(templates, len(snapshot_steps) if snapshot_steps else len(names), n)
-
-    with _progress(show, total) as bar:
-        results = engine.evaluate(
-            library,
-            names,
-            templates=templates,
-            n=n,
-            seed=seed,
-            steps=sample.DEFAULT_STEPS if steps is None else steps,
-            model=model,
-            fallback_model=cfg.model,
-            device=device or cfg.device,
-            dtype=dtype or cfg.dtype,
-            clip_model=clip_model or engine.DEFAULT_CLIP_MODEL,
-            notify=ui.warn,
-            on_image=bar.image,
-            on_load=bar.loading,
-            snapshot_steps=snapshot_steps,
-        )
+    snapshot_steps = (
+        _snapshot_steps(library, names, templates, options.compare, fail_below) if options.snapshots else None
+    )
+    request = _request(options, cfg, templates, snapshot_steps)
+    total = engine.image_count(templates, len(snapshot_steps) if snapshot_steps else len(names), options.n)
+    with _progress(options.quiet, total) as bar:
+        hooks = engine.EvalHooks(notify=ui.warn, on_image=bar.image, on_load=bar.loading)
+        results = engine.evaluate(library, names, request, hooks)
     if snapshot_steps is not None:
-        return _snapshot_report(library, names[0], results, pick_best=pick_best, as_json=as_json)
+        return _snapshot_report(library, names[0], results, pick_best=options.pick_best, as_json=options.as_json)
+    return _identity_report(library, results, options)
+
+
+def _request(
+    options: EvalOptions, cfg: config.Config, templates: Sequence[str], snapshot_steps: list[int] | None
+) -> engine.EvalRequest:
+    """The engine's request: the options with the configuration's model, device and dtype filled in."""
+    return engine.EvalRequest(
+        templates=templates,
+        n=options.n,
+        seed=options.seed,
+        steps=sample.DEFAULT_STEPS if options.steps is None else options.steps,
+        model=options.model,
+        fallback_model=cfg.model,
+        device=options.device or cfg.device,
+        dtype=options.dtype or cfg.dtype,
+        clip_model=options.clip_model or engine.DEFAULT_CLIP_MODEL,
+        snapshot_steps=snapshot_steps,
+    )
+
+
+def _identity_report(library: Library, results: list[engine.Evaluation], options: EvalOptions) -> int:
+    """Store each evaluation and its contact sheet, print the tables and verdicts, and gate --fail-below."""
     sheets = {r.name: engine.save(library, r) for r in results}
     records = [{"name": r.name, **r.record(), "contact_sheet": str(sheets[r.name])} for r in results]
-
-    if as_json:
+    if options.as_json:
         ui.print_json(records)
-        return _gate(records, fail_below)
-    if compare:
+        return _gate(records, options.fail_below)
+    if options.compare:
         ui.out().print(_compare_table(records))
     else:
         for record in records:
@@ -85,7 +136,7 @@ def evaluate_identities(
     for record in records:
         ui.info(f"contact sheet of [bold]{escape(record['name'])}[/]: {escape(record['contact_sheet'])}")
     ui.info("stored with each identity; see `crossinit show NAME` and docs/eval.md for what each number means")
-    return _gate(records, fail_below)
+    return _gate(records, options.fail_below)
 
 
 def _snapshot_steps(
@@ -214,16 +265,8 @@ def verdict(record: dict[str, Any]) -> list[str]:
 
 
 def _read_templates(prompts: str) -> list[str]:
-    if prompts == "-":
-        if sys.stdin.isatty():
-            ui.info("reading prompts from stdin, one a line, {} where the identity goes (Ctrl-D to finish)")
-        return engine.read_prompts(sys.stdin.read(), "stdin")
-    try:
-        text = Path(prompts).expanduser().read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise CrossinitError(f"cannot read prompts from {prompts}: {reason}") from None
-    return engine.read_prompts(text, prompts)
+    text = read_source(prompts, "prompts", "one a line, {} where the identity goes")
+    return engine.read_prompts(text, "stdin" if prompts == "-" else prompts)
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -318,7 +361,9 @@ def _share(value: Any) -> str:
 # ---- progress -----------------------------------------------------------------------------------
 
 
-class _Bar:
+class _ImageProgress:
+    """The eval progress bar: one tick per generated image, the model being loaded as its description."""
+
     def __init__(self, progress: Any, total: int) -> None:
         self.progress = progress
         self.task = progress.add_task("images", total=total) if progress else None
@@ -337,18 +382,19 @@ class _Bar:
 
 
 @contextmanager
-def _progress(show: bool, total: int) -> Iterator[_Bar]:
-    if not show:
-        yield _Bar(None, total)
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _progress(quiet: bool, total: int) -> Iterator[_ImageProgress]:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    with Progress(
+    progress = stderr_progress(
+        quiet,
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=ui.err(),
         transient=True,
-    ) as progress:
-        yield _Bar(progress, total)
+    )
+    if progress is None:
+        yield _ImageProgress(None, total)
+        return
+    with progress:
+        yield _ImageProgress(progress, total)

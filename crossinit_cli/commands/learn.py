@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
 from crossinit_cli import ui
+from crossinit_cli.commands.common import stderr_progress
 from crossinit_cli.devices import check_model_reference
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
@@ -31,6 +31,28 @@ SNAPSHOT_EVERY = {"full": 40, "fast": None}
 ALIGN_SIZE = 512
 """Photos are checked and aligned at SD's native size before the model is loaded; a model of another size
 gets them aligned again at its own (a dlib pass is ~60 ms a photo, a model load several seconds)."""
+
+
+@dataclass(frozen=True)
+class LearnRequest:
+    """What `crossinit learn PHOTOS` asked for; None takes the mode's or the configuration's default."""
+
+    name: str | None
+    mode: str
+    steps: int | None
+    lr: float | None
+    batch_size: int | None
+    reg_weight: float | None
+    model: str | None
+    device: str | None
+    dtype: str | None
+    seed: int
+    force: bool
+    align: bool
+    quiet: bool
+    as_json: bool
+    resolution: int | None = None
+    snapshot_every: int | None = None
 
 
 def learn_identity(
@@ -54,12 +76,64 @@ def learn_identity(
     as_json: bool,
     snapshot_every: int | None = None,
 ) -> int:
-    from crossinit_cli import checkpoint, faces
-    from crossinit_cli import config as settings
-    from crossinit_cli.train import TrainConfig
+    """cli.py's entry point: its keywords gathered into a LearnRequest for `learn`."""
+    request = LearnRequest(
+        name=name,
+        mode=mode,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        reg_weight=reg_weight,
+        model=model,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        force=force,
+        align=align,
+        quiet=quiet,
+        as_json=as_json,
+        resolution=resolution,
+        snapshot_every=snapshot_every,
+    )
+    return learn(library, photos, request)
 
-    # ---- cheap checks first: name, settings, photos ------------------------------------------------
-    name = _identity_name(name, photos)
+
+def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
+    """`learn PHOTOS`: cheap checks (name, settings, photos, model reference), then the model, then
+    training and the one library write."""
+    from crossinit_cli import config as settings
+    from crossinit_cli import faces
+
+    name = _identity_name(request.name, photos)
+    _check_name_free(library, name, request.force)
+    snapshot_every = _snapshot_every(request.snapshot_every, request.mode)
+    train_config = _train_config(request)
+    defaults = settings.load_config()
+    model_id = request.model or defaults.model
+    paths = faces.collect_photos(photos)
+    with ui.timed("face detection and alignment"):
+        crops = faces.align_faces(paths, ALIGN_SIZE, align=request.align, warn=ui.warn)
+    # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
+    check_model_reference(model_id)
+    from crossinit_cli import families
+
+    families.peek(model_id)  # SD3, Flux, a refiner...: one line now, not after a model load
+
+    # ---- the model, then training and the one write ---------------------------------------------------
+    from crossinit_cli import devices
+
+    placement = devices.resolve(request.device or defaults.device, request.dtype or defaults.dtype, training=True)
+    trainer = load_trainer(library, model_id, placement, quiet=request.quiet)
+    job = LearnJob(name, paths, crops, train_config, request.mode, request.align, request.force, request.quiet)
+    target, result = train_and_store(library, trainer, replace(job, snapshot_every=snapshot_every, resumable=True))
+    _report(library, name, result, target, model=request.model, quiet=request.quiet, as_json=request.as_json)
+    return 0
+
+
+def _check_name_free(library: Library, name: str, force: bool) -> None:
+    """Without --force, neither a stored identity nor an unfinished run may already have the name."""
+    from crossinit_cli import checkpoint
+
     if library.exists(name) and not force:
         raise CrossinitError(f"identity {name!r} already exists; pass --force to replace it, or --name")
     unfinished = checkpoint.find(library.home, name)
@@ -68,46 +142,23 @@ def learn_identity(
             f"{name!r} has an unfinished run (step {unfinished.step} of {unfinished.steps}); continue it with "
             f"`crossinit learn --resume {name}`, or pass --force to start over"
         )
-    snapshot_every = _snapshot_every(snapshot_every, mode)
+
+
+def _train_config(request: LearnRequest) -> TrainConfig:
+    from crossinit_cli.train import TrainConfig
+
+    lr = request.lr
     if lr is not None and not lr > 0:
         raise CrossinitError(f"--lr must be a positive number, not {lr:g}")
-    train_config = TrainConfig.for_mode(
-        mode, steps=steps, lr=lr, batch_size=batch_size, reg_weight=reg_weight, seed=seed, resolution=resolution
+    return TrainConfig.for_mode(
+        request.mode,
+        steps=request.steps,
+        lr=lr,
+        batch_size=request.batch_size,
+        reg_weight=request.reg_weight,
+        seed=request.seed,
+        resolution=request.resolution,
     )
-    defaults = settings.load_config()
-    model_id = model or defaults.model
-    paths = faces.collect_photos(photos)
-    with ui.timed("face detection and alignment"):
-        crops = faces.align_faces(paths, ALIGN_SIZE, align=align, warn=ui.warn)
-    # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
-    check_model_reference(model_id)
-    from crossinit_cli import families
-
-    families.peek(model_id)  # SD3, Flux, a refiner...: one line now, not after a model load
-
-    # ---- the model -----------------------------------------------------------------------------------
-    from crossinit_cli import devices
-
-    placement = devices.resolve(device or defaults.device, dtype or defaults.dtype, training=True)
-    trainer = load_trainer(library, model_id, placement, quiet=quiet)
-
-    # ---- training and the one write ------------------------------------------------------------------
-    target, result = learn_and_store(
-        library,
-        trainer,
-        name=name,
-        paths=paths,
-        crops=crops,
-        train_config=train_config,
-        mode=mode,
-        align=align,
-        force=force,
-        quiet=quiet,
-        snapshot_every=snapshot_every,
-        resumable=True,
-    )
-    _report(library, name, result, target, model=model, quiet=quiet, as_json=as_json)
-    return 0
 
 
 def resume_identity(library: Library, name: str, *, quiet: bool, as_json: bool) -> int:
@@ -197,11 +248,11 @@ class Trainer:
 
 def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet: bool) -> Trainer:
     """Load the model, free what training does not use, and compute (or read) its cross init."""
-    from crossinit_cli import crossinit, devices, families, train
+    from crossinit_cli import crossinit, devices, families, hf, train
 
-    _quiet_libraries()
+    hf.silence_libraries()  # for the whole run: the model stays loaded while it trains
     # A spinner on a terminal only: until something has worked, stderr holds nothing but an error.
-    with ui.err().status(f"loading {escape(model_id)}", spinner="dots") if not quiet else _nothing():
+    with ui.err().status(f"loading {escape(model_id)}", spinner="dots") if not quiet else contextlib.nullcontext():
         with ui.timed("model load"):
             pipe = devices.load_pipeline(model_id)
         train.free_vae_decoder(pipe.vae)
@@ -224,6 +275,26 @@ def model_fingerprint(slots: Any) -> str:
     return prints[0] if len(prints) == 1 else hashlib.sha256("+".join(prints).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class LearnJob:
+    """One identity to train on a loaded model and store (`train_and_store`).
+
+    `crops` are FaceCrops, or (with `resume`, a checkpoint.Run and its state) the run's stored images.
+    `resumable` keeps a checkpoint under the library home while it trains (see checkpoint.py)."""
+
+    name: str
+    paths: list[Path]
+    crops: list[FaceCrop]
+    train_config: TrainConfig
+    mode: str
+    align: bool
+    force: bool
+    quiet: bool
+    snapshot_every: int | None = None
+    resumable: bool = False
+    resume: tuple[Any, dict[str, Any] | None] | None = None
+
+
 def learn_and_store(
     library: Library,
     trainer: Trainer,
@@ -240,65 +311,83 @@ def learn_and_store(
     resumable: bool = False,
     resume: tuple[Any, dict[str, Any] | None] | None = None,
 ) -> tuple[Path, TrainResult]:
-    """Train one identity on a loaded model and store it: the library is written once, atomically.
+    """`train_and_store` with the job's fields as keywords (commands/batch.py's entry point)."""
+    job = LearnJob(name, paths, crops, train_config, mode, align, force, quiet, snapshot_every, resumable, resume)
+    return train_and_store(library, trainer, job)
 
-    `crops` are FaceCrops, or (with `resume`, a checkpoint.Run and its state) the run's stored images.
-    `resumable` keeps a checkpoint under the library home while it trains (see checkpoint.py)."""
-    from crossinit_cli import checkpoint, faces, train
 
-    size = train_config.resolution or trainer.resolution
-    if resume is None:
-        if size != ALIGN_SIZE:
-            crops = faces.align_faces(paths, size, align=align)
-        images = [c.image for c in crops]
-    else:
-        images = list(crops)
+def train_and_store(library: Library, trainer: Trainer, job: LearnJob) -> tuple[Path, TrainResult]:
+    """Train one identity on a loaded model and store it: the library is written once, atomically."""
+    images = _training_images(trainer, job)
+    if not job.quiet:
+        _announce(trainer, job, len(images))
+    run, state = job.resume if job.resume is not None else (None, None)
+    if job.resumable and run is None:
+        run = _start_checkpoint(library, trainer, job, images)
+    result = _train(trainer, job, images, run, state)
+    identity = _identity(trainer, job, result, state)
+    with ui.timed("library write"):
+        learned, init = _stored_vectors(trainer.family, result)
+        target = library.add(identity, learned, init, crops=images, force=job.force, snapshots=result.snapshots)
+    if run is not None:
+        run.discard()  # after the write: killed in between, the run is still there and the entry is whole
+    return target, result
+
+
+def _training_images(trainer: Trainer, job: LearnJob) -> list[Any]:
+    """The images to train on: the crops, aligned again at the model's size when it is not ALIGN_SIZE
+    (a resumed run's stored images are already at its size)."""
+    from crossinit_cli import faces
+
+    if job.resume is not None:
+        return list(job.crops)
+    crops = job.crops
+    size = job.train_config.resolution or trainer.resolution
+    if size != ALIGN_SIZE:
+        crops = faces.align_faces(job.paths, size, align=job.align)
+    return [c.image for c in crops]
+
+
+def _announce(trainer: Trainer, job: LearnJob, photos: int) -> None:
+    config, placement = job.train_config, trainer.placement
+    size = config.resolution or trainer.resolution
+    ui.info(
+        f"learning [bold]{escape(job.name)}[/] from {photos} photo{'s' if photos != 1 else ''} on "
+        f"{placement.device} ({placement.dtype}), {trainer.family.title} at {size} px: {config.steps} "
+        f"steps, batch {config.batch_size}, lr {config.lr:g}"
+    )
+
+
+def _start_checkpoint(library: Library, trainer: Trainer, job: LearnJob, images: list[Any]) -> Any:
+    """A checkpoint.Run holding the job's settings and images, so `learn --resume` can continue it."""
+    from crossinit_cli import checkpoint
+
     placement = trainer.placement
-    if not quiet:
-        ui.info(
-            f"learning [bold]{escape(name)}[/] from {len(images)} photo{'s' if len(images) != 1 else ''} on "
-            f"{placement.device} ({placement.dtype}), {trainer.family.title} at {size} px: {train_config.steps} "
-            f"steps, batch {train_config.batch_size}, lr {train_config.lr:g}"
-        )
-    pipe = trainer.pipe
-    run, state = resume if resume is not None else (None, None)
-    if resumable and run is None:
-        run = checkpoint.start(
-            library.home,
-            {
-                "name": name,
-                "model": trainer.model_id,
-                "device": placement.device,
-                "placed_on": placement.device,
-                "dtype": placement.dtype,
-                "mode": mode,
-                "align": align,
-                "force": force,
-                "photos": [str(p) for p in paths],
-                "snapshot_every": snapshot_every,
-                "train": asdict(train_config),
-            },
-            images,
-        )
+    settings = {
+        "name": job.name,
+        "model": trainer.model_id,
+        "device": placement.device,
+        "placed_on": placement.device,
+        "dtype": placement.dtype,
+        "mode": job.mode,
+        "align": job.align,
+        "force": job.force,
+        "photos": [str(p) for p in job.paths],
+        "snapshot_every": job.snapshot_every,
+        "train": asdict(job.train_config),
+    }
+    return checkpoint.start(library.home, settings, images)
+
+
+def _train(trainer: Trainer, job: LearnJob, images: list[Any], run: Any, state: dict[str, Any] | None) -> TrainResult:
+    """train.run with the progress display; a failed run's checkpoint is dropped, a Ctrl-C'd one kept."""
+    from crossinit_cli import train
+
+    parts = train.ModelParts.of_pipeline(trainer.pipe, trainer.family, trainer.slots)
     try:
-        with ui.timed("training"), _progress_display(quiet) as progress:
-            result = train.train(
-                tokenizer=pipe.tokenizer,
-                text_encoder=pipe.text_encoder,
-                unet=pipe.unet,
-                vae=pipe.vae,
-                scheduler_config=pipe.scheduler.config,
-                crops=images,
-                init=trainer.init,
-                config=train_config,
-                placement=placement,
-                progress=progress,
-                family=trainer.family,
-                slots=trainer.slots,
-                snapshot_every=snapshot_every,
-                save_state=run.save if run is not None else None,
-                resume_from=state,
-            )
+        with ui.timed("training"), _progress_display(job.quiet) as progress:
+            hooks = train.RunHooks(progress, job.snapshot_every, run.save if run is not None else None, state)
+            return train.run(parts, images, trainer.init, job.train_config, trainer.placement, hooks)
     except CrossinitError:
         if run is not None:  # diverged or out of memory: the same settings would fail the same way
             run.discard()
@@ -307,11 +396,16 @@ def learn_and_store(
         if run is None:
             raise
         raise KeyboardInterrupt(
-            f"interrupted; nothing was stored, and the run is kept at step {run.step} of {train_config.steps}: "
-            f"continue it with `crossinit learn --resume {name}`"
+            f"interrupted; nothing was stored, and the run is kept at step {run.step} of {job.train_config.steps}: "
+            f"continue it with `crossinit learn --resume {job.name}`"
         ) from None
-    identity = Identity(
-        name=name,
+
+
+def _identity(trainer: Trainer, job: LearnJob, result: TrainResult, state: dict[str, Any] | None) -> Identity:
+    """The identity's metadata: its model, and how it was trained."""
+    config = job.train_config
+    return Identity(
+        name=job.name,
         tokens=int(result.learned.shape[0]),
         width=int(result.learned.shape[1]),
         family=trainer.family.name,
@@ -319,30 +413,24 @@ def learn_and_store(
         encoder_fingerprint=trainer.fingerprint,
         source="learn",
         training={
-            "mode": mode,
-            "steps": train_config.steps,
-            "lr": train_config.lr,
-            "batch_size": train_config.batch_size,
-            "reg_weight": train_config.reg_weight,
-            "seed": train_config.seed,
+            "mode": job.mode,
+            "steps": config.steps,
+            "lr": config.lr,
+            "batch_size": config.batch_size,
+            "reg_weight": config.reg_weight,
+            "seed": config.seed,
             "final_loss": round(result.final_loss, 6),
             "per_step_s": round(result.per_step_s, 4),
             "total_s": round(result.total_s, 3),
             "device": result.device,
             "dtype": result.dtype,
-            "photos": [p.name for p in paths],
+            "photos": [p.name for p in job.paths],
             "resolution": result.resolution,
-            "aligned": align,
+            "aligned": job.align,
             **({"resumed_at": int(state["step"])} if state else {}),
         },
         snapshots=[{"step": step, "loss": result.snapshot_losses[step]} for step in result.snapshots],
     )
-    with ui.timed("library write"):
-        learned, init = _stored_vectors(trainer.family, result)
-        target = library.add(identity, learned, init, crops=images, force=force, snapshots=result.snapshots)
-    if run is not None:
-        run.discard()  # after the write: killed in between, the run is still there and the entry is whole
-    return target, result
 
 
 def _stored_vectors(family: Any, result: TrainResult) -> tuple[Any, Any]:
@@ -370,26 +458,10 @@ def _model_record(model_id: str) -> str:
     return str(path.resolve()) if path.exists() else model_id
 
 
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def _shell_quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
-
-
-def _quiet_libraries() -> None:
-    """diffusers and transformers print loading bars and advice on stderr; the user sees ours instead."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 class _progress_display:  # noqa: N801 - used as a context manager, like rich's own
@@ -405,19 +477,18 @@ class _progress_display:  # noqa: N801 - used as a context manager, like rich's 
         if self.quiet:
             return None
         self.started = time.perf_counter()
-        console = ui.err()
-        if console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(
-                TextColumn("training"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=console,
-            )
+        self.bar = stderr_progress(
+            False,
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        if self.bar is not None:
             self.bar.start()
         return self.update
 

@@ -13,13 +13,14 @@ follow the rest of the prompt?). This module measures both for identities in the
 
 Usable from Python without the CLI:
 
-    from crossinit_cli import evaluate
+    from crossinit_cli import scoring
     from crossinit_cli.store import Library
 
     lib = Library(home)
-    results = evaluate.evaluate(lib, ["alice"], model="stabilityai/stable-diffusion-2-1-base")
+    request = scoring.EvalRequest(model="stabilityai/stable-diffusion-2-1-base")
+    results = scoring.evaluate(lib, ["alice"], request)
     for result in results:
-        evaluate.save(lib, result)   # metadata `evaluation` + eval/contact-sheet.png
+        scoring.save(lib, result)   # metadata `evaluation` + eval/contact-sheet.png
         print(result.record()["identity"])
 
 The pipeline is loaded once per base model for all prompts and identities of a run (identities learned
@@ -35,11 +36,11 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import __version__, devices, sample
+from crossinit_cli import __version__, devices, hf, sample
 from crossinit_cli.atomic import write_bytes_atomic
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, name_key, now
@@ -78,7 +79,6 @@ SHEET_PATH = Path("eval") / "contact-sheet.png"
 SHEET_TILE = 256  # px per image on the contact sheet (a full-size 4 x 10 sheet of 512 px tiles is ~15 MB)
 SHEET_CROPS = 4  # stored crops shown in the sheet's first row, at least
 CLIP_BATCH = 32
-MAX_SEED = 2**64 - 1
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -330,21 +330,6 @@ class ClipUnavailable(Exception):
     """The CLIP model could not be loaded (offline and not cached, not a CLIP folder, ...)."""
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as tlog
-
-    verbosity, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(verbosity)
-        if bars:
-            tlog.enable_progress_bar()
-
-
 class ClipScorer:
     """CLIP image-text cosine similarity, the "CLIP score" of textual inversion and Celeb Basis."""
 
@@ -368,7 +353,7 @@ class ClipScorer:
             from transformers import CLIPImageProcessor as ImageProcessor
         source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
         try:
-            with _quiet_transformers():
+            with hf.quiet_libraries():
                 model = CLIPModel.from_pretrained(source)
                 tokenizer = AutoTokenizer.from_pretrained(source)
                 processor = ImageProcessor.from_pretrained(source)
@@ -519,48 +504,99 @@ class Evaluation:
         }
 
 
-def evaluate(
-    library: Library,
-    names: Sequence[str],
-    *,
-    templates: Sequence[str] = DEFAULT_PROMPTS,
-    n: int = DEFAULT_N,
-    seed: int = DEFAULT_SEED,
-    steps: int = sample.DEFAULT_STEPS,
-    guidance: float = sample.DEFAULT_GUIDANCE,
-    scheduler: str = sample.DEFAULT_SCHEDULER,
-    model: str | None = None,
-    fallback_model: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    clip_model: str | None = DEFAULT_CLIP_MODEL,
-    notify: Callable[[str], None] | None = None,
-    on_image: Callable[[str, str], None] | None = None,
-    on_load: Callable[[str], Any] | None = None,
-    snapshot_steps: Sequence[int] | None = None,
-) -> list[Evaluation]:
-    """Generate every template n times (seeds seed..seed+n-1) for each identity and score the images.
+@dataclass(frozen=True)
+class EvalRequest:
+    """What an evaluation runs: prompts, images per prompt, sampling settings, models, and (optionally) the
+    snapshots of one identity's run instead of the identities' current vectors.
 
     `model` runs every identity on that base model; otherwise each runs on the model it was learned on
     (`base_model`), or `fallback_model` when that is not recorded. `clip_model=None` skips prompt
-    fidelity. `notify(message)` hears about a metric that is unavailable, `on_image(name, prompt)`
-    about every image made, `on_load(model)` returns a context manager held while a model loads.
-    `snapshot_steps` evaluates the snapshots of one identity's run instead (0: the final vectors), all
-    on one pipeline load; each result's `step` says which.
-    """
-    import torch
+    fidelity. `snapshot_steps` evaluates the snapshots of one identity's run (0: the final vectors), all
+    on one pipeline load; each result's `step` says which."""
 
-    say = notify or (lambda message: None)
-    templates = check_templates(templates)
-    if n < 1:
-        raise CrossinitError(f"-n must be at least 1, not {n}")
-    if steps < 1:
-        raise CrossinitError(f"--steps must be at least 1, not {steps}")
-    if not 0 <= seed <= MAX_SEED - (n - 1):
-        raise CrossinitError(f"--seed must be between 0 and {MAX_SEED - (n - 1)}, not {seed}")
-    sample.scheduler_choice(scheduler)
+    templates: Sequence[str] = DEFAULT_PROMPTS
+    n: int = DEFAULT_N
+    seed: int = DEFAULT_SEED
+    steps: int = sample.DEFAULT_STEPS
+    guidance: float = sample.DEFAULT_GUIDANCE
+    scheduler: str = sample.DEFAULT_SCHEDULER
+    model: str | None = None
+    fallback_model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    clip_model: str | None = DEFAULT_CLIP_MODEL
+    snapshot_steps: Sequence[int] | None = None
 
-    # ---- everything cheap first: no model is loaded if any of this fails ------------------------
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n)]
+
+    def checked(self) -> EvalRequest:
+        """The request with its templates checked; a bad count, seed or scheduler is an error here."""
+        templates = check_templates(self.templates)
+        if self.n < 1:
+            raise CrossinitError(f"-n must be at least 1, not {self.n}")
+        if self.steps < 1:
+            raise CrossinitError(f"--steps must be at least 1, not {self.steps}")
+        sample.check_seed_range(self.seed, self.n)
+        sample.scheduler_choice(self.scheduler)
+        return replace(self, templates=templates)
+
+
+@dataclass(frozen=True)
+class EvalHooks:
+    """What a caller hears: `notify(message)` about a metric that is unavailable, `on_image(name, prompt)`
+    about every image made; `on_load(model)` returns a context manager held while a model loads."""
+
+    notify: Callable[[str], None] | None = None
+    on_image: Callable[[str, str], None] | None = None
+    on_load: Callable[[str], Any] | None = None
+
+    def say(self, message: str) -> None:
+        if self.notify is not None:
+            self.notify(message)
+
+
+@dataclass
+class _Plan:
+    """An evaluation once every cheap check has passed: which identity runs on which model, with which
+    vectors, scored against whose crops."""
+
+    identities: dict[str, Identity]  # result key -> identity (a snapshot's pseudo-identity with --snapshots)
+    vectors: dict[str, list[np.ndarray]]
+    library_name: dict[str, str]  # result key -> the identity whose crops it is scored against
+    step_of: dict[str, int | None]
+    groups: dict[str, list[Identity]]  # base model -> identities run on it
+    together: dict[str, list[tuple[str, list[str]]]]  # base model -> templates naming several identities
+
+
+def evaluate(
+    library: Library, names: Sequence[str], request: EvalRequest = EvalRequest(), hooks: EvalHooks = EvalHooks()
+) -> list[Evaluation]:
+    """Generate every template n times (seeds seed..seed+n-1) for each identity and score the images.
+
+    Everything cheap is checked first, so no model is loaded if any of it fails; then one pipeline per
+    base model generates all identities' images, and CLIP scores them all at the end."""
+    request = request.checked()
+    plan = _plan(library, names, request)
+    placement = devices.resolve(request.device, request.dtype)
+    for key, ident in plan.identities.items():
+        if key not in plan.vectors:
+            plan.vectors[key] = library.effective_parts(ident.name)
+    results, references = _start_results(library, plan, hooks)
+    scorer, fidelity_note = _load_clip(request.clip_model, hooks)
+    for chosen, group in plan.groups.items():
+        run = _ModelRun(request, hooks, chosen, placement, fidelity_note, results, references)
+        _generate_on_model(run, group, plan)
+    if scorer is not None:
+        _score_fidelity(scorer, results, placement)
+        del scorer
+        gc.collect()
+    return list(results.values())
+
+
+def _plan(library: Library, names: Sequence[str], request: EvalRequest) -> _Plan:
+    """The identities (or one identity's snapshots), grouped by the base model each runs on."""
     identities: dict[str, Identity] = {}
     for name in names:
         ident = library.get(name)
@@ -570,31 +606,32 @@ def evaluate(
     if not identities:
         raise CrossinitError("no identity to evaluate")
     vectors: dict[str, list[np.ndarray]] = {}
-    library_name: dict[str, str] = {}  # result key -> the identity whose crops it is scored against
+    library_name: dict[str, str] = {}
     step_of: dict[str, int | None] = {}
-    if snapshot_steps is not None:
-        identities, vectors, library_name, step_of = _snapshot_variants(library, identities, snapshot_steps)
+    if request.snapshot_steps is not None:
+        identities, vectors, library_name, step_of = _snapshot_variants(library, identities, request.snapshot_steps)
     groups: dict[str, list[Identity]] = {}
     for ident in identities.values():
-        chosen = model or ident.base_model or fallback_model
+        chosen = request.model or ident.base_model or request.fallback_model
         if not chosen:
             raise CrossinitError(f"identity {ident.name!r} records no base model; pass --model")
         groups.setdefault(chosen, []).append(ident)
-    together = _multi_identity_templates(templates, identities, groups)
+    together = _multi_identity_templates(request.templates, identities, groups)
     for chosen, group in groups.items():
         sample.check_model(chosen, group)
-    placement = devices.resolve(device, dtype)
-    for key, ident in identities.items():
-        if key not in vectors:
-            vectors[key] = library.effective_parts(ident.name)
-    seeds = [seed + i for i in range(n)]
+    return _Plan(identities, vectors, library_name, step_of, groups, together)
 
+
+def _start_results(
+    library: Library, plan: _Plan, hooks: EvalHooks
+) -> tuple[dict[str, Evaluation], dict[str, list[np.ndarray]]]:
+    """An empty result per identity, and the face descriptors of its stored crops (the references)."""
     results: dict[str, Evaluation] = {}
     references: dict[str, list[np.ndarray]] = {}
-    for key, ident in identities.items():
-        crops = _load_crops(library, library_name.get(key, ident.name))
+    for key, ident in plan.identities.items():
+        crops = _load_crops(library, plan.library_name.get(key, ident.name))
         result = Evaluation(name=ident.name, settings={}, crops=crops, prompts=[], identity_created=ident.created)
-        result.step = step_of.get(key)
+        result.step = plan.step_of.get(key)
         if not crops:
             result.identity_note = (
                 f"identity {ident.name!r} has no stored face crops (imported?), so identity similarity "
@@ -615,98 +652,131 @@ def evaluate(
                         "--no-align?), so identity similarity cannot be measured"
                     )
         if result.identity_note:
-            say(result.identity_note)
+            hooks.say(result.identity_note)
         results[key] = result
+    return results, references
 
-    scorer: ClipScorer | None = None
-    fidelity_note: str | None = None
+
+def _load_clip(clip_model: str | None, hooks: EvalHooks) -> tuple[ClipScorer | None, str | None]:
+    """The CLIP scorer, or None and the note that says why prompt fidelity is left out."""
     if clip_model is None:
-        fidelity_note = "prompt fidelity was not asked for"
-    else:
-        try:
-            with _holding(on_load, clip_model):
-                scorer = ClipScorer.load(clip_model)
-        except ClipUnavailable as exc:
-            fidelity_note = f"CLIP model {clip_model!r} is not available ({exc})"
-            if Path(clip_model).expanduser().exists():
-                how = f"{str(exc)[:120]}; pass a folder with a CLIP model, tokenizer and image processor"
-            else:
-                how = f"download it once with `hf download {clip_model}`, or pass --clip-model with a local folder"
-            say(
-                f"CLIP model {clip_model!r} could not be loaded, so prompt fidelity is left out and identity "
-                f"similarity is reported alone ({how})"
-            )
+        return None, "prompt fidelity was not asked for"
+    try:
+        with _holding(hooks.on_load, clip_model):
+            return ClipScorer.load(clip_model), None
+    except ClipUnavailable as exc:
+        if Path(clip_model).expanduser().exists():
+            how = f"{str(exc)[:120]}; pass a folder with a CLIP model, tokenizer and image processor"
+        else:
+            how = f"download it once with `hf download {clip_model}`, or pass --clip-model with a local folder"
+        hooks.say(
+            f"CLIP model {clip_model!r} could not be loaded, so prompt fidelity is left out and identity "
+            f"similarity is reported alone ({how})"
+        )
+        return None, f"CLIP model {clip_model!r} is not available ({exc})"
 
-    # ---- generation: one pipeline per base model, all identities and prompts at once -------------
-    for chosen, group in groups.items():
-        with _holding(on_load, chosen):
-            pipe = sample.load(chosen, placement, group)
-        try:
-            mapping = sample.add_identities(pipe, {i.name: vectors[name_key(i.name)] for i in group}, model=chosen)
-            width, height = sample.native_size(pipe)
-            settings = sample.Settings(width=width, height=height, steps=steps, guidance=guidance, scheduler=scheduler)
-            for ident in group:
-                key = name_key(ident.name)
-                result = results[key]
-                result.settings = {
-                    "prompts": list(templates),
-                    "n": n,
-                    "seed": seed,
-                    "steps": steps,
-                    "guidance": guidance,
-                    "scheduler": scheduler,
-                    "size": [width, height],
-                    "model": chosen,
-                    "device": placement.device,
-                    "dtype": placement.dtype,
-                    "strength": ident.strength,
-                    "snapshot": ident.active_step,  # 0: the final vectors
-                    "clip_model": clip_model,
-                }
-                result.fidelity_note = fidelity_note
-                for template in templates:
-                    if group_names(template):
-                        continue
-                    prompt = fill(template, ident.name)
-                    images = sample.sample(pipe, sample.expand_prompt(prompt, mapping), seeds, settings)
-                    entry = PromptResult(template, prompt, clip_text(template), list(seeds), images)
-                    for image in images:
-                        if result.has_identity:
-                            entry.matches.append(match_face(references[key], image))
-                        if on_image is not None:
-                            on_image(ident.name, prompt)
-                    result.prompts.append(entry)
-            for template, keys in together.get(chosen, []):
-                images = sample.sample(pipe, sample.expand_prompt(template, mapping), seeds, settings)
-                named = [results[key] for key in keys]
-                entries = [PromptResult(template, template, clip_text(template), list(seeds), images) for _ in keys]
-                scored = all(r.has_identity for r in named)
-                for image in images:
-                    if scored:
-                        found = faces_in(image)
-                        for entry, match in zip(entries, assign_faces(found, [references[k] for k in keys])):
-                            entry.matches.append(match)
-                    if on_image is not None:
-                        on_image(", ".join(r.name for r in named), template)
-                for result, entry in zip(named, entries):
-                    if not scored:  # one named identity without crops: faces cannot be told apart
-                        entry.matches = [None] * len(images) if result.has_identity else []
-                    result.prompts.append(entry)
-        finally:
-            del pipe
-            gc.collect()
-            if placement.device == "cuda":
-                torch.cuda.empty_cache()
 
-    # ---- prompt fidelity: CLIP once, on the device the pipelines have left -------------------------
-    if scorer is not None:
-        scorer.to(placement.device)
-        for result in results.values():
-            for entry in result.prompts:
-                entry.clip_scores = scorer.score(entry.images, [entry.text] * len(entry.images))
-        del scorer
+@dataclass(frozen=True)
+class _ModelRun:
+    """One base model's part of an evaluation: where it runs and the results its images go to."""
+
+    request: EvalRequest
+    hooks: EvalHooks
+    model: str
+    placement: devices.Placement
+    fidelity_note: str | None
+    results: dict[str, Evaluation]
+    references: dict[str, list[np.ndarray]]
+
+
+def _generate_on_model(run: _ModelRun, group: list[Identity], plan: _Plan) -> None:
+    """Generation: one pipeline for this base model, all its identities and prompts at once."""
+    import torch
+
+    with _holding(run.hooks.on_load, run.model):
+        pipe = sample.load(run.model, run.placement, group)
+    try:
+        vectors = {i.name: plan.vectors[name_key(i.name)] for i in group}
+        mapping = sample.add_identities(pipe, vectors, model=run.model)
+        width, height = sample.native_size(pipe)
+        request = run.request
+        settings = sample.Settings(
+            width=width, height=height, steps=request.steps, guidance=request.guidance, scheduler=request.scheduler
+        )
+        for ident in group:
+            _generate_one(run, ident, pipe, mapping, settings)
+        for template, keys in plan.together.get(run.model, []):
+            _generate_together(run, template, keys, pipe, mapping, settings)
+    finally:
+        del pipe
         gc.collect()
-    return list(results.values())
+        if run.placement.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _generate_one(run: _ModelRun, ident: Identity, pipe: Any, mapping: Any, settings: sample.Settings) -> None:
+    """Every `{}` template for one identity, each face matched against its references."""
+    request, key = run.request, name_key(ident.name)
+    result = run.results[key]
+    result.settings = {
+        "prompts": list(request.templates),
+        "n": request.n,
+        "seed": request.seed,
+        "steps": request.steps,
+        "guidance": request.guidance,
+        "scheduler": request.scheduler,
+        "size": [settings.width, settings.height],
+        "model": run.model,
+        "device": run.placement.device,
+        "dtype": run.placement.dtype,
+        "strength": ident.strength,
+        "snapshot": ident.active_step,  # 0: the final vectors
+        "clip_model": request.clip_model,
+    }
+    result.fidelity_note = run.fidelity_note
+    seeds = request.seeds
+    for template in request.templates:
+        if group_names(template):
+            continue
+        prompt = fill(template, ident.name)
+        images = sample.sample(pipe, sample.expand_prompt(prompt, mapping), seeds, settings)
+        entry = PromptResult(template, prompt, clip_text(template), list(seeds), images)
+        for image in images:
+            if result.has_identity:
+                entry.matches.append(match_face(run.references[key], image))
+            if run.hooks.on_image is not None:
+                run.hooks.on_image(ident.name, prompt)
+        result.prompts.append(entry)
+
+
+def _generate_together(
+    run: _ModelRun, template: str, keys: list[str], pipe: Any, mapping: Any, settings: sample.Settings
+) -> None:
+    """A template naming several identities: generated once, its faces assigned to the identities named."""
+    seeds = run.request.seeds
+    images = sample.sample(pipe, sample.expand_prompt(template, mapping), seeds, settings)
+    named = [run.results[key] for key in keys]
+    entries = [PromptResult(template, template, clip_text(template), list(seeds), images) for _ in keys]
+    scored = all(r.has_identity for r in named)
+    for image in images:
+        if scored:
+            found = faces_in(image)
+            for entry, match in zip(entries, assign_faces(found, [run.references[k] for k in keys])):
+                entry.matches.append(match)
+        if run.hooks.on_image is not None:
+            run.hooks.on_image(", ".join(r.name for r in named), template)
+    for result, entry in zip(named, entries):
+        if not scored:  # one named identity without crops: faces cannot be told apart
+            entry.matches = [None] * len(images) if result.has_identity else []
+        result.prompts.append(entry)
+
+
+def _score_fidelity(scorer: ClipScorer, results: dict[str, Evaluation], placement: devices.Placement) -> None:
+    """Prompt fidelity: CLIP once, on the device the pipelines have left."""
+    scorer.to(placement.device)
+    for result in results.values():
+        for entry in result.prompts:
+            entry.clip_scores = scorer.score(entry.images, [entry.text] * len(entry.images))
 
 
 LIKENESS_KEEP = 0.9
