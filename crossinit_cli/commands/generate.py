@@ -14,7 +14,6 @@ import math
 import os
 import re
 import secrets
-import sys
 import tempfile
 import unicodedata
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from rich.markup import escape
 
 from crossinit_cli import __version__, devices, sample, ui
 from crossinit_cli.atomic import TEMP_PREFIX
+from crossinit_cli.commands.common import read_source
 from crossinit_cli.config import RunOptions
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, name_key
@@ -306,19 +306,6 @@ def prompt_texts(prompt: str | None, prompts: str | None) -> list[str]:
     if not found:
         raise CrossinitError(f"no prompts in {source} (blank lines and # comments are skipped)")
     return found
-
-
-def read_source(source: str, what: str, shape: str) -> str:
-    """The text of FILE, or of stdin for '-' (saying so on a terminal); a one-line error if unreadable."""
-    if source == "-":
-        if sys.stdin.isatty():
-            ui.info(f"reading {what} from stdin, {shape} (Ctrl-D to finish)")
-        return sys.stdin.read()
-    try:
-        return Path(source).expanduser().read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise CrossinitError(f"cannot read {what} from {source}: {reason}") from None
 
 
 def apply_template(text: str, identity: Identity | None) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 from rich.markup import escape
 
 from crossinit_cli import devices, sample, ui
+from crossinit_cli.commands.common import read_source
 from crossinit_cli.commands.generate import (
     MAX_SEED,
     PromptJob,
@@ -30,7 +31,6 @@ from crossinit_cli.commands.generate import (
     apply_template,
     file_slug,
     prepare_out_dir,
-    read_source,
     resolve_identities,
     save_png,
 )
