@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 TEMPLATE = "a photo of a <{name}> person"  # the official inference prompt, "a photo of a {} person"
-MAX_SEED = 2**64 - 1
 SLUG_CHARS = 48
 
 
@@ -203,8 +202,7 @@ def _sampling_choices(flags: SamplingFlags) -> tuple[list[int], int, str, tuple[
     sample.scheduler_choice(scheduler)
     size = sample.parse_size(flags.size) if flags.size is not None else None
     base_seed = secrets.randbelow(2**32) if flags.seed is None else flags.seed
-    if not 0 <= base_seed <= MAX_SEED - (n - 1):
-        raise CrossinitError(f"--seed must be between 0 and {MAX_SEED - (n - 1)}, not {base_seed}")
+    sample.check_seed_range(base_seed, n)
     return [base_seed + i for i in range(n)], steps, scheduler, size
 
 

@@ -21,7 +21,6 @@ from rich.markup import escape
 from crossinit_cli import devices, sample, ui
 from crossinit_cli.commands.common import read_source
 from crossinit_cli.commands.generate import (
-    MAX_SEED,
     PromptJob,
     SamplingFlags,
     Written,
@@ -102,7 +101,7 @@ def parse_line(number: int, text: str, defaults: SamplingFlags, library: Library
     named = [known[sample.ref_key(r)] for r in sample.identity_refs(prompt)]
     n = _int(raw.get("n", defaults.n), "n", 1, 10_000)
     seed = raw.get("seed", defaults.seed)
-    seed = secrets.randbelow(2**32) if seed is None else _int(seed, "seed", 0, MAX_SEED - (n - 1))
+    seed = secrets.randbelow(2**32) if seed is None else _int(seed, "seed", 0, sample.MAX_SEED - (n - 1))
     size = raw.get("size", defaults.size)
     steps = _int(raw.get("steps", defaults.steps or sample.DEFAULT_STEPS), "steps", 1, 10_000)
     guidance = raw.get("guidance", sample.DEFAULT_GUIDANCE if defaults.guidance is None else defaults.guidance)
