@@ -122,7 +122,7 @@ def generate_images(
     loaded = load_run(plan, run.model, show)
     written: list[Written] = []
     try:
-        with _progress(show, len(plan.jobs) * len(plan.seeds)) as bar:
+        with sampling_progress(show, len(plan.jobs) * len(plan.seeds)) as bar:
             for job in plan.jobs:
                 loaded.sample_job(job, bar, written, echo=not run.as_json)
     except KeyboardInterrupt:
@@ -233,7 +233,7 @@ class LoadedRun:
             images = sample.sample(self.pipe, expanded, plan.seeds, self.settings, on_step=bar.step)
         batch: list[Written] = []
         for i, image in enumerate(images):
-            meta = _metadata(job, expanded, plan.negative, plan.seeds[i], plan.base_seed, i, self.record)
+            meta = png_metadata(job, expanded, plan.negative, plan.seeds[i], plan.base_seed, i, self.record)
             path = save_png(image, plan.out_dir, f"{job.slug}-{plan.base_seed}-{i}", meta)
             record = Written("image", path, job.prompt, plan.negative, plan.seeds[i], _names(job), index=i)
             batch.append(record)
@@ -243,7 +243,7 @@ class LoadedRun:
         bar.images_done(len(images))
         if plan.grid:
             paths = [str(r.path) for r in batch]
-            meta = _metadata(job, expanded, plan.negative, plan.base_seed, plan.base_seed, None, self.record)
+            meta = png_metadata(job, expanded, plan.negative, plan.base_seed, plan.base_seed, None, self.record)
             meta["crossinit"]["images"] = paths
             path = save_png(contact_sheet(images), plan.out_dir, f"{job.slug}-{plan.base_seed}-grid", meta)
             written.append(Written("grid", path, job.prompt, plan.negative, plan.base_seed, _names(job), images=paths))
@@ -253,7 +253,10 @@ class LoadedRun:
 
 def load_run(plan: Plan, model: str, show: bool) -> LoadedRun:
     placement = plan.placement
-    with _status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"), ui.timed("model load"):
+    with (
+        loading_status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"),
+        ui.timed("model load"),
+    ):
         pipe = sample.load(model, placement, plan.identities)
     mapping = sample.add_identities(pipe, plan.vectors, model=model)
     image_width, image_height = plan.size or sample.native_size(pipe)
@@ -265,18 +268,23 @@ def load_run(plan: Plan, model: str, show: bool) -> LoadedRun:
         negative=sample.expand_prompt(plan.negative, mapping),
         scheduler=plan.scheduler_name,
     )
-    record = {
+    record = run_record(settings, model, placement)
+    return LoadedRun(plan, pipe, mapping, settings, record)
+
+
+def run_record(settings: sample.Settings, model: str, placement: devices.Placement) -> dict[str, Any]:
+    """How images were sampled, as every image's PNG metadata and JSON record state it."""
+    return {
         "steps": settings.steps,
         "guidance": settings.guidance,
         "scheduler": settings.scheduler,
-        "sampler": plan.scheduler.a1111,
+        "sampler": sample.scheduler_choice(settings.scheduler).a1111,
         "width": settings.width,
         "height": settings.height,
         "model": model,
         "device": placement.device,
         "dtype": placement.dtype,
     }
-    return LoadedRun(plan, pipe, mapping, settings, record)
 
 
 def _summary(plan: Plan, written: list[Written]) -> None:
@@ -452,7 +460,7 @@ def a1111_parameters(prompt: str, negative: str, seed: int, run: dict[str, Any],
     return "\n".join(lines)
 
 
-def _metadata(
+def png_metadata(
     job: PromptJob, expanded: str, negative: str, seed: int, base_seed: int, index: int | None, run: dict[str, Any]
 ) -> dict[str, Any]:
     names = _names(job)
@@ -486,7 +494,7 @@ def _metadata(
 
 
 @contextmanager
-def _status(show: bool, message: str) -> Iterator[None]:
+def loading_status(show: bool, message: str) -> Iterator[None]:
     if not show:
         yield
         return
@@ -516,7 +524,7 @@ class _SamplingBar:
 
 
 @contextmanager
-def _progress(show: bool, total_images: int) -> Iterator[_SamplingBar]:
+def sampling_progress(show: bool, total_images: int) -> Iterator[_SamplingBar]:
     if not show:
         yield _SamplingBar(None, total_images)
         return

@@ -24,13 +24,14 @@ from crossinit_cli.commands.generate import (
     PromptJob,
     SamplingFlags,
     Written,
-    _metadata,
-    _progress,
-    _status,
     apply_template,
     file_slug,
+    loading_status,
+    png_metadata,
     prepare_out_dir,
     resolve_identities,
+    run_record,
+    sampling_progress,
     save_png,
 )
 from crossinit_cli.config import RunOptions
@@ -150,7 +151,10 @@ def generate_manifest(
 
     # ---- one model load for the whole manifest -------------------------------------------------
     show = not run.quiet and ui.err().is_terminal
-    with _status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"), ui.timed("model load"):
+    with (
+        loading_status(show, f"loading {escape(model)} on {placement.device} ({placement.dtype})"),
+        ui.timed("model load"),
+    ):
         pipe = sample.load(model, placement)
     mapping = sample.add_identities(pipe, vectors, model=model)
     native = sample.native_size(pipe)
@@ -158,7 +162,7 @@ def generate_manifest(
     images_written = lines_done = 0
     stdout = sys.stdout  # the real one: on a terminal the bar redirects sys.stdout above itself, onto stderr
     try:
-        with _progress(show, total) as bar:
+        with sampling_progress(show, total) as bar:
             for line in checked:
                 try:
                     images_written += _run_line(pipe, line, mapping, native, model, placement, bar, stdout)
@@ -231,17 +235,7 @@ def _run_line(
         negative=sample.expand_prompt(line.negative, mapping),
         scheduler=line.scheduler,
     )
-    run = {
-        "steps": settings.steps,
-        "guidance": settings.guidance,
-        "scheduler": settings.scheduler,
-        "sampler": sample.scheduler_choice(line.scheduler).a1111,
-        "width": width,
-        "height": height,
-        "model": model,
-        "device": placement.device,
-        "dtype": placement.dtype,
-    }
+    run = run_record(settings, model, placement)
     expanded = sample.expand_prompt(line.job.prompt, mapping)
     for name in sample.truncated_identities(pipe, expanded, mapping):
         ui.warn(f"line {line.number}: <{name}> falls in the part of the prompt the text encoder cuts off")
@@ -253,7 +247,7 @@ def _run_line(
     for i, seed in enumerate(seeds):
         with ui.timed(f"line {line.number}, image {i}"):
             (image,) = sample.sample(pipe, expanded, [seed], settings, on_step=bar.step)
-        meta = _metadata(line.job, expanded, line.negative, seed, line.seed, i, run)
+        meta = png_metadata(line.job, expanded, line.negative, seed, line.seed, i, run)
         path = save_png(image, line.out, f"{line.job.slug}-{line.seed}-{i}", meta)
         record = Written("image", path, line.job.prompt, line.negative, seed, names, index=i)
         stdout.write(json.dumps({"line": line.number, **record.to_json(run)}, ensure_ascii=False) + "\n")
