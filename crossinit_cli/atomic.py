@@ -13,6 +13,8 @@ from pathlib import Path
 from crossinit_cli.errors import CrossinitError
 
 TEMP_PREFIX = ".crossinit-tmp-"
+STALE_TEMP_S = 600.0
+"""A temp file older than this is a killed writer's: a live write of an embedding or metadata takes milliseconds."""
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -39,6 +41,21 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(folder: Path, older_than_s: float = STALE_TEMP_S) -> int:
+    """Delete the temp files a killed crossinit left in `folder` (not its own live ones); returns how many."""
+    import time
+
+    removed = 0
+    for tmp in Path(folder).glob(f"{TEMP_PREFIX}*"):
+        try:
+            if tmp.is_file() and time.time() - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            continue  # gone meanwhile, or not ours to delete: the next run tries again
+    return removed
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -171,6 +171,23 @@ def test_a_failed_write_leaves_nothing_half_written_in_the_tool_folder(
     assert sorted(os.listdir(root / "embeddings")) == ["Bob.safetensors", "alice.safetensors"]
 
 
+def test_a_killed_exports_temp_file_is_cleared_by_the_next_export_to(cli, stocked: Library, tmp_path: Path) -> None:
+    root = _install(tmp_path / "webui", "a1111")
+    left = root / "embeddings" / ".crossinit-tmp-killed"
+    left.write_bytes(b"half an embed")
+    an_hour_ago = left.stat().st_mtime - 3600
+    os.utime(left, (an_hour_ago, an_hour_ago))
+    live = root / "embeddings" / ".crossinit-tmp-live"  # another process's write in progress
+    live.write_bytes(b"being written")
+    assert cli("export", "--all", "--to", root).exit_code == 0
+    assert sorted(os.listdir(root / "embeddings")) == [
+        ".crossinit-tmp-live",
+        "Bob.safetensors",
+        "alice.safetensors",
+        "carol.safetensors",
+    ]
+
+
 def test_export_of_several_names_a_tag_or_all_into_a_folder(cli, stocked: Library, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = cli("export", "alice", "bob", "-o", f"{out}/", "-f", "a1111-pt", "--json")

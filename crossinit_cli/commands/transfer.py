@@ -9,7 +9,7 @@ from typing import Any
 from rich.markup import escape
 
 from crossinit_cli import families, formats, tools, ui
-from crossinit_cli.atomic import write_bytes_atomic
+from crossinit_cli.atomic import remove_stale_temps, write_bytes_atomic
 from crossinit_cli.catalog import Query
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Damaged, Identity, Library, validate_name
@@ -147,6 +147,8 @@ def deliver(library: Library, chosen: list[Identity], tool: tools.Tool, *, force
     bytes would change. Files go in whole (temp file, then rename), so the tool never reads half of one."""
     if not as_json:
         ui.info(f"{tool.label} at {escape(str(tool.root))}: embeddings go to {escape(str(tool.embeddings))}")
+    if tool.embeddings.is_dir():
+        remove_stale_temps(tool.embeddings)  # what an earlier export killed mid-write left behind
     records, failed = [], 0
     for ident in chosen:
         record: dict[str, Any] = {"name": ident.name, "tool": tool.key, "path": None}
