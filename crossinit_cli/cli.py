@@ -376,9 +376,11 @@ def learn(
     if batch is not None:
         if photos or name:
             raise CrossinitError("--batch takes its photos and names from the manifest; drop the photos and --name")
-        from crossinit_cli.commands.batch import Job, learn_batch
+        from crossinit_cli.commands.batch import BatchEntry, learn_batch
 
-        defaults = Job("-", [], "fast" if fast else "full", steps, lr, batch_size, reg_weight, seed, not no_align)
+        defaults = BatchEntry(
+            "-", [], "fast" if fast else "full", steps, lr, batch_size, reg_weight, seed, not no_align
+        )
         return learn_batch(
             _library(),
             batch,

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossinit_cli.commands.batch import Job, read_manifest
+from crossinit_cli.commands.batch import BatchEntry, read_manifest
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
 
 DATA = Path(__file__).parent / "data"
-DEFAULTS = Job("-", [], "fast", None, None, None, None, 0, True)
+DEFAULTS = BatchEntry("-", [], "fast", None, None, None, None, 0, True)
 
 
 def _people(root: Path, names: dict[str, str]) -> Path:

@@ -35,7 +35,7 @@ _FALSE = {"0", "false", "no", "n", "off", ""}
 
 
 @dataclass
-class Job:
+class BatchEntry:
     """One identity to learn, with its settings."""
 
     name: str
@@ -59,7 +59,7 @@ class Outcome:
     process: int = 0
 
 
-def read_manifest(path: Path, defaults: Job) -> list[Job]:
+def read_manifest(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
     """The jobs of a CSV manifest or a folder of folders; every row checked before anything runs."""
     path = Path(path)
     if path.is_dir():
@@ -80,7 +80,7 @@ def read_manifest(path: Path, defaults: Job) -> list[Job]:
     return jobs
 
 
-def _read_csv(path: Path, defaults: Job) -> list[Job]:
+def _read_csv(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
@@ -149,19 +149,19 @@ def _flag(row: dict[str, Any], key: str) -> bool | None:
     raise ValueError(f"{key} must be true or false, not {value!r}")
 
 
-def _job(defaults: Job, **values: Any) -> Job:
+def _job(defaults: BatchEntry, **values: Any) -> BatchEntry:
     merged = {**asdict(defaults), **{k: v for k, v in values.items() if v is not None}}
     merged["name"] = validate_name(merged["name"])
     if merged["mode"] not in ("fast", "full"):
         raise CrossinitError(f"mode must be fast or full, not {merged['mode']!r}")
-    return Job(**merged)
+    return BatchEntry(**merged)
 
 
 def learn_batch(
     library: Library,
     manifest: Path,
     *,
-    defaults: Job,
+    defaults: BatchEntry,
     model: str | None,
     device: str | None,
     dtype: str | None,
@@ -217,7 +217,7 @@ def learn_batch(
     return 1 if failed else 0
 
 
-def _to_learn(library: Library, jobs: list[Job], force: bool) -> tuple[list[Job], list[Outcome]]:
+def _to_learn(library: Library, jobs: list[BatchEntry], force: bool) -> tuple[list[BatchEntry], list[Outcome]]:
     """The jobs to learn, and the outcomes of those skipped because their identity is already there."""
     skipped = [
         Outcome(j.name, "skipped", "already in the library") for j in jobs if not force and library.exists(j.name)
@@ -226,7 +226,9 @@ def _to_learn(library: Library, jobs: list[Job], force: bool) -> tuple[list[Job]
     return todo, skipped
 
 
-def _all_outcomes(state: Any, jobs: list[Job], skipped: list[Outcome], outcomes: list[Outcome]) -> list[dict[str, Any]]:
+def _all_outcomes(
+    state: Any, jobs: list[BatchEntry], skipped: list[Outcome], outcomes: list[Outcome]
+) -> list[dict[str, Any]]:
     """Every process's outcomes (gathered when there are several), skipped ones first, then in manifest order."""
     from accelerate.utils import gather_object
 
@@ -243,7 +245,7 @@ class _Learner:
         self.library, self.model, self.placement, self.force = library, model, placement, force
         self.trainer: Any = None
 
-    def learn(self, job: Job) -> Outcome:
+    def learn(self, job: BatchEntry) -> Outcome:
         """Learn and store `job`'s identity; a mistake in it is its outcome, not the batch's end."""
         from crossinit_cli import faces
         from crossinit_cli.commands.learn import ALIGN_SIZE, SNAPSHOT_EVERY, learn_and_store, load_trainer
