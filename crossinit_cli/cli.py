@@ -394,28 +394,23 @@ def learn(
         )
     if not photos:
         raise CrossinitError("give one or more photos (or a folder), or --batch MANIFEST")
-    from crossinit_cli.commands.learn import learn_identity
+    from crossinit_cli.commands.learn import LearnRequest, learn
 
-    return learn_identity(
-        _library(),
-        photos,
+    request = LearnRequest(
         name=name,
         mode="fast" if fast else "full",
         steps=steps,
         lr=lr,
         batch_size=batch_size,
         reg_weight=reg_weight,
-        model=model,
-        resolution=resolution,
-        device=device and device.value,
-        dtype=dtype and dtype.value,
         seed=seed,
         force=force,
         align=not no_align,
-        quiet=quiet,
-        as_json=as_json,
+        run=_run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json),
+        resolution=resolution,
         snapshot_every=snapshot_every,
     )
+    return learn(_library(), photos, request)
 
 
 @app.command()

@@ -111,6 +111,7 @@ class RunOptions:
     output_dir: str
     quiet: bool = False
     as_json: bool = False
+    explicit_model: str | None = None  # --model as typed (None: the default), for hints that repeat the command
 
     @classmethod
     def merged(
@@ -131,6 +132,7 @@ class RunOptions:
             output_dir=str(output_dir) if output_dir is not None else saved.output_dir,
             quiet=quiet,
             as_json=as_json,
+            explicit_model=model,
         )
 
     def settings(self) -> dict[str, str]:

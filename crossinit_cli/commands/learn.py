@@ -22,6 +22,7 @@ from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
 
 if TYPE_CHECKING:
+    from crossinit_cli.config import RunOptions
     from crossinit_cli.devices import Placement
     from crossinit_cli.faces import FaceCrop
     from crossinit_cli.train import Progress, TrainConfig, TrainResult
@@ -43,73 +44,25 @@ class LearnRequest:
     lr: float | None
     batch_size: int | None
     reg_weight: float | None
-    model: str | None
-    device: str | None
-    dtype: str | None
     seed: int
     force: bool
     align: bool
-    quiet: bool
-    as_json: bool
+    run: RunOptions  # model, device, dtype, quiet, --json: merged with the saved config by the CLI
     resolution: int | None = None
     snapshot_every: int | None = None
-
-
-def learn_identity(
-    library: Library,
-    photos: list[Path],
-    *,
-    name: str | None,
-    mode: str,
-    steps: int | None,
-    lr: float | None,
-    batch_size: int | None,
-    reg_weight: float | None,
-    model: str | None,
-    device: str | None,
-    resolution: int | None = None,
-    dtype: str | None,
-    seed: int,
-    force: bool,
-    align: bool,
-    quiet: bool,
-    as_json: bool,
-    snapshot_every: int | None = None,
-) -> int:
-    """cli.py's entry point: its keywords gathered into a LearnRequest for `learn`."""
-    request = LearnRequest(
-        name=name,
-        mode=mode,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        reg_weight=reg_weight,
-        model=model,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        force=force,
-        align=align,
-        quiet=quiet,
-        as_json=as_json,
-        resolution=resolution,
-        snapshot_every=snapshot_every,
-    )
-    return learn(library, photos, request)
 
 
 def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     """`learn PHOTOS`: cheap checks (name, settings, photos, model reference), then the model, then
     training and the one library write."""
-    from crossinit_cli import config as settings
     from crossinit_cli import faces
 
+    run = request.run
     name = _identity_name(request.name, photos)
     _check_name_free(library, name, request.force)
     snapshot_every = _snapshot_every(request.snapshot_every, request.mode)
     train_config = _train_config(request)
-    defaults = settings.load_config()
-    model_id = request.model or defaults.model
+    model_id = run.model
     paths = faces.collect_photos(photos)
     with ui.timed("face detection and alignment"):
         crops = faces.align_faces(paths, ALIGN_SIZE, align=request.align, warn=ui.warn)
@@ -122,11 +75,11 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     # ---- the model, then training and the one write ---------------------------------------------------
     from crossinit_cli import devices
 
-    placement = devices.resolve(request.device or defaults.device, request.dtype or defaults.dtype, training=True)
-    trainer = load_trainer(library, model_id, placement, quiet=request.quiet)
-    job = LearnJob(name, paths, crops, train_config, request.mode, request.align, request.force, request.quiet)
+    placement = devices.resolve(run.device, run.dtype, training=True)
+    trainer = load_trainer(library, model_id, placement, quiet=run.quiet)
+    job = LearnJob(name, paths, crops, train_config, request.mode, request.align, request.force, run.quiet)
     target, result = train_and_store(library, trainer, replace(job, snapshot_every=snapshot_every, resumable=True))
-    _report(library, name, result, target, model=request.model, quiet=request.quiet, as_json=request.as_json)
+    _report(library, name, result, target, model=run.explicit_model, quiet=run.quiet, as_json=run.as_json)
     return 0
 
 
