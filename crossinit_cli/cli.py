@@ -381,17 +381,8 @@ def learn(
         defaults = BatchEntry(
             "-", [], "fast" if fast else "full", steps, lr, batch_size, reg_weight, seed, not no_align
         )
-        return learn_batch(
-            _library(),
-            batch,
-            defaults=defaults,
-            model=model,
-            device=device and device.value,
-            dtype=dtype and dtype.value,
-            force=force,
-            quiet=quiet,
-            as_json=as_json,
-        )
+        run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
+        return learn_batch(_library(), batch, defaults=defaults, run=run, force=force)
     if not photos:
         raise CrossinitError("give one or more photos (or a folder), or --batch MANIFEST")
     from crossinit_cli.commands.learn import LearnRequest, learn
@@ -547,11 +538,9 @@ def eval_cmd(
     Results are stored with each identity (see `show`), with a contact sheet.
     Example: crossinit eval alice fast-alice --compare -n 8
     """
-    from crossinit_cli.commands.evaluate import evaluate_identities
+    from crossinit_cli.commands.evaluate import EvalOptions, evaluate_command
 
-    return evaluate_identities(
-        _library(),
-        names,
+    options = EvalOptions(
         compare=compare,
         prompts=prompts,
         n=n,
@@ -567,6 +556,7 @@ def eval_cmd(
         quiet=quiet,
         as_json=as_json,
     )
+    return evaluate_command(_library(), names, options)
 
 
 @app.command()

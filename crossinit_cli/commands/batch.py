@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
@@ -28,6 +28,9 @@ from rich.table import Table
 from crossinit_cli import ui
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library, name_key, validate_name
+
+if TYPE_CHECKING:
+    from crossinit_cli.config import RunOptions
 
 COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align")
 _TRUE = {"1", "true", "yes", "y", "on"}
@@ -162,21 +165,18 @@ def learn_batch(
     manifest: Path,
     *,
     defaults: BatchEntry,
-    model: str | None,
-    device: str | None,
-    dtype: str | None,
+    run: RunOptions,
     force: bool,
-    quiet: bool,
-    as_json: bool,
 ) -> int:
+    """`learn --batch MANIFEST`: every identity of the manifest not yet stored, spread over the processes
+    of `accelerate launch`, one model load per process."""
     from accelerate import PartialState
 
-    from crossinit_cli import config, devices
+    from crossinit_cli import devices
 
     jobs = read_manifest(manifest, defaults)
-    config_defaults = config.load_config()
-    model_id = model or config_defaults.model
-    placement = devices.resolve(device or config_defaults.device, dtype or config_defaults.dtype, training=True)
+    quiet, model_id = run.quiet, run.model
+    placement = devices.resolve(run.device, run.dtype, training=True)
     # accelerate forms a CPU process group (gloo) only when told the processes run on the CPU.
     state = PartialState(cpu=placement.device == "cpu")
     if state.num_processes > 1 and state.device.type == "cuda":
@@ -212,7 +212,7 @@ def learn_batch(
     results = _all_outcomes(state, jobs, skipped, outcomes)
     failed = sum(r["status"] == "failed" for r in results)
     if main:
-        _report(results, as_json=as_json)
+        _report(results, as_json=run.as_json)
     state.wait_for_everyone()
     return 1 if failed else 0
 

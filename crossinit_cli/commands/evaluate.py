@@ -37,45 +37,6 @@ class EvalOptions:
     as_json: bool = False
 
 
-def evaluate_identities(
-    library: Library,
-    names: list[str],
-    *,
-    compare: bool = False,
-    prompts: str | None = None,
-    n: int = engine.DEFAULT_N,
-    seed: int = engine.DEFAULT_SEED,
-    steps: int | None = None,
-    model: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    clip_model: str | None = None,
-    fail_below: float | None = None,
-    snapshots: bool = False,
-    pick_best: bool = False,
-    quiet: bool = False,
-    as_json: bool = False,
-) -> int:
-    """cli.py's entry point: its keywords gathered into EvalOptions for `evaluate_command`."""
-    options = EvalOptions(
-        compare=compare,
-        prompts=prompts,
-        n=n,
-        seed=seed,
-        steps=steps,
-        model=model,
-        device=device,
-        dtype=dtype,
-        clip_model=clip_model,
-        fail_below=fail_below,
-        snapshots=snapshots,
-        pick_best=pick_best,
-        quiet=quiet,
-        as_json=as_json,
-    )
-    return evaluate_command(library, names, options)
-
-
 def evaluate_command(library: Library, names: list[str], options: EvalOptions) -> int:
     """`eval NAMES`: check the options, score the identities (or one's snapshots), report and store."""
     fail_below = options.fail_below
