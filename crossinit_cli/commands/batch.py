@@ -248,7 +248,7 @@ class _Learner:
     def learn(self, job: BatchEntry) -> Outcome:
         """Learn and store `job`'s identity; a mistake in it is its outcome, not the batch's end."""
         from crossinit_cli import faces
-        from crossinit_cli.commands.learn import ALIGN_SIZE, SNAPSHOT_EVERY, learn_and_store, load_trainer
+        from crossinit_cli.commands.learn import ALIGN_SIZE, SNAPSHOT_EVERY, LearnJob, load_trainer, train_and_store
         from crossinit_cli.train import TrainConfig
 
         started = time.perf_counter()
@@ -265,9 +265,7 @@ class _Learner:
             crops = faces.align_faces(paths, ALIGN_SIZE, align=job.align, warn=ui.warn)
             if self.trainer is None:
                 self.trainer = load_trainer(self.library, self.model, self.placement, quiet=True)
-            _, result = learn_and_store(
-                self.library,
-                self.trainer,
+            entry = LearnJob(
                 name=job.name,
                 paths=paths,
                 crops=crops,
@@ -278,6 +276,7 @@ class _Learner:
                 quiet=True,
                 snapshot_every=SNAPSHOT_EVERY[job.mode],
             )
+            _, result = train_and_store(self.library, self.trainer, entry)
             return Outcome(job.name, "learned", "", time.perf_counter() - started, result.final_loss)
         except CrossinitError as exc:
             return Outcome(job.name, "failed", str(exc), time.perf_counter() - started)

@@ -142,9 +142,7 @@ def resume_identity(library: Library, name: str, *, quiet: bool, as_json: bool) 
         raise CrossinitError(f"the checkpoint of {name!r} was made for another model size; start over with learn")
     if not quiet:
         ui.info(f"resuming [bold]{escape(name)}[/] at step {state['step'] if state else 0} of {run.steps}")
-    target, result = learn_and_store(
-        library,
-        trainer,
+    job = LearnJob(
         name=name,
         paths=[Path(p) for p in saved["photos"]],
         crops=crops,
@@ -157,6 +155,7 @@ def resume_identity(library: Library, name: str, *, quiet: bool, as_json: bool) 
         resumable=True,
         resume=(run, state),
     )
+    target, result = train_and_store(library, trainer, job)
     _report(library, name, result, target, model=model_id, quiet=quiet, as_json=as_json)
     return 0
 
@@ -246,27 +245,6 @@ class LearnJob:
     snapshot_every: int | None = None
     resumable: bool = False
     resume: tuple[Any, dict[str, Any] | None] | None = None
-
-
-def learn_and_store(
-    library: Library,
-    trainer: Trainer,
-    *,
-    name: str,
-    paths: list[Path],
-    crops: list[FaceCrop],
-    train_config: TrainConfig,
-    mode: str,
-    align: bool,
-    force: bool,
-    quiet: bool,
-    snapshot_every: int | None = None,
-    resumable: bool = False,
-    resume: tuple[Any, dict[str, Any] | None] | None = None,
-) -> tuple[Path, TrainResult]:
-    """`train_and_store` with the job's fields as keywords (commands/batch.py's entry point)."""
-    job = LearnJob(name, paths, crops, train_config, mode, align, force, quiet, snapshot_every, resumable, resume)
-    return train_and_store(library, trainer, job)
 
 
 def train_and_store(library: Library, trainer: Trainer, job: LearnJob) -> tuple[Path, TrainResult]:
