@@ -125,7 +125,7 @@ def diffusers_example_loop(
 def interleaved_steps(
     model: Path, crop_path: Path, *, steps: int, batch_size: int, device: str, seed: int = 0
 ) -> tuple[list[float], list[float], float]:
-    """crossinit's train() and the example's loop, one step each in turn: (ours, theirs, our one-time cost).
+    """crossinit's train.run and the example's loop, one step each in turn: (ours, theirs, our one-time cost).
 
     Each of our steps is followed by one of theirs (run from our progress callback and not counted in
     ours), so that load from other processes on the machine hits both alike.
@@ -151,17 +151,13 @@ def interleaved_steps(
         resumed[0] = time.perf_counter()
 
     resumed[0] = time.perf_counter()
-    result = train.train(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        unet=pipe.unet,
-        vae=pipe.vae,
-        scheduler_config=pipe.scheduler.config,
-        crops=[Image.open(crop_path).convert("RGB")],
-        init=init,
-        config=train.TrainConfig(steps=steps, batch_size=batch_size, seed=seed),
-        placement=placement,
-        progress=step_done,
+    result = train.run(
+        train.ModelParts.of_pipeline(pipe),
+        [Image.open(crop_path).convert("RGB")],
+        init,
+        train.TrainConfig(steps=steps, batch_size=batch_size, seed=seed),
+        placement,
+        train.RunHooks(progress=step_done),
     )
     assert len(result.losses) == steps
     ours[0] -= result.encode_s  # the first interval also holds the one-time VAE encode

@@ -313,29 +313,6 @@ class RunHooks:
     resume_from: dict[str, Any] | None = None
 
 
-def train(
-    *,
-    tokenizer: Any,
-    text_encoder: Any,
-    unet: Any,
-    vae: Any,
-    scheduler_config: Any,
-    crops: Sequence[Image.Image],
-    init: torch.Tensor | Sequence[torch.Tensor],
-    config: TrainConfig,
-    placement: Placement,
-    progress: Progress | None = None,
-    family: Family | None = None,
-    slots: Sequence[Slot] | None = None,
-    snapshot_every: int | None = None,
-    save_state: SaveState | None = None,
-    resume_from: dict[str, Any] | None = None,
-) -> TrainResult:
-    """`run` with every part named by keyword (tests, benchmarks): builds its records and calls it."""
-    parts = ModelParts(tokenizer, text_encoder, unet, vae, scheduler_config, family, slots)
-    return run(parts, crops, init, config, placement, RunHooks(progress, snapshot_every, save_state, resume_from))
-
-
 def run(
     parts: ModelParts,
     crops: Sequence[Image.Image],

@@ -25,7 +25,7 @@ def crops() -> list:
 
 
 def _run(model: Path, crops: list, *, vae_calls: list | None = None, run: dict | None = None, **overrides):
-    """Train on a freshly loaded pipeline (train() moves and changes it); returns (result, pipe, table before)."""
+    """Train on a freshly loaded pipeline (train.run moves and changes it); returns (result, pipe, table before)."""
     pipe = load_pipeline(str(model))
     table_before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, None)
@@ -33,18 +33,8 @@ def _run(model: Path, crops: list, *, vae_calls: list | None = None, run: dict |
         encode = pipe.vae.encode
         pipe.vae.encode = lambda x: (vae_calls.append(len(x)), encode(x))[1]
     settings = {"steps": 4, "batch_size": 2, **overrides}
-    result = train.train(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        unet=pipe.unet,
-        vae=pipe.vae,
-        scheduler_config=pipe.scheduler.config,
-        crops=crops,
-        init=init,
-        config=train.TrainConfig(**settings),
-        placement=CPU,
-        **(run or {}),
-    )
+    parts = train.ModelParts.of_pipeline(pipe)
+    result = train.run(parts, crops, init, train.TrainConfig(**settings), CPU, train.RunHooks(**(run or {})))
     return result, pipe, table_before
 
 
@@ -191,17 +181,8 @@ def test_mixed_precision_path_keeps_the_rows_in_fp32(tiny_model: Path, crops: li
     # The CUDA recipe (bf16 autocast, UNet weights in bf16, rows and AdamW in fp32) run on the CPU.
     pipe = load_pipeline(str(tiny_model))
     init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, None)
-    result = train.train(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        unet=pipe.unet,
-        vae=pipe.vae,
-        scheduler_config=pipe.scheduler.config,
-        crops=crops,
-        init=init,
-        config=train.TrainConfig(steps=3, batch_size=2),
-        placement=Placement("cpu", "bf16", "tests"),
-    )
+    config = train.TrainConfig(steps=3, batch_size=2)
+    result = train.run(train.ModelParts.of_pipeline(pipe), crops, init, config, Placement("cpu", "bf16", "tests"))
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.float32
     assert result.learned.dtype == np.float32 and result.dtype == "bf16"
     assert np.isfinite(result.losses).all() and not np.allclose(result.learned, result.init)
