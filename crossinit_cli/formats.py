@@ -172,7 +172,7 @@ def default_filename(name: str, fmt: str) -> str:
 
 # What each tool's embeddings folder reads, per model family (tools.py finds the folder): the format whose
 # `tools` name it. SDXL identities go as the A1111 layout's SDXL form, {"clip_l", "clip_g"}, which A1111,
-# Forge, ComfyUI and InvokeAI read (SPEC 5); SD.Next is left out for SDXL until its loader is checked.
+# Forge, ComfyUI and InvokeAI read (docs/formats.md); SD.Next is left out for SDXL until its loader is checked.
 _UNCHECKED = {("sdnext", "sdxl")}
 TOOL_FORMATS: dict[tuple[str, str], str] = {
     (tool, family): fmt.name
