@@ -17,8 +17,24 @@ STALE_TEMP_S = 600.0
 """A temp file older than this is a killed writer's: a live write of an embedding or metadata takes milliseconds."""
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(temp_path)` then rename the temp file onto `path`; readers see old or new, never half."""
+def shared_mode() -> int:
+    """The mode a plainly created file gets: 0o666 less the umask (0644 under umask 022). mkstemp's temp files
+    are 0600 whatever the umask, which suits the library but not files other programs (a tool running as another
+    user, in Docker, on a shared server) must read: exports, deliveries, generated images."""
+    try:  # Linux reports the umask without changing it; os.umask must set one to read it (racy with threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], *, shared: bool = False) -> None:
+    """Call `write(temp_path)` then rename the temp file onto `path`; readers see old or new, never half.
+    `shared`: the file gets the umask's mode (`shared_mode`) instead of the temp file's private 0600."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +47,8 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        if shared:
+            os.chmod(tmp, shared_mode())
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -58,8 +76,8 @@ def remove_stale_temps(folder: Path, older_than_s: float = STALE_TEMP_S) -> int:
     return removed
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda tmp: tmp.write_bytes(data))
+def write_bytes_atomic(path: Path, data: bytes, *, shared: bool = False) -> None:
+    write_atomic(path, lambda tmp: tmp.write_bytes(data), shared=shared)
 
 
 def fsync_file(path: Path) -> None:

@@ -172,14 +172,10 @@ def default_filename(name: str, fmt: str) -> str:
 
 # What each tool's embeddings folder reads, per model family (tools.py finds the folder): the format whose
 # `tools` name it. SDXL identities go as the A1111 layout's SDXL form, {"clip_l", "clip_g"}, which A1111,
-# Forge, ComfyUI and InvokeAI read (docs/formats.md); SD.Next is left out for SDXL until its loader is checked.
-_UNCHECKED = {("sdnext", "sdxl")}
+# Forge, ComfyUI, InvokeAI and SD.Next read (SD.Next matches each tensor to a text encoder by width; see
+# docs/formats.md).
 TOOL_FORMATS: dict[tuple[str, str], str] = {
-    (tool, family): fmt.name
-    for fmt in REGISTRY.values()
-    for tool in fmt.tools
-    for family in families.FAMILIES
-    if (tool, family) not in _UNCHECKED
+    (tool, family): fmt.name for fmt in REGISTRY.values() for tool in fmt.tools for family in families.FAMILIES
 }
 
 
@@ -229,9 +225,10 @@ def export_vectors(
     steps: int = 0,
     family: str = "",
 ) -> Path:
-    """Write `vectors` [k, width] (SDXL: one array per encoder) to `path` in format `fmt` (atomically)."""
+    """Write `vectors` [k, width] (SDXL: one array per encoder) to `path` in format `fmt` (atomically, with the
+    umask's mode: an export is for other programs to read)."""
     data = encode(vectors, name, fmt, base_model=base_model, steps=steps, family=family)
-    write_bytes_atomic(path, data)
+    write_bytes_atomic(path, data, shared=True)
     return path
 
 

@@ -1,27 +1,32 @@
-"""The Stable Diffusion tools `export --to DIR` delivers into: how each one's install folder is recognised,
-and which folder in it holds textual-inversion embeddings.
+"""The Stable Diffusion tools `export --to DIR` delivers into: how each one's install folder is recognised, and
+which folder it really reads textual-inversion embeddings from, found the way the tool itself finds it (its
+start-up arguments, its config files, its defaults) and reported with the setting it came from.
 
-Each tool is known by marker files of its own install layout (see docs/formats.md for the sources):
+One entry per install layout in `LAYOUTS` (docs/formats.md cites each tool's code for its markers and paths):
 
-- AUTOMATIC1111 and Forge: `webui.py` beside `embeddings/` (Forge also has `modules_forge/`);
-- SD.Next: `webui.py`, `installer.py` and `modules/`; embeddings in `models/embeddings/` (its default), or
-  `embeddings/` where an older install has that one;
-- ComfyUI: the `comfy/` package beside `models/embeddings/`;
-- InvokeAI: `invokeai.yaml` in its root folder; embeddings go to `autoimport/embedding/` there (read at
-  start-up by InvokeAI 3; InvokeAI 4 and later add them with Model Manager > Scan Folder).
+- SD.Next: `webui.py`, `installer.py`, `modules/`; `embeddings_dir` in its `config.json`, else
+  `<models_dir>/embeddings` (`modules/ui_definitions.py`, `modules/paths.py`);
+- AUTOMATIC1111, Forge, Forge Classic/Neo: `webui.py`, `launch.py`, `modules/`; `--embeddings-dir` (or
+  `--data-dir`) in `COMMANDLINE_ARGS` (`webui-user.sh`, `webui-user.bat`, the environment), else the default
+  the install's own `modules/cmd_args.py` declares (`embeddings/`; `models/embeddings/` in Forge Classic/Neo);
+- ComfyUI: a git clone (`main.py`, `folder_paths.py`, `comfy/`), the Windows portable root (`ComfyUI/`,
+  `python_embeded/`), the Desktop / `--base-directory` layout (`models/`, `custom_nodes/`, `user/`, no
+  `comfy/`); `models/embeddings/` unless `extra_model_paths.yaml` puts an `is_default` entry first;
+- InvokeAI: `invokeai.yaml`; InvokeAI 4 and later read no folder by themselves (autoimport is gone), so files go
+  to `crossinit-embeddings/` there and the user adds them once with the Model Manager's Scan Folder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from crossinit_cli.errors import CrossinitError
-
-LOOKED_FOR = (
-    "webui.py beside embeddings/ (AUTOMATIC1111, Forge), webui.py + installer.py + modules/ (SD.Next), "
-    "comfy/ beside models/embeddings/ (ComfyUI), invokeai.yaml (InvokeAI)"
-)
 
 
 @dataclass(frozen=True)
@@ -29,26 +34,312 @@ class Tool:
     key: str  # "a1111", "forge", "sdnext", "comfyui", "invokeai": formats.format_for_tool's first key
     label: str
     root: Path
-    embeddings: Path  # where the files go (created if the tool's default folder does not exist yet)
+    embeddings: Path  # where the files go (created if it does not exist yet)
+    setting: str  # where that folder came from, in the tool's own terms
     hint: str  # how to use a delivered identity there; {stem} is its file's stem
+    step: str = ""  # what the user does once so the tool picks the files up ("" when it reads them itself)
+    reads: tuple[Path, ...] = field(default=())  # every embeddings folder the tool reads (`--to` may name one)
+
+
+@dataclass(frozen=True)
+class Layout:
+    looked_for: str  # for the refusal of a folder that is no known install
+    matches: Callable[[Path], bool]
+    locate: Callable[[Path], Tool]
+
+
+# ---- AUTOMATIC1111, Forge, Forge Classic / Neo ---------------------------------------------------------------
+
+_ENV = "the COMMANDLINE_ARGS environment variable"
+# The flags of modules/paths_internal.py and modules/cmd_args.py that move the embeddings folder.
+_PATH_FLAGS = ("--embeddings-dir", "--data-dir", "--models-dir", "--model-ref")
+
+
+def _sh_assignments(text: str) -> list[str]:
+    """The values `webui-user.sh` gives COMMANDLINE_ARGS, in order (comment lines are skipped)."""
+    values = []
+    for line in text.splitlines():
+        found = re.match(r"\s*(?:export\s+)?COMMANDLINE_ARGS=(.*)$", line)
+        if found:
+            try:
+                words = shlex.split(found.group(1), comments=True)
+            except ValueError:
+                continue
+            values.append(" ".join(words))
+    return values
+
+
+def _bat_assignments(text: str) -> list[str]:
+    """The values `webui-user.bat` gives COMMANDLINE_ARGS, `^` continuations joined, %VAR% of earlier `set`s
+    expanded; `@REM`/`::` lines are comments."""
+    text = re.sub(r"\^\r?\n", "", text)
+    variables, values = {k.upper(): v for k, v in os.environ.items()}, []
+    for line in text.splitlines():
+        found = re.match(r'\s*set\s+"?([A-Za-z0-9_]+)=(.*?)"?\s*$', line, re.IGNORECASE)
+        if not found:
+            continue
+        name, value = found.group(1), found.group(2)
+        value = re.sub(r"%([A-Za-z0-9_]+)%", lambda m, n=name: _bat_var(m.group(1), n, variables), value)
+        variables[name.upper()] = value
+        if name.upper() == "COMMANDLINE_ARGS":
+            values.append(value)
+    return values
+
+
+def _bat_var(name: str, assigned: str, variables: dict[str, str]) -> str:
+    """%NAME% as cmd.exe expands it; the variable being assigned stays for _script_args to splice in."""
+    if name.upper() == assigned.upper() == "COMMANDLINE_ARGS":
+        return "%COMMANDLINE_ARGS%"
+    return variables.get(name.upper(), "")
+
+
+def _script_args(script: Path, start: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
+    """The arguments (each with where it came from) after `script` sets COMMANDLINE_ARGS starting from `start`,
+    as the shell does: an assignment replaces the value, `$COMMANDLINE_ARGS` / `%COMMANDLINE_ARGS%` in it stands
+    for the value before. None when the script does not set it."""
+    try:
+        text = script.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    posix = script.suffix == ".sh"
+    values = _sh_assignments(text) if posix else _bat_assignments(text)
+    if not values:
+        return None
+    self_ref = r"\$\{?COMMANDLINE_ARGS\}?" if posix else r"%COMMANDLINE_ARGS%"
+    args = start
+    for value in values:
+        pieces = re.split(self_ref, value)
+        new: list[tuple[str, str]] = []
+        for i, piece in enumerate(pieces):
+            if i:
+                new += args
+            literal = os.path.expandvars(piece) if posix else piece
+            try:
+                new += [(token, f"{script.name} COMMANDLINE_ARGS") for token in shlex.split(literal)]
+            except ValueError:
+                continue
+        args = new
+    return args
+
+
+def _flags(args: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """The last value of each path flag (argparse keeps the last), with where it came from."""
+    found: dict[str, tuple[str, str]] = {}
+    for i, (token, where) in enumerate(args):
+        flag, _, value = token.partition("=")
+        if flag in _PATH_FLAGS:
+            if value or "=" in token:
+                found[flag] = (value, where)
+            elif i + 1 < len(args):
+                found[flag] = (args[i + 1][0], where)
+    return found
+
+
+def webui_flags(root: Path) -> dict[str, tuple[str, str]]:
+    """The path flags the webui at `root` starts with: COMMANDLINE_ARGS from the environment, then as the
+    platform's own start script (`webui-user.sh`, or `.bat` on Windows) sets it; the other platform's script
+    counts only where it moves a folder (an install shared between Windows and WSL)."""
+    try:
+        start = [(token, _ENV) for token in shlex.split(os.environ.get("COMMANDLINE_ARGS", ""))]
+    except ValueError:
+        start = []
+    scripts = [root / "webui-user.sh", root / "webui-user.bat"]
+    if os.name == "nt":
+        scripts.reverse()
+    native = _script_args(scripts[0], start)
+    flags = _flags(start if native is None else native)
+    if not flags:
+        foreign = _script_args(scripts[1], start)
+        flags = _flags(foreign or [])
+    return flags
+
+
+def _default_under_models(root: Path) -> bool:
+    """Whether the install's own modules/cmd_args.py puts `--embeddings-dir` under the models folder (Forge
+    Classic/Neo: `os.path.join(models_path, "embeddings")`) rather than the data folder (A1111, Forge)."""
+    try:
+        code = (root / "modules" / "cmd_args.py").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    found = re.search(r"--embeddings-dir.*?default=os\.path\.join\((\w+)", code)
+    return bool(found) and found.group(1) == "models_path"
+
+
+def _webui(root: Path) -> Tool:
+    under_models = _default_under_models(root)
+    if (root / "modules_forge").is_dir():
+        key, label = "forge", ("Forge Classic/Neo" if under_models else "Forge")
+    else:
+        key, label = "a1111", "AUTOMATIC1111"
+    flags = webui_flags(root)
+    if "--embeddings-dir" in flags:
+        value, where = flags["--embeddings-dir"]
+        folder, setting = root / value, f"--embeddings-dir in {where}"
+    elif under_models:
+        flag = next((f for f in ("--model-ref", "--models-dir") if f in flags), None)
+        data = flags.get("--data-dir")
+        if flag:
+            value, where = flags[flag]
+            folder, setting = root / value / "embeddings", f"{flag} in {where} + embeddings"
+        elif data:
+            folder, setting = root / data[0] / "models" / "embeddings", f"--data-dir in {data[1]} + models/embeddings"
+        else:
+            folder, setting = root / "models" / "embeddings", "the default of its modules/cmd_args.py"
+    elif "--data-dir" in flags:
+        value, where = flags["--data-dir"]
+        folder, setting = root / value / "embeddings", f"--data-dir in {where} + embeddings"
+    else:
+        folder, setting = root / "embeddings", "the default of its modules/cmd_args.py"
+    return Tool(key, label, root, folder, setting, "write `{stem}` in a prompt", reads=(folder,))
+
+
+# ---- SD.Next ----------------------------------------------------------------------------------------------------
+
+
+def _sdnext(root: Path) -> Tool:
+    """SD.Next reads `opts.embeddings_dir` only: config.json's value, else `<models_dir>/embeddings`; a relative
+    path is relative to the install (where webui.sh starts it). An old `embeddings/` there is not read."""
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}  # SD.Next starts with its defaults too when config.json is missing or unreadable
+    config = config if isinstance(config, dict) else {}
+    if isinstance(config.get("embeddings_dir"), str) and config["embeddings_dir"]:
+        folder, setting = root / config["embeddings_dir"], "embeddings_dir in config.json"
+    else:
+        models = config.get("models_dir") if isinstance(config.get("models_dir"), str) else ""
+        folder = root / (models or "models") / "embeddings"
+        setting = "SD.Next's default (models_dir in config.json + embeddings)" if models else "SD.Next's default"
+    return Tool(
+        "sdnext", "SD.Next", root, folder, setting, "write `{stem}` in a prompt (after Refresh)", reads=(folder,)
+    )
+
+
+# ---- ComfyUI ----------------------------------------------------------------------------------------------------
+
+
+def comfy_embedding_folders(base: Path, code: Path) -> list[tuple[Path, str]]:
+    """ComfyUI's `get_folder_paths("embeddings")` for base directory `base` and the code folder `code` (where
+    `extra_model_paths.yaml` is read), each with its setting: `models/embeddings` first, then each `embeddings`
+    entry of the yaml appended, or put first where its section says `is_default` (utils/extra_config.py)."""
+    folders = [(base / "models" / "embeddings", "ComfyUI's default models/embeddings")]
+    yaml_path = code / "extra_model_paths.yaml"
+    if not yaml_path.is_file():
+        return folders
+    import yaml
+
+    try:
+        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CrossinitError(f"cannot read {yaml_path}: {str(exc).splitlines()[0]}") from None
+    for section, conf in config.items() if isinstance(config, dict) else ():
+        if not isinstance(conf, dict) or not isinstance(conf.get("embeddings"), str):
+            continue
+        base_path = conf.get("base_path")
+        if base_path is not None:
+            base_path = os.path.expandvars(os.path.expanduser(str(base_path)))
+            base_path = base_path if os.path.isabs(base_path) else str(yaml_path.parent / base_path)
+        for entry in conf["embeddings"].split("\n"):
+            if not entry:
+                continue
+            full = Path(base_path) / entry if base_path else Path(entry)
+            full = full if full.is_absolute() else yaml_path.parent / full
+            setting = f"`{section}: embeddings` in extra_model_paths.yaml"
+            if conf.get("is_default"):
+                folders.insert(0, (full, setting + " (is_default)"))
+            else:
+                folders.append((full, setting))
+    return folders
+
+
+def _comfy(root: Path, base: Path, code: Path, label: str) -> Tool:
+    folders = comfy_embedding_folders(base, code)
+    folder, setting = folders[0]
+    reads = tuple(path for path, _ in folders)
+    return Tool("comfyui", label, root, folder, setting, "write `embedding:{stem}` in a prompt", reads=reads)
+
+
+def _is_comfy_clone(folder: Path) -> bool:
+    return (folder / "comfy").is_dir() and (folder / "folder_paths.py").is_file() and (folder / "main.py").is_file()
+
+
+def _is_comfy_base_directory(folder: Path) -> bool:
+    return (
+        all((folder / name).is_dir() for name in ("models", "custom_nodes", "user")) and not (folder / "comfy").exists()
+    )
+
+
+# ---- InvokeAI ---------------------------------------------------------------------------------------------------
+
+INVOKEAI_FOLDER = "crossinit-embeddings"
+
+
+def _invokeai(root: Path) -> Tool:
+    folder = root / INVOKEAI_FOLDER
+    step = f"in InvokeAI's Model Manager: Add Models > Scan Folder, paste {folder}, then Install All"
+    setting = "no folder InvokeAI 4+ reads by itself (its autoimport folder is gone), so crossinit's own"
+    return Tool("invokeai", "InvokeAI", root, folder, setting, "write <{stem}> in a prompt", step=step, reads=(folder,))
+
+
+LAYOUTS: tuple[Layout, ...] = (
+    Layout(
+        "webui.py + installer.py + modules/ (SD.Next)",
+        lambda r: (r / "webui.py").is_file() and (r / "installer.py").is_file() and (r / "modules").is_dir(),
+        _sdnext,
+    ),
+    Layout(
+        "webui.py + launch.py + modules/ (AUTOMATIC1111, Forge, Forge Classic/Neo)",
+        lambda r: (r / "webui.py").is_file() and (r / "launch.py").is_file() and (r / "modules").is_dir(),
+        _webui,
+    ),
+    Layout(
+        "main.py + folder_paths.py + comfy/ (ComfyUI)",
+        _is_comfy_clone,
+        lambda r: _comfy(r, r, r, "ComfyUI"),
+    ),
+    Layout(
+        "ComfyUI/ + python_embeded/ (ComfyUI Windows portable)",
+        lambda r: _is_comfy_clone(r / "ComfyUI") and (r / "python_embeded").is_dir(),
+        lambda r: _comfy(r, r / "ComfyUI", r / "ComfyUI", "ComfyUI (Windows portable)"),
+    ),
+    Layout(
+        "models/ + custom_nodes/ + user/ (ComfyUI Desktop, --base-directory)",
+        _is_comfy_base_directory,
+        lambda r: _comfy(r, r, r, "ComfyUI (base directory)"),
+    ),
+    Layout("invokeai.yaml (InvokeAI)", lambda r: (r / "invokeai.yaml").is_file(), _invokeai),
+)
+LOOKED_FOR = "; ".join(layout.looked_for for layout in LAYOUTS)
+
+
+def _install_at(folder: Path) -> Tool | None:
+    for layout in LAYOUTS:
+        if layout.matches(folder):
+            return layout.locate(folder)
+    return None
+
+
+def _same(a: Path, b: Path) -> bool:
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
 
 
 def detect(folder: Path) -> Tool:
-    """The tool installed at `folder`, or a one-line CrossinitError listing what was looked for."""
+    """The tool installed at `folder` (or whose embeddings folder `folder` is), or a one-line CrossinitError
+    listing what was looked for."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise CrossinitError(f"{root} is not a folder")
-    if (root / "webui.py").is_file() and (root / "installer.py").is_file() and (root / "modules").is_dir():
-        where = root / "embeddings" if (root / "embeddings").is_dir() else root / "models" / "embeddings"
-        return Tool("sdnext", "SD.Next", root, where, "write `{stem}` in a prompt (after Refresh)")
-    if (root / "webui.py").is_file() and (root / "embeddings").is_dir():
-        if (root / "modules_forge").is_dir():
-            return Tool("forge", "Forge", root, root / "embeddings", "write `{stem}` in a prompt")
-        return Tool("a1111", "AUTOMATIC1111", root, root / "embeddings", "write `{stem}` in a prompt")
-    if (root / "comfy").is_dir() and (root / "models" / "embeddings").is_dir():
-        return Tool("comfyui", "ComfyUI", root, root / "models" / "embeddings", "write `embedding:{stem}` in a prompt")
-    if (root / "invokeai.yaml").is_file():
-        where = root / "autoimport" / "embedding"
-        hint = f"InvokeAI 3 adds it at start-up; InvokeAI 4+: Model Manager > Scan Folder {where}; prompt <{{stem}}>"
-        return Tool("invokeai", "InvokeAI", root, where, hint)
+    tool = _install_at(root)
+    if tool is not None:
+        return tool
+    for parent in list(root.absolute().parents)[:2]:  # embeddings/ or models/embeddings/ inside an install
+        tool = _install_at(parent)
+        if tool is None:
+            continue
+        if any(_same(root, read) for read in tool.reads):
+            return replace(tool, embeddings=root, setting=f"named by --to; {tool.label} reads it")
+        raise CrossinitError(
+            f"{tool.label} at {tool.root} reads embeddings from {tool.embeddings} ({tool.setting}), not {root}; "
+            f"pass --to {tool.root}"
+        )
     raise CrossinitError(f"{root} is not an install folder crossinit knows; looked for {LOOKED_FOR}")

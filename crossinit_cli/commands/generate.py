@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 
 from crossinit_cli import __version__, devices, sample, ui
-from crossinit_cli.atomic import TEMP_PREFIX
+from crossinit_cli.atomic import TEMP_PREFIX, shared_mode
 from crossinit_cli.commands.common import read_source
 from crossinit_cli.config import RunOptions
 from crossinit_cli.errors import CrossinitError
@@ -388,6 +388,7 @@ def save_png(image: Image.Image, folder: Path, stem: str, meta: dict[str, Any]) 
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.chmod(tmp, shared_mode())  # an image is for others to see: the umask's mode, not mkstemp's 0600
             image.save(handle, format="PNG", pnginfo=info)
             handle.flush()
             os.fsync(handle.fileno())

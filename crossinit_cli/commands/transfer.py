@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from rich.markup import escape
 
 from crossinit_cli import families, formats, tools, ui
-from crossinit_cli.atomic import remove_stale_temps, write_bytes_atomic
+from crossinit_cli.atomic import remove_stale_temps, shared_mode, write_bytes_atomic
 from crossinit_cli.catalog import Query
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Damaged, Identity, Library, validate_name
@@ -146,12 +147,13 @@ def deliver(library: Library, chosen: list[Identity], tool: tools.Tool, *, force
     """Write each identity into `tool`'s embeddings folder in the format it reads, rewriting only files whose
     bytes would change. Files go in whole (temp file, then rename), so the tool never reads half of one."""
     if not as_json:
-        ui.info(f"{tool.label} at {escape(str(tool.root))}: embeddings go to {escape(str(tool.embeddings))}")
+        where = f"{tool.label} at {tool.root}: embeddings go to {tool.embeddings} ({tool.setting})"
+        ui.info(escape(where))
     if tool.embeddings.is_dir():
         remove_stale_temps(tool.embeddings)  # what an earlier export killed mid-write left behind
     records, failed = [], 0
     for ident in chosen:
-        record: dict[str, Any] = {"name": ident.name, "tool": tool.key, "path": None}
+        record: dict[str, Any] = {"name": ident.name, "tool": tool.key, "path": None, "setting": tool.setting}
         try:
             fmt = formats.format_for_tool(tool.key, ident.family)
             path = tool.embeddings / formats.default_filename(ident.name, fmt)
@@ -171,11 +173,13 @@ def deliver(library: Library, chosen: list[Identity], tool: tools.Tool, *, force
             stem = _file_stem(path)
             how = tool.hint.format(stem=stem)
             ui.info(f"{record['status']:>9} [bold]{escape(ident.name)}[/] -> {escape(path.name)} ({escape(how)})")
+    counts = {s: sum(r["status"] == s for r in records) for s in ("written", "unchanged", "skipped")}
     if as_json:
         ui.print_json(records)
     else:
-        counts = {s: sum(r["status"] == s for r in records) for s in ("written", "unchanged", "skipped")}
         ui.info(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do")
+    if tool.step and counts["written"]:  # the tool picks nothing up by itself: the one step, even with --json
+        ui.info(escape(f"next: {tool.step}"))
     return 1 if failed else 0
 
 
@@ -186,13 +190,24 @@ def _put(path: Path, data: bytes, name: str, *, force: bool) -> str:
     except OSError as exc:
         raise CrossinitError(f"cannot read {path}: {exc.strerror or exc}") from None
     if current is not None and _same_content(current, data):
+        _share(path)  # a file an older crossinit left private (0600) becomes readable, without a rewrite
         return "unchanged"
     if current is not None and not force and _written_for(path) != name:
         raise CrossinitError(f"{path} exists and is not crossinit's export of {name!r}; pass --force to replace it")
     if path.exists() and not path.is_file():
         raise CrossinitError(f"{path} exists and is not a file")
-    write_bytes_atomic(path, data)
+    write_bytes_atomic(path, data, shared=True)
     return "written"
+
+
+def _share(path: Path) -> None:
+    """Give `path` the umask's mode if it has another (only its mode changes: same file, same bytes and mtime)."""
+    mode = shared_mode()
+    try:
+        if path.stat().st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+    except OSError as exc:
+        raise CrossinitError(f"cannot make {path} readable: {exc.strerror or exc}") from None
 
 
 def _same_content(old: bytes, new: bytes) -> bool:
