@@ -132,3 +132,12 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(devices, "load_pipeline", counting)
     return pipes
+
+
+@pytest.fixture()
+def umask() -> Callable[[int], None]:
+    """umask(0o027) runs the rest of the test under that umask; the old one comes back after the test."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)

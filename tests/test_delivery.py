@@ -236,3 +236,30 @@ def test_import_of_a_folder_says_what_it_skipped_and_why(cli, library: Library, 
     assert result.exit_code == 1 and "nothing imported" in result.stderr
     assert "--name does not apply" in cli("import", folder, "--name", "x").stderr
     assert torch.is_tensor(torch.load(OFFICIAL[0], weights_only=True)[f"{OFFICIAL[0].stem}_v0"])
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_exports_and_deliveries_get_the_umasks_mode(mask: int, umask, cli, stocked: Library, tmp_path: Path) -> None:
+    umask(mask)
+    expected = 0o666 & ~mask  # 0644 under the usual 022: a tool running as another user can read it
+    assert cli("export", "alice", "-o", tmp_path / "one.safetensors").exit_code == 0
+    assert cli("export", "--all", "-o", tmp_path / "many", "-f", "a1111-pt").exit_code == 0
+    root = _install(tmp_path / "webui", "a1111")
+    assert cli("export", "--all", "--to", root).exit_code == 0
+    files = [tmp_path / "one.safetensors", *(tmp_path / "many").iterdir(), *(root / "embeddings").glob("*.safetensors")]
+    assert len(files) == 7 and {oct(f.stat().st_mode & 0o777) for f in files} == {oct(expected)}
+
+
+def test_a_private_file_an_older_export_left_is_made_readable_without_a_rewrite(
+    umask, cli, stocked: Library, tmp_path: Path
+) -> None:
+    umask(0o022)
+    root = _install(tmp_path / "webui", "a1111")
+    assert cli("export", "--all", "--to", root).exit_code == 0
+    alice = root / "embeddings" / "alice.safetensors"
+    alice.chmod(0o600)  # what crossinit wrote before it followed the umask
+    before = alice.stat()
+    again = cli("export", "--all", "--to", root)
+    assert again.exit_code == 0 and "3 unchanged" in again.stderr
+    after = alice.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_mode & 0o777) == (before.st_ino, before.st_mtime_ns, 0o644)

@@ -274,3 +274,12 @@ def test_file_slug() -> None:
     assert file_slug("Zoë's café", []) == "zoe-s-cafe"
     assert file_slug("!!!", []) == "image"
     assert len(file_slug("word " * 40, [])) <= 48
+
+
+def test_images_get_the_umasks_mode(gen, umask, tiny_model: Path, add_identity) -> None:
+    add_identity("alice", seed=1, scale=5, base_model=str(tiny_model))
+    umask(0o027)
+    result = gen("<alice>", "--seed", "5", "-n", "2", "--grid")
+    assert result.exit_code == 0, result.stderr
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in gen.out.iterdir()}
+    assert len(modes) == 3 and set(modes.values()) == {oct(0o640)}, modes  # mkstemp alone would give 0600
