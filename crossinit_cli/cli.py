@@ -263,8 +263,9 @@ def export(
         Path | None,
         typer.Option(
             "--to",
-            help="Install folder of AUTOMATIC1111, Forge, ComfyUI, InvokeAI or SD.Next: each identity goes into its "
-            "embeddings folder in the format it reads; run again, only what changed is rewritten.",
+            help="Install folder of AUTOMATIC1111, Forge, ComfyUI, InvokeAI or SD.Next (or its embeddings folder): "
+            "each identity goes where that tool reads embeddings (found from its own settings), in the format it "
+            "reads; run again, only what changed is rewritten.",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,

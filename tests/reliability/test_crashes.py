@@ -35,6 +35,7 @@ from tests.reliability.harness import (
     start,
     write_embedding,
 )
+from tests.test_tools import install
 
 pytestmark = pytest.mark.reliability
 
@@ -316,9 +317,7 @@ def test_kill_export_to_a_tool_never_leaves_half_a_file(env: dict[str, str], tmp
     for i, name in enumerate(("ann", "ben", "cy")):
         expected[name] = np.random.default_rng(i).standard_normal((2, 32)).astype(np.float32)
         library.add(Identity(name=name, tokens=2, width=32, family="sd2"), expected[name])
-    tool = tmp_path / "webui"
-    (tool / "embeddings").mkdir(parents=True)
-    (tool / "webui.py").write_text("")
+    tool = install(tmp_path / "webui", "a1111")  # AUTOMATIC1111's own layout (tests/test_tools.py)
     reference = copy_library(tool, tmp_path / "reference")
     calls = _count_calls(reference, ["export", "--all", "--to", reference], env, tmp_path / "calls.log")
     assert len(calls) >= 6, calls
