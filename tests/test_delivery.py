@@ -138,6 +138,8 @@ def test_each_family_goes_in_the_layout_the_tool_reads_or_is_skipped_with_a_reas
     records = {r["name"]: r for r in json.loads(cli("export", "--all", "--to", comfy, "--json").stdout)}
     assert records["one"]["status"] == records["xl"]["status"] == "written"
     assert "cannot deliver unknown-family identities to comfyui" in records["odd"]["reason"]
+    again = {r["name"]: r["status"] for r in json.loads(cli("export", "xl", "one", "--to", comfy, "--json").stdout)}
+    assert again == {"xl": "unchanged", "one": "unchanged"}  # an SDXL file too is left as it is
     written = load_file(records["xl"]["path"])  # SDXL: the clip_l + clip_g layout ComfyUI reads
     assert sorted(written) == ["clip_g", "clip_l"]
     np.testing.assert_array_equal(written["clip_g"], xl["clip_g"])
