@@ -53,6 +53,7 @@ class Layout:
 _ENV = "the COMMANDLINE_ARGS environment variable"
 # The flags of modules/paths_internal.py and modules/cmd_args.py that move the embeddings folder.
 _PATH_FLAGS = ("--embeddings-dir", "--data-dir", "--models-dir", "--model-ref")
+_WEBUI_DEFAULT = "the default in its modules/cmd_args.py; no folder set in COMMANDLINE_ARGS, webui-user.sh or .bat"
 
 
 def _sh_assignments(text: str) -> list[str]:
@@ -184,12 +185,12 @@ def _webui(root: Path) -> Tool:
         elif data:
             folder, setting = root / data[0] / "models" / "embeddings", f"--data-dir in {data[1]} + models/embeddings"
         else:
-            folder, setting = root / "models" / "embeddings", "the default of its modules/cmd_args.py"
+            folder, setting = root / "models" / "embeddings", _WEBUI_DEFAULT
     elif "--data-dir" in flags:
         value, where = flags["--data-dir"]
         folder, setting = root / value / "embeddings", f"--data-dir in {where} + embeddings"
     else:
-        folder, setting = root / "embeddings", "the default of its modules/cmd_args.py"
+        folder, setting = root / "embeddings", _WEBUI_DEFAULT
     return Tool(key, label, root, folder, setting, "write `{stem}` in a prompt", reads=(folder,))
 
 
@@ -209,10 +210,10 @@ def _sdnext(root: Path) -> Tool:
     else:
         models = config.get("models_dir") if isinstance(config.get("models_dir"), str) else ""
         folder = root / (models or "models") / "embeddings"
-        setting = "SD.Next's default (models_dir in config.json + embeddings)" if models else "SD.Next's default"
-    return Tool(
-        "sdnext", "SD.Next", root, folder, setting, "write `{stem}` in a prompt (after Refresh)", reads=(folder,)
-    )
+        setting = "SD.Next's default under models_dir in config.json" if models else "SD.Next's default"
+        setting += "; no embeddings_dir in config.json"
+    hint = "refresh its extra networks, then write `{stem}` in a prompt"
+    return Tool("sdnext", "SD.Next", root, folder, setting, hint, reads=(folder,))
 
 
 # ---- ComfyUI ----------------------------------------------------------------------------------------------------
@@ -238,12 +239,12 @@ def comfy_embedding_folders(base: Path, code: Path) -> list[tuple[Path, str]]:
         base_path = conf.get("base_path")
         if base_path is not None:
             base_path = os.path.expandvars(os.path.expanduser(str(base_path)))
-            base_path = base_path if os.path.isabs(base_path) else str(yaml_path.parent / base_path)
+            base_path = base_path if os.path.isabs(base_path) else os.path.abspath(yaml_path.parent / base_path)
         for entry in conf["embeddings"].split("\n"):
             if not entry:
                 continue
             full = Path(base_path) / entry if base_path else Path(entry)
-            full = full if full.is_absolute() else yaml_path.parent / full
+            full = full if full.is_absolute() else Path(os.path.abspath(yaml_path.parent / full))
             setting = f"`{section}: embeddings` in extra_model_paths.yaml"
             if conf.get("is_default"):
                 folders.insert(0, (full, setting + " (is_default)"))
@@ -256,6 +257,8 @@ def _comfy(root: Path, base: Path, code: Path, label: str) -> Tool:
     folders = comfy_embedding_folders(base, code)
     folder, setting = folders[0]
     reads = tuple(path for path, _ in folders)
+    if len(reads) > 1:  # the others are read too; the first is the one ComfyUI treats as the default
+        setting += f"; it also reads {', '.join(map(str, reads[1:]))}"
     return Tool("comfyui", label, root, folder, setting, "write `embedding:{stem}` in a prompt", reads=reads)
 
 
@@ -277,7 +280,7 @@ INVOKEAI_FOLDER = "crossinit-embeddings"
 def _invokeai(root: Path) -> Tool:
     folder = root / INVOKEAI_FOLDER
     step = f"in InvokeAI's Model Manager: Add Models > Scan Folder, paste {folder}, then Install All"
-    setting = "no folder InvokeAI 4+ reads by itself (its autoimport folder is gone), so crossinit's own"
+    setting = "crossinit's own folder: InvokeAI 4+ reads none by itself, its autoimport folder is gone"
     return Tool("invokeai", "InvokeAI", root, folder, setting, "write <{stem}> in a prompt", step=step, reads=(folder,))
 
 

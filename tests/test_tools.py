@@ -131,14 +131,14 @@ LAYOUTS: dict[str, dict[str, str | None]] = {
 }
 # Where each layout's tool reads embeddings (and so where crossinit must put them), the tool key, the setting named.
 READS = {
-    "a1111": ("embeddings", "a1111", "the default of its modules/cmd_args.py"),
-    "forge": ("embeddings", "forge", "the default of its modules/cmd_args.py"),
-    "forge-classic": ("models/embeddings", "forge", "the default of its modules/cmd_args.py"),
+    "a1111": ("embeddings", "a1111", "the default in its modules/cmd_args.py"),
+    "forge": ("embeddings", "forge", "the default in its modules/cmd_args.py"),
+    "forge-classic": ("models/embeddings", "forge", "the default in its modules/cmd_args.py"),
     "sdnext": ("models/embeddings", "sdnext", "SD.Next's default"),
     "comfyui": ("models/embeddings", "comfyui", "ComfyUI's default models/embeddings"),
     "comfyui-portable": ("ComfyUI/models/embeddings", "comfyui", "ComfyUI's default models/embeddings"),
     "comfyui-desktop": ("models/embeddings", "comfyui", "ComfyUI's default models/embeddings"),
-    "invokeai": ("crossinit-embeddings", "invokeai", "no folder InvokeAI 4+ reads by itself"),
+    "invokeai": ("crossinit-embeddings", "invokeai", "InvokeAI 4+ reads none by itself"),
 }
 READERS = {"comfyui": comfyui_read, "invokeai": invokeai_read}
 
@@ -303,7 +303,7 @@ def test_comfyui_extra_model_paths_yaml_is_read_as_comfyui_reads_it(cli, alice, 
     (root / "extra_model_paths.yaml").write_text(yaml_text)
     path, said = deliver(cli, root)  # appended after models/embeddings: the default stays first
     assert path == root / "models" / "embeddings" / "alice.safetensors"
-    assert "ComfyUI's default models/embeddings" in said
+    assert f"ComfyUI's default models/embeddings; it also reads {tmp_path / 'webui' / 'embeddings'}" in said
     (root / "extra_model_paths.yaml").write_text(
         "comfyui:\n    base_path: ~/unused\n    is_default: true\n    embeddings: |\n"
         f"        {tmp_path / 'first'}\n        {tmp_path / 'second'}\n"
