@@ -52,7 +52,7 @@ class Layout:
 
 _ENV = "the COMMANDLINE_ARGS environment variable"
 # The flags of modules/paths_internal.py and modules/cmd_args.py that move the embeddings folder.
-_PATH_FLAGS = ("--embeddings-dir", "--data-dir", "--models-dir", "--model-ref")
+_PATH_FLAGS = ("--embeddings-dir", "--data-dir", "--models-dir", "--model-ref", "--config")
 _WEBUI_DEFAULT = "the default in its modules/cmd_args.py; no folder set in COMMANDLINE_ARGS, webui-user.sh or .bat"
 
 
@@ -197,21 +197,37 @@ def _webui(root: Path) -> Tool:
 # ---- SD.Next ----------------------------------------------------------------------------------------------------
 
 
+def _sdnext_setting(flags: dict[str, tuple[str, str]], flag: str, env: str) -> tuple[str, str] | None:
+    """A start-up path of SD.Next (modules/cmd_args.py): the flag, else its environment variable's default."""
+    if flag in flags:
+        return flags[flag][0], f"{flag} in {flags[flag][1]}"
+    return (os.environ[env], f"the {env} environment variable") if os.environ.get(env) else None
+
+
 def _sdnext(root: Path) -> Tool:
-    """SD.Next reads `opts.embeddings_dir` only: config.json's value, else `<models_dir>/embeddings`; a relative
-    path is relative to the install (where webui.sh starts it). An old `embeddings/` there is not read."""
+    """SD.Next reads `opts.embeddings_dir` only (its --embeddings-dir flag just mirrors the option): the value in
+    config.json, else `<models_dir>/embeddings` (modules/paths.py: `cli.models_dir or config.get('models_dir')
+    or 'models'`); a relative path is relative to the data folder, by default the install (where webui.sh starts
+    it). An old `embeddings/` there is not read. Start-up flags come from COMMANDLINE_ARGS, as launch.py adds it."""
+    flags = webui_flags(root)
+    data = _sdnext_setting(flags, "--data-dir", "SD_DATADIR")
+    base = root / data[0] if data else root
+    config_file = _sdnext_setting(flags, "--config", "SD_CONFIG")
+    config_path = base / config_file[0] if config_file else base / "config.json"
     try:
-        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        config = {}  # SD.Next starts with its defaults too when config.json is missing or unreadable
+        config = {}  # SD.Next starts with its defaults too when its config file is missing or unreadable
     config = config if isinstance(config, dict) else {}
+    models = _sdnext_setting(flags, "--models-dir", "SD_MODELSDIR")
+    if not models and isinstance(config.get("models_dir"), str) and config["models_dir"]:
+        models = config["models_dir"], f"models_dir in {config_path.name}"
     if isinstance(config.get("embeddings_dir"), str) and config["embeddings_dir"]:
-        folder, setting = root / config["embeddings_dir"], "embeddings_dir in config.json"
+        folder, setting = base / config["embeddings_dir"], f"embeddings_dir in {config_path.name}"
     else:
-        models = config.get("models_dir") if isinstance(config.get("models_dir"), str) else ""
-        folder = root / (models or "models") / "embeddings"
-        setting = "SD.Next's default under models_dir in config.json" if models else "SD.Next's default"
-        setting += "; no embeddings_dir in config.json"
+        folder = base / (models[0] if models else "models") / "embeddings"
+        setting = f"SD.Next's default under {models[1]}" if models else "SD.Next's default"
+        setting += f"; no embeddings_dir in {config_path.name}"
     hint = "refresh its extra networks, then write `{stem}` in a prompt"
     return Tool("sdnext", "SD.Next", root, folder, setting, hint, reads=(folder,))
 

@@ -156,8 +156,10 @@ def install(root: Path, layout: str, **extra: str) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def no_commandline_args(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("COMMANDLINE_ARGS", raising=False)
+def no_start_up_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tools read these from their environment; this machine's own must not leak into a test."""
+    for name in ("COMMANDLINE_ARGS", "SD_DATADIR", "SD_CONFIG", "SD_MODELSDIR"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture()
@@ -261,6 +263,23 @@ def test_sdnext_reads_embeddings_dir_from_config_json_not_an_old_embeddings_fold
     path, said = deliver(cli, root)
     assert path == root / "big-disk" / "embeddings" / "alice.safetensors" and "models_dir in config.json" in said
     assert os.listdir(root / "embeddings") == ["old.pt"]
+
+
+def test_sdnext_start_up_folders_from_commandline_args_and_its_environment_variables(
+    cli, alice, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = install(tmp_path / "sdnext", "sdnext")
+    monkeypatch.setenv("SD_MODELSDIR", str(tmp_path / "env-models"))  # modules/cmd_args.py's default
+    path, said = deliver(cli, root)
+    assert path == tmp_path / "env-models" / "embeddings" / "alice.safetensors" and "SD_MODELSDIR" in said
+    monkeypatch.setenv("COMMANDLINE_ARGS", f"--models-dir {tmp_path / 'flag-models'} --data-dir data")
+    (root / "data").mkdir()
+    (root / "data" / "config.json").write_text(json.dumps({"models_dir": "ignored: the flag wins"}))
+    path, said = deliver(cli, root)
+    assert path == tmp_path / "flag-models" / "embeddings" / "alice.safetensors"
+    assert "--models-dir in the COMMANDLINE_ARGS environment variable" in said
+    (root / "data" / "config.json").write_text(json.dumps({"embeddings_dir": "ti"}))  # relative to the data dir
+    assert deliver(cli, root)[0] == root / "data" / "ti" / "alice.safetensors"
 
 
 def sdnext_read(path: Path, hidden_sizes: tuple[int, ...]) -> dict[int, torch.Tensor]:
