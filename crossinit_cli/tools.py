@@ -52,7 +52,7 @@ class Layout:
 
 _ENV = "the COMMANDLINE_ARGS environment variable"
 # The flags of modules/paths_internal.py and modules/cmd_args.py that move the embeddings folder.
-_PATH_FLAGS = ("--embeddings-dir", "--data-dir", "--models-dir", "--model-ref", "--config")
+_PATH_FLAGS = ("--embeddings-dir", "--data-dir", "--models-dir", "--model-ref", "--config", "--forge-ref-a1111-home")
 _WEBUI_DEFAULT = "the default in its modules/cmd_args.py; no folder set in COMMANDLINE_ARGS, webui-user.sh or .bat"
 
 
@@ -72,16 +72,21 @@ def _sh_assignments(text: str) -> list[str]:
 
 def _bat_assignments(text: str) -> list[str]:
     """The values `webui-user.bat` gives COMMANDLINE_ARGS, `^` continuations joined, %VAR% of earlier `set`s
-    expanded; `@REM`/`::` lines are comments."""
+    expanded, `if not defined VAR set ...` skipped where VAR is set; `@REM`/`::` lines are comments."""
     text = re.sub(r"\^\r?\n", "", text)
-    variables, values = {k.upper(): v for k, v in os.environ.items()}, []
+    variables, values = {k.upper(): v for k, v in os.environ.items() if v}, []
     for line in text.splitlines():
-        found = re.match(r'\s*set\s+"?([A-Za-z0-9_]+)=(.*?)"?\s*$', line, re.IGNORECASE)
-        if not found:
+        found = re.match(
+            r'\s*(?:if\s+not\s+defined\s+(\w+)\s+)?set\s+"?([A-Za-z0-9_]+)=(.*?)"?\s*$', line, re.IGNORECASE
+        )
+        if not found or (found.group(1) and found.group(1).upper() in variables):
             continue
-        name, value = found.group(1), found.group(2)
+        name, value = found.group(2), found.group(3)
         value = re.sub(r"%([A-Za-z0-9_]+)%", lambda m, n=name: _bat_var(m.group(1), n, variables), value)
-        variables[name.upper()] = value
+        if value:
+            variables[name.upper()] = value
+        else:  # `set X=` undefines X
+            variables.pop(name.upper(), None)
         if name.upper() == "COMMANDLINE_ARGS":
             values.append(value)
     return values
@@ -166,31 +171,35 @@ def _default_under_models(root: Path) -> bool:
     return bool(found) and found.group(1) == "models_path"
 
 
+def _webui_folder(root: Path, flags: dict[str, tuple[str, str]], under_models: bool) -> tuple[Path, str]:
+    """The embeddings folder as the webui resolves it, first match wins: `--embeddings-dir`; Forge's
+    `--forge-ref-a1111-home X` (launch_utils.configure_forge_reference_checkout adds `--embeddings-dir
+    X/embeddings`, Classic/Neo `X/models/embeddings`, where that folder exists); then the default of
+    modules/cmd_args.py under the models folder (`--model-ref`/`--models-dir`) or the data folder (`--data-dir`)."""
+    rest = ("models", "embeddings") if under_models else ("embeddings",)
+    if "--embeddings-dir" in flags:
+        value, where = flags["--embeddings-dir"]
+        return root / value, f"--embeddings-dir in {where}"
+    if "--forge-ref-a1111-home" in flags and (root / flags["--forge-ref-a1111-home"][0]).joinpath(*rest).is_dir():
+        value, where = flags["--forge-ref-a1111-home"]
+        return (root / value).joinpath(*rest), f"--forge-ref-a1111-home in {where} + {'/'.join(rest)}"
+    for flag in ("--model-ref", "--models-dir") if under_models else ():
+        if flag in flags:
+            value, where = flags[flag]
+            return root / value / "embeddings", f"{flag} in {where} + embeddings"
+    if "--data-dir" in flags:
+        value, where = flags["--data-dir"]
+        return (root / value).joinpath(*rest), f"--data-dir in {where} + {'/'.join(rest)}"
+    return root.joinpath(*rest), _WEBUI_DEFAULT
+
+
 def _webui(root: Path) -> Tool:
     under_models = _default_under_models(root)
     if (root / "modules_forge").is_dir():
         key, label = "forge", ("Forge Classic/Neo" if under_models else "Forge")
     else:
         key, label = "a1111", "AUTOMATIC1111"
-    flags = webui_flags(root)
-    if "--embeddings-dir" in flags:
-        value, where = flags["--embeddings-dir"]
-        folder, setting = root / value, f"--embeddings-dir in {where}"
-    elif under_models:
-        flag = next((f for f in ("--model-ref", "--models-dir") if f in flags), None)
-        data = flags.get("--data-dir")
-        if flag:
-            value, where = flags[flag]
-            folder, setting = root / value / "embeddings", f"{flag} in {where} + embeddings"
-        elif data:
-            folder, setting = root / data[0] / "models" / "embeddings", f"--data-dir in {data[1]} + models/embeddings"
-        else:
-            folder, setting = root / "models" / "embeddings", _WEBUI_DEFAULT
-    elif "--data-dir" in flags:
-        value, where = flags["--data-dir"]
-        folder, setting = root / value / "embeddings", f"--data-dir in {where} + embeddings"
-    else:
-        folder, setting = root / "embeddings", _WEBUI_DEFAULT
+    folder, setting = _webui_folder(root, webui_flags(root), under_models)
     return Tool(key, label, root, folder, setting, "write `{stem}` in a prompt", reads=(folder,))
 
 

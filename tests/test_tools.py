@@ -238,6 +238,28 @@ def test_forge_webui_user_bat_with_continued_lines_and_variables(cli, alice, tmp
     assert f"Forge at {root}: embeddings go to {a1111 / 'embeddings'}" in cli("export", "alice", "--to", root).stderr
 
 
+def test_forge_ref_a1111_home_points_embeddings_at_the_other_install(cli, alice, tmp_path: Path) -> None:
+    a1111 = install(tmp_path / "A1111", "a1111")
+    script = f'export COMMANDLINE_ARGS="--forge-ref-a1111-home {a1111}"\n'
+    forge = install(tmp_path / "forge", "forge", **{"webui-user.sh": script})
+    path, said = deliver(cli, forge)  # launch_utils.configure_forge_reference_checkout: <home>/embeddings
+    assert path == a1111 / "embeddings" / "alice.safetensors" and "--forge-ref-a1111-home in webui-user.sh" in said
+    explicit = script.replace('"\n', f' --embeddings-dir {tmp_path / "mine"}"\n')
+    (forge / "webui-user.sh").write_text(explicit)  # an explicit --embeddings-dir is kept
+    assert deliver(cli, forge)[0] == tmp_path / "mine" / "alice.safetensors"
+
+
+def test_if_not_defined_in_webui_user_bat_yields_to_the_environment(
+    cli, alice, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bat = f"@echo off\nif not defined COMMANDLINE_ARGS set COMMANDLINE_ARGS=--embeddings-dir {tmp_path / 'bat'}\n"
+    root = install(tmp_path / "webui", "a1111", **{"webui-user.bat": bat})
+    assert deliver(cli, root)[0] == tmp_path / "bat" / "alice.safetensors"
+    monkeypatch.setenv("COMMANDLINE_ARGS", f"--embeddings-dir {tmp_path / 'env'}")
+    path, said = deliver(cli, root)
+    assert path == tmp_path / "env" / "alice.safetensors" and "environment variable" in said
+
+
 def test_forge_classic_ignores_an_embeddings_folder_the_user_made(cli, alice, tmp_path: Path) -> None:
     root = install(tmp_path / "classic", "forge-classic", **{"embeddings/": None})
     path, said = deliver(cli, root)
