@@ -5,10 +5,12 @@ start-up arguments, its config files, its defaults) and reported with the settin
 One entry per install layout in `LAYOUTS` (docs/formats.md cites each tool's code for its markers and paths):
 
 - SD.Next: `webui.py`, `installer.py`, `modules/`; `embeddings_dir` in its `config.json`, else
-  `<models_dir>/embeddings` (`modules/ui_definitions.py`, `modules/paths.py`);
+  `<models dir>/embeddings` (`--models-dir`, `SD_MODELSDIR` or `models_dir` in `config.json`; under
+  `--data-dir`) (`modules/ui_definitions.py`, `modules/paths.py`, `modules/cmd_args.py`);
 - AUTOMATIC1111, Forge, Forge Classic/Neo: `webui.py`, `launch.py`, `modules/`; `--embeddings-dir` (or
-  `--data-dir`) in `COMMANDLINE_ARGS` (`webui-user.sh`, `webui-user.bat`, the environment), else the default
-  the install's own `modules/cmd_args.py` declares (`embeddings/`; `models/embeddings/` in Forge Classic/Neo);
+  `--forge-ref-a1111-home`, `--data-dir`, ...) in `COMMANDLINE_ARGS` (`webui-user.sh`, `webui-user.bat`, the
+  environment), else the default the install's own `modules/cmd_args.py` declares (`embeddings/`;
+  `models/embeddings/` in Forge Classic/Neo);
 - ComfyUI: a git clone (`main.py`, `folder_paths.py`, `comfy/`), the Windows portable root (`ComfyUI/`,
   `python_embeded/`), the Desktop / `--base-directory` layout (`models/`, `custom_nodes/`, `user/`, no
   `comfy/`); `models/embeddings/` unless `extra_model_paths.yaml` puts an `is_default` entry first;
