@@ -296,6 +296,8 @@ def import_folder(library: Library, folder: Path, *, model: str | None, force: b
             reason = "a folder (folders inside are not searched)"
         elif path.suffix.lower() not in formats.EMBEDDING_SUFFIXES:
             reason = f"not an embedding file ({', '.join(formats.EMBEDDING_SUFFIXES)})"
+        elif path.name.lower().endswith(".preview.png"):
+            reason = "a preview picture (A1111 shows it beside the embedding of that name)"
         else:
             try:
                 name = _import_one(library, path, model=model, force=force)
