@@ -342,7 +342,9 @@ def format_for_file(path: Path, fmt: str | None) -> str:
     if fmt is None:
         if ext and named is None:
             known = ", ".join(sorted({f.suffix for f in REGISTRY.values()}))
-            raise CrossinitError(f"-o {path.name}: {ext} is no export format's suffix ({known}); or -o a folder/")
+            raise CrossinitError(
+                f"-o {path.name}: {ext} is not an export file suffix ({known}); use one, or a folder (-o DIR/)"
+            )
         return named or "a1111"
     if fmt not in REGISTRY:
         raise CrossinitError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -416,7 +416,7 @@ def test_the_suffix_of_o_picks_the_format(name: str, layout: str, cli, alice, tm
     [(["--format", "a1111", "-o", "x.pt"], ["x.pt is a .pt file", "--format a1111 writes .safetensors"]),
      (["--format", "official", "-o", "x.safetensors"], [".safetensors file", "a1111"]),
      (["--format", "a1111-png", "-o", "x.bin"], [".bin file"]),
-     (["-o", "x.txt"], [".txt is no export format's suffix"])],
+     (["-o", "x.txt"], [".txt is not an export file suffix"])],
 )  # fmt: skip
 def test_a_file_name_that_misdescribes_its_format_is_refused(args: list, words: list, cli, alice, tmp_path) -> None:
     args = [str(tmp_path / a) if a.startswith("x.") else a for a in args]
