@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crossinit_cli.atomic import write_bytes_atomic
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.errors import CrossinitError, library_text
 from crossinit_cli.store import name_key, now
 
 if TYPE_CHECKING:
@@ -126,7 +126,9 @@ def find(home: Path, name: str) -> Run | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise CrossinitError(f"the unfinished run of {name!r} is damaged ({exc}); `crossinit remove {name}`") from None
+        raise CrossinitError(
+            f"the unfinished run of {name!r} is damaged ({library_text(exc)}); `crossinit remove {name}`"
+        ) from None
     return Run(path, settings)
 
 

@@ -249,14 +249,18 @@ def export(
         str | None, typer.Option("--tag", help="Every identity with this tag.", autocompletion=_complete_tags)
     ] = None,
     fmt: Annotated[
-        Format | None, typer.Option("--format", "-f", help="File layout (see docs/formats.md; default a1111).")
+        Format | None,
+        typer.Option(
+            "--format", "-f", help="File layout (see docs/formats.md; default: what -o's suffix names, else a1111)."
+        ),
     ] = None,
     output: Annotated[
         str | None,
         typer.Option(
             "--output",
             "-o",
-            help="File, or folder (existing or ending in /), to write (default: ./<name>.<ext>); a folder for several.",
+            help="File to write, its suffix picking the format (.safetensors, .pt, .bin, .png), or folder (existing "
+            "or ending in /) (default: ./<name>.<ext>); a folder for several.",
         ),
     ] = None,
     to: Annotated[
@@ -292,7 +296,10 @@ def export(
 @handles_errors
 def import_cmd(
     path: Annotated[
-        Path, typer.Argument(help="Embedding file (.safetensors, .pt, .bin), diffusers folder, or a folder of files.")
+        Path,
+        typer.Argument(
+            help="Embedding file (.safetensors, .pt, .bin, A1111 .png), diffusers folder, or a folder of files."
+        ),
     ],
     name: Annotated[str | None, typer.Option("--name", help="Name to store it under (default: from the file).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Base model it was learned on, to record.")] = None,

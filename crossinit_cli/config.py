@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.errors import CrossinitError, library_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,7 +80,7 @@ def load_config(path: Path | None = None) -> Config:
     except FileNotFoundError:
         return Config()
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise CrossinitError(f"cannot read config {path}: {exc}; fix or delete it") from None
+        raise CrossinitError(f"cannot read config {path}: {library_text(exc)}; fix or delete it") from None
     config = Config()
     for key, value in raw.items():
         if key in Config.keys() and isinstance(value, str):

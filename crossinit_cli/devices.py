@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.errors import CrossinitError, library_text
 
 if TYPE_CHECKING:
     import torch
@@ -135,7 +135,7 @@ def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
     except OSError as exc:
         # huggingface_hub's "not found / not cached / offline" errors are all OSError subclasses.
         if path.exists():
-            raise CrossinitError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
+            raise CrossinitError(f"cannot load model from {path}: {library_text(exc)}") from None
         raise _missing_model(model) from None
     families.of_pipeline(pipe)  # refuses what is not SD 1.x/2.x/SDXL, whatever the files said
     families.pool_at_eos(pipe)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.errors import CrossinitError, library_text
 
 if TYPE_CHECKING:
     import torch
@@ -237,7 +237,7 @@ def _peek_single_file(path: Path) -> Peeked | None:
             if _SD2_TEXT in keys:
                 return Peeked(FAMILIES["sd2"], (width(_SD2_TEXT),))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CrossinitError(f"{path} is not a readable .safetensors checkpoint ({exc})") from None
+        raise CrossinitError(f"{path} is not a readable .safetensors checkpoint ({library_text(exc)})") from None
     found = _single_file_kind(keys)
     raise CrossinitError(
         f"{path} is {found}; crossinit supports SD 1.x, SD 2.x and SDXL checkpoints with their text encoders"

@@ -14,6 +14,7 @@ the file's metadata.
 from __future__ import annotations
 
 import io
+import json
 import re
 import stat
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from crossinit_cli import families
 from crossinit_cli.atomic import write_bytes_atomic
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.errors import CrossinitError, library_text
 from crossinit_cli.store import LEGACY_FAMILIES, MAX_TOKENS, check_vectors
 
 if TYPE_CHECKING:
@@ -34,27 +35,55 @@ A1111_STAR_TOKEN = 265
 MAX_IMPORT_BYTES = 64 * 1024 * 1024
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 
-# (vectors per encoder, identity name, base model, training steps, family) -> the file's bytes
-Writer = Callable[[list["np.ndarray"], str, str, int, str], bytes]
+
+@dataclass(frozen=True)
+class Export:
+    """What a writer turns into a file's bytes: nothing else (no clock, no host) goes in, so the same export
+    gives the same bytes every time."""
+
+    parts: list[np.ndarray]  # float32 [k, width] per text encoder
+    name: str
+    base_model: str = ""
+    steps: int = 0
+    family: str = ""
+    picture: Path | None = None  # the identity's aligned face crop, for formats that are pictures
+
+
+Writer = Callable[[Export], bytes]
+
+
+def _stable_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes whose header has its keys sorted: the writer's own header comes from a hash map whose
+    order changes from process to process, and with it the file's bytes and hash (which A1111 records)."""
+    import json
+
+    from safetensors.numpy import save
+
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data that follows stays 8-byte aligned, as the writer keeps it
+    return len(header).to_bytes(8, "little") + header + data[8 + size :]
 
 
 def _safetensors(single_key: Callable[[str], str]) -> Writer:
     """A safetensors writer: one encoder's vectors under `single_key(name)`, SDXL's under clip_l/clip_g."""
 
-    def write(parts: list[np.ndarray], name: str, base_model: str, steps: int, family: str) -> bytes:
-        from safetensors.numpy import save
-
+    def write(export: Export) -> bytes:
+        parts, family = export.parts, export.family
         if len(parts) > 1:
             keys = [e.key for e in families.get(family).encoders]
             tensors = dict(zip(keys, parts))
         else:
-            tensors = {single_key(name): parts[0]}
-        return save(tensors, metadata={"crossinit_name": name, "base_model": base_model, "family": family})
+            tensors = {single_key(export.name): parts[0]}
+        meta = {"crossinit_name": export.name, "base_model": export.base_model, "family": family}
+        return _stable_safetensors(tensors, meta)
 
     return write
 
 
 def _torch_bytes(payload: dict[str, Any]) -> bytes:
+    """torch.save into memory: its zip has fixed record names and dates, so equal payloads give equal bytes."""
     import torch
 
     buffer = io.BytesIO()
@@ -62,27 +91,71 @@ def _torch_bytes(payload: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _write_a1111_pt(parts: list[np.ndarray], name: str, base_model: str, steps: int, family: str) -> bytes:
+def _a1111_dict(export: Export, tensor: Any) -> dict[str, Any]:
+    """The dict A1111's `Embedding.save` pickles (its .pt) and its PNG embeddings carry as JSON."""
+    return {
+        "string_to_token": {"*": A1111_STAR_TOKEN},
+        "string_to_param": {"*": tensor},
+        "name": export.name,
+        "step": int(export.steps),
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": export.base_model or None,
+    }
+
+
+def _write_a1111_pt(export: Export) -> bytes:
     import torch
 
-    tensor = torch.from_numpy(parts[0].copy())
-    return _torch_bytes(
-        {
-            "string_to_token": {"*": A1111_STAR_TOKEN},
-            "string_to_param": {"*": tensor},
-            "name": name,
-            "step": int(steps),
-            "sd_checkpoint": None,
-            "sd_checkpoint_name": base_model or None,
-        }
-    )
+    return _torch_bytes(_a1111_dict(export, torch.from_numpy(export.parts[0].copy())))
 
 
-def _write_official(parts: list[np.ndarray], name: str, base_model: str, steps: int, family: str) -> bytes:
+def _write_official(export: Export) -> bytes:
     import torch
 
-    tensor = torch.from_numpy(parts[0].copy())
-    return _torch_bytes({f"{name}_v{i}": tensor[i].clone() for i in range(tensor.shape[0])})
+    tensor = torch.from_numpy(export.parts[0].copy())
+    return _torch_bytes({f"{export.name}_v{i}": tensor[i].clone() for i in range(tensor.shape[0])})
+
+
+def _write_a1111_png(export: Export) -> bytes:
+    """AUTOMATIC1111's PNG embedding on the identity's face crop with its name on it. SD 1.x/2.x: its .pt
+    dict; SDXL: exactly {"clip_l", "clip_g"} (A1111's SDXL branch converts every value, so nothing else)."""
+    from crossinit_cli import pngembed
+
+    if len(export.parts) > 1:
+        keys = [e.key for e in families.get(export.family).encoders]
+        data: dict[str, Any] = dict(zip(keys, export.parts))
+    else:
+        data = _a1111_dict(export, export.parts[0])
+    meta = {"crossinit_name": export.name, "base_model": export.base_model, "family": export.family}
+    extra = {"crossinit": json.dumps(meta, sort_keys=True)}
+    return pngembed.write(_name_card(export), data, extra)
+
+
+def _name_card(export: Export) -> Any:
+    """The identity's first aligned face crop (a plain card for an identity without crops, e.g. imported) with
+    its name drawn along the bottom, so that a person sees whose embedding the picture carries."""
+    from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+    size = 512
+    if export.picture is not None:
+        try:
+            with Image.open(export.picture) as crop:
+                picture = crop.convert("RGB")
+        except (OSError, ValueError, UnidentifiedImageError) as exc:
+            raise CrossinitError(f"cannot read the face crop {export.picture} ({library_text(exc)})") from None
+    else:
+        picture = Image.new("RGB", (size, size), (48, 48, 56))
+    width, height = picture.size
+    draw = ImageDraw.Draw(picture, "RGBA")
+    points = max(12, height // 12)
+    font = ImageFont.load_default(size=points)
+    while points > 8 and draw.textlength(export.name, font=font) > width * 0.9:
+        points -= 2
+        font = ImageFont.load_default(size=points)
+    band = int(points * 1.6)
+    draw.rectangle((0, height - band, width, height), fill=(0, 0, 0, 160))
+    draw.text((width / 2, height - band / 2), export.name, font=font, fill=(255, 255, 255), anchor="mm")
+    return picture
 
 
 @dataclass(frozen=True)
@@ -101,6 +174,7 @@ class Format:
     sdxl_hint: str = ""  # the hint for an identity with vectors per text encoder, where it differs
     single_encoder: str = ""  # why it cannot hold an SDXL identity; "" when it can
     tools: tuple[str, ...] = ()  # the tools (tools.Tool.key) whose embeddings folder `export --to` fills with it
+    picture: bool = False  # drawn on the identity's face crop: export passes the crop's path
 
     def usage(self, path: Path, name: str, stem: str, parts: int) -> str:
         template = self.sdxl_hint if parts > 1 and self.sdxl_hint else self.hint
@@ -112,7 +186,9 @@ _SDXL_DIFFUSERS_HINT = (
     'pipe.load_textual_inversion(state["clip_l"], token="<{name}>", text_encoder=pipe.text_encoder, '
     "tokenizer=pipe.tokenizer); "
     'pipe.load_textual_inversion(state["clip_g"], token="<{name}>", text_encoder=pipe.text_encoder_2, '
-    "tokenizer=pipe.tokenizer_2)"
+    "tokenizer=pipe.tokenizer_2); "
+    "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id  "
+    "(else transformers pools text_encoder_2 at <{name}>, not at the end token: docs/formats.md)"
 )
 
 REGISTRY: dict[str, Format] = {
@@ -158,6 +234,17 @@ REGISTRY: dict[str, Format] = {
             _safetensors(lambda name: "emb_params"),
             "InvokeAI: put it in its models folder (or Model Manager > Add) and write <{stem}> in a prompt",
             tools=("invokeai",),
+        ),
+        Format(
+            "a1111-png",
+            ".png",
+            "AUTOMATIC1111's PNG embedding (sd-ti-embedding text chunk) on the face crop, name drawn on it",
+            _write_a1111_png,
+            "A1111/Forge: put it in stable-diffusion-webui/embeddings/ and write `{name}` in a prompt; "
+            "it is also a picture of whom it holds, to share",
+            sdxl_hint="A1111/Forge: put it in stable-diffusion-webui/embeddings/ and write `{stem}` in a prompt; "
+            "it is also a picture of whom it holds, to share",
+            picture=True,
         ),
     )
 }
@@ -206,13 +293,15 @@ def encode(
     base_model: str = "",
     steps: int = 0,
     family: str = "",
+    picture: Path | None = None,
 ) -> bytes:
-    """The bytes of an export of `vectors` [k, width] (SDXL: one array per encoder) in format `fmt`."""
+    """The bytes of an export of `vectors` [k, width] (SDXL: one array per encoder) in format `fmt`;
+    `picture` is the face crop a picture format is drawn on."""
     import numpy as np
 
     check_format(fmt, family)
     parts = [np.ascontiguousarray(v, dtype=np.float32) for v in (vectors if isinstance(vectors, list) else [vectors])]
-    return REGISTRY[fmt].write(parts, name, base_model, int(steps), family)
+    return REGISTRY[fmt].write(Export(parts, name, base_model, int(steps), family, picture))
 
 
 def export_vectors(
@@ -224,12 +313,54 @@ def export_vectors(
     base_model: str = "",
     steps: int = 0,
     family: str = "",
+    picture: Path | None = None,
 ) -> Path:
     """Write `vectors` [k, width] (SDXL: one array per encoder) to `path` in format `fmt` (atomically, with the
     umask's mode: an export is for other programs to read)."""
-    data = encode(vectors, name, fmt, base_model=base_model, steps=steps, family=family)
+    data = encode(vectors, name, fmt, base_model=base_model, steps=steps, family=family, picture=picture)
     write_bytes_atomic(path, data, shared=True)
     return path
+
+
+def _extension(suffix: str) -> str:
+    return suffix[suffix.rfind(".") :].lower() if "." in suffix else ""
+
+
+def format_for_file(path: Path, fmt: str | None) -> str:
+    """The format an export to the file `path` is written in: the one its name's suffix names (`.pt`:
+    a1111-pt, `.bin`: official, `.safetensors`: a1111, `.diffusers.safetensors`: diffusers, `.png`:
+    a1111-png), or `fmt` when given, which must write files of that extension. A name without an
+    extension takes `fmt` (default a1111); any other extension is refused, so no tool is handed a file its
+    name misdescribes."""
+    name, ext = path.name.lower(), _extension(path.name) if "." in path.name.lstrip(".") else ""
+    named = next(
+        (f.name for f in sorted(REGISTRY.values(), key=lambda f: -len(f.suffix)) if name.endswith(f.suffix)), None
+    )
+    if fmt is None:
+        if ext and named is None:
+            known = ", ".join(sorted({f.suffix for f in REGISTRY.values()}))
+            raise CrossinitError(
+                f"-o {path.name}: {ext} is not an export file suffix ({known}); use one, or a folder (-o DIR/)"
+            )
+        return named or "a1111"
+    if fmt not in REGISTRY:
+        raise CrossinitError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    wanted = _extension(REGISTRY[fmt].suffix)
+    if ext and ext != wanted:
+        raise CrossinitError(
+            f"-o {path.name} is a {ext} file but --format {fmt} writes {wanted} files; "
+            f"drop --format{f' (the name picks {named})' if named else ''} or name it *{wanted}"
+        )
+    return fmt
+
+
+def names_a_file(output: str) -> bool:
+    """Whether `-o output` names one export file (an export suffix, not an existing folder or a path ending
+    in a separator), which several identities cannot share."""
+    path = Path(output).expanduser()
+    if path.is_dir() or output.endswith(("/", "\\")):
+        return False
+    return any(path.name.lower().endswith(_extension(f.suffix)) for f in REGISTRY.values())
 
 
 @dataclass
@@ -247,7 +378,7 @@ class Imported:
         return [int(v.shape[1]) for v in (self.parts or {"": self.vectors}).values()]
 
 
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".png")
 _FOLDER_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
 
 
@@ -288,13 +419,17 @@ def read_embedding_file(path: Path, model: str | None = None) -> Imported:
         raise CrossinitError(f"{path} is empty")
     if size > MAX_IMPORT_BYTES:
         raise CrossinitError(f"{path} is {size >> 20} MiB; an embedding file is a few KiB (is it a model checkpoint?)")
+    layout = None
     if head[:2] == b"PK" or head[:1] == b"\x80":
         state, meta = _load_pickle(path), {}
     elif len(head) >= 9 and head[8:9] == b"{":
         state, meta = _load_safetensors(path, size, int.from_bytes(head[:8], "little"))
+    elif head.startswith(PNG_MAGIC):
+        state, meta, layout = *_load_png(path), "a1111-png"
     else:
-        raise CrossinitError(f"{path} is neither a safetensors file nor a torch pickle")
+        raise CrossinitError(f"{path} is neither a safetensors file, a torch pickle nor a PNG embedding")
     found = _interpret(state, meta, path, model)
+    found.layout = layout or found.layout
     if not found.family:
         found.family = _family_of(found, meta, model)
     return found
@@ -351,6 +486,25 @@ def _sdxl(state: dict[str, Any], meta: dict[str, str], where: str, model: str | 
     )
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_png(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """AUTOMATIC1111's PNG embedding: its data (the .pt dict, or SDXL's clip_l/clip_g) and, for crossinit's
+    own exports, the metadata its `crossinit` text chunk records."""
+    import json
+
+    from crossinit_cli import pngembed
+
+    state, texts = pngembed.read(path)
+    try:
+        told = json.loads(texts.get("crossinit", "{}"))
+    except ValueError:
+        told = {}
+    meta = {k: v for k, v in told.items() if isinstance(v, str)} if isinstance(told, dict) else {}
+    return state, meta
+
+
 def _load_safetensors(path: Path, size: int, header_len: int) -> tuple[dict[str, Any], dict[str, str]]:
     import numpy as np
     from safetensors import SafetensorError, safe_open
@@ -362,7 +516,7 @@ def _load_safetensors(path: Path, size: int, header_len: int) -> tuple[dict[str,
             meta = handle.metadata() or {}
             state = {key: np.asarray(handle.get_tensor(key)) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        raise CrossinitError(f"{path} is not a valid safetensors file ({_first_line(exc)})") from None
+        raise CrossinitError(f"{path} is not a valid safetensors file ({library_text(exc)})") from None
     return state, meta
 
 
@@ -378,20 +532,23 @@ def _load_pickle(path: Path) -> dict[str, Any]:
             with zipfile.ZipFile(path) as archive:
                 unpacked = sum(entry.file_size for entry in archive.infolist())
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise CrossinitError(f"{path} is not a readable torch file ({_first_line(exc)[:160]})") from None
+            raise CrossinitError(f"{path} is not a readable torch file ({library_text(exc)})") from None
         if unpacked > MAX_IMPORT_BYTES:
             raise CrossinitError(
                 f"{path} unpacks to {unpacked >> 20} MiB; an embedding file is a few KiB (refused: a zip bomb?)"
             )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Original textual-inversion and older A1111 files pickle string_to_param as a ParameterDict: torch's
+        # own allow-list admits that one class (rebuilt from plain data by nn.Module's __setstate__), nothing more.
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CrossinitError(
             f"{path} was refused: it is a pickle that needs more than plain tensors to load "
-            f"(possibly code); {_first_line(exc)[:120]}"
+            f"(possibly code); {library_text(exc, 120, prefer='GLOBAL')}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        raise CrossinitError(f"{path} is not a readable torch file ({_first_line(exc)[:160]})") from None
+        raise CrossinitError(f"{path} is not a readable torch file ({library_text(exc)})") from None
     if not isinstance(state, dict):
         raise CrossinitError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
     return state
@@ -418,7 +575,7 @@ def _interpret(state: dict[str, Any], meta: dict[str, str], path: Path, model: s
     if "clip_l" in state or "clip_g" in state:
         return _sdxl(state, meta, where, model)
     if "string_to_param" in state:
-        params = state["string_to_param"]
+        params = _parameters(state["string_to_param"])
         if not isinstance(params, dict) or len(params) != 1:
             raise CrossinitError(f"{where}: string_to_param must hold exactly one tensor")
         vectors = _as_array(next(iter(params.values())), where)
@@ -448,6 +605,18 @@ def _interpret(state: dict[str, Any], meta: dict[str, str], path: Path, model: s
     raise CrossinitError(f"{where}: unrecognised embedding layout (keys: {', '.join(sorted(map(str, state))[:6])})")
 
 
+def _parameters(params: Any) -> Any:
+    """A ParameterDict's own dict of tensors, as A1111 reads it (`getattr(param_dict, '_parameters', ...)`:
+    a ParameterDict pickled by torch 1.11 has no `_keys` and cannot be iterated by later versions)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return params
+    if isinstance(params, torch.nn.ParameterDict):
+        return vars(params).get("_parameters")
+    return params
+
+
 def _official_keys(state: dict[str, Any]) -> tuple[str, list[str]] | None:
     """`{"<name>_v0": ..., "<name>_v1": ...}` -> (name, keys in order), else None."""
     matches = [re.fullmatch(r"(.+)_v(\d+)", str(k)) for k in state]
@@ -459,8 +628,3 @@ def _official_keys(state: dict[str, Any]) -> tuple[str, list[str]] | None:
         return None
     stem = stems.pop()
     return stem, [f"{stem}_v{i}" for i in indices]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from crossinit_cli import __version__, devices, hf, sample
 from crossinit_cli.atomic import write_bytes_atomic
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.errors import CrossinitError, library_text
 from crossinit_cli.store import Identity, Library, name_key, now
 
 if TYPE_CHECKING:
@@ -360,8 +360,7 @@ class ClipScorer:
         except (OSError, ValueError, KeyError) as exc:
             # huggingface_hub's "not cached / offline / not found" errors are OSError subclasses; a folder
             # that is not a CLIP model gives ValueError or KeyError.
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ClipUnavailable(reason) from None
+            raise ClipUnavailable(library_text(exc)) from None
         model.eval().requires_grad_(False)
         return cls(name, model, tokenizer, processor)
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from crossinit_cli import atomic, names
 from crossinit_cli.atomic import TEMP_PREFIX, write_bytes_atomic
 from crossinit_cli.catalog import Catalog, Corrupt, Query, Row, Unavailable, scan, stamp_of
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.errors import CrossinitError, library_text
 from crossinit_cli.names import name_key, validate_name
 
 if sys.version_info >= (3, 11):
@@ -381,8 +381,7 @@ class EntryReads(LibraryLock):
         except FileNotFoundError:
             raise CrossinitError(f"entry {path.name!r} is damaged: {META} is missing") from None
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CrossinitError(f"entry {path.name!r} is damaged: {reason}") from None
+            raise CrossinitError(f"entry {path.name!r} is damaged: {library_text(exc)}") from None
         if not _is_file_at(where, VECTORS):
             raise CrossinitError(f"entry {path.name!r} is damaged: {VECTORS} is missing")
         # The directory is the source of truth for the key. A rename that got past its commit point
@@ -415,7 +414,7 @@ class EntryReads(LibraryLock):
             if not parts:
                 raise KeyError("learned")
         except (OSError, KeyError, SafetensorError, ValueError) as exc:
-            raise CrossinitError(f"identity {name!r} is damaged: cannot read {VECTORS} ({exc})") from None
+            raise CrossinitError(f"identity {name!r} is damaged: cannot read {VECTORS} ({library_text(exc)})") from None
         first_learned, first_init = next(iter(parts.values()))
         return Vectors(first_learned, first_init, parts, snapshots)
 

@@ -16,6 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from crossinit_cli.errors import clean
+
 
 @cache
 def out() -> Console:
@@ -44,12 +46,12 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    err().print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+    err().print(f"[yellow]warning:[/] {escape(clean(message))}", soft_wrap=True)
 
 
 def error(message: str) -> None:
     first = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    err().print(f"[bold red]error:[/] {escape(first)}", soft_wrap=True)
+    err().print(f"[bold red]error:[/] {escape(clean(first))}", soft_wrap=True)
 
 
 class Verbosity:

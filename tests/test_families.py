@@ -418,10 +418,12 @@ def test_sdxl_export_is_clip_l_clip_g_and_diffusers_loads_it_with_two_calls(
         ids = tokenizer.convert_tokens_to_ids(["<alice>", "<alice>_1"])
         np.testing.assert_array_equal(encoder.get_input_embeddings().weight[ids].detach().numpy(), rows)
 
-    for fmt in ("official", "a1111-pt"):
-        message = _one_line_error(cli("export", "alice", "--format", fmt, "-o", tmp_path / f"x.{fmt}"))
+    for fmt, suffix in (("official", ".bin"), ("a1111-pt", ".pt")):
+        message = _one_line_error(cli("export", "alice", "--format", fmt, "-o", tmp_path / f"x{suffix}"))
         assert f"format {fmt!r} cannot hold an SDXL identity" in message
-        assert not (tmp_path / f"x.{fmt}").exists()
+        assert not (tmp_path / f"x{suffix}").exists()
+        message = _one_line_error(cli("export", "alice", "-o", tmp_path / f"x{suffix}"))  # the suffix picks it
+        assert f"format {fmt!r} cannot hold an SDXL identity" in message
 
 
 def test_sdxl_import_round_trip_is_identical(cli, library: Library, xl_alice: Path, tmp_path: Path) -> None:

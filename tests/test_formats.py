@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
 
 from crossinit_cli import formats
@@ -242,6 +247,54 @@ def _hostile_files(tmp_path: Path) -> dict[str, Path]:
     save_file({"a": torch.ones(2, WIDTH), "b": torch.ones(2, WIDTH)}, str(files["multi"]))
     files["not-a-dict"] = tmp_path / "list.pt"
     torch.save([torch.ones(2, WIDTH)], files["not-a-dict"])
+    files.update(_hostile_pngs(tmp_path))
+    return files
+
+
+def _png(path: Path, texts: dict[str, str], picture: Image.Image | None = None) -> Path:
+    info = PngInfo()
+    for key, value in texts.items():
+        info.add_text(key, value)
+    (picture or Image.new("RGB", (64, 64), (90, 90, 90))).save(path, "PNG", pnginfo=info)
+    return path
+
+
+def _b64(data: object) -> str:
+    return base64.b64encode(json.dumps(data).encode()).decode()
+
+
+def _hostile_pngs(tmp_path: Path) -> dict[str, Path]:
+    """PNG 'embeddings' that must not load: none in them, not base64/JSON, not tensors, wrong shapes."""
+    tensor = {"TORCHTENSOR": [[0.5] * WIDTH] * 2}
+    files = {
+        "png-plain-picture": _png(tmp_path / "plain.png", {}),
+        "png-text-not-json": _png(tmp_path / "notjson.png", {"sd-ti-embedding": base64.b64encode(b"{oops").decode()}),
+        "png-text-a-list": _png(tmp_path / "list.png", {"sd-ti-embedding": _b64([1, 2])}),
+        "png-ragged-tensor": _png(
+            tmp_path / "ragged.png",
+            {"sd-ti-embedding": _b64({"string_to_param": {"*": {"TORCHTENSOR": [[1.0], [1, 2]]}}})},
+        ),
+        "png-strings-tensor": _png(
+            tmp_path / "strings.png", {"sd-ti-embedding": _b64({"string_to_param": {"*": {"TORCHTENSOR": [["a"]]}}})}
+        ),
+        "png-two-terms": _png(
+            tmp_path / "two.png", {"sd-ti-embedding": _b64({"string_to_param": {"*": tensor, "+": tensor}})}
+        ),
+        "png-sdxl-with-name": _png(
+            tmp_path / "xlname.png",
+            {
+                "sd-ti-embedding": _b64(
+                    {"clip_l": {"TORCHTENSOR": [[0.1] * 768]}, "clip_g": {"TORCHTENSOR": [[0.1] * 1280]}, "name": "x"}
+                )
+            },
+        ),
+        "png-deep-json": _png(tmp_path / "deep.png", {"sd-ti-embedding": base64.b64encode(b"[" * 100000).decode()}),
+    }
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(
+        _png(tmp_path / "whole.png", {"sd-ti-embedding": _b64({"emb_params": tensor})}).read_bytes()[:-30]
+    )
+    files["png-truncated"] = truncated
     return files
 
 
@@ -270,3 +323,268 @@ def test_a_truncated_pickle_is_a_one_line_refusal(cli, library: Library, tmp_pat
     result = cli("import", bad)
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "not a readable torch file" in result.stderr and library.list() == []
+
+
+# --- the same bytes every time -----------------------------------------------------------------------
+
+_EXPORT_ALL = """
+import hashlib, sys
+from pathlib import Path
+from crossinit_cli import formats
+from crossinit_cli.store import Library
+library = Library(Path(sys.argv[1]))
+for name in ("alice", "xl"):
+    ident = library.get(name)
+    crops = library.crops(name)
+    for fmt in formats.FORMATS:
+        if formats.REGISTRY[fmt].single_encoder and ident.family == "sdxl":
+            continue
+        data = formats.encode(
+            library.effective_parts(name), name, fmt, base_model=ident.base_model, steps=7, family=ident.family,
+            picture=crops[0] if crops and formats.REGISTRY[fmt].picture else None,
+        )
+        print(name, fmt, hashlib.sha256(data).hexdigest())
+"""
+
+
+def _sdxl_identity(library: Library, name: str = "xl", crops: tuple = ()) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal((2, 768)).astype(np.float32), rng.standard_normal((2, 1280)).astype(np.float32)]
+    ident = Identity(name=name, tokens=2, width=768, family="sdxl", base_model="stabilityai/sdxl")
+    library.add(ident, {"clip_l": parts[0], "clip_g": parts[1]}, crops=list(crops))
+    return parts
+
+
+def test_every_format_gives_the_same_bytes_in_every_process(cli, library: Library, tmp_path: Path) -> None:
+    """safetensors' own header order follows a hash map seeded per process: two processes (and two hash
+    seeds) must still write the same bytes, or the file's hash, which A1111 records, changes each time."""
+    face = Image.new("RGB", (96, 96), (200, 150, 120))
+    library.add(Identity(name="alice", tokens=2, width=WIDTH, base_model="tiny"), _learned(), crops=[face])
+    _sdxl_identity(library)
+    runs = []
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(Path(__file__).parent.parent)}
+        done = subprocess.run(
+            [sys.executable, "-c", _EXPORT_ALL, str(library.home)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        runs.append(done.stdout)
+    assert runs[0] == runs[1] == runs[2]
+    assert len(runs[0].splitlines()) == 2 * len(formats.FORMATS) - 2  # SDXL: all but the two pickles
+    for fmt in formats.FORMATS:  # and through the command, twice, in this process
+        first = cli("export", "alice", "-f", fmt, "-o", f"{tmp_path}/a/{fmt}/")
+        again = cli("export", "alice", "-f", fmt, "-o", f"{tmp_path}/b/{fmt}/")
+        assert first.exit_code == again.exit_code == 0, first.stderr + again.stderr
+        name = formats.default_filename("alice", fmt)
+        assert (tmp_path / "a" / fmt / name).read_bytes() == (tmp_path / "b" / fmt / name).read_bytes(), fmt
+
+
+def test_the_safetensors_header_is_sorted_and_aligned(alice, library: Library) -> None:
+    data = formats.encode(alice, "alice", "a1111", base_model="tiny", family="sd1")
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    assert size % 8 == 0 and list(header) == sorted(header)
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    np.testing.assert_array_equal(load_file_bytes(data)["emb_params"], alice)
+
+
+def load_file_bytes(data: bytes) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    return load(data)
+
+
+# --- -o: the file's name says what it holds ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [("a.pt", "a1111-pt"), ("a.bin", "official"), ("a.safetensors", "a1111"), ("a.png", "a1111-png"),
+     ("a.diffusers.safetensors", "diffusers"), ("A.PT", "a1111-pt")],
+)  # fmt: skip
+def test_the_suffix_of_o_picks_the_format(name: str, layout: str, cli, alice, tmp_path: Path) -> None:
+    result = cli("export", "alice", "-o", tmp_path / name, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["format"] == layout
+    assert formats.read_embedding_file(tmp_path / name).layout == ("a1111" if layout == "invokeai" else layout)
+    if name.lower().endswith(".pt"):  # torch itself loads it, as A1111 does
+        np.testing.assert_array_equal(a1111_read(tmp_path / name).numpy(), alice)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [(["--format", "a1111", "-o", "x.pt"], ["x.pt is a .pt file", "--format a1111 writes .safetensors"]),
+     (["--format", "official", "-o", "x.safetensors"], [".safetensors file", "a1111"]),
+     (["--format", "a1111-png", "-o", "x.bin"], [".bin file"]),
+     (["-o", "x.txt"], [".txt is not an export file suffix"])],
+)  # fmt: skip
+def test_a_file_name_that_misdescribes_its_format_is_refused(args: list, words: list, cli, alice, tmp_path) -> None:
+    args = [str(tmp_path / a) if a.startswith("x.") else a for a in args]
+    result = cli("export", "alice", *args)
+    assert result.exit_code == 1 and result.stderr.startswith("error:") and result.stderr.count("\n") == 1
+    for word in words:
+        assert word in result.stderr, result.stderr
+    assert not list(tmp_path.glob("x.*"))
+
+
+def test_a_format_of_the_same_kind_may_be_named(cli, alice, tmp_path: Path) -> None:
+    """--format diffusers or invokeai into a .safetensors file: the kind matches, the layout is the format's."""
+    assert cli("export", "alice", "--format", "diffusers", "-o", tmp_path / "d.safetensors").exit_code == 0
+    assert list(load_file(str(tmp_path / "d.safetensors"))) == ["<alice>"]
+    assert cli("export", "alice", "-o", tmp_path / "noext").exit_code == 0  # no extension: the default layout
+    assert list(load_file(str(tmp_path / "noext"))) == ["emb_params"]
+
+
+def test_several_identities_and_one_file_name_are_refused(cli, alice, library: Library, tmp_path: Path) -> None:
+    library.add(Identity(name="bob", tokens=2, width=WIDTH), _learned(5))
+    for target in ("one.safetensors", "one.png"):
+        result = cli("export", "alice", "bob", "-o", tmp_path / target)
+        assert result.exit_code == 1 and "names one file; several identities need a folder" in result.stderr
+        assert not (tmp_path / target).exists()
+    assert cli("export", "alice", "bob", "-o", tmp_path / "out").exit_code == 0  # a new folder, no suffix
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alice.safetensors", "bob.safetensors"]
+    (tmp_path / "odd.safetensors").mkdir()  # an existing folder keeps its meaning, whatever its name
+    assert cli("export", "alice", "bob", "-o", tmp_path / "odd.safetensors").exit_code == 0
+    assert cli("export", "alice", "-o", f"{tmp_path}/one/", "-f", "a1111-pt").exit_code == 0
+    assert (tmp_path / "one" / "alice.pt").is_file()
+
+
+# --- the tools' older files ----------------------------------------------------------------------------
+
+
+def _parameter_dict_pt(path: Path, rows: torch.Tensor, *, old: bool = False, extra: dict | None = None) -> Path:
+    """An original textual-inversion / older A1111 .pt: string_to_param a real torch.nn.ParameterDict.
+    `old`: as torch 1.11 pickled it (no `_keys`, fewer hook dicts), which later torch cannot iterate."""
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(rows.clone())})
+    if old:
+        for attr in ("_keys", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_state_dict_pre_hooks"):
+            vars(params).pop(attr, None)
+    state = {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": params, **(extra or {})}
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["torch-2", "torch-1.11-layout"])
+def test_a_parameter_dict_pt_imports(old: bool, cli, library: Library, tmp_path: Path) -> None:
+    rows = torch.from_numpy(_learned(7))
+    extra = {"name": "tio", "step": 500, "sd_checkpoint": "abcd", "sd_checkpoint_name": "v1-5"}
+    path = _parameter_dict_pt(tmp_path / "classic.pt", rows, old=old, extra=extra)
+    with pytest.raises(pickle.UnpicklingError):  # what refused it before: not a plain-tensor pickle
+        torch.load(path, weights_only=True)
+    result = cli("import", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["name"] == "tio"
+    np.testing.assert_array_equal(library.vectors("tio").learned, rows.numpy())
+    assert library.get("tio").training == {"steps": 500}
+    original = _parameter_dict_pt(tmp_path / "rinongal.pt", rows)  # the original code's two keys only
+    assert cli("import", original, "--name", "orig").exit_code == 0
+    np.testing.assert_array_equal(library.vectors("orig").learned, rows.numpy())
+
+
+def test_the_allow_list_is_torchs_own_and_holds_only_parameter_dict(tmp_path: Path) -> None:
+    """No hand-written unpickler: torch.load(weights_only=True) under safe_globals([ParameterDict]), and
+    torch's global allow-list is left as it was."""
+    calls = []
+    real = torch.serialization.safe_globals
+
+    class Spy(real):
+        def __init__(self, allowed):
+            calls.append(list(allowed))
+            super().__init__(allowed)
+
+    path = _parameter_dict_pt(tmp_path / "p.pt", torch.ones(1, WIDTH))
+    try:
+        torch.serialization.safe_globals = Spy
+        formats.read_embedding_file(path)
+    finally:
+        torch.serialization.safe_globals = real
+    assert calls == [[torch.nn.ParameterDict]]
+    assert torch.nn.ParameterDict not in torch.serialization.get_safe_globals()  # only while reading
+
+
+# --- errors quote libraries without their terminal codes ---------------------------------------------
+
+
+def test_a_refused_pickle_is_reported_without_escape_codes(tmp_path: Path) -> None:
+    """torch's refusal of a global it does not allow carries ANSI bold codes even under NO_COLOR."""
+    import argparse
+
+    path = tmp_path / "namespace.pt"
+    torch.save({"emb_params": argparse.Namespace(a=1)}, path)
+    try:
+        torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        assert "\x1b[" in str(exc).splitlines()[0]  # what would reach the terminal unfiltered
+    env = {**os.environ, "NO_COLOR": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env["CROSSINIT_HOME"] = str(tmp_path / "home")
+    done = subprocess.run(
+        [sys.executable, "-m", "crossinit_cli", "import", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "\x1b" not in done.stderr and "GLOBAL argparse.Namespace" in done.stderr, done.stderr
+
+
+def test_library_text_keeps_one_clean_line() -> None:
+    from crossinit_cli.errors import library_text
+
+    said = "\x1b[1mWeights only\x1b[0m load \x1b]8;;http://x\x07failed\x1b]8;;\x07.\r\x07\n\nsecond line"
+    assert library_text(RuntimeError(said)) == "Weights only load failed."
+    assert library_text(RuntimeError("a\nthe GLOBAL x line\tok\x9b2J"), prefer="GLOBAL") == "the GLOBAL x line\tok"
+    assert library_text(RuntimeError("")) == "RuntimeError"
+    assert len(library_text("x" * 500, 40)) == 40
+
+
+# --- SDXL in plain diffusers: pool at the end token ------------------------------------------------
+
+
+@torch.no_grad()
+def test_the_sdxl_note_for_diffusers_users_moves_the_pooled_output_to_the_end_token(
+    library: Library, tiny_sdxl: Path, tmp_path: Path
+) -> None:
+    """SDXL base's text_encoder_2 config says eos_token_id 2; transformers' CLIPTextTransformer then pools at
+    the highest token id, which after load_textual_inversion is <alice>. The docs' one line fixes it; setting
+    only `config.eos_token_id` does not (CLIPTextTransformer copies it at construction)."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    model = shutil.copytree(tiny_sdxl, tmp_path / "xl")
+    config_path = model / "text_encoder_2" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "eos_token_id": 2}))  # as SDXL base's config ships
+    rng = np.random.default_rng(9)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model))
+    widths = (pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size)
+    state = {"clip_l": rng.standard_normal((2, widths[0])), "clip_g": rng.standard_normal((2, widths[1]))}
+    state = {k: torch.from_numpy(v.astype(np.float32)) for k, v in state.items()}
+    pipe.load_textual_inversion(
+        state["clip_l"], token="<alice>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        state["clip_g"], token="<alice>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    prompt = "a photo of <alice>"
+    ids = pipe.tokenizer_2(pipe.maybe_convert_prompt(prompt, pipe.tokenizer_2), padding="max_length",
+                           max_length=pipe.tokenizer_2.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+    out = pipe.text_encoder_2(ids, output_hidden_states=True)
+    eos = int((ids[0] == pipe.tokenizer_2.eos_token_id).nonzero()[0])
+    at = {i: pipe.text_encoder_2.text_projection(out.last_hidden_state[0, i]) for i in (eos, int(ids[0].argmax()))}
+    assert int(ids[0].argmax()) != eos
+
+    def pooled() -> torch.Tensor:
+        return pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)[2][0]
+
+    torch.testing.assert_close(pooled(), at[int(ids[0].argmax())])  # without the line: pooled at <alice>
+    pipe.text_encoder_2.config.eos_token_id = pipe.tokenizer_2.eos_token_id
+    torch.testing.assert_close(pooled(), at[int(ids[0].argmax())])  # the config alone changes nothing
+    pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id  # the docs' line
+    torch.testing.assert_close(pooled(), at[eos])
+    docs = (Path(__file__).parent.parent / "docs" / "formats.md").read_text()
+    assert "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id" in docs
+    assert "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id" in formats.REGISTRY[
+        "diffusers"
+    ].usage(Path("x"), "alice", "x", 2)

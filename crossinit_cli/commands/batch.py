@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crossinit_cli import ui
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.errors import CrossinitError, library_text
 from crossinit_cli.store import Library, name_key, validate_name
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def _read_csv(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
             rows = list(csv.DictReader(handle))
             fields = set(rows[0]) if rows else set()
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise CrossinitError(f"cannot read manifest {path}: {exc}") from None
+        raise CrossinitError(f"cannot read manifest {path}: {library_text(exc)}") from None
     if not rows:
         raise CrossinitError(f"{path} has no rows; expected a header with name,photos and one row per identity")
     missing = {"name", "photos"} - fields

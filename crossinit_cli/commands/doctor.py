@@ -16,7 +16,7 @@ from rich.table import Table
 
 from crossinit_cli import __version__, config, ui
 from crossinit_cli.config import RunOptions
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.errors import CrossinitError, library_text
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "dlib-bin", "face-recognition-models")
 
@@ -61,7 +61,7 @@ def _model_available(model: str) -> tuple[bool, str]:
     try:
         cached = try_to_load_from_cache(model, "model_index.json")
     except ValueError as exc:  # not a valid repo id
-        return False, str(exc).splitlines()[0]
+        return False, library_text(exc)
     if isinstance(cached, str):
         return True, f"in the local Hugging Face cache ({Path(cached).parent})"
     return False, "not in the local Hugging Face cache"

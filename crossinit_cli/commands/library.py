@@ -17,7 +17,7 @@ from rich.table import Table
 
 from crossinit_cli import ui
 from crossinit_cli.catalog import SORTS, Query, Row
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.errors import CrossinitError, library_text
 from crossinit_cli.store import Identity, Library
 
 MAX_STRENGTH = 4.0
@@ -319,7 +319,7 @@ def _edit_in_editor(library: Library, ident: Identity) -> Identity:
     try:
         raw = tomllib.loads(edited)
     except tomllib.TOMLDecodeError as exc:
-        raise CrossinitError(f"edited metadata is not valid TOML ({exc}); nothing changed") from None
+        raise CrossinitError(f"edited metadata is not valid TOML ({library_text(exc)}); nothing changed") from None
     return library.replace_meta(ident.name, raw)
 
 

@@ -24,18 +24,22 @@ def _file_stem(path: Path) -> str:
     return path.stem
 
 
-def export_identity(library: Library, name: str, *, fmt: str, output: str | None, force: bool, as_json: bool) -> int:
-    if fmt not in formats.FORMATS:
+def export_identity(
+    library: Library, name: str, *, fmt: str | None, output: str | None, force: bool, as_json: bool
+) -> int:
+    """One identity to a file: `-o` a folder (or none) takes the default name of `fmt` (default a1111);
+    `-o` a file name picks the format by its suffix, and a `--format` that writes another kind is refused."""
+    if fmt is not None and fmt not in formats.FORMATS:
         raise CrossinitError(f"unknown format {fmt!r}; choose one of {', '.join(formats.FORMATS)}")
     ident = library.get(name)
-    formats.check_format(fmt, ident.family)
-    filename = formats.default_filename(ident.name, fmt)
-    if output is None:
-        path = Path.cwd() / filename
-    elif Path(output).is_dir() or output.endswith(("/", "\\")):
-        path = Path(output).expanduser() / filename
+    if output is None or Path(output).is_dir() or output.endswith(("/", "\\")):
+        fmt = fmt or "a1111"
+        folder = Path.cwd() if output is None else Path(output).expanduser()
+        path = folder / formats.default_filename(ident.name, fmt)
     else:
         path = Path(output).expanduser()
+        fmt = formats.format_for_file(path, fmt)
+    formats.check_format(fmt, ident.family)
     if path.exists() and not force:
         raise CrossinitError(f"{path} already exists; pass --force to overwrite it")
     parts = library.effective_parts(ident.name)
@@ -48,6 +52,7 @@ def export_identity(library: Library, name: str, *, fmt: str, output: str | None
         base_model=ident.base_model,
         steps=int(ident.training.get("steps", 0)),
         family=ident.family,
+        picture=_picture(library, ident.name, fmt),
     )
     hint = formats.REGISTRY[fmt].usage(path, ident.name, _file_stem(path), len(parts))
     fits = families.get(ident.family).checkpoints if ident.family in families.FAMILIES else None
@@ -101,9 +106,11 @@ def export_identities(
             raise CrossinitError("--to picks the folder and the format each tool reads; drop -o/--format")
         tool = tools.detect(to)  # before anything is read: a wrong folder is refused at once
         return deliver(library, _chosen(library, names, every, tag), tool, force=force, as_json=as_json)
-    fmt = fmt or "a1111"
     if len(names) == 1:
         return export_identity(library, names[0], fmt=fmt, output=output, force=force, as_json=as_json)
+    if output is not None and formats.names_a_file(output):
+        raise CrossinitError(f"-o {output} names one file; several identities need a folder (-o FOLDER/)")
+    fmt = fmt or "a1111"
     chosen = _chosen(library, names, every, tag)
     folder = Path.cwd() if output is None else Path(output).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -118,8 +125,16 @@ def export_identities(
     for ident in chosen:
         parts = library.effective_parts(ident.name)
         steps = int(ident.training.get("steps", 0) or 0)
+        picture = _picture(library, ident.name, fmt)
         formats.export_vectors(
-            parts, ident.name, fmt, paths[ident.name], base_model=ident.base_model, steps=steps, family=ident.family
+            parts,
+            ident.name,
+            fmt,
+            paths[ident.name],
+            base_model=ident.base_model,
+            steps=steps,
+            family=ident.family,
+            picture=picture,
         )
         records.append({"name": ident.name, "format": fmt, "path": str(paths[ident.name]), "status": "written"})
         if not as_json:
@@ -127,6 +142,12 @@ def export_identities(
     if as_json:
         ui.print_json(records)
     return 0
+
+
+def _picture(library: Library, name: str, fmt: str) -> Path | None:
+    """The face crop a picture format is drawn on: the identity's first (None: none, or not a picture format)."""
+    crops = library.crops(name) if formats.REGISTRY[fmt].picture else []
+    return crops[0] if crops else None
 
 
 def _chosen(library: Library, names: list[str], every: bool, tag: str | None) -> list[Identity]:
@@ -290,6 +311,8 @@ def import_folder(library: Library, folder: Path, *, model: str | None, force: b
             reason = "a folder (folders inside are not searched)"
         elif path.suffix.lower() not in formats.EMBEDDING_SUFFIXES:
             reason = f"not an embedding file ({', '.join(formats.EMBEDDING_SUFFIXES)})"
+        elif path.name.lower().endswith(".preview.png"):
+            reason = "a preview picture (A1111 shows it beside the embedding of that name)"
         else:
             try:
                 name = _import_one(library, path, model=model, force=force)

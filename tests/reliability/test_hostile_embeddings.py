@@ -5,13 +5,16 @@ code at load time, and the memory a file can make the importer allocate."""
 
 from __future__ import annotations
 
+import base64
 import collections
+import contextlib
 import json
 import os
 import pickle
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -217,3 +220,96 @@ def test_fp16_files_are_welcome(rhome: Path, env: dict[str, str], tmp_path: Path
     done = crossinit("import", tmp_path / "half.safetensors", "--name", "half", env=env)
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(Library(rhome).vectors("half").learned, half.float().numpy())
+
+
+# --- pickles that would run code: refused, and nothing of them runs --------------------------------
+
+
+class _Reduce:
+    """Pickles as a call of `func(*args)`: what a hand-made REDUCE payload does when it is unpickled."""
+
+    def __init__(self, func: object, *args: object) -> None:
+        self.call = (func, args)
+
+    def __reduce__(self):
+        return self.call
+
+
+def _payloads(marker: Path) -> dict[str, object]:
+    """Each would create `marker` (a file named for the payload) if it ran."""
+    return {
+        "os-system": _Reduce(os.system, f"touch {marker}-os-system"),
+        "builtins-exec": _Reduce(exec, f"open({str(marker) + '-builtins-exec'!r}, 'w').close()"),
+        "builtins-eval": _Reduce(eval, f"open({str(marker) + '-builtins-eval'!r}, 'w')"),
+        "subprocess-call": _Reduce(subprocess.call, ["touch", f"{marker}-subprocess-call"]),
+        "subprocess-popen": _Reduce(subprocess.Popen, ["touch", f"{marker}-subprocess-popen"]),
+    }
+
+
+def _code_files(folder: Path, marker: Path) -> dict[str, Path]:
+    """The payloads as embedding files: bare pickles, torch files, inside a real ParameterDict (its
+    parameters, and its module state), and inside a PNG embedding's text chunk and coded edges."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for label, payload in _payloads(marker).items():
+        files[f"{label}.pt"] = folder / f"{label}.pt"
+        torch.save({"string_to_param": {"*": payload}, "name": "x"}, files[f"{label}.pt"])
+        files[f"{label}-raw.bin"] = folder / f"{label}-raw.bin"
+        files[f"{label}-raw.bin"].write_bytes(pickle.dumps({"emb_params": payload}, protocol=2))
+        params = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.ones(2, WIDTH))})
+        vars(params)["_parameters"]["*"] = payload  # the one class allowed, carrying the call
+        files[f"{label}-in-parameterdict.pt"] = folder / f"{label}-in-parameterdict.pt"
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": params}, files[f"{label}-in-parameterdict.pt"])
+        params = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.ones(2, WIDTH))})
+        vars(params)["_forward_hooks"] = collections.OrderedDict({0: payload})  # in its module state
+        files[f"{label}-in-module-state.pt"] = folder / f"{label}-in-module-state.pt"
+        torch.save({"string_to_param": params}, files[f"{label}-in-module-state.pt"])
+        info = PngInfo()
+        info.add_text("sd-ti-embedding", base64.b64encode(pickle.dumps({"emb_params": payload})).decode())
+        files[f"{label}-in-png-text.png"] = folder / f"{label}-in-png-text.png"
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(files[f"{label}-in-png-text.png"], pnginfo=info)
+    return files
+
+
+def _run_as_pickle(path: Path) -> None:
+    """What loading without the allow-list would do (plain unpickling): the control that the payload is live."""
+    if path.suffix == ".png":
+        from PIL import Image
+
+        pickle.loads(base64.b64decode(Image.open(path).text["sd-ti-embedding"]))
+    else:
+        torch.load(path, weights_only=False)
+
+
+def test_pickles_that_would_run_code_are_refused_and_nothing_runs(
+    rhome: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    control = _code_files(tmp_path / "control", tmp_path / "control" / "ran")
+    for path in control.values():  # each payload really runs code when unpickled plainly
+        with contextlib.suppress(Exception):  # what the call returns may not unpickle further
+            _run_as_pickle(path)
+    ran = lambda: sorted(p.name for p in (tmp_path / "control").glob("ran-*"))  # noqa: E731
+    deadline = time.monotonic() + 10  # Popen's child finishes on its own
+    while time.monotonic() < deadline and len(ran()) < len(_payloads(tmp_path)):
+        time.sleep(0.1)
+    assert ran() == sorted(f"ran-{label}" for label in _payloads(tmp_path))
+
+    marker = tmp_path / "pwned"
+    files = _code_files(tmp_path / "hostile", marker)
+    before = tree(rhome)
+    one = crossinit("import", files["os-system-in-parameterdict.pt"], env=env, timeout=120)
+    assert_one_line_error(one, "refused")
+    every = crossinit("import", tmp_path / "hostile", env=env, timeout=300)  # all of them, one process
+    assert every.returncode == 1 and "Traceback" not in every.stderr and "\x1b" not in every.stderr
+    skipped = [line for line in every.stderr.splitlines() if line.startswith("warning: skipped")]
+    assert len(skipped) == len(files), every.stderr
+    assert every.stderr.splitlines()[-1].startswith("error: nothing imported")
+    for line in skipped:
+        assert "refused" in line or "not JSON" in line, line
+    time.sleep(1)  # a Popen payload would have finished by now
+    assert not list(tmp_path.glob("pwned*")), "a payload ran"
+    assert tree(rhome) == before
+    print(f"{len(files)} files with code refused; none ran")
