@@ -110,7 +110,7 @@ def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
     .ckpt) is loaded generically and its family checked once loaded.
     """
     check_model_reference(model)
-    from crossinit_cli import families
+    from crossinit_cli import families, hf
 
     peeked = families.peek(model)
     path = Path(model).expanduser()
@@ -120,6 +120,8 @@ def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
     family = peeked.family if peeked is not None else None
     if family is None or not family.multi:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if not path.exists() and hf.is_hub_id(model):
+        kwargs.update(hf.hub_load_options(model, "model_index.json"))  # cached: no network call at all
     try:
         if path.is_file():
             cls = families.pipeline_class(family or families.FAMILIES["sd1"])
