@@ -56,6 +56,22 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture()
+def network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """No network: every socket connection is refused at once, and its address recorded here."""
+    import socket
+
+    attempts: list[Any] = []
+
+    def refuse(self: socket.socket, address: Any) -> None:
+        attempts.append(address)
+        raise ConnectionRefusedError(111, "Connection refused (the tests' `network` fixture)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: refuse(self, address))
+    return attempts
+
+
+@pytest.fixture()
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty library and config of this test's own (also for subprocesses, through the env)."""
     home = tmp_path / "home"
