@@ -120,18 +120,18 @@ def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
     family = peeked.family if peeked is not None else None
     if family is None or not family.multi:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if not path.exists() and hf.is_hub_id(model):
-        kwargs.update(hf.hub_load_options(model, "model_index.json"))  # cached: no network call at all
+    # A cached hub model loads from its snapshot folder: no network call at all.
+    source = hf.hub_source(model, "model_index.json") if not path.exists() and hf.is_hub_id(model) else model
     try:
         if path.is_file():
             cls = families.pipeline_class(family or families.FAMILIES["sd1"])
             pipe = cls.from_single_file(str(path), **kwargs)
         elif family is not None:
-            pipe = families.pipeline_class(family).from_pretrained(model, **kwargs)
+            pipe = families.pipeline_class(family).from_pretrained(source, **kwargs)
         else:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except CrossinitError:
         raise
     except OSError as exc:

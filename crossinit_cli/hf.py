@@ -1,10 +1,10 @@
 """The Hugging Face libraries: their own output, and the Hub.
 
 Output: diffusers and transformers print loading bars, advice and warnings on stderr; crossinit shows its
-own progress and one-line errors instead. The Hub: a model in the local cache loads with no network call
-at all (`local_files_only`); one that is not cached costs one quick request to the Hub first, so that a
-machine without network gets one line at once instead of huggingface_hub's retries (five a file, about
-45 s for a CLIP model: "Retrying in 8s").
+own progress and one-line errors instead. The Hub: a model in the local cache loads from its snapshot
+folder with no network call at all; one that is not cached costs one quick request to the Hub first, so
+that a machine without network gets one line at once instead of huggingface_hub's retries (five a file,
+about 45 s for a CLIP model: "Retrying in 8s").
 
 An engine-level module (engines must not import from `commands/`): `devices.py`, `sample.py`, `scoring.py`
 and the commands all go through it.
@@ -40,41 +40,47 @@ def offline() -> bool:
     return any(v.strip().lower() in {"1", "true", "yes", "on"} for v in values)
 
 
-def is_cached(repo_id: str, marker: str) -> bool:
-    """Whether `marker` (model_index.json, config.json) of the hub model is in the local cache; no network."""
+def cached_folder(repo_id: str, marker: str) -> Path | None:
+    """The snapshot folder of a hub model in the local cache, found by its top-level `marker` file
+    (model_index.json, config.json); None when it is not there. Reads the cache's folders only."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        return isinstance(try_to_load_from_cache(repo_id, marker), str)
+        found = try_to_load_from_cache(repo_id, marker)
     except ValueError:  # not a valid repo id: the loader says so in its own words
-        return False
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
-def hub_load_options(repo_id: str, marker: str, what: str = "model") -> dict[str, Any]:
-    """`from_pretrained` keywords for a hub id: `local_files_only` when it is cached (or offline mode is on:
-    the loader then says it is not cached); otherwise {} after one request shows the Hub answers, or
-    HubUnreachable in one line."""
-    if offline() or is_cached(repo_id, marker):
-        return {"local_files_only": True}
+def hub_source(repo_id: str, marker: str, what: str = "model") -> str:
+    """What to hand `from_pretrained` for a hub id.
+
+    Cached: its snapshot folder, loaded as a local folder, so not one network call is made (passing the id
+    with `local_files_only` still lets huggingface_hub fetch a registry of its own). Not cached, in offline
+    mode: the id (the loader then says it is not cached). Otherwise the id, once one request has shown
+    that the Hub answers; HubUnreachable in one line when it does not."""
+    folder = cached_folder(repo_id, marker)
+    if folder is not None:
+        return str(folder)
+    if offline():
+        return repo_id
     reason = _hub_unreachable(repo_id)
     if reason is not None:
         raise HubUnreachable(
             f"{what} {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached ({reason}); "
             f"download it once with `hf download {repo_id}` on a machine with network, or use a local folder"
         )
-    return {}
+    return repo_id
 
 
 def _hub_unreachable(repo_id: str) -> str | None:
-    """None when the Hub answers about `repo_id` (even "not found": the loader reports that), else why not.
-    One request, no retries."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import HfHubHTTPError
+    """None when the Hub answers (whatever it says about `repo_id`: the loader reports that), else why not.
+    One request on huggingface_hub's own session (its proxies and certificates), no retries."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
     try:
-        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT)
-    except HfHubHTTPError:
-        return None
+        get_session().head(f"{constants.ENDPOINT}/api/models/{repo_id}", timeout=HUB_TIMEOUT)
     except _network_errors() as exc:
         text = str(exc).strip().splitlines()
         return text[0][:160] if text else type(exc).__name__

@@ -358,14 +358,14 @@ class ClipScorer:
         source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
         try:
             # Cached: no network call; not cached and no network: one line now, not a minute of retries.
-            hub = hf.hub_load_options(source, "config.json", "CLIP model") if hf.is_hub_id(source) else {}
+            source = hf.hub_source(source, "config.json", "CLIP model") if hf.is_hub_id(source) else source
         except hf.HubUnreachable as exc:
             raise ClipUnreachable(str(exc)) from None
         try:
             with hf.quiet_libraries():
-                model = CLIPModel.from_pretrained(source, **hub)
-                tokenizer = AutoTokenizer.from_pretrained(source, **hub)
-                processor = ImageProcessor.from_pretrained(source, **hub)
+                model = CLIPModel.from_pretrained(source)
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                processor = ImageProcessor.from_pretrained(source)
         except (OSError, ValueError, KeyError) as exc:
             # huggingface_hub's "not cached / offline / not found" errors are OSError subclasses; a folder
             # that is not a CLIP model gives ValueError or KeyError.
