@@ -81,7 +81,7 @@ def model_reference(model: str) -> str:
     that is not on disk is a hub id."""
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")):
-        return str(path.resolve())
+        return os.path.abspath(path)  # not resolve(): a symlink the user named stays the name recorded
     return model
 
 
