@@ -62,15 +62,19 @@ def hub_source(repo_id: str, marker: str, what: str = "model") -> str:
     folder = cached_folder(repo_id, marker)
     if folder is not None:
         return str(folder)
-    if offline():
-        return repo_id
+    if not offline():
+        require_hub(repo_id, what)
+    return repo_id
+
+
+def require_hub(repo_id: str, what: str = "model") -> None:
+    """One request to the Hub, no retries; HubUnreachable in one line when it does not answer."""
     reason = _hub_unreachable(repo_id)
     if reason is not None:
         raise HubUnreachable(
             f"{what} {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached ({reason}); "
             f"download it once with `hf download {repo_id}` on a machine with network, or use a local folder"
         )
-    return repo_id
 
 
 def _hub_unreachable(repo_id: str) -> str | None:

@@ -109,3 +109,20 @@ def test_offline_mode_or_a_cached_model_makes_no_request(
     assert network == []
     assert hf.is_hub_id("tiny-org/tiny-sd") and not hf.is_hub_id("./tiny-org/tiny-sd")
     assert not hf.is_hub_id(str(hub_cache))
+
+
+def test_an_incomplete_cached_model_is_fetched_and_without_network_fails_in_one_line(
+    cli, hub_cache: Path, network: list[Any], add_identity, tmp_path: Path, tiny_model: Path
+) -> None:
+    """A download cut off leaves a snapshot without some weights: it is then fetched as usual, which needs
+    the Hub; without network that is one attempt and one line, as for a model not cached at all."""
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_model, partial)
+    for weights in (partial / "unet").glob("diffusion_pytorch_model.*"):
+        weights.unlink()
+    cache_model(hub_cache, "tiny-org/partial", partial)
+    add_identity("alice", seed=1, scale=5, base_model="tiny-org/partial")
+    result = cli("generate", "<alice>", "-o", tmp_path / "out", *FAST)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "'tiny-org/partial' is not in the local Hugging Face cache and the Hub cannot be reached" in result.stderr
+    assert len(network) == 1
