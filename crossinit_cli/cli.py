@@ -381,7 +381,8 @@ def learn(
             raise CrossinitError("--resume continues a run with its own photos, name and settings; give only the name")
         from crossinit_cli.commands.learn import resume_identity
 
-        return resume_identity(_library(), resume, quiet=quiet, as_json=as_json)
+        configured = _run_options().configured_model  # the next: hint names --model only if this would win
+        return resume_identity(_library(), resume, quiet=quiet, as_json=as_json, configured_model=configured)
     if batch is not None:
         if photos or name:
             raise CrossinitError("--batch takes its photos and names from the manifest; drop the photos and --name")

@@ -117,7 +117,9 @@ def _train_config(request: LearnRequest) -> TrainConfig:
     )
 
 
-def resume_identity(library: Library, name: str, *, quiet: bool, as_json: bool) -> int:
+def resume_identity(
+    library: Library, name: str, *, quiet: bool, as_json: bool, configured_model: str | None = None
+) -> int:
     """`learn --resume NAME`: continue an interrupted run from its checkpoint, with its own settings."""
     from crossinit_cli import checkpoint, devices
     from crossinit_cli.train import TrainConfig
@@ -159,7 +161,8 @@ def resume_identity(library: Library, name: str, *, quiet: bool, as_json: bool) 
         resume=(run, state),
     )
     target, result = train_and_store(library, trainer, job)
-    _report(library, name, result, target, model=None, quiet=quiet, as_json=as_json)
+    hint_model = model_id if configured_model not in (None, model_id) else None  # as in learn
+    _report(library, name, result, target, model=hint_model, quiet=quiet, as_json=as_json)
     return 0
 
 
