@@ -111,6 +111,14 @@ def main_options(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")]
+IdentityModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Hub id, diffusers folder or checkpoint (default: the configured model, else the one the identities "
+        "were learned on).",
+    ),
+]
 ReplaceOpt = Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")]
 StepsOpt = Annotated[
     int | None, typer.Option("--steps", min=1, help=f"Sampling steps (default {sample.DEFAULT_STEPS}).")
@@ -312,6 +320,7 @@ def import_cmd(
     """
     from crossinit_cli.commands.transfer import import_identity
 
+    model = config.model_reference(model) if model else None
     return import_identity(_library(), path, name=name, model=model, force=force, as_json=as_json)
 
 
@@ -380,7 +389,8 @@ def learn(
             raise CrossinitError("--resume continues a run with its own photos, name and settings; give only the name")
         from crossinit_cli.commands.learn import resume_identity
 
-        return resume_identity(_library(), resume, quiet=quiet, as_json=as_json)
+        configured = _run_options().configured_model  # the next: hint names --model only if this would win
+        return resume_identity(_library(), resume, quiet=quiet, as_json=as_json, configured_model=configured)
     if batch is not None:
         if photos or name:
             raise CrossinitError("--batch takes its photos and names from the manifest; drop the photos and --name")
@@ -442,7 +452,7 @@ def generate(
     prompts: Annotated[
         str | None, typer.Option("--prompts", help="File of prompts, one a line; '-' for stdin.")
     ] = None,
-    model: ModelOpt = None,
+    model: IdentityModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of each prompt's images.")] = False,
@@ -513,7 +523,10 @@ def eval_cmd(
     seed: Annotated[int, typer.Option("--seed", min=0, help="First seed (image i uses seed + i).")] = 0,
     steps: StepsOpt = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="Base model (default: the one each identity was learned on).")
+        str | None,
+        typer.Option(
+            "--model", help="Base model (default: the configured one, else the one each identity was learned on)."
+        ),
     ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -548,15 +561,16 @@ def eval_cmd(
     """
     from crossinit_cli.commands.evaluate import EvalOptions, evaluate_command
 
+    run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
     options = EvalOptions(
         compare=compare,
         prompts=prompts,
         n=n,
         seed=seed,
         steps=steps,
-        model=model,
-        device=device and device.value,
-        dtype=dtype and dtype.value,
+        model=run.chosen_model,
+        device=run.device,
+        dtype=run.dtype,
         clip_model=clip_model,
         snapshots=snapshots or pick_best,
         pick_best=pick_best,
@@ -569,11 +583,26 @@ def eval_cmd(
 
 @app.command()
 @handles_errors
-def doctor(as_json: JsonOpt = False) -> int:
+def doctor(
+    self_test: Annotated[
+        bool,
+        typer.Option(
+            "--self-test",
+            help="Check the install end to end: detect, learn, generate, export, import and remove on a tiny "
+            "random model and a photo shipped with crossinit, in a throw-away library (no weights, no network; "
+            "your library and config are not touched). Exits 1 naming the step that failed.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> int:
     """Check this machine: versions, the device crossinit would use and why, the library, the model cache.
 
-    Exits 1 with advice when something needs fixing. Example: crossinit doctor
+    Exits 1 with advice when something needs fixing. Example: crossinit doctor --self-test
     """
+    if self_test:
+        from crossinit_cli.commands.selftest import self_test as run_self_test
+
+        return run_self_test(_run_options(as_json=as_json))
     from crossinit_cli.commands.doctor import doctor as run_doctor
 
     return run_doctor(config.library_home(State.home), _run_options(as_json=as_json))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from crossinit_cli.errors import CrossinitError, library_text
 
@@ -73,6 +75,44 @@ def validate(key: str, value: str) -> str:
     return value
 
 
+def model_reference(model: str) -> str:
+    """A model as crossinit stores it: a local path made absolute (so `generate` and `doctor` find it from any
+    folder), a hub id as written. A path is what exists on disk or starts with `.`, `/` or `~`; `owner/name`
+    that is not on disk is a hub id."""
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")):
+        return os.path.abspath(path)  # not resolve(): a symlink the user named stays the name recorded
+    return model
+
+
+def normalized(key: str, value: str) -> str:
+    """A value as `config set` stores it: checked, and a model path made absolute."""
+    value = validate(key, value)
+    return model_reference(value) if key == "model" else value
+
+
+def identities_model(chosen: str | None, identities: Iterable[Any]) -> str:
+    """The base model a command that uses identities runs on; the one rule of generate, generate --manifest,
+    eval (per identity) and everything else that loads a model for stored identities.
+
+    1. `chosen`: `--model`, else the configured model (`config set model`), when there is one;
+    2. else the base model the identities were learned on (`base_model`), when they agree; identities that
+       record none (imported without --model) do not vote; several different ones are a one-line error
+       naming each identity and its model;
+    3. else the built-in default, DEFAULT_MODEL.
+    """
+    if chosen:
+        return chosen
+    learned: dict[str, list[str]] = {}
+    for ident in identities:
+        if ident.base_model:
+            learned.setdefault(ident.base_model, []).append(ident.name)
+    if len(learned) > 1:
+        which = "; ".join(f"{', '.join(names)} on {model}" for model, names in learned.items())
+        raise CrossinitError(f"these identities were learned on different base models ({which}); pass --model")
+    return next(iter(learned), DEFAULT_MODEL)
+
+
 def load_config(path: Path | None = None) -> Config:
     path = path or config_path()
     try:
@@ -105,13 +145,23 @@ class RunOptions:
     """What a command that runs a model takes from the flags every such command shares, merged once with the
     saved defaults (a flag wins): the CLI builds it, the command reads it."""
 
-    model: str
+    model: str  # what `learn` and `doctor` use: --model, else the configured model, else DEFAULT_MODEL
     device: str
     dtype: str
     output_dir: str
     quiet: bool = False
     as_json: bool = False
-    explicit_model: str | None = None  # --model as typed (None: the default), for hints that repeat the command
+    explicit_model: str | None = None  # --model (a path made absolute); None when not given
+    configured_model: str | None = None  # `config set model` (None: not set, the built-in default applies)
+
+    @property
+    def chosen_model(self) -> str | None:
+        """--model, else the configured model: what wins over the identities' own (`identities_model`)."""
+        return self.explicit_model or self.configured_model
+
+    def model_for(self, identities: Iterable[Any]) -> str:
+        """The model to run `identities` on (`identities_model`: flag, config, theirs, the default)."""
+        return identities_model(self.chosen_model, identities)
 
     @classmethod
     def merged(
@@ -125,14 +175,17 @@ class RunOptions:
         quiet: bool = False,
         as_json: bool = False,
     ) -> RunOptions:
+        explicit = model_reference(model) if model else None
+        configured = saved.model if saved.model != DEFAULT_MODEL else None
         return cls(
-            model=model or saved.model,
+            model=explicit or configured or DEFAULT_MODEL,
             device=device or saved.device,
             dtype=dtype or saved.dtype,
             output_dir=str(output_dir) if output_dir is not None else saved.output_dir,
             quiet=quiet,
             as_json=as_json,
-            explicit_model=model,
+            explicit_model=explicit,
+            configured_model=configured,
         )
 
     def settings(self) -> dict[str, str]:

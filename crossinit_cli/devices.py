@@ -125,11 +125,11 @@ def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
             cls = families.pipeline_class(family or families.FAMILIES["sd1"])
             pipe = cls.from_single_file(str(path), **kwargs)
         elif family is not None:
-            pipe = families.pipeline_class(family).from_pretrained(model, **kwargs)
+            pipe = _pretrained(families.pipeline_class(family), model, kwargs)
         else:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+            pipe = _pretrained(DiffusionPipeline, model, kwargs)
     except CrossinitError:
         raise
     except OSError as exc:
@@ -140,6 +140,24 @@ def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:
     families.of_pipeline(pipe)  # refuses what is not SD 1.x/2.x/SDXL, whatever the files said
     families.pool_at_eos(pipe)
     return pipe
+
+
+def _pretrained(cls: Any, model: str, kwargs: dict[str, Any]) -> Any:
+    """`cls.from_pretrained` of a folder or hub id. A cached hub model loads from its snapshot folder, with no
+    network call at all (hf.hub_source); one whose cached copy is incomplete (a download cut off) is then
+    fetched as usual, when the Hub can be reached."""
+    from crossinit_cli import hf
+
+    if Path(model).expanduser().exists() or not hf.is_hub_id(model):
+        return cls.from_pretrained(model, **kwargs)
+    source = hf.hub_source(model, "model_index.json")
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except OSError:
+        if source == model or hf.offline():
+            raise
+    hf.require_hub(model)
+    return cls.from_pretrained(model, **kwargs)
 
 
 def text_width(text_encoder: Any) -> int:

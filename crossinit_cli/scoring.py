@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import __version__, devices, hf, sample
+from crossinit_cli import __version__, config, devices, hf, sample
 from crossinit_cli.atomic import write_bytes_atomic
 from crossinit_cli.errors import CrossinitError, library_text
 from crossinit_cli.store import Identity, Library, name_key, now
@@ -330,6 +330,10 @@ class ClipUnavailable(Exception):
     """The CLIP model could not be loaded (offline and not cached, not a CLIP folder, ...)."""
 
 
+class ClipUnreachable(ClipUnavailable):
+    """The CLIP model is not cached and the Hub cannot be reached; its message says so and how to fix it."""
+
+
 class ClipScorer:
     """CLIP image-text cosine similarity, the "CLIP score" of textual inversion and Celeb Basis."""
 
@@ -352,6 +356,11 @@ class ClipScorer:
         except ImportError:
             from transformers import CLIPImageProcessor as ImageProcessor
         source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+        try:
+            # Cached: no network call; not cached and no network: one line now, not a minute of retries.
+            source = hf.hub_source(source, "config.json", "CLIP model") if hf.is_hub_id(source) else source
+        except hf.HubUnreachable as exc:
+            raise ClipUnreachable(str(exc)) from None
         try:
             with hf.quiet_libraries():
                 model = CLIPModel.from_pretrained(source)
@@ -509,9 +518,9 @@ class EvalRequest:
     snapshots of one identity's run instead of the identities' current vectors.
 
     `model` runs every identity on that base model; otherwise each runs on the model it was learned on
-    (`base_model`), or `fallback_model` when that is not recorded. `clip_model=None` skips prompt
-    fidelity. `snapshot_steps` evaluates the snapshots of one identity's run (0: the final vectors), all
-    on one pipeline load; each result's `step` says which."""
+    (`base_model`), or the built-in default when that is not recorded (`config.identities_model`).
+    `clip_model=None` skips prompt fidelity. `snapshot_steps` evaluates the snapshots of one identity's run
+    (0: the final vectors), all on one pipeline load; each result's `step` says which."""
 
     templates: Sequence[str] = DEFAULT_PROMPTS
     n: int = DEFAULT_N
@@ -520,7 +529,6 @@ class EvalRequest:
     guidance: float = sample.DEFAULT_GUIDANCE
     scheduler: str = sample.DEFAULT_SCHEDULER
     model: str | None = None
-    fallback_model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     clip_model: str | None = DEFAULT_CLIP_MODEL
@@ -611,9 +619,7 @@ def _plan(library: Library, names: Sequence[str], request: EvalRequest) -> _Plan
         identities, vectors, library_name, step_of = _snapshot_variants(library, identities, request.snapshot_steps)
     groups: dict[str, list[Identity]] = {}
     for ident in identities.values():
-        chosen = request.model or ident.base_model or request.fallback_model
-        if not chosen:
-            raise CrossinitError(f"identity {ident.name!r} records no base model; pass --model")
+        chosen = config.identities_model(request.model, [ident])
         groups.setdefault(chosen, []).append(ident)
     together = _multi_identity_templates(request.templates, identities, groups)
     for chosen, group in groups.items():
@@ -663,6 +669,9 @@ def _load_clip(clip_model: str | None, hooks: EvalHooks) -> tuple[ClipScorer | N
     try:
         with _holding(hooks.on_load, clip_model):
             return ClipScorer.load(clip_model), None
+    except ClipUnreachable as exc:
+        hooks.say(f"{exc}; prompt fidelity is left out and identity similarity is reported alone")
+        return None, f"CLIP model {clip_model!r} is not available (not cached, no network)"
     except ClipUnavailable as exc:
         if Path(clip_model).expanduser().exists():
             how = f"{str(exc)[:120]}; pass a folder with a CLIP model, tokenizer and image processor"

@@ -109,7 +109,13 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ),
         ("A gate in a script (exit status 3 below 0.8)", "crossinit eval alice --fail-below 0.8 --quiet > /dev/null"),
     ],
-    "doctor": [("Before your first run, or when something fails", "crossinit doctor\ncrossinit doctor --json")],
+    "doctor": [
+        ("Before your first run, or when something fails", "crossinit doctor\ncrossinit doctor --json"),
+        (
+            "Check the install end to end, before downloading weights (paste its output into a bug report)",
+            "crossinit doctor --self-test\ncrossinit doctor --self-test --json",
+        ),
+    ],
     "config": [
         ("Where things live and the defaults", "crossinit config"),
         ("Make a local model the default", "crossinit config set model /models/sd21-base"),

@@ -55,6 +55,61 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A tiny random CLIP (model, tokenizer, image processor) saved as a folder `--clip-model` can load."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_model / "tokenizer"))
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(
+        text_config={
+            **small,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture()
+def network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """No network: every name lookup fails and every socket connection is refused at once; each attempt is
+    recorded here (a lookup and the connection it would lead to are never both made)."""
+    import socket
+
+    attempts: list[Any] = []
+
+    def refuse(self: socket.socket, address: Any) -> None:
+        attempts.append(address)
+        raise ConnectionRefusedError(111, "Connection refused (the tests' `network` fixture)")
+
+    def no_name(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        attempts.append((host, port))
+        raise socket.gaierror(-3, "Temporary failure in name resolution (the tests' `network` fixture)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: refuse(self, address))
+    monkeypatch.setattr(socket, "getaddrinfo", no_name)
+    return attempts
+
+
 @pytest.fixture()
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty library and config of this test's own (also for subprocesses, through the env)."""

@@ -32,39 +32,6 @@ def references(astronaut_crop: Image.Image) -> list[np.ndarray]:
     return found
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
-    """A tiny random CLIP (model, tokenizer, image processor) saved as a folder `--clip-model` can load."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_model / "tokenizer"))
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
-    config = CLIPConfig(
-        text_config={
-            **small,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 77,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={**small, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
-    return folder
-
-
 @pytest.fixture()
 def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every pipeline `eval` loads, in order (the real loader, counted)."""

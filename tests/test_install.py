@@ -59,10 +59,11 @@ def run(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeou
     return done
 
 
-def readme_install_command() -> str:
-    """The README's first command: the block that installs crossinit and learns the first identity."""
+def readme_first_commands() -> tuple[list[str], list[str]]:
+    """The README's first two blocks, one command a line: install and self-test, then learn from your photo."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
-    return next(block.strip() for block in blocks if "pip install ." in block)
+    install = next(i for i, block in enumerate(blocks) if "pip install ." in block)
+    return blocks[install].strip().splitlines(), blocks[install + 1].strip().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,9 @@ def test_the_wheel_holds_every_module_and_data_file_of_the_tree(dists: dict[str,
     missing = sorted(package_files() - shipped)
     assert not missing, f"the wheel leaves out: {', '.join(missing)}"
     assert "crossinit_cli/commands/learn.py" in shipped and "crossinit_cli/data/celeb_names.txt" in shipped
+    assert "crossinit_cli/data/grace_hopper.jpg" in shipped  # the self-test's photo
+    with zipfile.ZipFile(dists["wheel"]) as wheel:
+        assert wheel.read("crossinit_cli/data/grace_hopper.jpg") == PHOTO.read_bytes()
 
 
 def test_the_sdist_holds_every_module_and_data_file_of_the_tree(dists: dict[str, Path]) -> None:
@@ -93,15 +97,17 @@ def test_the_sdist_holds_every_module_and_data_file_of_the_tree(dists: dict[str,
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
-    """The README's install command, run as written in a copy of the checkout, learning on the tiny model.
+    """The README's first commands: the install line run as written in a copy of the checkout, the self-test
+    line as written from a folder outside it, then the learn line on a photo, on the tiny model.
 
     The harness only does what the environment needs and the README cannot say: the CPU build of torch is
     put in the venv first (the command's `pip install .` then keeps it), the other dependencies are held
-    to the test pins (PIP_CONSTRAINT), and the model is the tiny one (`--model`) instead of a download.
+    to the test pins (PIP_CONSTRAINT), the venv's bin is on PATH (what `. .venv/bin/activate` did), and
+    learn's photo is a real one and its model the tiny one (`--model`) instead of a 5 GB download.
     """
     source = copy_checkout(tmp_path_factory.mktemp("user-checkout"))
-    shutil.copy(PHOTO, source / "alice.jpg")
     work = tmp_path_factory.mktemp("user")
+    shutil.copy(PHOTO, work / "alice.jpg")
     env = {
         key: value
         for key, value in os.environ.items()
@@ -119,11 +125,26 @@ def installed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dic
     python = shutil.which("python3", path=env.get("PATH")) or sys.executable
     run([python, "-m", "venv", ".venv"], cwd=source, env=env)
     run([str(source / ".venv" / "bin" / "python"), "-m", "pip", "install", "-q", TORCH], cwd=source, env=env)
-    command = readme_install_command()
-    assert command.endswith("crossinit learn alice.jpg --fast"), command
-    done = run(["bash", "-c", f"{command} --model {tiny_model} --seed 3"], cwd=source, env=env)
+    (install, self_test), (download, learn) = readme_first_commands()
+    assert install.endswith("pip install .") and self_test == "crossinit doctor --self-test", (install, self_test)
+    assert download.startswith("hf download ") and learn == "crossinit learn path/to/your-photo.jpg --fast", learn
+    run(["bash", "-c", install], cwd=source, env=env)
     bin_dir = source / ".venv" / "bin"
-    return {"bin": bin_dir, "env": env, "work": work, "source": source, "learn": done, "model": tiny_model}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    checked = run(["bash", "-c", self_test], cwd=work, env=env)
+    listed = run([str(bin_dir / "crossinit"), "list", "--json"], cwd=work, env=env).stdout
+    learn_line = learn.replace("path/to/your-photo.jpg", "alice.jpg")
+    done = run(["bash", "-c", f"{learn_line} --model {tiny_model} --seed 3"], cwd=work, env=env)
+    return {
+        "bin": bin_dir,
+        "env": env,
+        "work": work,
+        "source": source,
+        "learn": done,
+        "self_test": checked,
+        "listed_after_self_test": listed,
+        "model": tiny_model,
+    }
 
 
 def crossinit(installed: dict, *args: object) -> subprocess.CompletedProcess:
@@ -131,6 +152,16 @@ def crossinit(installed: dict, *args: object) -> subprocess.CompletedProcess:
     done = run([str(installed["bin"] / "crossinit"), *map(str, args)], cwd=installed["work"], env=installed["env"])
     assert "Traceback" not in done.stderr, done.stderr
     return done
+
+
+def test_the_readme_self_test_passes_with_the_installed_crossinit(installed: dict) -> None:
+    """`crossinit doctor --self-test` from outside the checkout: every step ran, on the photo in the wheel."""
+    done = installed["self_test"]
+    lines = done.stdout.strip().splitlines()
+    assert "Traceback" not in done.stderr and lines[-1].startswith("the install works: 7 steps passed")
+    steps = [line.split()[:2] for line in lines[1:-1]]
+    assert steps == [["ok", s] for s in ("model", "detect", "learn", "generate", "export", "import", "remove")]
+    assert json.loads(installed["listed_after_self_test"]) == []  # the user's library: nothing left in it
 
 
 def test_the_readme_install_command_learns_an_identity(installed: dict) -> None:

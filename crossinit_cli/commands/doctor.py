@@ -46,6 +46,11 @@ def _writable(folder: Path) -> tuple[bool, str]:
     return True, "writable"
 
 
+def _is_path(model: str) -> bool:
+    """A model written as a path (what `config.model_reference` stores absolute), not a hub id."""
+    return model.startswith((".", "/", "~")) or Path(model).expanduser().exists() or model.count("/") != 1
+
+
 def _model_available(model: str) -> tuple[bool, str]:
     path = Path(model).expanduser()
     if path.is_file():
@@ -54,6 +59,8 @@ def _model_available(model: str) -> tuple[bool, str]:
         if (path / "model_index.json").is_file():
             return True, f"diffusers folder {path}"
         return False, f"{path} has no model_index.json"
+    if _is_path(model):
+        return False, "no such file or folder"
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - diffusers depends on it
@@ -99,6 +106,17 @@ def _device_check(run: RunOptions, facts: dict[str, object]) -> Check:
         return Check("device", False, str(exc), "crossinit config set device auto")
 
 
+def _model_check(model: str) -> Check:
+    ok, detail = _model_available(model)
+    if ok:
+        advice = ""
+    elif _is_path(model):
+        advice = "crossinit config set model /path/to/a/diffusers-folder-or-checkpoint (or pass --model)"
+    else:
+        advice = f"hf download {model}, or crossinit config set model /path/to/model"
+    return Check("model", ok, f"{model}: {detail}", advice)
+
+
 def _face_models_check() -> Check:
     face_spec = importlib.util.find_spec("face_recognition_models")
     models = Path(next(iter(face_spec.submodule_search_locations))) / "models" if face_spec else None
@@ -137,15 +155,7 @@ def run_checks(home: Path, run: RunOptions) -> tuple[dict[str, object], list[Che
     ok, detail = _writable(home)
     checks.append(Check("library", ok, f"{home}: {detail}", "" if ok else "pass --home or set CROSSINIT_HOME"))
     checks.append(_catalog_check(home, facts))
-    ok, detail = _model_available(run.model)
-    checks.append(
-        Check(
-            "model",
-            ok,
-            f"{run.model}: {detail}",
-            "" if ok else f"hf download {run.model}, or crossinit config set model /path/to/model",
-        )
-    )
+    checks.append(_model_check(run.model))
     checks.append(_face_models_check())
     return facts, checks
 

@@ -10,7 +10,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from crossinit_cli import config, sample, ui
+from crossinit_cli import sample, ui
 from crossinit_cli import scoring as engine
 from crossinit_cli.commands.common import read_source, stderr_progress
 from crossinit_cli.errors import CrossinitError
@@ -19,7 +19,10 @@ from crossinit_cli.store import Library
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What `crossinit eval` asked for, beyond the names; None takes the configuration's default."""
+    """What `crossinit eval` asked for, beyond the names, merged with the configuration by the CLI.
+
+    `model` is --model, else the configured model; None runs each identity on the model it was learned on
+    (`config.identities_model`, the rule every command that uses identities follows)."""
 
     compare: bool = False
     prompts: str | None = None
@@ -44,14 +47,13 @@ def evaluate_command(library: Library, names: list[str], options: EvalOptions) -
         raise CrossinitError(f"--fail-below must be a likeness of 0 or more, not {fail_below:g}")
     if options.compare and len(names) < 2:
         raise CrossinitError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
-    cfg = config.load_config()
     templates = engine.DEFAULT_PROMPTS if options.prompts is None else _read_templates(options.prompts)
     for name in names:
         library.get(name)  # an unknown name is an error before anything loads
     snapshot_steps = (
         _snapshot_steps(library, names, templates, options.compare, fail_below) if options.snapshots else None
     )
-    request = _request(options, cfg, templates, snapshot_steps)
+    request = _request(options, templates, snapshot_steps)
     total = engine.image_count(templates, len(snapshot_steps) if snapshot_steps else len(names), options.n)
     with _progress(options.quiet, total) as bar:
         hooks = engine.EvalHooks(notify=ui.warn, on_image=bar.image, on_load=bar.loading)
@@ -61,19 +63,16 @@ def evaluate_command(library: Library, names: list[str], options: EvalOptions) -
     return _identity_report(library, results, options)
 
 
-def _request(
-    options: EvalOptions, cfg: config.Config, templates: Sequence[str], snapshot_steps: list[int] | None
-) -> engine.EvalRequest:
-    """The engine's request: the options with the configuration's model, device and dtype filled in."""
+def _request(options: EvalOptions, templates: Sequence[str], snapshot_steps: list[int] | None) -> engine.EvalRequest:
+    """The engine's request, from the options (already merged with the configuration by the CLI)."""
     return engine.EvalRequest(
         templates=templates,
         n=options.n,
         seed=options.seed,
         steps=sample.DEFAULT_STEPS if options.steps is None else options.steps,
         model=options.model,
-        fallback_model=cfg.model,
-        device=options.device or cfg.device,
-        dtype=options.dtype or cfg.dtype,
+        device=options.device or "auto",
+        dtype=options.dtype or "auto",
         clip_model=options.clip_model or engine.DEFAULT_CLIP_MODEL,
         snapshot_steps=snapshot_steps,
     )

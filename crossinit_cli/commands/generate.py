@@ -16,7 +16,7 @@ import re
 import secrets
 import tempfile
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +108,7 @@ class Plan:
     placement: devices.Placement
     out_dir: Path
     grid: bool
+    model: str  # --model, else the configured model, else the identities' own (config.identities_model)
 
     @property
     def base_seed(self) -> int:
@@ -119,7 +120,7 @@ def generate_images(
 ) -> int:
     plan = plan_run(library, prompt, prompts, flags, run, grid)
     show = not run.quiet and ui.err().is_terminal
-    loaded = load_run(plan, run.model, show)
+    loaded = load_run(plan, plan.model, show)
     written: list[Written] = []
     try:
         with sampling_progress(show, len(plan.jobs) * len(plan.seeds)) as bar:
@@ -147,15 +148,14 @@ def plan_run(
     negative = flags.negative or ""
     jobs, known = _jobs(library, prompt, prompts, flags.identity, negative)
     seeds, steps, scheduler_name, size = _sampling_choices(flags)
-    devices.check_model_reference(run.model)
+    model = run.model_for(known.values())
+    devices.check_model_reference(model)
     placement = devices.resolve(run.device, run.dtype)
-    sample.check_model(run.model, known.values())
+    sample.check_model(model, known.values())
     vectors = {ident.name: library.effective_parts(ident.name) for ident in known.values()}
     # Last of the checks, so that a mistake found above leaves no new folder behind.
     out_dir = prepare_out_dir(Path(run.output_dir))
-    for ident in known.values():
-        if ident.base_model and ident.base_model != run.model:
-            ui.warn(f"identity {ident.name!r} was learned on {ident.base_model}; generating with {run.model}")
+    warn_other_model(known.values(), model)
     return Plan(
         jobs=jobs,
         identities=list(known.values()),
@@ -170,7 +170,15 @@ def plan_run(
         placement=placement,
         out_dir=out_dir,
         grid=grid,
+        model=model,
     )
+
+
+def warn_other_model(identities: Iterable[Identity], model: str) -> None:
+    """One line per identity that runs on another model than it was learned on (--model or the config's)."""
+    for ident in identities:
+        if ident.base_model and ident.base_model != model:
+            ui.warn(f"identity {ident.name!r} was learned on {ident.base_model}; generating with {model}")
 
 
 def _jobs(

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from crossinit_cli import ui
 from crossinit_cli.commands.common import stderr_progress
+from crossinit_cli.config import model_reference
 from crossinit_cli.devices import check_model_reference
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
@@ -79,7 +80,9 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     trainer = load_trainer(library, model_id, placement, quiet=run.quiet)
     job = LearnJob(name, paths, crops, train_config, request.mode, request.align, request.force, run.quiet)
     target, result = train_and_store(library, trainer, replace(job, snapshot_every=snapshot_every, resumable=True))
-    _report(library, name, result, target, model=run.explicit_model, quiet=run.quiet, as_json=run.as_json)
+    # generate runs on the identity's own model unless a configured one wins (config.identities_model).
+    hint_model = run.model if run.configured_model not in (None, run.model) else None
+    _report(library, name, result, target, model=hint_model, quiet=run.quiet, as_json=run.as_json)
     return 0
 
 
@@ -114,7 +117,9 @@ def _train_config(request: LearnRequest) -> TrainConfig:
     )
 
 
-def resume_identity(library: Library, name: str, *, quiet: bool, as_json: bool) -> int:
+def resume_identity(
+    library: Library, name: str, *, quiet: bool, as_json: bool, configured_model: str | None = None
+) -> int:
     """`learn --resume NAME`: continue an interrupted run from its checkpoint, with its own settings."""
     from crossinit_cli import checkpoint, devices
     from crossinit_cli.train import TrainConfig
@@ -156,7 +161,8 @@ def resume_identity(library: Library, name: str, *, quiet: bool, as_json: bool) 
         resume=(run, state),
     )
     target, result = train_and_store(library, trainer, job)
-    _report(library, name, result, target, model=model_id, quiet=quiet, as_json=as_json)
+    hint_model = model_id if configured_model not in (None, model_id) else None  # as in learn
+    _report(library, name, result, target, model=hint_model, quiet=quiet, as_json=as_json)
     return 0
 
 
@@ -340,7 +346,7 @@ def _identity(trainer: Trainer, job: LearnJob, result: TrainResult, state: dict[
         tokens=int(result.learned.shape[0]),
         width=int(result.learned.shape[1]),
         family=trainer.family.name,
-        base_model=_model_record(trainer.model_id),
+        base_model=model_reference(trainer.model_id),
         encoder_fingerprint=trainer.fingerprint,
         source="learn",
         training={
@@ -381,12 +387,6 @@ def _identity_name(name: str | None, photos: list[Path]) -> str:
         return validate_name(stem)
     except CrossinitError as exc:
         raise CrossinitError(f"{exc} (taken from the photo's file name); pass --name") from None
-
-
-def _model_record(model_id: str) -> str:
-    """A local model is recorded by its absolute path, so `generate` finds it from any folder."""
-    path = Path(model_id).expanduser()
-    return str(path.resolve()) if path.exists() else model_id
 
 
 def _shell_quote(text: str) -> str:

@@ -33,6 +33,7 @@ from crossinit_cli.commands.generate import (
     run_record,
     sampling_progress,
     save_png,
+    warn_other_model,
 )
 from crossinit_cli.config import RunOptions
 from crossinit_cli.errors import CrossinitError
@@ -136,18 +137,17 @@ def generate_manifest(
 ) -> int:
     if on_error not in ON_ERROR:
         raise CrossinitError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
-    model = run.model
     lines, skipped = _parsed_lines(library, source, defaults, Path(run.output_dir).expanduser(), on_error)
+    model = run.model_for(_named(library, lines))
     devices.check_model_reference(model)
     placement = devices.resolve(run.device, run.dtype)
     checked, unrunnable = _runnable_lines(lines, model, on_error)
     skipped += unrunnable
     if not checked:
         raise CrossinitError(f"none of the {skipped} line(s) of the manifest can be run")
-    identities: dict[str, Identity] = {i.name: i for line in checked for i in line.job.identities}
-    for line in checked:  # identities named only in negative prompts
-        identities.update({i.name: i for i in resolve_identities(library, [line.negative]).values()})
-    vectors = {name: library.effective_vectors(name) for name in identities}
+    identities = _named(library, checked)
+    warn_other_model(identities, model)
+    vectors = {i.name: library.effective_vectors(i.name) for i in identities}
 
     # ---- one model load for the whole manifest -------------------------------------------------
     show = not run.quiet and ui.err().is_terminal
@@ -177,6 +177,14 @@ def generate_manifest(
         f"model load ({placement.device})" + (f"; {skipped} line(s) skipped" if skipped else "")
     )
     return 0
+
+
+def _named(library: Library, lines: list[Line]) -> list[Identity]:
+    """Every identity the lines name, in their prompts or negative prompts."""
+    named = {i.name: i for line in lines for i in line.job.identities}
+    for line in lines:
+        named.update({i.name: i for i in resolve_identities(library, [line.negative]).values()})
+    return list(named.values())
 
 
 def _parsed_lines(

@@ -30,7 +30,8 @@ def show(home: Path, *, as_json: bool) -> int:
 
 def set_value(key: str, value: str) -> int:
     current = config.load_config()
-    setattr(current, key, config.validate(key, value))
+    value = config.normalized(key, value)
+    setattr(current, key, value)
     path = config.save_config(current)
     ui.info(f"{key} = {escape(value)} (saved in {escape(str(path))})")
     return 0
