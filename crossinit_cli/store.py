@@ -305,11 +305,29 @@ class EntryReads(LibraryLock):
     def exists(self, name: str) -> bool:
         return (self.path_of(name) / META).is_file()
 
+    def has_folder(self, name: str) -> bool:
+        """An entry's folder is there, whole or damaged (all `remove` needs to know: it reads nothing else)."""
+        return self.path_of(name).is_dir()
+
+    def keys(self) -> list[str]:
+        """The keys of the stored entries (their folder names), from one directory listing."""
+        with contextlib.suppress(OSError):
+            return sorted(p.name for p in self.entries.iterdir() if not p.name.startswith(".") and p.is_dir())
+        return []
+
+    def unknown(self, name: str, where: str = "") -> CrossinitError:
+        """The one-line error for a name with no entry, suggesting the closest stored names."""
+        shown = f"<{name}>" if where else repr(name)
+        hint = names.did_you_mean(name, self.keys())
+        if hint:
+            return CrossinitError(f"no identity named {shown}{where}; {hint} (`crossinit list` shows them all)")
+        return CrossinitError(f"no identity named {shown}{where}; see `crossinit list`")
+
     def get(self, name: str) -> Identity:
         def read() -> Identity:
             path = self.path_of(name)
             if not path.is_dir():
-                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
+                raise self.unknown(name)
             return self._read_meta(path)
 
         return self._read_settled(read)
@@ -329,7 +347,7 @@ class EntryReads(LibraryLock):
             try:
                 folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             except (FileNotFoundError, NotADirectoryError):
-                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`") from None
+                raise self.unknown(name) from None
             except OSError as exc:
                 raise CrossinitError(f"cannot read identity {name!r}: {exc.strerror or exc}") from None
             try:
@@ -673,10 +691,11 @@ class Library(CatalogReads):
             return ident
 
     def remove(self, name: str) -> None:
+        """Delete an entry by its folder alone: a damaged or half-written one goes the same way (nothing is read)."""
         with self.locked():
             path = self.path_of(name)
             if not path.is_dir():
-                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
+                raise self.unknown(name)
             # Moved aside within its own folder, which needs no new directory: removing is how a user
             # makes room on a full disk. Dot names are not entries; `_recover` deletes what is left.
             gone = self.entries / f".removed~{uuid.uuid4().hex}"

@@ -244,3 +244,51 @@ def test_a_missing_model_path_fails_before_heavy_imports(args: list[str], home: 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["exit", "1", "False", "False"], done.stdout + done.stderr
     assert done.stderr.count("\n") == 1 and "no such file or folder, and not a hub id" in done.stderr
+
+
+DAMAGE = {
+    "bad TOML": lambda entry: (entry / "meta.toml").write_text("this is = = not toml"),
+    "invalid value": lambda entry: (entry / "meta.toml").write_text('name = "qtest"\ntokens = 99\nwidth = 32\n'),
+    "missing vectors": lambda entry: (entry / "vectors.safetensors").unlink(),
+    "bad vectors": lambda entry: (entry / "vectors.safetensors").write_bytes(b"\x00garbage, not safetensors"),
+    "half-written (no metadata)": lambda entry: (entry / "meta.toml").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_remove_deletes_a_damaged_entry_by_its_name_alone(damage: str, add_identity, cli, library: Library) -> None:
+    """The remedy `list` and docs/troubleshooting.md give for a damaged entry works for every kind of damage."""
+    add_identity("alice", init=True)
+    add_identity("qtest", init=True)
+    DAMAGE[damage](library.path_of("qtest"))
+    broken = cli("show", "qtest")
+    listed = {r["name"]: r for r in json.loads(cli("list", "--json").stdout)}
+    if damage != "bad vectors":  # list reads metadata only; show reads the vectors too
+        assert listed["qtest"]["damaged"] is True
+    assert broken.exit_code == 1 and "damaged" in broken.stderr
+
+    removed = cli("remove", "qtest", "--yes")
+    assert removed.exit_code == 0, removed.stderr
+    assert removed.stderr.strip() == "removed qtest"
+    assert not library.path_of("qtest").exists()
+    assert [r["name"] for r in json.loads(cli("list", "--json").stdout)] == ["alice"]
+    assert library.vectors("alice").learned.shape == (2, 32)  # the others untouched
+    assert not [p for p in library.entries.iterdir() if p.name.startswith(".removed")]
+
+
+def test_remove_clears_a_damaged_or_half_started_unfinished_run(cli, home: Path, library: Library) -> None:
+    from crossinit_cli import checkpoint
+
+    runs = home / checkpoint.FOLDER
+    (runs / "bob" / "crops").mkdir(parents=True)  # killed before run.json was written
+    (runs / "carol").mkdir()
+    (runs / "carol" / checkpoint.RUN).write_text("{ not json")
+    with pytest.raises(Exception, match="damaged"):
+        checkpoint.find(home, "carol")
+    for name in ("bob", "carol"):
+        removed = cli("remove", name, "--yes")
+        assert removed.exit_code == 0, removed.stderr
+        assert f"removed the unfinished run of {name} (its settings were unreadable)" in removed.stderr
+        assert not (runs / name).exists()
+    assert not runs.exists()
+    assert cli("remove", "bob", "--yes").exit_code == 1  # nothing left by that name

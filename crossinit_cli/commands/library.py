@@ -324,12 +324,14 @@ def _edit_in_editor(library: Library, ident: Identity) -> Identity:
 
 
 def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
+    """Delete entries and unfinished runs by name. Nothing but the name is read: a damaged entry, a
+    half-written one or an unreadable run goes the same way as a whole one."""
     from crossinit_cli import checkpoint
 
-    runs = {name: checkpoint.find(library.home, name) for name in names}
+    runs = {name: checkpoint.leftover(library.home, name) for name in names}
     for name in names:
-        if runs[name] is None or library.exists(name):
-            library.get(name)  # every name must exist before anything is removed
+        if runs[name] is None and not library.has_folder(name):
+            raise library.unknown(name)  # every name must exist before anything is removed
     if not yes:
         if not sys.stdin.isatty():
             raise CrossinitError("refusing to remove without confirmation; pass --yes")
@@ -339,11 +341,13 @@ def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
             ui.info("nothing removed")
             return 1
     for name in names:
-        run = runs[name]
-        if library.exists(name):
+        if library.has_folder(name):
             library.remove(name)
             ui.info(f"removed [bold]{escape(name)}[/]")
-        if run is not None:
-            run.discard()
-            ui.info(f"removed the unfinished run of [bold]{escape(name)}[/] (step {run.step} of {run.steps})")
+        found = runs[name]
+        if found is not None:
+            path, run = found
+            checkpoint.discard_folder(path)
+            where = f" (step {run.step} of {run.steps})" if run is not None else " (its settings were unreadable)"
+            ui.info(f"removed the unfinished run of [bold]{escape(name)}[/]{where}")
     return 0
