@@ -292,3 +292,22 @@ def test_remove_clears_a_damaged_or_half_started_unfinished_run(cli, home: Path,
         assert not (runs / name).exists()
     assert not runs.exists()
     assert cli("remove", "bob", "--yes").exit_code == 1  # nothing left by that name
+
+
+def test_an_unknown_name_suggests_the_closest_stored_ones_in_every_command(add_identity, cli) -> None:
+    add_identity("mix")
+    add_identity("Maxine")
+    for args in (
+        ["show", "mixx"],
+        ["edit", "mixx", "--note", "x"],
+        ["export", "mixx"],
+        ["remove", "mixx", "--yes"],
+        ["eval", "mixx"],
+        ["generate", "a photo", "--identity", "mixx", "--model", "nowhere"],
+    ):
+        result = cli(*args)
+        assert result.exit_code == 1, args
+        assert result.stderr == (
+            "error: no identity named 'mixx'; did you mean 'mix'? (`crossinit list` shows them all)\n"
+        ), args
+    assert "did you mean 'maxine'?" in cli("show", "MAXINEE").stderr  # matched case-insensitively

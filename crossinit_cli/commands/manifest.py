@@ -26,6 +26,7 @@ from crossinit_cli.commands.generate import (
     Written,
     apply_template,
     file_slug,
+    hint_plain_names,
     loading_status,
     png_metadata,
     prepare_out_dir,
@@ -99,6 +100,7 @@ def parse_line(number: int, text: str, defaults: SamplingFlags, library: Library
         raise CrossinitError("'prompt' is empty")
     negative = _text(raw.get("negative", defaults.negative or ""), "negative")
     known = resolve_identities(library, [prompt, negative])
+    hint_plain_names(library, [prompt])
     named = [known[sample.ref_key(r)] for r in sample.identity_refs(prompt)]
     n = _int(raw.get("n", defaults.n), "n", 1, 10_000)
     seed = raw.get("seed", defaults.seed)
