@@ -356,7 +356,8 @@ def learn(
         typer.Option(
             "--batch",
             help="Learn many identities: a CSV (name,photos,...) or a folder of folders. Spreads them over the "
-            "processes of `accelerate launch`; skips identities already present unless --force.",
+            "processes of `accelerate launch`; skips identities already present unless --force. Exit status 4 "
+            "when some identities failed, 1 when all did.",
         ),
     ] = None,
     as_json: JsonOpt = False,
@@ -448,7 +449,12 @@ def generate(
         ),
     ] = None,
     on_error: Annotated[
-        OnError, typer.Option("--on-error", help="With --manifest: skip a bad line (reported) or stop (exit 1).")
+        OnError,
+        typer.Option(
+            "--on-error",
+            help="With --manifest: skip a bad line (reported; exit status 4 at the end if any failed) "
+            "or stop (exit 1).",
+        ),
     ] = OnError.skip,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,

@@ -94,7 +94,7 @@ def closest(name: str, keys: Iterable[str], limit: int = 3) -> list[str]:
 
 
 def did_you_mean(name: str, keys: Iterable[str]) -> str:
-    """"did you mean 'alice'?" (or "'alice' or 'alicia'"), or "" when no stored name is close."""
+    """ "did you mean 'alice'?" (or "'alice' or 'alicia'"), or "" when no stored name is close."""
     found = closest(name, keys)
     if not found:
         return ""

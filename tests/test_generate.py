@@ -282,7 +282,9 @@ def test_an_identity_name_without_brackets_gets_a_hint_on_stderr_only(gen, add_i
     assert result.exit_code == 0, result.stderr
     assert [r["identities"] for r in json.loads(result.stdout)] == [[]]  # stdout: the JSON document only
     hints = [line for line in result.stderr.splitlines() if line.startswith("hint:")]
-    assert hints == ["hint: 'alice' in prompt \"alice on a beach\" is plain text; write <alice> to use the stored identity"]
+    assert hints == [
+        "hint: 'alice' in prompt \"alice on a beach\" is plain text; write <alice> to use the stored identity"
+    ]
     named = gen("<alice> and alice on a beach", "--seed", "1")
     assert named.exit_code == 0 and "hint:" not in named.stderr  # written once with <>: meant as the person
 

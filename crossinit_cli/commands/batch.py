@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crossinit_cli import ui
+from crossinit_cli.commands.common import EXIT_PARTIAL
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library, name_key, validate_name
 
@@ -211,10 +212,13 @@ def learn_batch(
 
     results = _all_outcomes(state, jobs, skipped, outcomes)
     failed = sum(r["status"] == "failed" for r in results)
+    code = 1 if failed and failed == len(results) else EXIT_PARTIAL if failed else 0
     if main:
         _report(results, as_json=run.as_json)
+        if failed:  # the summary line (and for all failed, exit 1 as for one identity)
+            ui.warn(f"{failed} of {len(results)} identities failed (exit status {code}; see the table for each)")
     state.wait_for_everyone()
-    return 1 if failed else 0
+    return code
 
 
 def _to_learn(library: Library, jobs: list[BatchEntry], force: bool) -> tuple[list[BatchEntry], list[Outcome]]:

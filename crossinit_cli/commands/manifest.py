@@ -3,7 +3,8 @@
 Each line is a JSON object: `prompt` and any of `seed`, `n`, `size`, `steps`, `guidance`, `negative`,
 `scheduler`, `out`; what a line leaves out comes from the command's own flags, then generate's defaults.
 Every line is checked before the model loads (a typo costs nothing); a bad line is reported on stderr with
-its number and skipped (`--on-error skip`) or ends the run with exit 1 (`--on-error stop`). One JSON object
+its number and skipped (`--on-error skip`: the run then ends with a summary line and exit status 4) or ends
+the run with exit 1 (`--on-error stop`). One JSON object
 a line goes to stdout per image, flushed as soon as the image is on disk, so a pipe sees progress.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 from rich.markup import escape
 
 from crossinit_cli import devices, sample, ui
-from crossinit_cli.commands.common import read_source
+from crossinit_cli.commands.common import partial_failure, read_source
 from crossinit_cli.commands.generate import (
     PromptJob,
     SamplingFlags,
@@ -140,6 +141,7 @@ def generate_manifest(
         raise CrossinitError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
     model = run.model
     lines, skipped = _parsed_lines(library, source, defaults, Path(run.output_dir).expanduser(), on_error)
+    total_lines = len(lines) + skipped
     devices.check_model_reference(model)
     placement = devices.resolve(run.device, run.dtype)
     checked, unrunnable = _runnable_lines(lines, model, on_error)
@@ -174,11 +176,13 @@ def generate_manifest(
                     skipped += 1
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted; the {images_written} image(s) already written are complete") from None
+    if not lines_done:
+        raise CrossinitError(f"all {total_lines} line(s) of the manifest failed; nothing was written")
     ui.info(
         f"wrote {images_written} image{'s' if images_written != 1 else ''} from {lines_done} line(s) with one "
         f"model load ({placement.device})" + (f"; {skipped} line(s) skipped" if skipped else "")
     )
-    return 0
+    return partial_failure(skipped, total_lines, "lines")
 
 
 def _parsed_lines(
