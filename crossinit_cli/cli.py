@@ -110,6 +110,14 @@ def main_options(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+LearnQuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="No progress bar or hints; the result is still printed (where the identity went; --batch: the table).",
+    ),
+]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")]
 ReplaceOpt = Annotated[bool, typer.Option("--force", help="Replace an identity of that name.")]
 StepsOpt = Annotated[
@@ -334,7 +342,7 @@ def learn(
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same result.")] = 0,
     force: ReplaceOpt = False,
     no_align: Annotated[bool, typer.Option("--no-align", help="Use photos as they are (no face alignment).")] = False,
-    quiet: QuietOpt = False,
+    quiet: LearnQuietOpt = False,
     snapshot_every: Annotated[
         int | None,
         typer.Option(

@@ -633,10 +633,11 @@ class Library(CatalogReads):
         """Store edited metadata (from $EDITOR); name, tokens and width must stay as they are."""
         with self.locked():
             current = self.get(name)
+            _check_field_types(raw, current)
             try:
                 ident = Identity.from_dict(raw)
             except (TypeError, ValueError) as exc:
-                raise CrossinitError(f"edited metadata is invalid: {exc}") from None
+                raise CrossinitError(f"edited metadata is invalid: {exc}; nothing changed") from None
             for fixed in ("tokens", "width", "widths", "family", "has_init"):
                 if getattr(ident, fixed) != getattr(current, fixed):
                     raise CrossinitError(f"{fixed!r} cannot be edited")
@@ -707,6 +708,36 @@ class Library(CatalogReads):
                     raise CrossinitError(f"cannot remove identity {name!r}: {exc.strerror or exc}") from None
             shutil.rmtree(gone, ignore_errors=True)
             self._index(path.name)
+
+
+_KINDS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "a whole number"),
+    float: ((int, float), "a number"),
+    str: ((str,), "text in quotes"),
+    list: ((list,), "a list [...]"),
+    dict: ((dict,), "a table"),
+}
+
+
+def _check_field_types(raw: dict[str, Any], current: Identity) -> None:
+    """Each edited field of the kind its current value is, or a one-line error naming the field."""
+    for key, value in raw.items():
+        if key not in Identity.__dataclass_fields__:
+            continue
+        kind = type(getattr(current, key))
+        allowed, shown = _KINDS.get(kind, ((kind,), kind.__name__))
+        wrong = not isinstance(value, allowed) or (isinstance(value, bool) and kind is not bool)
+        if not wrong and key in ("tags", "widths"):
+            wrong = not all(isinstance(item, str if key == "tags" else int) for item in value)
+            shown = "a list of texts" if key == "tags" else "a list of whole numbers"
+        if wrong:
+            import json
+
+            raise CrossinitError(
+                f"edited metadata is invalid: field {key!r} must be {shown}, not {json.dumps(value, default=str)}; "
+                "nothing changed"
+            )
 
 
 def _vector_tensors(

@@ -311,3 +311,38 @@ def test_an_unknown_name_suggests_the_closest_stored_ones_in_every_command(add_i
             "error: no identity named 'mixx'; did you mean 'mix'? (`crossinit list` shows them all)\n"
         ), args
     assert "did you mean 'maxine'?" in cli("show", "MAXINEE").stderr  # matched case-insensitively
+
+
+def test_edit_with_an_editor_that_changes_nothing_says_only_no_changes(
+    add_identity, cli, library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_identity("x", init=True)
+    meta = (library.path_of("x") / "meta.toml").read_bytes()
+    monkeypatch.setenv("EDITOR", "true")
+    result = cli("edit", "x")
+    assert result.exit_code == 0 and result.stderr == "no changes\n" and result.stdout == ""
+    assert (library.path_of("x") / "meta.toml").read_bytes() == meta  # not even `modified` moved
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("strength = 1.0", 'strength = "strong"', "field 'strength' must be a number, not \"strong\""),
+        ("tokens = 2", "tokens = 2.5", "field 'tokens' must be a whole number, not 2.5"),
+        ('source = "learn"', "source = 3", "field 'source' must be text in quotes, not 3"),
+        ("tags = []", "tags = [1, 2]", "field 'tags' must be a list of texts, not [1, 2]"),
+        ("strength = 1.0", "strength = 9.0", "field 'strength' must be between 0 and 4, not 9"),
+        ("width = 32", "width = 99", "'width' cannot be edited"),
+    ],
+)
+def test_an_invalid_value_edited_in_the_editor_names_its_field(
+    old: str, new: str, message: str, add_identity, cli, library: Library, tmp_path: Path, monkeypatch
+) -> None:
+    add_identity("alice", init=True)
+    meta = (library.path_of("alice") / "meta.toml").read_bytes()
+    assert old.encode() in meta
+    monkeypatch.setenv("EDITOR", _editor(tmp_path, f"p.write_text(p.read_text().replace({old!r}, {new!r}))"))
+    result = cli("edit", "alice")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert message in result.stderr, result.stderr
+    assert (library.path_of("alice") / "meta.toml").read_bytes() == meta

@@ -74,7 +74,9 @@ def test_same_seed_same_identity(cli, library: Library, tiny_model: Path) -> Non
     for name, seed in (("one", "7"), ("two", "7"), ("three", "8")):
         result = cli("learn", ASTRONAUT, "--name", name, "--seed", seed, "--model", tiny_model, *CHEAP, "--quiet")
         assert result.exit_code == 0, result.stderr
-        assert result.stderr == ""  # --quiet: no progress, no messages
+        # --quiet: no progress and no hints, only the result: where the identity is stored.
+        assert result.stderr.startswith(f"learned {name} in ") and result.stderr.count("\n") == 1
+        assert result.stderr.rstrip().endswith(f"stored in {library.path_of(name)}")
     one, two, three = (library.vectors(n).learned for n in ("one", "two", "three"))
     assert np.array_equal(one, two)
     assert not np.allclose(one, three)

@@ -175,11 +175,12 @@ def _report(
         from crossinit_cli.commands.library import identity_record
 
         ui.print_json(identity_record(library, library.get(name), detail=True))
+    # Kept with --quiet (which hides the progress and the hints): where the identity went is the result.
+    ui.info(
+        f"learned [bold]{escape(name)}[/] in {result.total_s:.1f} s "
+        f"({result.per_step_s:.3f} s/step, final loss {result.final_loss:.4f}); stored in {escape(str(target))}"
+    )
     if not quiet:
-        ui.info(
-            f"learned [bold]{escape(name)}[/] in {result.total_s:.1f} s "
-            f"({result.per_step_s:.3f} s/step, final loss {result.final_loss:.4f}); stored in {escape(str(target))}"
-        )
         model_flag = f" --model {_shell_quote(model)}" if model else ""
         ui.info(escape(f'next: crossinit generate "a photo of a <{name}> person as an astronaut" -n 4{model_flag}'))
 
