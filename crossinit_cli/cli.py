@@ -341,7 +341,18 @@ def learn(
     dtype: DtypeOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same result.")] = 0,
     force: ReplaceOpt = False,
-    no_align: Annotated[bool, typer.Option("--no-align", help="Use photos as they are (no face alignment).")] = False,
+    no_align: Annotated[
+        bool,
+        typer.Option("--no-align", help="Use photos as they are (no face alignment, no comparison of the faces)."),
+    ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Refuse (exit 1, nothing stored) when a photo's face does not look like the others' (dlib face "
+            "distance 0.6 or more), instead of warning.",
+        ),
+    ] = False,
     quiet: LearnQuietOpt = False,
     snapshot_every: Annotated[
         int | None,
@@ -391,7 +402,7 @@ def learn(
             "-", [], "fast" if fast else "full", steps, lr, batch_size, reg_weight, seed, not no_align
         )
         run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
-        return learn_batch(_library(), batch, defaults=defaults, run=run, force=force)
+        return learn_batch(_library(), batch, defaults=defaults, run=run, force=force, strict=strict)
     if not photos:
         raise CrossinitError("give one or more photos (or a folder), or --batch MANIFEST")
     from crossinit_cli.commands.learn import LearnRequest, learn
@@ -409,6 +420,7 @@ def learn(
         run=_run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json),
         resolution=resolution,
         snapshot_every=snapshot_every,
+        strict=strict,
     )
     return learn(_library(), photos, request)
 

@@ -74,7 +74,7 @@ DEFAULT_SEED = 0
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 FACE_METRIC = "dlib_face_recognition_resnet_model_v1"
 # dlib's own decision threshold: two faces closer than this are the same person (99.38% on LFW).
-SAME_PERSON_DISTANCE = 0.6
+SAME_PERSON_DISTANCE = 0.6  # = faces.SAME_PERSON_DISTANCE, which `learn` checks its photos with
 SHEET_PATH = Path("eval") / "contact-sheet.png"
 SHEET_TILE = 256  # px per image on the contact sheet (a full-size 4 x 10 sheet of 512 px tiles is ~15 MB)
 SHEET_CROPS = 4  # stored crops shown in the sheet's first row, at least

@@ -22,6 +22,7 @@ from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
 
 if TYPE_CHECKING:
+    from crossinit_cli import faces
     from crossinit_cli.config import RunOptions
     from crossinit_cli.devices import Placement
     from crossinit_cli.faces import FaceCrop
@@ -50,6 +51,7 @@ class LearnRequest:
     run: RunOptions  # model, device, dtype, quiet, --json: merged with the saved config by the CLI
     resolution: int | None = None
     snapshot_every: int | None = None
+    strict: bool = False  # refuse photos whose faces look like different people, instead of warning
 
 
 def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
@@ -63,9 +65,11 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     snapshot_every = _snapshot_every(request.snapshot_every, request.mode)
     train_config = _train_config(request)
     model_id = run.model
-    paths = faces.collect_photos(photos)
+    gathered = faces.gather_photos(photos)
+    paths = gathered.photos
     with ui.timed("face detection and alignment"):
         crops = faces.align_faces(paths, ALIGN_SIZE, align=request.align, warn=ui.warn)
+    check_photos(gathered, crops, align=request.align, strict=request.strict, quiet=run.quiet)
     # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
     check_model_reference(model_id)
     from crossinit_cli import families
@@ -81,6 +85,60 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     target, result = train_and_store(library, trainer, replace(job, snapshot_every=snapshot_every, resumable=True))
     _report(library, name, result, target, model=run.explicit_model, quiet=run.quiet, as_json=run.as_json)
     return 0
+
+
+PHOTOS_LISTED = 8
+"""How many photo names the "using N photos" line shows before "and N more"."""
+
+
+def check_photos(gathered: faces.Gathered, crops: list[FaceCrop], *, align: bool, strict: bool, quiet: bool) -> None:
+    """Say which photos are used and which were skipped (and why); then compare their faces, and warn about
+    (or, `strict`, refuse) photos that look like someone else. With --no-align no detector runs, so there
+    are no faces to compare; one photo needs no comparison (and no descriptor)."""
+    from crossinit_cli import faces
+
+    if not quiet:
+        ui.info(escape(_listed("using", gathered.photos, [])))
+        if gathered.skipped:
+            ui.info(escape(_listed("skipped", [p for p, _ in gathered.skipped], [why for _, why in gathered.skipped])))
+    if not align:
+        return
+    with ui.timed("face comparison"):
+        odd = faces.odd_faces(crops)
+    if not odd:
+        return
+    message = _odd_message(odd, len(crops))
+    if strict:
+        raise CrossinitError(f"{message}; nothing stored (leave it out, or learn without --strict)")
+    ui.warn(f"{message}; learning from every photo anyway (--strict refuses)")
+
+
+def _listed(verb: str, paths: list[Path], reasons: list[str]) -> str:
+    """`using 3 photos: a.jpg, b.jpg, c.jpg` (`skipped 1 file: notes.txt (not a photo: .txt)`), shortened."""
+    kind = "photo" if verb == "using" else "file"
+    shown = [f"{p} ({why})" if reasons else str(p) for p, why in zip(paths, reasons or paths)]
+    more = len(shown) - PHOTOS_LISTED
+    listing = ", ".join(shown[:PHOTOS_LISTED]) + (f", and {more} more" if more > 0 else "")
+    return f"{verb} {len(paths)} {kind}{'s' if len(paths) != 1 else ''}: {listing}"
+
+
+def _odd_message(odd: list[faces.OddFace], photos: int) -> str:
+    """One line naming the photos that look like someone else, with their face distance."""
+    from crossinit_cli.faces import SAME_PERSON_DISTANCE
+
+    threshold = f"the same person is usually under {SAME_PERSON_DISTANCE:g}"
+    if photos == 2 and len(odd) == 2:
+        pair = f"{odd[0].photo} and {odd[1].photo}"
+        return f"{pair} do not look like the same person (face distance {odd[0].distance:.2f}; {threshold})"
+    named = ", ".join(f"{o.photo} ({o.distance:.2f})" for o in odd)
+    if len(odd) == photos:
+        return f"the photos look like different people: {named} (median face distance to the others; {threshold})"
+    if len(odd) == 1:
+        return (
+            f"{odd[0].photo} does not look like the other photos (median face distance {odd[0].distance:.2f} "
+            f"to them; {threshold})"
+        )
+    return f"{named} do not look like the other photos (median face distance to them; {threshold})"
 
 
 def _check_name_free(library: Library, name: str, force: bool) -> None:
