@@ -260,6 +260,7 @@ class _Learner:
             LearnJob,
             check_photos,
             load_trainer,
+            report_photos,
             train_and_store,
         )
         from crossinit_cli.train import TrainConfig
@@ -277,7 +278,7 @@ class _Learner:
             gathered = faces.gather_photos(job.photos)
             paths = gathered.photos
             crops = faces.align_faces(paths, ALIGN_SIZE, align=job.align, warn=ui.warn)
-            check_photos(gathered, crops, align=job.align, strict=self.strict, quiet=True)
+            report_photos(gathered, check_photos(crops, align=job.align, strict=self.strict), quiet=True)
             if self.trainer is None:
                 self.trainer = load_trainer(self.library, self.model, self.placement, quiet=True)
             entry = LearnJob(

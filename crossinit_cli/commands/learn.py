@@ -69,12 +69,13 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     paths = gathered.photos
     with ui.timed("face detection and alignment"):
         crops = faces.align_faces(paths, ALIGN_SIZE, align=request.align, warn=ui.warn)
-    check_photos(gathered, crops, align=request.align, strict=request.strict, quiet=run.quiet)
+    odd_faces = check_photos(crops, align=request.align, strict=request.strict)
     # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
     check_model_reference(model_id)
     from crossinit_cli import families
 
     families.peek(model_id)  # SD3, Flux, a refiner...: one line now, not after a model load
+    report_photos(gathered, odd_faces, quiet=run.quiet)
 
     # ---- the model, then training and the one write ---------------------------------------------------
     from crossinit_cli import devices
@@ -91,26 +92,33 @@ PHOTOS_LISTED = 8
 """How many photo names the "using N photos" line shows before "and N more"."""
 
 
-def check_photos(gathered: faces.Gathered, crops: list[FaceCrop], *, align: bool, strict: bool, quiet: bool) -> None:
-    """Say which photos are used and which were skipped (and why); then compare their faces, and warn about
-    (or, `strict`, refuse) photos that look like someone else. With --no-align no detector runs, so there
-    are no faces to compare; one photo needs no comparison (and no descriptor)."""
+def check_photos(crops: list[FaceCrop], *, align: bool, strict: bool) -> str | None:
+    """Compare the photos' faces: the warning to give about photos that look like someone else (None: they
+    look alike), or with `strict` a CrossinitError. With --no-align no detector runs, so there are no faces
+    to compare; one photo needs no comparison (and no descriptor)."""
     from crossinit_cli import faces
 
+    if not align:
+        return None
+    with ui.timed("face comparison"):
+        odd = faces.odd_faces(crops)
+    if not odd:
+        return None
+    message = _odd_message(odd, len(crops))
+    if strict:
+        raise CrossinitError(f"{message}; nothing stored (leave it out, or learn without --strict)")
+    return f"{message}; learning from every photo anyway (--strict refuses)"
+
+
+def report_photos(gathered: faces.Gathered, warning: str | None, *, quiet: bool) -> None:
+    """Which photos are used and which files were skipped (and why), then `check_photos`' warning. Said once
+    every cheap check has passed: until then stderr holds nothing but the one-line error."""
     if not quiet:
         ui.info(escape(_listed("using", gathered.photos, [])))
         if gathered.skipped:
             ui.info(escape(_listed("skipped", [p for p, _ in gathered.skipped], [why for _, why in gathered.skipped])))
-    if not align:
-        return
-    with ui.timed("face comparison"):
-        odd = faces.odd_faces(crops)
-    if not odd:
-        return
-    message = _odd_message(odd, len(crops))
-    if strict:
-        raise CrossinitError(f"{message}; nothing stored (leave it out, or learn without --strict)")
-    ui.warn(f"{message}; learning from every photo anyway (--strict refuses)")
+    if warning:
+        ui.warn(warning)
 
 
 def _listed(verb: str, paths: list[Path], reasons: list[str]) -> str:
