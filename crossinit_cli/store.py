@@ -311,8 +311,8 @@ class EntryReads(LibraryLock):
 
     def keys(self) -> list[str]:
         """The keys of the stored entries (their folder names), from one directory listing."""
-        with contextlib.suppress(OSError):
-            return sorted(p.name for p in self.entries.iterdir() if not p.name.startswith(".") and p.is_dir())
+        with contextlib.suppress(OSError), os.scandir(self.entries) as found:  # no stat per entry
+            return sorted(e.name for e in found if not e.name.startswith(".") and e.is_dir())
         return []
 
     def unknown(self, name: str, where: str = "") -> CrossinitError:

@@ -232,3 +232,14 @@ def test_lines_that_fail_while_sampling_count_as_failed(
     result = cli("generate", "--manifest", manifest, "--model", tiny_model, "--out", tmp_path / "o", "--steps", "1")
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr.splitlines()[-1] == "error: all 2 line(s) of the manifest failed; nothing was written"
+
+
+def test_a_manifest_prompt_naming_an_identity_without_brackets_gets_one_hint(
+    cli, stocked: Library, tiny_model: Path, tmp_path: Path
+) -> None:
+    manifest = _manifest(tmp_path, {"prompt": "alice waves", "seed": 1}, {"prompt": "alice again", "seed": 2})
+    result = cli("generate", "--manifest", manifest, "--model", tiny_model, "--out", tmp_path / "o", "--steps", "1")
+    assert result.exit_code == 0, result.stderr
+    assert [r["identities"] for r in _records(result.stdout)] == [[], []]  # stdout: JSON Lines only
+    hints = [line for line in result.stderr.splitlines() if line.startswith("hint:")]
+    assert hints == ["hint: 'alice' in prompt \"alice waves\" is plain text; write <alice> to use the stored identity"]

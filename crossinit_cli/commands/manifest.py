@@ -101,7 +101,6 @@ def parse_line(number: int, text: str, defaults: SamplingFlags, library: Library
         raise CrossinitError("'prompt' is empty")
     negative = _text(raw.get("negative", defaults.negative or ""), "negative")
     known = resolve_identities(library, [prompt, negative])
-    hint_plain_names(library, [prompt])
     named = [known[sample.ref_key(r)] for r in sample.identity_refs(prompt)]
     n = _int(raw.get("n", defaults.n), "n", 1, 10_000)
     seed = raw.get("seed", defaults.seed)
@@ -199,6 +198,7 @@ def _parsed_lines(
             skipped += 1
             continue
         lines.append(line)
+    hint_plain_names(library, [line.job.prompt for line in lines])  # one listing of the library for all
     return lines, skipped
 
 
