@@ -150,3 +150,21 @@ def test_the_overall_count_includes_what_other_processes_finished(library: Libra
     assert overall.finished(failed=False) == 1
     library.add(Identity(name="theirs", tokens=2, width=32), old)  # as another process would
     assert overall.finished(failed=True) == 3
+
+
+def test_batch_warns_about_mixed_photos_and_strict_fails_that_identity(
+    cli, tiny_model: Path, library: Library, tmp_path: Path
+) -> None:
+    people = _people(tmp_path / "people", {"astro": "astronaut.png", "mixed": "astronaut.png"})
+    shutil.copy(DATA / "grace_hopper.jpg", people / "mixed" / "grace_hopper.jpg")
+    args = ["learn", "--batch", people, "--fast", "--steps", "1", "--model", tiny_model, "--quiet", "--json"]
+    strict = cli(*args, "--strict")
+    assert strict.exit_code == 4, strict.stderr  # one identity failed, the other was learned
+    results = {r["name"]: r for r in json.loads(strict.stdout)}
+    assert results["astro"]["status"] == "learned" and results["mixed"]["status"] == "failed"
+    assert "do not look like the same person (face distance 0.7" in results["mixed"]["detail"]  # measured 0.70
+    assert {e.name for e in library.list()} == {"astro"}
+
+    lenient = cli(*args)
+    assert lenient.exit_code == 0, lenient.stderr
+    assert "do not look like the same person" in lenient.stderr and library.exists("mixed")
