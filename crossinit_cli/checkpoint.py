@@ -91,9 +91,7 @@ class Run:
         return images
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        with contextlib.suppress(OSError):  # the folder of runs goes with its last run
-            self.path.parent.rmdir()
+        discard_folder(self.path)
 
 
 def root(home: Path) -> Path:
@@ -130,6 +128,30 @@ def find(home: Path, name: str) -> Run | None:
             f"the unfinished run of {name!r} is damaged ({library_text(exc)}); `crossinit remove {name}`"
         ) from None
     return Run(path, settings)
+
+
+def leftover(home: Path, name: str) -> tuple[Path, Run | None] | None:
+    """The folder of `name`'s unfinished run, readable or not, and the run when its settings can be read.
+
+    What `remove` deletes: a run killed while it started, or whose run.json is damaged, has no settings to
+    read, and goes all the same."""
+    path = root(home) / name_key(name)
+    if not path.is_dir():
+        return None
+    try:
+        run = find(home, name)
+        if run is not None:
+            _ = run.name, run.step, run.steps  # settings a message can show
+        return path, run
+    except (CrossinitError, KeyError, TypeError, ValueError):
+        return path, None
+
+
+def discard_folder(path: Path) -> None:
+    """Delete an unfinished run's folder (and the folder of runs with its last run)."""
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 def unfinished(home: Path) -> list[Run]:

@@ -110,6 +110,14 @@ def main_options(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+LearnQuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="No progress bar or hints; the result is still printed (where the identity went; --batch: the table).",
+    ),
+]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Hub id, diffusers folder or checkpoint.")]
 IdentityModelOpt = Annotated[
     str | None,
@@ -350,8 +358,19 @@ def learn(
     dtype: DtypeOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same result.")] = 0,
     force: ReplaceOpt = False,
-    no_align: Annotated[bool, typer.Option("--no-align", help="Use photos as they are (no face alignment).")] = False,
-    quiet: QuietOpt = False,
+    no_align: Annotated[
+        bool,
+        typer.Option("--no-align", help="Use photos as they are (no face alignment, no comparison of the faces)."),
+    ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Refuse (exit 1, nothing stored) when a photo's face does not look like the others' (dlib face "
+            "distance 0.6 or more), instead of warning.",
+        ),
+    ] = False,
+    quiet: LearnQuietOpt = False,
     snapshot_every: Annotated[
         int | None,
         typer.Option(
@@ -373,7 +392,8 @@ def learn(
         typer.Option(
             "--batch",
             help="Learn many identities: a CSV (name,photos,...) or a folder of folders. Spreads them over the "
-            "processes of `accelerate launch`; skips identities already present unless --force.",
+            "processes of `accelerate launch`; skips identities already present unless --force. Exit status 4 "
+            "when some identities failed, 1 when all did.",
         ),
     ] = None,
     as_json: JsonOpt = False,
@@ -400,7 +420,7 @@ def learn(
             "-", [], "fast" if fast else "full", steps, lr, batch_size, reg_weight, seed, not no_align
         )
         run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
-        return learn_batch(_library(), batch, defaults=defaults, run=run, force=force)
+        return learn_batch(_library(), batch, defaults=defaults, run=run, force=force, strict=strict)
     if not photos:
         raise CrossinitError("give one or more photos (or a folder), or --batch MANIFEST")
     from crossinit_cli.commands.learn import LearnRequest, learn
@@ -418,6 +438,7 @@ def learn(
         run=_run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json),
         resolution=resolution,
         snapshot_every=snapshot_every,
+        strict=strict,
     )
     return learn(_library(), photos, request)
 
@@ -466,7 +487,12 @@ def generate(
         ),
     ] = None,
     on_error: Annotated[
-        OnError, typer.Option("--on-error", help="With --manifest: skip a bad line (reported) or stop (exit 1).")
+        OnError,
+        typer.Option(
+            "--on-error",
+            help="With --manifest: skip a bad line (reported; exit status 4 at the end if any failed) "
+            "or stop (exit 1).",
+        ),
     ] = OnError.skip,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,

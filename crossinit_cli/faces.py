@@ -73,23 +73,40 @@ class FaceCrop:
     faces_found: int  # how many faces the detector saw in that photo (0 with align=False)
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """The photos a `learn` takes from what it was given, and the files it left out with why."""
+
+    photos: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
 def collect_photos(inputs: list[Path]) -> list[Path]:
+    """The photos of `gather_photos` (folders expanded, duplicates dropped)."""
+    return gather_photos(inputs).photos
+
+
+def gather_photos(inputs: list[Path]) -> Gathered:
     """Expand folders (non-recursive, sorted, supported suffixes only) and keep files as given.
 
     Hidden files are skipped inside folders (macOS leaves ``._IMG_0001.jpg`` companions on shared
-    drives). A path given twice, directly or through its folder, is kept once.
+    drives), as are sub-folders and files of other kinds; a path given twice, directly or through its
+    folder, is kept once. Each file left out is in `skipped` with the reason.
     """
     photos: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for given in inputs:
         path = Path(given)
         if not path.exists():
             raise CrossinitError(f"{path}: no such file or folder")
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.iterdir()
-                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SUPPORTED_SUFFIXES
-            )
+            found = []
+            for item in sorted(path.iterdir()):
+                reason = _left_out(item)
+                if reason is None:
+                    found.append(item)
+                elif not item.name.startswith("."):  # .DS_Store and friends are not worth a word
+                    skipped.append((item, reason))
             if not found:
                 kinds = ", ".join(sorted(SUPPORTED_SUFFIXES))
                 raise CrossinitError(f"{path}: folder has no photos ({kinds})")
@@ -98,10 +115,23 @@ def collect_photos(inputs: list[Path]) -> list[Path]:
             photos.append(path)
     unique: dict[Path, Path] = {}
     for photo in photos:
+        if photo.resolve() in unique:
+            skipped.append((photo, f"the same file as {unique[photo.resolve()]}"))
         unique.setdefault(photo.resolve(), photo)
     if not unique:
         raise CrossinitError("no photos given")
-    return list(unique.values())
+    return Gathered(list(unique.values()), skipped)
+
+
+def _left_out(item: Path) -> str | None:
+    """Why a file in a given folder is not taken as a photo (None: it is)."""
+    if item.name.startswith("."):
+        return "hidden"
+    if item.is_dir():
+        return "a folder: folders inside are not searched"
+    if item.suffix.lower() not in SUPPORTED_SUFFIXES:
+        return f"not a photo: {item.suffix or 'no suffix'}"
+    return None
 
 
 def load_photo(path: Path) -> Image.Image:
@@ -176,6 +206,46 @@ def align_faces(
             warn(f"{path}: {crop.faces_found} faces found, using the largest")
         crops.append(crop)
     return crops
+
+
+SAME_PERSON_DISTANCE = 0.6
+"""dlib's own decision threshold: two faces closer than this are the same person (99.38% on LFW)."""
+
+
+@dataclass(frozen=True)
+class OddFace:
+    """A photo whose face does not look like the others' (`odd_faces`)."""
+
+    photo: Path
+    distance: float  # median dlib distance of its face to the other photos' faces
+
+
+def odd_faces(crops: list[FaceCrop]) -> list[OddFace]:
+    """The photos whose face looks like someone else's than the other photos' faces.
+
+    Each aligned crop gets the dlib ResNet descriptor `eval` compares faces with (`face_descriptor`); a
+    photo is odd when the median distance of its face to the others' is at least SAME_PERSON_DISTANCE.
+    With two photos, both are odd when they are that far apart (which one is the stranger cannot be told);
+    with photos of several people, every photo may be. One photo, or crops without a detectable face
+    (`--no-align`), give nothing to compare: [] (and no descriptor is computed for a single photo)."""
+    if len(crops) < 2:
+        return []
+    described = [(crop.source, face_descriptor(crop.image)) for crop in crops]
+    return odd_ones_out([(path, found) for path, found in described if found is not None])
+
+
+def odd_ones_out(described: list[tuple[Path, np.ndarray]]) -> list[OddFace]:
+    """`odd_faces` on descriptors already computed: median distance to the others >= the threshold."""
+    if len(described) < 2:
+        return []
+    vectors = np.stack([np.asarray(d, dtype=np.float64) for _, d in described])
+    distances = np.linalg.norm(vectors[:, None, :] - vectors[None, :, :], axis=-1)
+    odd = []
+    for i, (path, _) in enumerate(described):
+        median = float(np.median(np.delete(distances[i], i)))
+        if median >= SAME_PERSON_DISTANCE:
+            odd.append(OddFace(path, median))
+    return odd
 
 
 def face_descriptor(image: Image.Image) -> np.ndarray | None:

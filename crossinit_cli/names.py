@@ -83,3 +83,20 @@ def refuse_lookalike(name: str, keys: Iterable[str]) -> None:
                 f"identity name {shown}{which} looks like the existing identity {other_key!r}; "
                 "pick a name that reads differently"
             )
+
+
+def closest(name: str, keys: Iterable[str], limit: int = 3) -> list[str]:
+    """The stored keys that read most like `name` (difflib), best first: for "did you mean" in errors."""
+    import difflib
+
+    wanted = unicodedata.normalize("NFKC", name).casefold()
+    return difflib.get_close_matches(wanted, list(keys), n=limit, cutoff=0.6)
+
+
+def did_you_mean(name: str, keys: Iterable[str]) -> str:
+    """ "did you mean 'alice'?" (or "'alice' or 'alicia'"), or "" when no stored name is close."""
+    found = closest(name, keys)
+    if not found:
+        return ""
+    quoted = [repr(k) for k in found]
+    return "did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"

@@ -74,7 +74,7 @@ DEFAULT_SEED = 0
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 FACE_METRIC = "dlib_face_recognition_resnet_model_v1"
 # dlib's own decision threshold: two faces closer than this are the same person (99.38% on LFW).
-SAME_PERSON_DISTANCE = 0.6
+SAME_PERSON_DISTANCE = 0.6  # = faces.SAME_PERSON_DISTANCE, which `learn` checks its photos with
 SHEET_PATH = Path("eval") / "contact-sheet.png"
 SHEET_TILE = 256  # px per image on the contact sheet (a full-size 4 x 10 sheet of 512 px tiles is ~15 MB)
 SHEET_CROPS = 4  # stored crops shown in the sheet's first row, at least
@@ -791,21 +791,36 @@ LIKENESS_KEEP = 0.9
 """`eval --pick-best` keeps the snapshots within this share of the best likeness, then prefers prompt fidelity."""
 
 
-def pick_best(records: Sequence[dict[str, Any]]) -> int:
+def pick_best(records: Sequence[dict[str, Any]]) -> int | None:
     """The step of the best likeness / prompt-fidelity trade-off among snapshot records (docs/eval.md).
 
     Candidates are the snapshots whose likeness is at least `LIKENESS_KEEP` of the best one; among them
     the highest prompt fidelity wins. Without CLIP the earliest candidate wins: the least drift from the
-    cross-init start, which the paper ties to editability. Ties go to the earlier step for the same reason."""
+    cross-init start, which the paper ties to editability. Ties go to the earlier step for the same reason.
+
+    None when nothing tells the snapshots apart: every likeness is 0 (no face in the generated images, or
+    none like the person) and no prompt fidelity was measured. Picking the earliest then would be a
+    choice made on no evidence, so nothing is picked (`nothing_measured` says why)."""
     measured = [r for r in records if r.get("likeness") is not None]
     if not measured:
         raise CrossinitError("likeness could not be measured for any snapshot (no stored face crops), so none is best")
+    if nothing_measured(measured):
+        return None
     top = max(r["likeness"] for r in measured)
     candidates = [r for r in measured if r["likeness"] >= LIKENESS_KEEP * top]
     scored = [r for r in candidates if r.get("prompt_fidelity") is not None]
     if scored:
         return int(max(scored, key=lambda r: (r["prompt_fidelity"], -r["step"]))["step"])
     return int(min(candidates, key=lambda r: r["step"])["step"])
+
+
+def nothing_measured(records: Sequence[dict[str, Any]]) -> str | None:
+    """Why `pick_best` has no evidence to pick on (None when it has some)."""
+    if any(r.get("prompt_fidelity") is not None for r in records) or any(r.get("likeness") for r in records):
+        return None
+    faceless = all(not r.get("face_rate") for r in records)
+    likeness = "no face was found in the generated images" if faceless else "every snapshot's likeness is 0"
+    return f"{likeness} and prompt fidelity was not measured (no CLIP score)"
 
 
 def save_snapshot_scores(

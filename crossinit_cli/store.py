@@ -305,11 +305,29 @@ class EntryReads(LibraryLock):
     def exists(self, name: str) -> bool:
         return (self.path_of(name) / META).is_file()
 
+    def has_folder(self, name: str) -> bool:
+        """An entry's folder is there, whole or damaged (all `remove` needs to know: it reads nothing else)."""
+        return self.path_of(name).is_dir()
+
+    def keys(self) -> list[str]:
+        """The keys of the stored entries (their folder names), from one directory listing."""
+        with contextlib.suppress(OSError), os.scandir(self.entries) as found:  # no stat per entry
+            return sorted(e.name for e in found if not e.name.startswith(".") and e.is_dir())
+        return []
+
+    def unknown(self, name: str, where: str = "") -> CrossinitError:
+        """The one-line error for a name with no entry, suggesting the closest stored names."""
+        shown = f"<{name}>" if where else repr(name)
+        hint = names.did_you_mean(name, self.keys())
+        if hint:
+            return CrossinitError(f"no identity named {shown}{where}; {hint} (`crossinit list` shows them all)")
+        return CrossinitError(f"no identity named {shown}{where}; see `crossinit list`")
+
     def get(self, name: str) -> Identity:
         def read() -> Identity:
             path = self.path_of(name)
             if not path.is_dir():
-                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
+                raise self.unknown(name)
             return self._read_meta(path)
 
         return self._read_settled(read)
@@ -329,7 +347,7 @@ class EntryReads(LibraryLock):
             try:
                 folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             except (FileNotFoundError, NotADirectoryError):
-                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`") from None
+                raise self.unknown(name) from None
             except OSError as exc:
                 raise CrossinitError(f"cannot read identity {name!r}: {exc.strerror or exc}") from None
             try:
@@ -614,10 +632,11 @@ class Library(CatalogReads):
         """Store edited metadata (from $EDITOR); name, tokens and width must stay as they are."""
         with self.locked():
             current = self.get(name)
+            _check_field_types(raw, current)
             try:
                 ident = Identity.from_dict(raw)
             except (TypeError, ValueError) as exc:
-                raise CrossinitError(f"edited metadata is invalid: {exc}") from None
+                raise CrossinitError(f"edited metadata is invalid: {exc}; nothing changed") from None
             for fixed in ("tokens", "width", "widths", "family", "has_init"):
                 if getattr(ident, fixed) != getattr(current, fixed):
                     raise CrossinitError(f"{fixed!r} cannot be edited")
@@ -672,10 +691,11 @@ class Library(CatalogReads):
             return ident
 
     def remove(self, name: str) -> None:
+        """Delete an entry by its folder alone: a damaged or half-written one goes the same way (nothing is read)."""
         with self.locked():
             path = self.path_of(name)
             if not path.is_dir():
-                raise CrossinitError(f"no identity named {name!r}; see `crossinit list`")
+                raise self.unknown(name)
             # Moved aside within its own folder, which needs no new directory: removing is how a user
             # makes room on a full disk. Dot names are not entries; `_recover` deletes what is left.
             gone = self.entries / f".removed~{uuid.uuid4().hex}"
@@ -687,6 +707,36 @@ class Library(CatalogReads):
                     raise CrossinitError(f"cannot remove identity {name!r}: {exc.strerror or exc}") from None
             shutil.rmtree(gone, ignore_errors=True)
             self._index(path.name)
+
+
+_KINDS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "a whole number"),
+    float: ((int, float), "a number"),
+    str: ((str,), "text in quotes"),
+    list: ((list,), "a list [...]"),
+    dict: ((dict,), "a table"),
+}
+
+
+def _check_field_types(raw: dict[str, Any], current: Identity) -> None:
+    """Each edited field of the kind its current value is, or a one-line error naming the field."""
+    for key, value in raw.items():
+        if key not in Identity.__dataclass_fields__:
+            continue
+        kind = type(getattr(current, key))
+        allowed, shown = _KINDS.get(kind, ((kind,), kind.__name__))
+        wrong = not isinstance(value, allowed) or (isinstance(value, bool) and kind is not bool)
+        if not wrong and key in ("tags", "widths"):
+            wrong = not all(isinstance(item, str if key == "tags" else int) for item in value)
+            shown = "a list of texts" if key == "tags" else "a list of whole numbers"
+        if wrong:
+            import json
+
+            raise CrossinitError(
+                f"edited metadata is invalid: field {key!r} must be {shown}, not {json.dumps(value, default=str)}; "
+                "nothing changed"
+            )
 
 
 def _vector_tensors(

@@ -244,3 +244,105 @@ def test_a_missing_model_path_fails_before_heavy_imports(args: list[str], home: 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["exit", "1", "False", "False"], done.stdout + done.stderr
     assert done.stderr.count("\n") == 1 and "no such file or folder, and not a hub id" in done.stderr
+
+
+DAMAGE = {
+    "bad TOML": lambda entry: (entry / "meta.toml").write_text("this is = = not toml"),
+    "invalid value": lambda entry: (entry / "meta.toml").write_text('name = "qtest"\ntokens = 99\nwidth = 32\n'),
+    "missing vectors": lambda entry: (entry / "vectors.safetensors").unlink(),
+    "bad vectors": lambda entry: (entry / "vectors.safetensors").write_bytes(b"\x00garbage, not safetensors"),
+    "half-written (no metadata)": lambda entry: (entry / "meta.toml").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_remove_deletes_a_damaged_entry_by_its_name_alone(damage: str, add_identity, cli, library: Library) -> None:
+    """The remedy `list` and docs/troubleshooting.md give for a damaged entry works for every kind of damage."""
+    add_identity("alice", init=True)
+    add_identity("qtest", init=True)
+    DAMAGE[damage](library.path_of("qtest"))
+    broken = cli("show", "qtest")
+    listed = {r["name"]: r for r in json.loads(cli("list", "--json").stdout)}
+    if damage != "bad vectors":  # list reads metadata only; show reads the vectors too
+        assert listed["qtest"]["damaged"] is True
+    assert broken.exit_code == 1 and "damaged" in broken.stderr
+
+    removed = cli("remove", "qtest", "--yes")
+    assert removed.exit_code == 0, removed.stderr
+    assert removed.stderr.strip() == "removed qtest"
+    assert not library.path_of("qtest").exists()
+    assert [r["name"] for r in json.loads(cli("list", "--json").stdout)] == ["alice"]
+    assert library.vectors("alice").learned.shape == (2, 32)  # the others untouched
+    assert not [p for p in library.entries.iterdir() if p.name.startswith(".removed")]
+
+
+def test_remove_clears_a_damaged_or_half_started_unfinished_run(cli, home: Path, library: Library) -> None:
+    from crossinit_cli import checkpoint
+
+    runs = home / checkpoint.FOLDER
+    (runs / "bob" / "crops").mkdir(parents=True)  # killed before run.json was written
+    (runs / "carol").mkdir()
+    (runs / "carol" / checkpoint.RUN).write_text("{ not json")
+    with pytest.raises(Exception, match="damaged"):
+        checkpoint.find(home, "carol")
+    for name in ("bob", "carol"):
+        removed = cli("remove", name, "--yes")
+        assert removed.exit_code == 0, removed.stderr
+        assert f"removed the unfinished run of {name} (its settings were unreadable)" in removed.stderr
+        assert not (runs / name).exists()
+    assert not runs.exists()
+    assert cli("remove", "bob", "--yes").exit_code == 1  # nothing left by that name
+
+
+def test_an_unknown_name_suggests_the_closest_stored_ones_in_every_command(add_identity, cli) -> None:
+    add_identity("mix")
+    add_identity("Maxine")
+    for args in (
+        ["show", "mixx"],
+        ["edit", "mixx", "--note", "x"],
+        ["export", "mixx"],
+        ["remove", "mixx", "--yes"],
+        ["eval", "mixx"],
+        ["generate", "a photo", "--identity", "mixx", "--model", "nowhere"],
+    ):
+        result = cli(*args)
+        assert result.exit_code == 1, args
+        assert result.stderr == (
+            "error: no identity named 'mixx'; did you mean 'mix'? (`crossinit list` shows them all)\n"
+        ), args
+    assert "did you mean 'maxine'?" in cli("show", "MAXINEE").stderr  # matched case-insensitively
+
+
+def test_edit_with_an_editor_that_changes_nothing_says_only_no_changes(
+    add_identity, cli, library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_identity("x", init=True)
+    meta = (library.path_of("x") / "meta.toml").read_bytes()
+    monkeypatch.setenv("EDITOR", "true")
+    result = cli("edit", "x")
+    assert result.exit_code == 0 and result.stderr == "no changes\n" and result.stdout == ""
+    assert (library.path_of("x") / "meta.toml").read_bytes() == meta  # not even `modified` moved
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("strength = 1.0", 'strength = "strong"', "field 'strength' must be a number, not \"strong\""),
+        ("tokens = 2", "tokens = 2.5", "field 'tokens' must be a whole number, not 2.5"),
+        ('source = "learn"', "source = 3", "field 'source' must be text in quotes, not 3"),
+        ("tags = []", "tags = [1, 2]", "field 'tags' must be a list of texts, not [1, 2]"),
+        ("strength = 1.0", "strength = 9.0", "field 'strength' must be between 0 and 4, not 9"),
+        ("width = 32", "width = 99", "'width' cannot be edited"),
+    ],
+)
+def test_an_invalid_value_edited_in_the_editor_names_its_field(
+    old: str, new: str, message: str, add_identity, cli, library: Library, tmp_path: Path, monkeypatch
+) -> None:
+    add_identity("alice", init=True)
+    meta = (library.path_of("alice") / "meta.toml").read_bytes()
+    assert old.encode() in meta
+    monkeypatch.setenv("EDITOR", _editor(tmp_path, f"p.write_text(p.read_text().replace({old!r}, {new!r}))"))
+    result = cli("edit", "alice")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert message in result.stderr, result.stderr
+    assert (library.path_of("alice") / "meta.toml").read_bytes() == meta

@@ -369,3 +369,50 @@ def test_imports_stay_light():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_gather_photos_says_what_it_left_out_and_why(tmp_path):
+    folder = tmp_path / "me"
+    folder.mkdir()
+    for name in ["b.jpg", "a.PNG", "notes.txt", ".DS_Store", "._b.jpg"]:
+        (folder / name).write_bytes(b"x")
+    (folder / "sub").mkdir()
+    gathered = faces.gather_photos([folder, folder / "b.jpg"])
+    assert [p.name for p in gathered.photos] == ["a.PNG", "b.jpg"]
+    assert [(p.name, why) for p, why in gathered.skipped] == [
+        ("notes.txt", "not a photo: .txt"),
+        ("sub", "a folder: folders inside are not searched"),
+        ("b.jpg", f"the same file as {folder / 'b.jpg'}"),
+    ]  # hidden files (.DS_Store, macOS's ._ companions) are left out without a word
+
+
+def _photos(tmp_path: Path, **sources: Path | Image.Image) -> list[Path]:
+    paths = []
+    for name, source in sources.items():
+        path = tmp_path / f"{name}.png"
+        (Image.open(source).convert("RGB") if isinstance(source, Path) else source).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_odd_faces_finds_the_photo_of_someone_else(tmp_path):
+    """Eileen Collins twice (the photo and its mirror image) and Grace Hopper once."""
+    mirrored = ImageOps.mirror(Image.open(ASTRONAUT).convert("RGB"))
+    paths = _photos(tmp_path, eileen=ASTRONAUT, eileen_flipped=mirrored, grace=HOPPER)
+    crops = faces.align_faces(paths)
+    [odd] = faces.odd_faces(crops)
+    assert odd.photo == paths[2] and 0.6 <= odd.distance < 0.8  # measured 0.69
+    assert faces.odd_faces(crops[:2]) == []  # the same person: nothing odd
+
+    pair = faces.odd_faces([crops[0], crops[2]])  # two people, two photos: which is the stranger is unknown
+    assert [o.photo for o in pair] == [paths[0], paths[2]] and pair[0].distance == pair[1].distance
+
+
+def test_odd_faces_costs_nothing_for_one_photo_and_skips_crops_without_a_face(monkeypatch):
+    calls: list[int] = []
+    real = faces.face_descriptor
+    monkeypatch.setattr(faces, "face_descriptor", lambda image: calls.append(1) or real(image))
+    [crop] = faces.align_faces([ASTRONAUT])
+    assert faces.odd_faces([crop]) == [] and calls == []
+    blank = faces.FaceCrop(HOPPER, _gradient().resize((512, 512)), (0, 0, 1, 1), 0)
+    assert faces.odd_faces([crop, blank]) == [] and len(calls) == 2  # one face: nothing to compare it with

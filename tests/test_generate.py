@@ -283,3 +283,30 @@ def test_images_get_the_umasks_mode(gen, umask, tiny_model: Path, add_identity) 
     assert result.exit_code == 0, result.stderr
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in gen.out.iterdir()}
     assert len(modes) == 3 and set(modes.values()) == {oct(0o640)}, modes  # mkstemp alone would give 0600
+
+
+def test_an_identity_name_without_brackets_gets_a_hint_on_stderr_only(gen, add_identity, tiny_model: Path) -> None:
+    add_identity("alice", seed=1, scale=5, base_model=str(tiny_model))
+    result = gen("alice on a beach", "--seed", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [r["identities"] for r in json.loads(result.stdout)] == [[]]  # stdout: the JSON document only
+    hints = [line for line in result.stderr.splitlines() if line.startswith("hint:")]
+    assert hints == [
+        "hint: 'alice' in prompt \"alice on a beach\" is plain text; write <alice> to use the stored identity"
+    ]
+    named = gen("<alice> and alice on a beach", "--seed", "1")
+    assert named.exit_code == 0 and "hint:" not in named.stderr  # written once with <>: meant as the person
+
+
+def test_an_unknown_name_in_brackets_suggests_the_closest_stored_ones(cli, add_identity, loads: list[Any]) -> None:
+    add_identity("alice")
+    add_identity("alicia")
+    add_identity("bob")
+    result = cli("generate", "<alic> on a beach", "--model", "nowhere")
+    assert result.exit_code == 1 and not loads
+    assert result.stderr == (
+        "error: no identity named <alic> (in prompt \"<alic> on a beach\"); did you mean 'alice' or 'alicia'? "
+        "(`crossinit list` shows them all)\n"
+    )
+    far = cli("generate", "<2801> on a beach", "--model", "nowhere")
+    assert far.stderr == 'error: no identity named <2801> (in prompt "<2801> on a beach"); see `crossinit list`\n'

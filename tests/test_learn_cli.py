@@ -74,7 +74,9 @@ def test_same_seed_same_identity(cli, library: Library, tiny_model: Path) -> Non
     for name, seed in (("one", "7"), ("two", "7"), ("three", "8")):
         result = cli("learn", ASTRONAUT, "--name", name, "--seed", seed, "--model", tiny_model, *CHEAP, "--quiet")
         assert result.exit_code == 0, result.stderr
-        assert result.stderr == ""  # --quiet: no progress, no messages
+        # --quiet: no progress and no hints, only the result: where the identity is stored.
+        assert result.stderr.startswith(f"learned {name} in ") and result.stderr.count("\n") == 1
+        assert result.stderr.rstrip().endswith(f"stored in {library.path_of(name)}")
     one, two, three = (library.vectors(n).learned for n in ("one", "two", "three"))
     assert np.array_equal(one, two)
     assert not np.allclose(one, three)
@@ -238,3 +240,72 @@ def test_out_of_memory_advice_keeps_the_learning_rate_per_image(
     own = cli("learn", ASTRONAUT, "--model", tiny_model, "--steps", "6", "--batch-size", "8", "--lr", "0.002")
     assert "try --batch-size 4 --steps 12 --lr 0.001 (same rate per image)" in own.stderr
     assert library.list() == [] and not any((home / ".unfinished").glob("*"))
+
+
+def _mixed_folder(tmp_path: Path) -> Path:
+    """Eileen Collins (the astronaut photo, and its mirror image), Grace Hopper, and a note."""
+    from PIL import ImageOps
+
+    folder = tmp_path / "mix"
+    folder.mkdir()
+    Image.open(ASTRONAUT).convert("RGB").save(folder / "eileen.png")
+    ImageOps.mirror(Image.open(ASTRONAUT).convert("RGB")).save(folder / "eileen-flipped.png")
+    Image.open(GRACE).convert("RGB").save(folder / "grace.jpg")
+    (folder / "notes.txt").write_text("not a photo")
+    return folder
+
+
+def test_learn_warns_about_a_photo_of_someone_else_and_says_what_it_used(
+    cli, library: Library, tmp_path: Path, tiny_sd1: Path
+) -> None:
+    folder = _mixed_folder(tmp_path)
+    result = cli("learn", folder, "--name", "mix", "--model", tiny_sd1, *CHEAP)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert f"using 3 photos: {folder / 'eileen-flipped.png'}, {folder / 'eileen.png'}, {folder / 'grace.jpg'}" in lines
+    assert f"skipped 1 file: {folder / 'notes.txt'} (not a photo: .txt)" in lines
+    [warning] = [line for line in lines if line.startswith("warning:")]
+    assert warning.startswith(f"warning: {folder / 'grace.jpg'} does not look like the other photos (median face ")
+    assert "distance 0.6" in warning or "distance 0.7" in warning  # measured 0.69
+    assert "under 0.6" in warning and "--strict refuses" in warning
+    assert library.get("mix").training["photos"] == ["eileen-flipped.png", "eileen.png", "grace.jpg"]
+
+
+def test_learn_strict_refuses_photos_of_different_people_and_stores_nothing(
+    cli, library: Library, home: Path, tmp_path: Path, tiny_sd1: Path, loads: list
+) -> None:
+    folder = _mixed_folder(tmp_path)
+    result = cli("learn", folder, "--name", "mix", "--model", tiny_sd1, *CHEAP, "--strict", "--quiet")
+    assert result.exit_code == 1 and not loads  # refused before the model loads
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {folder / 'grace.jpg'} does not look")
+    assert "nothing stored" in result.stderr
+    assert _files(home) == {} and not (home / ".unfinished").exists()
+    (folder / "grace.jpg").unlink()  # the same person only: --strict has nothing to refuse
+    assert cli("learn", folder, "--name", "mix", "--model", tiny_sd1, *CHEAP, "--strict", "-q").exit_code == 0
+
+
+def test_a_two_face_photo_keeps_its_warning_and_no_align_compares_nothing(
+    cli, library: Library, tmp_path: Path, tiny_sd1: Path
+) -> None:
+    eileen = Image.open(ASTRONAUT).convert("RGB")
+    canvas = Image.new("RGB", (1100, 600), (200, 200, 200))
+    grace = Image.open(GRACE).convert("RGB")
+    canvas.paste(grace.resize((150, 150 * grace.height // grace.width)), (20, 170))  # smaller: not the one taken
+    canvas.paste(eileen, (560, 40))
+    canvas.save(tmp_path / "together.png")
+    result = cli("learn", tmp_path / "together.png", ASTRONAUT, "--name", "two", "--model", tiny_sd1, *CHEAP, "-q")
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {tmp_path / 'together.png'}: 2 faces found, using the largest"]
+
+    # Grace Hopper larger than Eileen Collins: the face taken is someone else's, and the comparison says so.
+    canvas.paste(grace.resize((300, 300 * grace.height // grace.width)), (20, 0))
+    canvas.save(tmp_path / "together.png")
+    result = cli("learn", tmp_path / "together.png", ASTRONAUT, "--name", "two", "--force", "--model", tiny_sd1,
+                 *CHEAP, "-q")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings[-1].startswith(f"warning: {tmp_path / 'together.png'} and {ASTRONAUT} do not look like the same")
+
+    mixed = cli("learn", ASTRONAUT, GRACE, "--name", "asis", "--no-align", "--model", tiny_sd1, *CHEAP, "-q")
+    assert mixed.exit_code == 0 and "warning" not in mixed.stderr  # --no-align: no faces, nothing to compare

@@ -14,6 +14,7 @@ from PIL import Image
 
 from crossinit_cli import sample
 from crossinit_cli.commands.generate import apply_template
+from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library
 
 
@@ -100,9 +101,11 @@ def test_bad_lines_are_reported_by_number_and_skipped(
     lines = [json.dumps({"prompt": "<alice>", "seed": 1, "steps": 1})] + [text for text, _ in BAD_LINES]
     manifest = _manifest(tmp_path, *lines)
     result = cli("generate", "--manifest", manifest, "--model", tiny_model, "--out", tmp_path / "out")
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 4, result.stderr  # some lines failed: a status of its own (docs/exit-codes.md)
     assert [r["line"] for r in _records(result.stdout)] == [1]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    summary = f"warning: {len(BAD_LINES)} of {len(lines)} lines failed (exit status 4; see above for each)"
+    assert warnings.pop() == summary
     assert len(warnings) == len(BAD_LINES)
     for number, (warning, (_, why)) in enumerate(zip(warnings, BAD_LINES), start=2):
         assert warning.startswith(f"warning: line {number}: ") and why in warning and warning.endswith("skipped")
@@ -195,3 +198,48 @@ def test_identity_flag_templates_plain_manifest_prompts(
         (templated, ["alice"]),
         ("<bob> waves", ["bob"]),
     ]
+
+
+def test_a_script_tells_a_partly_failed_manifest_by_its_exit_status(
+    stocked: Library, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A real process, as a shell script sees it: 0 all ran, 4 some lines failed, 1 none ran."""
+    good = json.dumps({"prompt": "<alice>", "seed": 4, "steps": 1})
+    bad = json.dumps({"prompt": "<nobody> waves"})
+
+    def status(*lines: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "crossinit_cli", "generate", "--manifest", "-", "--model", str(tiny_model),
+             "--out", str(tmp_path / "o")],
+            input="\n".join(lines), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    assert status(good).returncode == 0
+    partly = status(good, bad, good, bad)
+    assert partly.returncode == 4 and len(_records(partly.stdout)) == 2
+    assert partly.stderr.splitlines()[-1] == "warning: 2 of 4 lines failed (exit status 4; see above for each)"
+    assert status(bad).returncode == 1
+
+
+def test_lines_that_fail_while_sampling_count_as_failed(
+    cli, stocked: Library, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise CrossinitError("out of GPU memory at 512x512")
+
+    monkeypatch.setattr(sample, "sample", out_of_memory)
+    manifest = _manifest(tmp_path, {"prompt": "<alice>", "seed": 1}, {"prompt": "<bob>", "seed": 2})
+    result = cli("generate", "--manifest", manifest, "--model", tiny_model, "--out", tmp_path / "o", "--steps", "1")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == "error: all 2 line(s) of the manifest failed; nothing was written"
+
+
+def test_a_manifest_prompt_naming_an_identity_without_brackets_gets_one_hint(
+    cli, stocked: Library, tiny_model: Path, tmp_path: Path
+) -> None:
+    manifest = _manifest(tmp_path, {"prompt": "alice waves", "seed": 1}, {"prompt": "alice again", "seed": 2})
+    result = cli("generate", "--manifest", manifest, "--model", tiny_model, "--out", tmp_path / "o", "--steps", "1")
+    assert result.exit_code == 0, result.stderr
+    assert [r["identities"] for r in _records(result.stdout)] == [[], []]  # stdout: JSON Lines only
+    hints = [line for line in result.stderr.splitlines() if line.startswith("hint:")]
+    assert hints == ["hint: 'alice' in prompt \"alice waves\" is plain text; write <alice> to use the stored identity"]

@@ -176,3 +176,33 @@ def test_sdxl_snapshots_and_resume_keep_each_encoders_rows(
     assert set(again) == set(stored)
     for key in stored:
         assert np.array_equal(again[key], stored[key]), key
+
+
+def test_pick_best_picks_nothing_when_nothing_was_measured() -> None:
+    """All likeness 0 (no face in any generated image) and no CLIP: no evidence, so no pick."""
+    blank = [{"step": s, "likeness": 0.0, "face_rate": 0.0, "prompt_fidelity": None} for s in (40, 80, 120)]
+    assert engine.pick_best(blank) is None
+    assert engine.nothing_measured(blank) == (
+        "no face was found in the generated images and prompt fidelity was not measured (no CLIP score)"
+    )
+    assert engine.pick_best([{**r, "prompt_fidelity": 0.2 + r["step"] / 1000} for r in blank]) == 120
+    assert engine.pick_best([{**r, "likeness": 0.4 if r["step"] == 80 else 0.0} for r in blank]) == 80
+
+
+def test_eval_pick_best_changes_nothing_and_says_so_when_nothing_was_measured(
+    cli, library: Library, snapped: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sampler draws a faceless grey image for every snapshot, and CLIP is not loaded (not in the offline cache)."""
+    monkeypatch.setattr(
+        sample, "sample", lambda pipe, prompt, seeds, settings: [Image.new("RGB", (64, 64), "grey") for _ in seeds]
+    )
+    assert cli("edit", snapped, "--use-snapshot", "6").exit_code == 0
+    before = library.get(snapped).active_step
+    result = cli("eval", snapped, "--pick-best", *EVAL, "--json")  # CLIP: not in the offline cache
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["picked"] is None and report["active_step"] == before == 6
+    assert report["not_picked"].startswith("no face was found in the generated images")
+    assert "warning: --pick-best changed nothing: no face was found" in result.stderr
+    assert "astro still uses the snapshot at step 6" in result.stderr
+    assert library.get(snapped).active_step == 6

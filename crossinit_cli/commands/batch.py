@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crossinit_cli import ui
+from crossinit_cli.commands.common import EXIT_PARTIAL
 from crossinit_cli.errors import CrossinitError, library_text
 from crossinit_cli.store import Library, name_key, validate_name
 
@@ -167,6 +168,7 @@ def learn_batch(
     defaults: BatchEntry,
     run: RunOptions,
     force: bool,
+    strict: bool = False,
 ) -> int:
     """`learn --batch MANIFEST`: every identity of the manifest not yet stored, spread over the processes
     of `accelerate launch`, one model load per process."""
@@ -194,7 +196,7 @@ def learn_batch(
         )
 
     outcomes: list[Outcome] = []
-    learner = _Learner(library, model_id, placement, force)
+    learner = _Learner(library, model_id, placement, force, strict)
     show = main and not quiet and ui.err().is_terminal
     progress = _Overall(library, [name_key(j.name) for j in todo])
     with state.split_between_processes(todo) as mine, _overall_bar(show, len(todo)) as bar:
@@ -211,10 +213,13 @@ def learn_batch(
 
     results = _all_outcomes(state, jobs, skipped, outcomes)
     failed = sum(r["status"] == "failed" for r in results)
+    code = 1 if failed and failed == len(results) else EXIT_PARTIAL if failed else 0
     if main:
         _report(results, as_json=run.as_json)
+        if failed:  # the summary line (and for all failed, exit 1 as for one identity)
+            ui.warn(f"{failed} of {len(results)} identities failed (exit status {code}; see the table for each)")
     state.wait_for_everyone()
-    return 1 if failed else 0
+    return code
 
 
 def _to_learn(library: Library, jobs: list[BatchEntry], force: bool) -> tuple[list[BatchEntry], list[Outcome]]:
@@ -241,14 +246,23 @@ def _all_outcomes(
 class _Learner:
     """Learns one job after another in this process, loading the model at the first one that needs it."""
 
-    def __init__(self, library: Library, model: str, placement: Any, force: bool) -> None:
+    def __init__(self, library: Library, model: str, placement: Any, force: bool, strict: bool = False) -> None:
         self.library, self.model, self.placement, self.force = library, model, placement, force
+        self.strict = strict  # an identity whose photos look like different people fails, instead of a warning
         self.trainer: Any = None
 
     def learn(self, job: BatchEntry) -> Outcome:
         """Learn and store `job`'s identity; a mistake in it is its outcome, not the batch's end."""
         from crossinit_cli import faces
-        from crossinit_cli.commands.learn import ALIGN_SIZE, SNAPSHOT_EVERY, LearnJob, load_trainer, train_and_store
+        from crossinit_cli.commands.learn import (
+            ALIGN_SIZE,
+            SNAPSHOT_EVERY,
+            LearnJob,
+            check_photos,
+            load_trainer,
+            report_photos,
+            train_and_store,
+        )
         from crossinit_cli.train import TrainConfig
 
         started = time.perf_counter()
@@ -261,8 +275,10 @@ class _Learner:
                 reg_weight=job.reg_weight,
                 seed=job.seed,
             )
-            paths = faces.collect_photos(job.photos)
+            gathered = faces.gather_photos(job.photos)
+            paths = gathered.photos
             crops = faces.align_faces(paths, ALIGN_SIZE, align=job.align, warn=ui.warn)
+            report_photos(gathered, check_photos(crops, align=job.align, strict=self.strict), quiet=True)
             if self.trainer is None:
                 self.trainer = load_trainer(self.library, self.model, self.placement, quiet=True)
             entry = LearnJob(

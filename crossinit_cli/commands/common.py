@@ -17,6 +17,20 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
 
+EXIT_PARTIAL = 4
+"""`generate --manifest` / `learn --batch`: some lines or identities failed (the rest were done); when none
+was done the status is 1. docs/exit-codes.md."""
+
+
+def partial_failure(failed: int, total: int, what: str) -> int:
+    """The exit status of a run of `total` lines or identities of which `failed` failed, after one summary
+    line on stderr saying how many ("2 of 7 lines failed"): 0 none, EXIT_PARTIAL some."""
+    if not failed:
+        return 0
+    ui.warn(f"{failed} of {total} {what} failed (exit status {EXIT_PARTIAL}; see above for each)")
+    return EXIT_PARTIAL
+
+
 def stderr_progress(quiet: bool, *columns: Any, transient: bool = False) -> Progress | None:
     """A rich progress bar with these columns on stderr, not yet started; None when `quiet` or when stderr
     is not a terminal (a log file gets plain lines from the caller, or nothing)."""

@@ -14,7 +14,7 @@ from crossinit_cli import sample, ui
 from crossinit_cli import scoring as engine
 from crossinit_cli.commands.common import read_source, stderr_progress
 from crossinit_cli.errors import CrossinitError
-from crossinit_cli.store import Library
+from crossinit_cli.store import Identity, Library
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,7 @@ def _snapshot_report(
 ) -> int:
     records = [{"step": r.step, **r.calibrated()} for r in results]
     picked = engine.pick_best(records) if pick_best else None
+    unmeasured = engine.nothing_measured(records) if pick_best and picked is None else None
     ident = engine.save_snapshot_scores(library, name, results, picked)
     losses = {int(s["step"]): s.get("loss") for s in ident.snapshots}
     last = max(losses)
@@ -130,7 +131,12 @@ def _snapshot_report(
         for record in records:
             record["loss"] = losses.get(record["step"])
             record["active"] = record["step"] == active
-        ui.print_json({"name": ident.name, "snapshots": records, "active_step": ident.active_step, "picked": picked})
+        report = {"name": ident.name, "snapshots": records, "active_step": ident.active_step, "picked": picked}
+        if unmeasured:
+            report["not_picked"] = unmeasured
+        ui.print_json(report)
+        if unmeasured:
+            _nothing_picked(ident, unmeasured)
         return 0
     table = Table(title=f"snapshots of <{escape(ident.name)}>", title_justify="left")
     for column in ("step", "loss", "faces found", "same person", "likeness", "CLIP score", ""):
@@ -157,9 +163,17 @@ def _snapshot_report(
             f"{engine.LIKENESS_KEEP:.0%} of the best, then prompt fidelity); undo: crossinit edit "
             f"{escape(ident.name)} --use-snapshot final"
         )
+    elif unmeasured:
+        _nothing_picked(ident, unmeasured)
     else:
         ui.info(f"stored with each snapshot; make one active: crossinit edit {escape(ident.name)} --use-snapshot STEP")
     return 0
+
+
+def _nothing_picked(ident: Identity, why: str) -> None:
+    """`--pick-best` with nothing measured: say that it changed nothing, and why."""
+    which = f"the snapshot at step {ident.active_step}" if ident.active_step else "the final vectors"
+    ui.warn(f"--pick-best changed nothing: {why}; {ident.name} still uses {which}")
 
 
 EXIT_BELOW = 3

@@ -191,6 +191,7 @@ def _jobs(
         raise CrossinitError("no prompt given; pass a prompt, --prompts FILE (or - for stdin), or --identity NAME")
     texts = [apply_template(t, default) for t in texts] or [apply_template("", default)]
     known = resolve_identities(library, [*texts, negative])
+    hint_plain_names(library, texts)
     jobs = []
     for text in texts:
         named = [known[sample.ref_key(r)] for r in sample.identity_refs(text)]
@@ -343,9 +344,31 @@ def resolve_identities(library: Library, texts: list[str]) -> dict[str, Identity
             except CrossinitError:
                 exists = False
             if not exists:
-                raise CrossinitError(f"no identity named <{written}> (in prompt {_short(text)}); see `crossinit list`")
+                raise library.unknown(written, f" (in prompt {_short(text)})")
             found[key] = library.get(written)  # a damaged entry says so itself
     return found
+
+
+PLAIN_WORD = re.compile(r"[\w][\w.\-]*")
+
+
+def hint_plain_names(library: Library, texts: list[str]) -> None:
+    """A one-line hint on stderr for each stored identity a prompt names without `<>` ("alice on a beach"):
+    as plain text the model reads it as a word, not as the learned person. Only stderr: --json stays clean."""
+    keys = set(library.keys())
+    if not keys:
+        return
+    hinted: set[str] = set()
+    for text in texts:
+        named = {sample.ref_key(r) for r in sample.identity_refs(text)}
+        for word in PLAIN_WORD.findall(sample.IDENTITY_REF.sub(" ", text)):
+            key = word.rstrip(".-").casefold()
+            if key in keys and key not in named and key not in hinted:
+                hinted.add(key)
+                ui.info(
+                    f"hint: '{escape(word)}' in prompt {escape(_short(text))} is plain text; write "
+                    f"<{escape(word.rstrip('.-'))}> to use the stored identity"
+                )
 
 
 def file_slug(prompt: str, identities: list[Identity]) -> str:

@@ -23,6 +23,7 @@ from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
 
 if TYPE_CHECKING:
+    from crossinit_cli import faces
     from crossinit_cli.config import RunOptions
     from crossinit_cli.devices import Placement
     from crossinit_cli.faces import FaceCrop
@@ -51,6 +52,7 @@ class LearnRequest:
     run: RunOptions  # model, device, dtype, quiet, --json: merged with the saved config by the CLI
     resolution: int | None = None
     snapshot_every: int | None = None
+    strict: bool = False  # refuse photos whose faces look like different people, instead of warning
 
 
 def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
@@ -64,14 +66,17 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     snapshot_every = _snapshot_every(request.snapshot_every, request.mode)
     train_config = _train_config(request)
     model_id = run.model
-    paths = faces.collect_photos(photos)
+    gathered = faces.gather_photos(photos)
+    paths = gathered.photos
     with ui.timed("face detection and alignment"):
         crops = faces.align_faces(paths, ALIGN_SIZE, align=request.align, warn=ui.warn)
+    odd_faces = check_photos(crops, align=request.align, strict=request.strict)
     # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
     check_model_reference(model_id)
     from crossinit_cli import families
 
     families.peek(model_id)  # SD3, Flux, a refiner...: one line now, not after a model load
+    report_photos(gathered, odd_faces, quiet=run.quiet)
 
     # ---- the model, then training and the one write ---------------------------------------------------
     from crossinit_cli import devices
@@ -84,6 +89,67 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     hint_model = run.model if run.configured_model not in (None, run.model) else None
     _report(library, name, result, target, model=hint_model, quiet=run.quiet, as_json=run.as_json)
     return 0
+
+
+PHOTOS_LISTED = 8
+"""How many photo names the "using N photos" line shows before "and N more"."""
+
+
+def check_photos(crops: list[FaceCrop], *, align: bool, strict: bool) -> str | None:
+    """Compare the photos' faces: the warning to give about photos that look like someone else (None: they
+    look alike), or with `strict` a CrossinitError. With --no-align no detector runs, so there are no faces
+    to compare; one photo needs no comparison (and no descriptor)."""
+    from crossinit_cli import faces
+
+    if not align:
+        return None
+    with ui.timed("face comparison"):
+        odd = faces.odd_faces(crops)
+    if not odd:
+        return None
+    message = _odd_message(odd, len(crops))
+    if strict:
+        raise CrossinitError(f"{message}; nothing stored (leave it out, or learn without --strict)")
+    return f"{message}; learning from every photo anyway (--strict refuses)"
+
+
+def report_photos(gathered: faces.Gathered, warning: str | None, *, quiet: bool) -> None:
+    """Which photos are used and which files were skipped (and why), then `check_photos`' warning. Said once
+    every cheap check has passed: until then stderr holds nothing but the one-line error."""
+    if not quiet:
+        ui.info(escape(_listed("using", gathered.photos, [])))
+        if gathered.skipped:
+            ui.info(escape(_listed("skipped", [p for p, _ in gathered.skipped], [why for _, why in gathered.skipped])))
+    if warning:
+        ui.warn(warning)
+
+
+def _listed(verb: str, paths: list[Path], reasons: list[str]) -> str:
+    """`using 3 photos: a.jpg, b.jpg, c.jpg` (`skipped 1 file: notes.txt (not a photo: .txt)`), shortened."""
+    kind = "photo" if verb == "using" else "file"
+    shown = [f"{p} ({why})" if reasons else str(p) for p, why in zip(paths, reasons or paths)]
+    more = len(shown) - PHOTOS_LISTED
+    listing = ", ".join(shown[:PHOTOS_LISTED]) + (f", and {more} more" if more > 0 else "")
+    return f"{verb} {len(paths)} {kind}{'s' if len(paths) != 1 else ''}: {listing}"
+
+
+def _odd_message(odd: list[faces.OddFace], photos: int) -> str:
+    """One line naming the photos that look like someone else, with their face distance."""
+    from crossinit_cli.faces import SAME_PERSON_DISTANCE
+
+    threshold = f"the same person is usually under {SAME_PERSON_DISTANCE:g}"
+    if photos == 2 and len(odd) == 2:
+        pair = f"{odd[0].photo} and {odd[1].photo}"
+        return f"{pair} do not look like the same person (face distance {odd[0].distance:.2f}; {threshold})"
+    named = ", ".join(f"{o.photo} ({o.distance:.2f})" for o in odd)
+    if len(odd) == photos:
+        return f"the photos look like different people: {named} (median face distance to the others; {threshold})"
+    if len(odd) == 1:
+        return (
+            f"{odd[0].photo} does not look like the other photos (median face distance {odd[0].distance:.2f} "
+            f"to them; {threshold})"
+        )
+    return f"{named} do not look like the other photos (median face distance to them; {threshold})"
 
 
 def _check_name_free(library: Library, name: str, force: bool) -> None:
@@ -181,11 +247,12 @@ def _report(
         from crossinit_cli.commands.library import identity_record
 
         ui.print_json(identity_record(library, library.get(name), detail=True))
+    # Kept with --quiet (which hides the progress and the hints): where the identity went is the result.
+    ui.info(
+        f"learned [bold]{escape(name)}[/] in {result.total_s:.1f} s "
+        f"({result.per_step_s:.3f} s/step, final loss {result.final_loss:.4f}); stored in {escape(str(target))}"
+    )
     if not quiet:
-        ui.info(
-            f"learned [bold]{escape(name)}[/] in {result.total_s:.1f} s "
-            f"({result.per_step_s:.3f} s/step, final loss {result.final_loss:.4f}); stored in {escape(str(target))}"
-        )
         model_flag = f" --model {_shell_quote(model)}" if model else ""
         ui.info(escape(f'next: crossinit generate "a photo of a <{name}> person as an astronaut" -n 4{model_flag}'))
 

@@ -248,7 +248,12 @@ def edit_identity(library: Library, name: str, edits: Edits, *, as_json: bool = 
             current.active_step = step
 
     if edits.none():
-        ident = _edit_in_editor(library, ident)
+        edited = _edit_in_editor(library, ident)
+        if edited is None:  # saved as it was: "no changes" is all there is to say
+            if as_json:
+                ui.print_json(identity_record(library, ident))
+            return 0
+        ident = edited
     elif rename is not None:  # one atomic step, so a kill never leaves the note changed but not the name
         ident = library.rename(ident.name, rename, change)
     else:
@@ -292,8 +297,8 @@ def _snapshot_step(ident: Identity, wanted: str) -> int:
     return step
 
 
-def _edit_in_editor(library: Library, ident: Identity) -> Identity:
-    """Open the metadata in $VISUAL/$EDITOR as TOML and store what comes back."""
+def _edit_in_editor(library: Library, ident: Identity) -> Identity | None:
+    """Open the metadata in $VISUAL/$EDITOR as TOML and store what comes back (None: nothing changed)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -315,21 +320,29 @@ def _edit_in_editor(library: Library, ident: Identity) -> Identity:
         edited = path.read_text(encoding="utf-8")
     if edited == text:
         ui.info("no changes")
-        return ident
+        return None
     try:
         raw = tomllib.loads(edited)
     except tomllib.TOMLDecodeError as exc:
         raise CrossinitError(f"edited metadata is not valid TOML ({library_text(exc)}); nothing changed") from None
+    strength = raw.get("strength", ident.strength)
+    if isinstance(strength, (int, float)) and not isinstance(strength, bool) and not 0 <= strength <= MAX_STRENGTH:
+        raise CrossinitError(
+            f"edited metadata is invalid: field 'strength' must be between 0 and {MAX_STRENGTH:g}, not {strength:g}; "
+            "nothing changed"
+        )
     return library.replace_meta(ident.name, raw)
 
 
 def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
+    """Delete entries and unfinished runs by name. Nothing but the name is read: a damaged entry, a
+    half-written one or an unreadable run goes the same way as a whole one."""
     from crossinit_cli import checkpoint
 
-    runs = {name: checkpoint.find(library.home, name) for name in names}
+    runs = {name: checkpoint.leftover(library.home, name) for name in names}
     for name in names:
-        if runs[name] is None or library.exists(name):
-            library.get(name)  # every name must exist before anything is removed
+        if runs[name] is None and not library.has_folder(name):
+            raise library.unknown(name)  # every name must exist before anything is removed
     if not yes:
         if not sys.stdin.isatty():
             raise CrossinitError("refusing to remove without confirmation; pass --yes")
@@ -339,11 +352,13 @@ def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
             ui.info("nothing removed")
             return 1
     for name in names:
-        run = runs[name]
-        if library.exists(name):
+        if library.has_folder(name):
             library.remove(name)
             ui.info(f"removed [bold]{escape(name)}[/]")
-        if run is not None:
-            run.discard()
-            ui.info(f"removed the unfinished run of [bold]{escape(name)}[/] (step {run.step} of {run.steps})")
+        found = runs[name]
+        if found is not None:
+            path, run = found
+            checkpoint.discard_folder(path)
+            where = f" (step {run.step} of {run.steps})" if run is not None else " (its settings were unreadable)"
+            ui.info(f"removed the unfinished run of [bold]{escape(name)}[/]{where}")
     return 0

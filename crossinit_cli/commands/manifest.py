@@ -3,7 +3,8 @@
 Each line is a JSON object: `prompt` and any of `seed`, `n`, `size`, `steps`, `guidance`, `negative`,
 `scheduler`, `out`; what a line leaves out comes from the command's own flags, then generate's defaults.
 Every line is checked before the model loads (a typo costs nothing); a bad line is reported on stderr with
-its number and skipped (`--on-error skip`) or ends the run with exit 1 (`--on-error stop`). One JSON object
+its number and skipped (`--on-error skip`: the run then ends with a summary line and exit status 4) or ends
+the run with exit 1 (`--on-error stop`). One JSON object
 a line goes to stdout per image, flushed as soon as the image is on disk, so a pipe sees progress.
 """
 
@@ -19,13 +20,14 @@ from typing import Any
 from rich.markup import escape
 
 from crossinit_cli import devices, sample, ui
-from crossinit_cli.commands.common import read_source
+from crossinit_cli.commands.common import partial_failure, read_source
 from crossinit_cli.commands.generate import (
     PromptJob,
     SamplingFlags,
     Written,
     apply_template,
     file_slug,
+    hint_plain_names,
     loading_status,
     png_metadata,
     prepare_out_dir,
@@ -139,6 +141,7 @@ def generate_manifest(
         raise CrossinitError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
     lines, skipped = _parsed_lines(library, source, defaults, Path(run.output_dir).expanduser(), on_error)
     model = run.model_for(_named(library, lines))
+    total_lines = len(lines) + skipped
     devices.check_model_reference(model)
     placement = devices.resolve(run.device, run.dtype)
     checked, unrunnable = _runnable_lines(lines, model, on_error)
@@ -172,11 +175,13 @@ def generate_manifest(
                     skipped += 1
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted; the {images_written} image(s) already written are complete") from None
+    if not lines_done:
+        raise CrossinitError(f"all {total_lines} line(s) of the manifest failed; nothing was written")
     ui.info(
         f"wrote {images_written} image{'s' if images_written != 1 else ''} from {lines_done} line(s) with one "
         f"model load ({placement.device})" + (f"; {skipped} line(s) skipped" if skipped else "")
     )
-    return 0
+    return partial_failure(skipped, total_lines, "lines")
 
 
 def _named(library: Library, lines: list[Line]) -> list[Identity]:
@@ -201,6 +206,7 @@ def _parsed_lines(
             skipped += 1
             continue
         lines.append(line)
+    hint_plain_names(library, [line.job.prompt for line in lines])  # one listing of the library for all
     return lines, skipped
 
 
