@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align")
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off", ""}
+# How long a process that has finished its share waits for the others at the batch's end (where the
+# summary is gathered). torch's default, 30 minutes, ended every process of a batch whose shares differ by
+# more than that (one identity in full mode left on a slower machine): the finished ones crashed waiting.
+WAIT_FOR_OTHERS = timedelta(days=7)
 
 
 @dataclass
@@ -172,19 +177,12 @@ def learn_batch(
 ) -> int:
     """`learn --batch MANIFEST`: every identity of the manifest not yet stored, spread over the processes
     of `accelerate launch`, one model load per process."""
-    from accelerate import PartialState
-
     from crossinit_cli import devices
 
     jobs = read_manifest(manifest, defaults)
     quiet, model_id = run.quiet, run.model
     placement = devices.resolve(run.device, run.dtype, training=True)
-    # accelerate forms a CPU process group (gloo) only when told the processes run on the CPU.
-    state = PartialState(cpu=placement.device == "cpu")
-    if state.num_processes > 1 and state.device.type == "cuda":
-        import torch
-
-        torch.cuda.set_device(state.device)  # one GPU per process, as accelerate assigned them
+    state = _process_state(cpu=placement.device == "cpu")
     main = state.is_main_process
     todo, skipped = _to_learn(library, jobs, force)
     # Every process must agree on the list before any of them adds to the library.
@@ -220,6 +218,21 @@ def learn_batch(
             ui.warn(f"{failed} of {len(results)} identities failed (exit status {code}; see the table for each)")
     state.wait_for_everyone()
     return code
+
+
+def _process_state(*, cpu: bool) -> Any:
+    """accelerate's state of this process (its index, how many there are), in the process group that
+    `accelerate launch` set up, if any: one machine's processes or several machines'."""
+    from accelerate import PartialState
+
+    # accelerate forms a CPU process group (gloo) only when told the processes run on the CPU. The
+    # timeout is every collective's, the last one included: the wait of a process that finished early.
+    state = PartialState(cpu=cpu, timeout=WAIT_FOR_OTHERS)
+    if state.num_processes > 1 and state.device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(state.device)  # one GPU per process, as accelerate assigned them
+    return state
 
 
 def _to_learn(library: Library, jobs: list[BatchEntry], force: bool) -> tuple[list[BatchEntry], list[Outcome]]:
