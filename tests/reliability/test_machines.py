@@ -41,9 +41,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _two_machines(args: list[str], env: dict[str, str], logs: Path, timeout: float = 480) -> list[Machine]:
-    """`accelerate launch ... -m crossinit_cli ARGS` as machine 0 and machine 1 of two, at the same time;
-    each machine's launch in a session of its own, all of it killed if it outlives `timeout`."""
+def _two_machines(args: list[str], envs: list[dict[str, str]], logs: Path, timeout: float = 480) -> list[Machine]:
+    """`accelerate launch ... -m crossinit_cli ARGS` as machine 0 and machine 1 of two, at the same time, in
+    environments `envs` (one each); each launch in a session of its own, killed if it outlives `timeout`."""
     accelerate = Path(sys.executable).with_name("accelerate")
     port = str(_free_port())
     logs.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,12 @@ def _two_machines(args: list[str], env: dict[str, str], logs: Path, timeout: flo
             with open(logs / f"{rank}.out", "w") as out, open(logs / f"{rank}.err", "w") as err:
                 launches.append(
                     subprocess.Popen(
-                        command, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
+                        command,
+                        env=envs[rank],
+                        stdout=out,
+                        stderr=err,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
                     )
                 )
         deadline = time.monotonic() + timeout
@@ -74,6 +79,16 @@ def _two_machines(args: list[str], env: dict[str, str], logs: Path, timeout: flo
     ]
 
 
+def _manifest(people: Path, long_steps: int) -> Path:
+    """Two identities: `quick` (one step) for machine 0's share, `long` for machine 1's."""
+    people.mkdir()
+    for photo in ("astronaut.png", "grace_hopper.jpg"):
+        shutil.copy(DATA / photo, people / photo)
+    manifest = people / "people.csv"
+    manifest.write_text(f"name,photos,steps\nquick,astronaut.png,1\nlong,grace_hopper.jpg,{long_steps}\n")
+    return manifest
+
+
 def _outcome_lines(machine: Machine) -> list[str]:
     return re.findall(r"^\[\d+\] .*$", machine.stderr, re.MULTILINE)
 
@@ -84,14 +99,11 @@ def test_learn_batch_on_two_machines_with_uneven_shares(
     """Machine 0's share (one step) ends long before machine 1's (25 steps): machine 0 waits for it at the
     end, longer than torch's default timeout, shortened here, would allow (that ended such batches after 30
     minutes). Both finish, each identity is in the library once, and the summary says which did which."""
-    people = tmp_path / "people"
-    people.mkdir()
-    for photo in ("astronaut.png", "grace_hopper.jpg"):
-        shutil.copy(DATA / photo, people / photo)
-    manifest = people / "people.csv"
-    manifest.write_text("name,photos,steps\nquick,astronaut.png,1\nlong,grace_hopper.jpg,25\n")
+    manifest = _manifest(tmp_path / "people", long_steps=25)
+    people = manifest.parent
     args = ["learn", "--batch", str(manifest), "--fast", "--model", str(tiny_model), "--json"]
-    machines = _two_machines(args, fault_env(env, f"collective-timeout:{SHORT}", rhome), tmp_path / "first")
+    short = fault_env(env, f"collective-timeout:{SHORT}", rhome)
+    machines = _two_machines(args, [short, short], tmp_path / "first")
 
     for machine in machines:
         assert machine.code == 0, f"machine {machine.rank}:\n{machine.stderr[-3000:]}"
@@ -107,6 +119,7 @@ def test_learn_batch_on_two_machines_with_uneven_shares(
     # Each process's first identity includes its model load: machine 0 finished this much earlier and waited.
     waited = results["long"]["seconds"] - results["quick"]["seconds"]
     assert waited > 2 * SHORT, f"machine 0 waited only {waited:.1f} s: the test proves nothing; give long more steps"
+    print(f"\ntwo machines: quick {results['quick']['seconds']:.1f} s, long {results['long']['seconds']:.1f} s")
     library = Library(rhome)
     assert sorted(e.name for e in library.list()) == ["long", "quick"]
     assert [library.get(n).training["steps"] for n in ("long", "quick")] == [25, 1]
@@ -114,7 +127,7 @@ def test_learn_batch_on_two_machines_with_uneven_shares(
     # A failure on one machine: the batch ends with exit status 4 in each process; accelerate reports it.
     Image.new("RGB", (256, 256), (90, 120, 200)).save(people / "sky.png")
     manifest.write_text(manifest.read_text() + "blank,sky.png,1\n")
-    machines = _two_machines(args, env, tmp_path / "second")
+    machines = _two_machines(args, [env, env], tmp_path / "second")
     first, second = machines
     results = {r["name"]: r for r in json.loads(first.stdout)}
     assert [(r["name"], r["status"]) for r in results.values()] == [
@@ -128,3 +141,55 @@ def test_learn_batch_on_two_machines_with_uneven_shares(
         # accelerate's own status is 1 whenever a process ends non-zero; its report gives the process's status
         assert machine.code == 1 and re.search(r"exitcode\s*:\s*4\b", machine.stderr), machine.stderr[-3000:]
     assert sorted(e.name for e in library.list()) == ["long", "quick"]
+
+
+def test_a_machine_lost_mid_batch_is_one_line_on_the_other(
+    tiny_model: Path, rhome: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Machine 1's process is killed (kill -9) as it is about to store its identity, while machine 0 waits
+    for it: machine 0 ends with one line saying so (not torch's traceback) and keeps what it learned; the
+    same command run again learns the rest."""
+    manifest = _manifest(tmp_path / "people", long_steps=3)
+    args = ["learn", "--batch", str(manifest), "--fast", "--model", str(tiny_model), "--json"]
+    killed = fault_env(env, "kill-before:1", rhome, ops="rename")  # the rename that publishes `long`
+    first, second = _two_machines(args, [env, killed], tmp_path / "lost")
+
+    assert re.search(r"exitcode\s*:\s*-9\b", second.stderr), second.stderr[-3000:]  # SIGKILL, as reported
+    assert first.code == 1 and re.search(r"exitcode\s*:\s*1\b", first.stderr), first.stderr[-3000:]
+    assert "[rank0]" not in first.stderr  # no traceback of crossinit's process (the launcher's report follows)
+    errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: another process of this batch stopped"), errors
+    assert "Connection closed by peer" in errors[0] and "run the same command again on every machine" in errors[0]
+    assert first.stdout == ""  # no summary: it would miss machine 1's identities
+    library = Library(rhome)
+    assert [e.name for e in library.list()] == ["quick"]
+
+    again = _two_machines(args, [env, env], tmp_path / "again")
+    assert [m.code for m in again] == [0, 0], again[0].stderr[-3000:] + again[1].stderr[-3000:]
+    results = [(r["name"], r["status"], r["process"]) for r in json.loads(again[0].stdout)]
+    assert results == [("quick", "skipped", 0), ("long", "learned", 0)]  # one to learn: process 0's share
+    assert sorted(e.name for e in library.list()) == ["long", "quick"]
+
+
+def test_accelerate_launch_cpu_on_two_machines_is_refused(
+    tiny_model: Path, rhome: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    """`accelerate launch --cpu` starts each machine's process alone (no process group without mpirun): each
+    would learn the whole manifest. crossinit refuses, saying to use --multi_gpu, before learning anything."""
+    manifest = _manifest(tmp_path / "people", long_steps=1)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(accelerate), "launch", "--cpu", "--num_machines", "2", "--machine_rank", "0", "--main_process_ip",
+        "127.0.0.1", "--main_process_port", str(_free_port()), "--num_processes", "2", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "crossinit_cli", "learn", "--batch", str(manifest), "--fast",
+        "--model", str(tiny_model),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1, done.stderr[-3000:]  # accelerate's status for its process's 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: accelerate launch --cpu started this process alone, in no process group with the others it was "
+        "launched with (that takes mpirun), so each would learn the whole batch; launch with --multi_gpu instead "
+        "(on a machine without GPUs its processes run on the CPU), or run crossinit without it"
+    ]
+    assert not (rhome / "identities").exists() or Library(rhome).list() == []
