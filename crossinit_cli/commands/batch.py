@@ -3,8 +3,9 @@
 A manifest is a CSV file (one identity a row) or a folder of folders (one identity a subfolder, named
 for it, holding its photos). accelerate's process state hands each process its share of the rows
 (`split_between_processes`); each process loads the model once and learns its identities one at a
-time, writing each into the shared library as it finishes (the library's lock makes that safe). Without
-`accelerate launch` there is one process, which learns them all.
+time, writing each into the shared library as it finishes (the library's lock makes that safe). The
+processes may be on several machines (`--num_machines`, one library folder they all see; docs/batch.md).
+Without `accelerate launch` there is one process, which learns them all.
 
 CSV columns: `name` and `photos` (required; photos separated by `;`, each a file or a folder, relative
 to the CSV's folder), and optionally `mode` (fast/full), `steps`, `lr`, `batch_size`, `reg_weight`,
