@@ -28,6 +28,14 @@ def _people(root: Path, names: dict[str, str]) -> Path:
     return root
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_csv_manifest_rows_override_defaults(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"")
     manifest = tmp_path / "people.csv"
@@ -93,7 +101,7 @@ def test_batch_spreads_over_two_accelerate_processes(tiny_model: Path, home: Pat
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         "-m", "crossinit_cli", "learn", "--batch", str(people), "--fast", "--steps", "2",
         "--model", str(tiny_model), "--quiet", "--json",
     ]  # fmt: skip

@@ -3,8 +3,9 @@
 A manifest is a CSV file (one identity a row) or a folder of folders (one identity a subfolder, named
 for it, holding its photos). accelerate's process state hands each process its share of the rows
 (`split_between_processes`); each process loads the model once and learns its identities one at a
-time, writing each into the shared library as it finishes (the library's lock makes that safe). Without
-`accelerate launch` there is one process, which learns them all.
+time, writing each into the shared library as it finishes (the library's lock makes that safe). The
+processes may be on several machines (`--num_machines`, one library folder they all see; docs/batch.md).
+Without `accelerate launch` there is one process, which learns them all.
 
 CSV columns: `name` and `photos` (required; photos separated by `;`, each a file or a folder, relative
 to the CSV's folder), and optionally `mode` (fast/full), `steps`, `lr`, `batch_size`, `reg_weight`,
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,10 @@ if TYPE_CHECKING:
 COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align")
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off", ""}
+# How long a process that has finished its share waits for the others at the batch's end (where the
+# summary is gathered). torch's default, 30 minutes, ended every process of a batch whose shares differ by
+# more than that (one identity in full mode left on a slower machine): the finished ones crashed waiting.
+WAIT_FOR_OTHERS = timedelta(days=7)
 
 
 @dataclass
@@ -172,23 +179,17 @@ def learn_batch(
 ) -> int:
     """`learn --batch MANIFEST`: every identity of the manifest not yet stored, spread over the processes
     of `accelerate launch`, one model load per process."""
-    from accelerate import PartialState
-
     from crossinit_cli import devices
 
     jobs = read_manifest(manifest, defaults)
     quiet, model_id = run.quiet, run.model
     placement = devices.resolve(run.device, run.dtype, training=True)
-    # accelerate forms a CPU process group (gloo) only when told the processes run on the CPU.
-    state = PartialState(cpu=placement.device == "cpu")
-    if state.num_processes > 1 and state.device.type == "cuda":
-        import torch
-
-        torch.cuda.set_device(state.device)  # one GPU per process, as accelerate assigned them
+    state = _process_state(cpu=placement.device == "cpu")
     main = state.is_main_process
     todo, skipped = _to_learn(library, jobs, force)
     # Every process must agree on the list before any of them adds to the library.
-    state.wait_for_everyone()
+    with _with_the_others(state):
+        state.wait_for_everyone()
     if main and not quiet:
         ui.info(
             f"{len(todo)} identit{'y' if len(todo) == 1 else 'ies'} to learn over {state.num_processes} "
@@ -211,15 +212,63 @@ def learn_batch(
                     f"[{state.process_index}] {escape(job.name)}: {outcome.status} {escape(outcome.detail)}".rstrip()
                 )
 
-    results = _all_outcomes(state, jobs, skipped, outcomes)
+    with _with_the_others(state):
+        results = _all_outcomes(state, jobs, skipped, outcomes)
     failed = sum(r["status"] == "failed" for r in results)
     code = 1 if failed and failed == len(results) else EXIT_PARTIAL if failed else 0
     if main:
         _report(results, as_json=run.as_json)
         if failed:  # the summary line (and for all failed, exit 1 as for one identity)
             ui.warn(f"{failed} of {len(results)} identities failed (exit status {code}; see the table for each)")
-    state.wait_for_everyone()
+    with _with_the_others(state):
+        state.wait_for_everyone()
     return code
+
+
+def _process_state(*, cpu: bool) -> Any:
+    """accelerate's state of this process (its index, how many there are), in the process group that
+    `accelerate launch` set up, if any: one machine's processes or several machines'."""
+    from accelerate import PartialState
+
+    # accelerate forms a CPU process group (gloo) only when told the processes run on the CPU. The
+    # timeout is every collective's, the last one included: the wait of a process that finished early.
+    state = PartialState(cpu=cpu, timeout=WAIT_FOR_OTHERS)
+    if state.num_processes == 1 and _launched_for_several():
+        raise CrossinitError(
+            "accelerate launch --cpu started this process alone, in no process group with the others it was "
+            "launched with (that takes mpirun), so each would learn the whole batch; launch with --multi_gpu "
+            "instead (on a machine without GPUs its processes run on the CPU), or run crossinit without it"
+        )
+    if state.num_processes > 1 and state.device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(state.device)  # one GPU per process, as accelerate assigned them
+    return state
+
+
+def _launched_for_several() -> bool:
+    """Whether `accelerate launch --cpu` meant this process as one of several: for more than one process or
+    machine it sets the main process's address (MASTER_ADDR), but without mpirun no group forms (a launch
+    through torchrun, --multi_gpu, sets WORLD_SIZE)."""
+    env = os.environ
+    return env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+
+
+@contextmanager
+def _with_the_others(state: Any) -> Iterator[None]:
+    """A step all the batch's processes take together. One of them gone (killed, its machine down) or
+    hung past WAIT_FOR_OTHERS is a one-line error here, not torch's traceback."""
+    try:
+        yield
+    except RuntimeError as exc:  # what gloo and NCCL raise (torch.distributed.DistError among them)
+        if state.num_processes == 1:
+            raise
+        # gloo starts its messages with its source file ("[.../pair.cc:553] Connection closed by peer ...").
+        said = re.sub(r"^\[[^\]]*\]\s*", "", library_text(exc, 400)).split(". ")[0]
+        raise CrossinitError(
+            f"another process of this batch stopped or stopped answering ({said}); every identity finished "
+            "is in the library: run the same command again on every machine to learn the rest"
+        ) from None
 
 
 def _to_learn(library: Library, jobs: list[BatchEntry], force: bool) -> tuple[list[BatchEntry], list[Outcome]]:

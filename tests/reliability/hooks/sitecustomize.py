@@ -12,6 +12,9 @@ from C, out of reach of these wrappers: what is counted of the catalog is each t
     CROSSINIT_FAULT=kill-before:N     SIGKILL this process just before the N-th counted call
     CROSSINIT_FAULT=hang-before:N:F   just before the N-th counted call, create F and sleep forever
     CROSSINIT_FAULT=errno:NAME        every counted call fails with OSError(errno.NAME) (EROFS, ENOSPC ...)
+    CROSSINIT_FAULT=collective-timeout:S   in a process started by `accelerate launch` (LOCAL_RANK set),
+                                      torch.distributed's default collective timeout (30 minutes) becomes
+                                      S seconds, so a test can wait longer than the default would allow
 
 SIGKILL is what `kill -9` sends: no finally blocks, no atexit, nothing flushed; the OS releases flocks.
 """
@@ -77,7 +80,16 @@ def _wrap(name: str, op: str) -> None:
 
 _real_open = builtins.open
 
-if _SPEC:
+if _SPEC.startswith("collective-timeout:"):
+    if "LOCAL_RANK" in os.environ:  # a worker, not the launcher: its own rendezvous keeps its timeouts
+        from datetime import timedelta
+
+        import torch.distributed.constants as _constants
+        import torch.distributed.distributed_c10d as _c10d
+
+        _short = timedelta(seconds=float(_SPEC.partition(":")[2]))
+        _constants.default_pg_timeout = _c10d.default_pg_timeout = _short
+elif _SPEC:
     _real_os_open = os.open
 
     def _opened(path: object) -> str:
