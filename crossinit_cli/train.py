@@ -260,7 +260,7 @@ def norms(learned: torch.Tensor, init: torch.Tensor, table: torch.Tensor, token_
 
     keep = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
     keep[token_ids] = False
-    vocabulary = torch.linalg.vector_norm(table[keep].float(), dim=1).mean()
+    vocabulary = torch.linalg.vector_norm(table, dim=1, dtype=torch.float32)[keep].mean()  # no copy of the table
     return {
         "init": [round(float(n), 4) for n in torch.linalg.vector_norm(init.float(), dim=1)],
         "learned": [round(float(n), 4) for n in torch.linalg.vector_norm(learned.float(), dim=1)],

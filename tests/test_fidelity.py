@@ -191,6 +191,11 @@ def test_a_resumed_run_keeps_the_size_conditioning_it_started_with(
     assert run is not None and run.step == 2
     started = faces.align_face(ASTRONAUT, 64).size_condition(64).to_record()
     assert run.settings["size_conditioning"] == [started]
+    damaged = {**run.settings, "size_conditioning": [{"original_size": "large"}]}
+    checkpoint._write_json(run.path / checkpoint.RUN, damaged)
+    result = cli("learn", "--resume", "alice", "--quiet")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "the checkpoint of 'alice' is damaged" in result.stderr and not library.exists("alice")
     # What the checkpoint says is what the rest of the run uses, whatever the photo would give today.
     kept = {"original_size": [123, 123], "crops_coords_top_left": [0, 0]}
     checkpoint._write_json(run.path / checkpoint.RUN, {**run.settings, "size_conditioning": [kept]})

@@ -364,7 +364,15 @@ def _size_conditions(trainer: Trainer, job: LearnJob) -> list[SizeCondition] | N
         return None
     if job.resume is not None:
         saved = job.resume[0].settings.get("size_conditioning")
-        return None if saved is None else [SizeCondition.from_record(raw) for raw in saved]
+        try:
+            sizes = None if saved is None else [SizeCondition.from_record(raw) for raw in saved]
+        except (KeyError, TypeError, ValueError):
+            sizes = []
+        if sizes is not None and len(sizes) != len(job.crops):
+            raise CrossinitError(
+                f"the checkpoint of {job.name!r} is damaged (its size conditioning); `crossinit remove {job.name}`"
+            )
+        return sizes
     size = job.train_config.resolution or trainer.resolution
     return [crop.size_condition(size) for crop in job.crops]
 
