@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from crossinit_cli.errors import CrossinitError
+from crossinit_cli.families import SizeCondition
 
 SUPPORTED_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 """Suffixes picked up when a folder is given; files named one by one are tried whatever their suffix."""
@@ -71,6 +72,25 @@ class FaceCrop:
     image: Image.Image  # RGB, size x size
     box: tuple[int, int, int, int]  # face box in the (EXIF-transposed) source: left, top, right, bottom
     faces_found: int  # how many faces the detector saw in that photo (0 with align=False)
+    photo_size: tuple[int, int] = (0, 0)  # the (EXIF-transposed) source's width and height
+    region_side: float = 0.0  # the side, in source pixels, of the square the image was cut from
+    aligned: bool = True  # an FFHQ face crop; False: the photo's centre square (`box`), --no-align
+
+    def size_condition(self, size: int) -> SizeCondition:
+        """SDXL's `original_size` and `crops_coords_top_left` for this image trained at `size` px.
+
+        An aligned face: the square it was cut from is the original, whole (crop 0, 0), as a face file of
+        that size would be in diffusers' SDXL textual-inversion example: a face found 300 px wide in the
+        photo says 300 x 300, so SDXL puts the blur of its upscaling on the size, not on the identity.
+        --no-align: the photo is the original and the centre square its crop, at the crop's offset scaled to
+        `size`, as diffusers' SDXL text-to-image example conditions a centre crop. A flipped image keeps
+        the values (both examples flip after taking them)."""
+        side = self.region_side or float(size)
+        if self.aligned:
+            return SizeCondition((round(side), round(side)))
+        scale = size / side
+        width, height = self.photo_size
+        return SizeCondition((height, width), (round(self.box[1] * scale), round(self.box[0] * scale)))
 
 
 @dataclass(frozen=True)
@@ -187,8 +207,8 @@ def align_face(path: Path, size: int = 512, *, align: bool = True) -> FaceCrop:
     # 5-point order: 0-1 corners of the eye on the image's right, 2-3 of the eye on its left, 4 nose.
     eye_right = points[0:2].mean(axis=0)
     eye_left = points[2:4].mean(axis=0)
-    crop = _ffhq_crop(img, eye_left, eye_right, points[4], size)
-    return FaceCrop(source=path, image=crop, box=box, faces_found=count)
+    crop, side = _ffhq_crop(img, eye_left, eye_right, points[4], size)
+    return FaceCrop(source=path, image=crop, box=box, faces_found=count, photo_size=img.size, region_side=side)
 
 
 def align_faces(
@@ -473,13 +493,14 @@ def _center_crop(path: Path, img: Image.Image, size: int) -> FaceCrop:
     left, top = (img.width - side) // 2, (img.height - side) // 2
     box = (left, top, left + side, top + side)
     crop = img.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-    return FaceCrop(source=path, image=crop, box=box, faces_found=0)
+    return FaceCrop(path, crop, box, 0, photo_size=img.size, region_side=float(side), aligned=False)
 
 
 def _ffhq_crop(
     img: Image.Image, eye_left: np.ndarray, eye_right: np.ndarray, nose: np.ndarray, size: int
-) -> Image.Image:
-    """FFHQ's alignment (Karras et al., ffhq-dataset's recreate_aligned_images), from 5 points.
+) -> tuple[Image.Image, float]:
+    """FFHQ's alignment (Karras et al., ffhq-dataset's recreate_aligned_images), from 5 points: the crop,
+    and the side of the square it was cut from, in the photo's pixels.
 
     FFHQ takes the oriented square centred a tenth of the way from the eyes to the mouth, of side
     4 x max(eye distance, 0.9 x eye-to-mouth distance). Our mouth is estimated from the nose, and the
@@ -524,7 +545,7 @@ def _ffhq_crop(
     out = region.transform((work, work), Image.Transform.QUAD, tuple(corners.flatten()), Image.Resampling.BICUBIC)
     if work != size:
         out = out.resize((size, size), Image.Resampling.LANCZOS)
-    return out
+    return out, float(side)
 
 
 def _reflect_pad(region: Image.Image, pads: tuple[int, int, int, int], blur: float) -> Image.Image:

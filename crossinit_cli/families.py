@@ -328,6 +328,35 @@ def read_hidden(spec: EncoderSpec, text_encoder: Any, ids: torch.Tensor) -> Any:
     return output.last_hidden_state, output
 
 
+@dataclass(frozen=True)
+class SizeCondition:
+    """SDXL's size and crop micro-conditioning of one training image (`original_size`,
+    `crops_coords_top_left`), in pixels, (height, width) and (top, left) as diffusers orders them.
+
+    `faces.size_condition` gives a photo's (docs/method.md#sdxls-size-and-crop-conditioning)."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def native(cls, size: int) -> SizeCondition:
+        """What the SDXL pipeline samples with by default: an uncropped original of the target size."""
+        return cls((size, size))
+
+    def time_ids(self, size: int) -> list[int]:
+        """The six time ids of a `size` x `size` target, as diffusers' `_get_add_time_ids` lays them out."""
+        return [*self.original_size, *self.crop_top_left, size, size]
+
+    def to_record(self) -> dict[str, list[int]]:
+        return {"original_size": list(self.original_size), "crops_coords_top_left": list(self.crop_top_left)}
+
+    @classmethod
+    def from_record(cls, raw: dict[str, Any]) -> SizeCondition:
+        height, width = (int(v) for v in raw["original_size"])
+        top, left = (int(v) for v in raw["crops_coords_top_left"])
+        return cls((height, width), (top, left))
+
+
 def conditioning(
     family: Family, pairs: list[tuple[Slot, torch.Tensor]], size: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
@@ -335,7 +364,8 @@ def conditioning(
 
     `pairs` holds each encoder's caption ids [b, 77]. SD 1.x/2.x: the one encoder's last_hidden_state.
     SDXL: both encoders' hidden_states[-2] concatenated along the width, plus encoder 2's projected pooled
-    output and the time ids (original size = target size = `size`, crop 0, 0).
+    output and the pipeline's default time ids (original size = target size = `size`, crop 0, 0); training
+    replaces them with each photo's (`SizeCondition`).
     """
     import torch
 
@@ -347,7 +377,8 @@ def conditioning(
         return states[0], None
     pooled = last_output.text_embeds
     batch = pooled.shape[0]
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=pooled.device, dtype=pooled.dtype)
+    ids = SizeCondition.native(size).time_ids(size)
+    time_ids = torch.tensor([ids], device=pooled.device, dtype=pooled.dtype)
     return torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.expand(batch, -1)}
 
 

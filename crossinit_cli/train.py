@@ -20,9 +20,11 @@ What differs is only how fast the same numbers come out:
   CPU; PyTorch SDPA attention in the UNet and the text encoder.
 
 SDXL (families.py) has two text encoders: each gets its own two rows and its own start, the regulariser
-averages over all four rows, and the UNet also takes encoder 2's pooled embedding and the size/crop time
-ids (`condition`). Its 2.6B-parameter UNet runs with gradient checkpointing, so that batch 8 at 1024 px
-fits a 24 GB GPU; its VAE encodes in fp32, as every family's does here (it overflows in fp16).
+is the official one per encoder, summed (`regulariser_all`), and the UNet also takes encoder 2's pooled
+embedding and each photo's size/crop time ids (`condition`, `photo_time_ids`). Its 2.6B-parameter UNet runs
+with gradient checkpointing, so that batch 8 at 1024 px fits a 24 GB GPU; diffusers >= 0.32 checkpoints
+with the UNet in eval mode (0.30-0.31 only in train mode). Its VAE encodes in fp32, as every family's does
+here (it overflows in fp16).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from crossinit_cli.devices import Placement
-    from crossinit_cli.families import Family, Slot
+    from crossinit_cli.families import Family, SizeCondition, Slot
 
 # diffusers' textual-inversion `imagenet_templates_small`; the official code repeats it with "an
 # illustration of" and "a depiction of" in place of "a photo of" (81 captions, duplicates kept).
@@ -195,6 +197,8 @@ class TrainResult:
     """Every text encoder's (learned, init) by its key (families.EncoderSpec.key); learned/init are the first's."""
     snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # step -> {name: [2, width]}
     snapshot_losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss of the steps before it
+    norms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per encoder key: the init's and the learned rows' L2 norms and the vocabulary's mean row norm (`norms`)."""
 
 
 def model_resolution(unet: Any, vae: Any) -> int:
@@ -227,14 +231,41 @@ def regulariser(rows: torch.Tensor, start: torch.Tensor, weight: float) -> torch
 
 
 def regulariser_all(rows: Sequence[torch.Tensor], starts: Sequence[torch.Tensor], weight: float) -> torch.Tensor:
-    """The regulariser over every encoder's rows (SDXL: 2 + 2), each against its own start, averaged."""
-    import torch
-    import torch.nn.functional as F
+    """The official regulariser on each encoder's rows against its own start, summed over the encoders.
 
-    if len(rows) == 1:
-        return regulariser(rows[0], starts[0], weight)
-    distances = torch.cat([F.pairwise_distance(r, s, p=2) for r, s in zip(rows, starts)])
-    return weight * distances.mean()
+    Each row keeps the official weight λ/2 (the mean over its encoder's two rows): SDXL's four rows are
+    not averaged together, which would give each λ/4. One encoder: exactly `regulariser`."""
+    total = regulariser(rows[0], starts[0], weight)
+    for row, start in zip(rows[1:], starts[1:]):
+        total = total + regulariser(row, start, weight)
+    return total
+
+
+def photo_time_ids(sizes: Sequence[SizeCondition] | None, photos: int, size: int) -> list[list[int]]:
+    """SDXL's time ids of each latent row (`_Latents`: the photos, then their mirror images): every photo's
+    own `SizeCondition`, kept by its mirror image; without `sizes`, the pipeline's default for all."""
+    from crossinit_cli.families import SizeCondition
+
+    if sizes is not None and len(sizes) != photos:
+        raise CrossinitError(f"{len(sizes)} size conditions for {photos} photos")
+    conditions = list(sizes) if sizes is not None else [SizeCondition.native(size)] * photos
+    each = [c.time_ids(size) for c in conditions]
+    return each + each
+
+
+def norms(learned: torch.Tensor, init: torch.Tensor, table: torch.Tensor, token_ids: list[int]) -> dict[str, Any]:
+    """One encoder's row norms, to compare a family's training against SD 2.1's: the init's and the learned
+    rows' L2 norms, and the mean L2 norm of the token table's rows other than the placeholders."""
+    import torch
+
+    keep = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
+    keep[token_ids] = False
+    vocabulary = torch.linalg.vector_norm(table, dim=1, dtype=torch.float32)[keep].mean()  # no copy of the table
+    return {
+        "init": [round(float(n), 4) for n in torch.linalg.vector_norm(init.float(), dim=1)],
+        "learned": [round(float(n), 4) for n in torch.linalg.vector_norm(learned.float(), dim=1)],
+        "vocabulary_mean": round(float(vocabulary), 4),
+    }
 
 
 def condition(
@@ -320,10 +351,12 @@ def run(
     config: TrainConfig,
     placement: Placement,
     hooks: RunHooks = RunHooks(),
+    sizes: Sequence[SizeCondition] | None = None,
 ) -> TrainResult:
     """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width]
     (one init per text encoder for SDXL). Each phase's docstring names its paper step
-    (docs/method.md#the-steps-and-where-they-are).
+    (docs/method.md#the-steps-and-where-they-are). `sizes` are SDXL's size conditions of the crops, one per
+    crop (`faces.FaceCrop.size_condition`); without them every crop claims an original of the training size.
 
     The modules are moved to the placement's device (the UNet also cast to its dtype); each text encoder
     keeps the two new tokens with the learned rows. Same seed, device and inputs give the same rows. Raises
@@ -341,6 +374,7 @@ def run(
     setup = _setup(parts, config, placement)
     loop = _Loop.start(config.seed, setup.device)  # seeded first; a resume restores their states
     data = encode_crops(parts.vae, crops, setup)
+    data = replace(data, time_ids=_time_ids_tensor(setup, sizes, len(crops)))
     encode_s = time.perf_counter() - started
     model = _model(parts, setup, init)
     optimiser = _optimiser(model.rows, config, placement, setup)
@@ -395,6 +429,16 @@ class _Latents:
     std: torch.Tensor
     scaling: float
     photos: int  # row i + photos is photo i mirrored
+    time_ids: torch.Tensor | None = None  # SDXL: each row's time ids [2 * photos, 6] (`photo_time_ids`)
+
+
+def _time_ids_tensor(setup: _Setup, sizes: Sequence[SizeCondition] | None, photos: int) -> torch.Tensor | None:
+    import torch
+
+    if not setup.family.time_ids:
+        return None
+    rows = photo_time_ids(sizes, photos, setup.size)
+    return torch.tensor(rows, device=setup.device, dtype=torch.float32)
 
 
 def encode_crops(vae: Any, crops: Sequence[Image.Image], setup: _Setup) -> _Latents:
@@ -458,6 +502,8 @@ def _freeze_unet(unet: Any, setup: _Setup) -> None:
 
     unet.requires_grad_(False).eval().to(setup.device)
     if setup.family.checkpointing:  # SDXL's UNet: recompute activations in backward instead of holding them all
+        # In eval mode: diffusers >= 0.32 checkpoints whenever grad is enabled (0.30-0.31 only in train mode,
+        # hence the floor in pyproject.toml; tests/test_fidelity.py counts the recomputed blocks).
         unet.enable_gradient_checkpointing()
     if unet.dtype != setup.compute:  # frozen, so its weights can live in the compute dtype (as diffusers' example does)
         unet.to(dtype=setup.compute)
@@ -585,6 +631,8 @@ def _step(loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, set
     with optimiser.autocast:
         conditioning = condition(setup.family, model.slots, [c[distinct] for c in model.captions], setup.size)
         states, added = _gather(conditioning, inverse, setup.compute)
+        if added is not None:  # SDXL: each item's own photo's size and crop (a batch mixes photos)
+            added["time_ids"] = data.time_ids[index].to(setup.compute)
         prediction = model.unet(noisy.to(setup.compute), t, states, added_cond_kwargs=added).sample
     reg = regulariser_all(model.rows, model.starts, setup.config.reg_weight)
     loss = F.mse_loss(prediction.float(), target.float()) + reg
@@ -634,11 +682,12 @@ class _Timing:
 
 
 def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> TrainResult:
-    """Result: the learned rows, also written into each text encoder's table."""
+    """Result: the learned rows, also written into each text encoder's table, and every encoder's norms."""
     import numpy as np
     import torch
 
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    encoder_norms: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         for slot, ids, learned, begin in zip(model.slots, model.token_ids, model.rows, model.starts):
             table = slot.text_encoder.get_input_embeddings().weight
@@ -647,6 +696,7 @@ def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> Train
                 learned.detach().float().cpu().numpy().astype(np.float32),
                 begin.cpu().numpy().astype(np.float32),
             )
+            encoder_norms[slot.spec.key] = norms(learned.detach(), begin, table, ids)
     config, losses = setup.config, loop.losses
     window = losses[-FINAL_LOSS_WINDOW:]
     first_learned, first_init = next(iter(parts.values()))
@@ -666,6 +716,7 @@ def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> Train
         parts=parts,
         snapshots={k: {n: t.numpy().astype(np.float32) for n, t in v.items()} for k, v in loop.snapshots.items()},
         snapshot_losses={k: _window_mean(losses[:k]) for k in loop.snapshots},
+        norms=encoder_norms,
     )
 
 

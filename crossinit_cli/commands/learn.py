@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from crossinit_cli.config import RunOptions
     from crossinit_cli.devices import Placement
     from crossinit_cli.faces import FaceCrop
+    from crossinit_cli.families import SizeCondition
     from crossinit_cli.train import Progress, TrainConfig, TrainResult
 
 SNAPSHOT_EVERY = {"full": 40, "fast": None}
@@ -326,10 +327,11 @@ def train_and_store(library: Library, trainer: Trainer, job: LearnJob) -> tuple[
     if not job.quiet:
         _announce(trainer, job, len(images))
     run, state = job.resume if job.resume is not None else (None, None)
+    sizes = _size_conditions(trainer, job)
     if job.resumable and run is None:
-        run = _start_checkpoint(library, trainer, job, images)
-    result = _train(trainer, job, images, run, state)
-    identity = _identity(trainer, job, result, state)
+        run = _start_checkpoint(library, trainer, job, images, sizes)
+    result = _train(trainer, job, (images, sizes), run, state)
+    identity = _identity(trainer, job, result, state, sizes)
     with ui.timed("library write"):
         learned, init = _stored_vectors(trainer.family, result)
         target = library.add(identity, learned, init, crops=images, force=job.force, snapshots=result.snapshots)
@@ -352,6 +354,29 @@ def _training_images(trainer: Trainer, job: LearnJob) -> list[Any]:
     return [c.image for c in crops]
 
 
+def _size_conditions(trainer: Trainer, job: LearnJob) -> list[SizeCondition] | None:
+    """SDXL's size and crop conditioning of each photo (`faces.FaceCrop.size_condition`); None for a family
+    without it. A resumed run takes the values it started with, from its checkpoint (a run started before
+    they were kept: none, the training size, as it began)."""
+    from crossinit_cli.families import SizeCondition
+
+    if not trainer.family.time_ids:
+        return None
+    if job.resume is not None:
+        saved = job.resume[0].settings.get("size_conditioning")
+        try:
+            sizes = None if saved is None else [SizeCondition.from_record(raw) for raw in saved]
+        except (KeyError, TypeError, ValueError):
+            sizes = []
+        if sizes is not None and len(sizes) != len(job.crops):
+            raise CrossinitError(
+                f"the checkpoint of {job.name!r} is damaged (its size conditioning); `crossinit remove {job.name}`"
+            )
+        return sizes
+    size = job.train_config.resolution or trainer.resolution
+    return [crop.size_condition(size) for crop in job.crops]
+
+
 def _announce(trainer: Trainer, job: LearnJob, photos: int) -> None:
     config, placement = job.train_config, trainer.placement
     size = config.resolution or trainer.resolution
@@ -362,8 +387,11 @@ def _announce(trainer: Trainer, job: LearnJob, photos: int) -> None:
     )
 
 
-def _start_checkpoint(library: Library, trainer: Trainer, job: LearnJob, images: list[Any]) -> Any:
-    """A checkpoint.Run holding the job's settings and images, so `learn --resume` can continue it."""
+def _start_checkpoint(
+    library: Library, trainer: Trainer, job: LearnJob, images: list[Any], sizes: list[SizeCondition] | None
+) -> Any:
+    """A checkpoint.Run holding the job's settings, images and size conditions, so `learn --resume` can
+    continue it with the same."""
     from crossinit_cli import checkpoint
 
     placement = trainer.placement
@@ -379,19 +407,24 @@ def _start_checkpoint(library: Library, trainer: Trainer, job: LearnJob, images:
         "photos": [str(p) for p in job.paths],
         "snapshot_every": job.snapshot_every,
         "train": asdict(job.train_config),
+        **({"size_conditioning": [c.to_record() for c in sizes]} if sizes is not None else {}),
     }
     return checkpoint.start(library.home, settings, images)
 
 
-def _train(trainer: Trainer, job: LearnJob, images: list[Any], run: Any, state: dict[str, Any] | None) -> TrainResult:
-    """train.run with the progress display; a failed run's checkpoint is dropped, a Ctrl-C'd one kept."""
+def _train(
+    trainer: Trainer, job: LearnJob, photos: tuple[list[Any], Any], run: Any, state: dict[str, Any] | None
+) -> TrainResult:
+    """train.run on `photos` (the images and their size conditions) with the progress display; a failed run's
+    checkpoint is dropped, a Ctrl-C'd one kept."""
     from crossinit_cli import train
 
+    images, sizes = photos
     parts = train.ModelParts.of_pipeline(trainer.pipe, trainer.family, trainer.slots)
     try:
         with ui.timed("training"), _progress_display(job.quiet) as progress:
             hooks = train.RunHooks(progress, job.snapshot_every, run.save if run is not None else None, state)
-            return train.run(parts, images, trainer.init, job.train_config, trainer.placement, hooks)
+            return train.run(parts, images, trainer.init, job.train_config, trainer.placement, hooks, sizes)
     except CrossinitError:
         if run is not None:  # diverged or out of memory: the same settings would fail the same way
             run.discard()
@@ -405,9 +438,17 @@ def _train(trainer: Trainer, job: LearnJob, images: list[Any], run: Any, state: 
         ) from None
 
 
-def _identity(trainer: Trainer, job: LearnJob, result: TrainResult, state: dict[str, Any] | None) -> Identity:
-    """The identity's metadata: its model, and how it was trained."""
+def _identity(
+    trainer: Trainer,
+    job: LearnJob,
+    result: TrainResult,
+    state: dict[str, Any] | None,
+    sizes: list[SizeCondition] | None,
+) -> Identity:
+    """The identity's metadata: its model, and how it was trained (with every encoder's norms and, on SDXL,
+    each photo's size conditioning)."""
     config = job.train_config
+    conditioned = [{"photo": p.name, **c.to_record()} for p, c in zip(job.paths, sizes)] if sizes else None
     return Identity(
         name=job.name,
         tokens=int(result.learned.shape[0]),
@@ -431,6 +472,8 @@ def _identity(trainer: Trainer, job: LearnJob, result: TrainResult, state: dict[
             "photos": [p.name for p in job.paths],
             "resolution": result.resolution,
             "aligned": job.align,
+            "norms": result.norms,
+            **({"size_conditioning": conditioned} if conditioned else {}),
             **({"resumed_at": int(state["step"])} if state else {}),
         },
         snapshots=[{"step": step, "loss": result.snapshot_losses[step]} for step in result.snapshots],

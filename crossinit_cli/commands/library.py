@@ -191,13 +191,20 @@ def show_identity(library: Library, name: str, *, as_json: bool) -> int:
             table.add_row(key, escape(_snapshot_summary(value, ident.active_step)))
         elif isinstance(value, dict):
             for sub, subvalue in value.items():
-                table.add_row(f"{key}.{sub}", escape(str(subvalue)))
+                table.add_row(f"{key}.{sub}", escape(_nested(subvalue)))
         elif isinstance(value, list):
             table.add_row(key, escape(", ".join(map(str, value))))
         else:
             table.add_row(key, escape(str(value)))
     ui.out().print(table)
     return 0
+
+
+def _nested(value: Any) -> str:
+    """A record's value on one line: nested tables (training.norms, training.size_conditioning) as compact JSON."""
+    if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 @dataclass(frozen=True)
