@@ -8,7 +8,7 @@ time, writing each into the shared library as it finishes (the library's lock ma
 
 CSV columns: `name` and `photos` (required; photos separated by `;`, each a file or a folder, relative
 to the CSV's folder), and optionally `mode` (fast/full), `steps`, `lr`, `batch_size`, `reg_weight`,
-`seed`, `align` (true/false) overriding the command line's values for that row.
+`seed`, `align` (true/false), `clip_skip` overriding the command line's values for that row.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from crossinit_cli.store import Library, name_key, validate_name
 if TYPE_CHECKING:
     from crossinit_cli.config import RunOptions
 
-COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align")
+COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align", "clip_skip")
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off", ""}
 
@@ -51,6 +51,7 @@ class BatchEntry:
     reg_weight: float | None
     seed: int
     align: bool
+    clip_skip: int = 1
 
 
 @dataclass
@@ -122,6 +123,7 @@ def _read_csv(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
                     reg_weight=_number(row, "reg_weight", float),
                     seed=_number(row, "seed", int),
                     align=_flag(row, "align"),
+                    clip_skip=_number(row, "clip_skip", int),
                 )
             )
         except (ValueError, CrossinitError) as exc:
@@ -158,6 +160,8 @@ def _job(defaults: BatchEntry, **values: Any) -> BatchEntry:
     merged["name"] = validate_name(merged["name"])
     if merged["mode"] not in ("fast", "full"):
         raise CrossinitError(f"mode must be fast or full, not {merged['mode']!r}")
+    if merged["clip_skip"] < 1:
+        raise CrossinitError(f"clip_skip must be 1 (the last layer) or more, not {merged['clip_skip']}")
     return BatchEntry(**merged)
 
 
@@ -176,7 +180,7 @@ def learn_batch(
 
     from crossinit_cli import devices
 
-    jobs = read_manifest(manifest, defaults)
+    jobs = _checked_manifest(manifest, defaults, run.model)
     quiet, model_id = run.quiet, run.model
     placement = devices.resolve(run.device, run.dtype, training=True)
     # accelerate forms a CPU process group (gloo) only when told the processes run on the CPU.
@@ -220,6 +224,17 @@ def learn_batch(
             ui.warn(f"{failed} of {len(results)} identities failed (exit status {code}; see the table for each)")
     state.wait_for_everyone()
     return code
+
+
+def _checked_manifest(manifest: Path, defaults: BatchEntry, model_id: str) -> list[BatchEntry]:
+    """The manifest's jobs, each clip skip checked against the model's configs: SDXL with a clip skip is one
+    line before any model load."""
+    from crossinit_cli.commands.learn import check_peeked_clip_skip
+
+    jobs = read_manifest(manifest, defaults)
+    for clip_skip in sorted({job.clip_skip for job in jobs}):
+        check_peeked_clip_skip(model_id, clip_skip)
+    return jobs
 
 
 def _to_learn(library: Library, jobs: list[BatchEntry], force: bool) -> tuple[list[BatchEntry], list[Outcome]]:
@@ -274,6 +289,7 @@ class _Learner:
                 batch_size=job.batch_size,
                 reg_weight=job.reg_weight,
                 seed=job.seed,
+                clip_skip=job.clip_skip,
             )
             gathered = faces.gather_photos(job.photos)
             paths = gathered.photos
