@@ -300,3 +300,18 @@ def test_sdxl_refuses_a_clip_skip_in_one_line_before_loading(
     assert gen.exit_code == 1 and len(gen.stderr.strip().splitlines()) == 1 and "SD 1.x and SD 2.x" in gen.stderr
     assert loads == []
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_batch_row_takes_its_own_clip_skip(cli, library: Library, tiny_sd1: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "people.csv"
+    manifest.write_text(f"name,photos,clip_skip\nann,{ASTRONAUT},2\nbea,{ASTRONAUT},\n", encoding="utf-8")
+    args = ("learn", "--batch", manifest, "--fast", *CHEAP, "--model", tiny_sd1, "--quiet", "--json")
+    result = cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert [r["status"] for r in json.loads(result.stdout)] == ["learned", "learned"]
+    assert (library.get("ann").clip_skip, library.get("bea").clip_skip) == (2, 1)
+    pipe = load_pipeline(str(tiny_sd1))
+    with torch.no_grad():
+        at_2, at_1 = (_reference_init(pipe.tokenizer, pipe.text_encoder, skip=n).numpy() for n in (2, 1))
+    np.testing.assert_allclose(library.vectors("ann").init, at_2, atol=1e-5)
+    np.testing.assert_allclose(library.vectors("bea").init, at_1, atol=1e-5)
