@@ -74,7 +74,6 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     odd_faces = check_photos(crops, align=request.align, strict=request.strict)
     # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
     check_model_reference(model_id)
-
     check_peeked_clip_skip(model_id, train_config.clip_skip)  # SD3, Flux, SDXL with a clip skip...: before loading
     report_photos(gathered, odd_faces, quiet=run.quiet)
 
