@@ -165,6 +165,17 @@ def _job(defaults: BatchEntry, **values: Any) -> BatchEntry:
     return BatchEntry(**merged)
 
 
+def _checked_manifest(manifest: Path, defaults: BatchEntry, model_id: str) -> list[BatchEntry]:
+    """The manifest's jobs, each clip skip checked against the model's configs: SDXL with a clip skip is one
+    line before any model load."""
+    from crossinit_cli.commands.learn import check_peeked_clip_skip
+
+    jobs = read_manifest(manifest, defaults)
+    for clip_skip in sorted({job.clip_skip for job in jobs}):
+        check_peeked_clip_skip(model_id, clip_skip)
+    return jobs
+
+
 def learn_batch(
     library: Library,
     manifest: Path,
@@ -224,17 +235,6 @@ def learn_batch(
             ui.warn(f"{failed} of {len(results)} identities failed (exit status {code}; see the table for each)")
     state.wait_for_everyone()
     return code
-
-
-def _checked_manifest(manifest: Path, defaults: BatchEntry, model_id: str) -> list[BatchEntry]:
-    """The manifest's jobs, each clip skip checked against the model's configs: SDXL with a clip skip is one
-    line before any model load."""
-    from crossinit_cli.commands.learn import check_peeked_clip_skip
-
-    jobs = read_manifest(manifest, defaults)
-    for clip_skip in sorted({job.clip_skip for job in jobs}):
-        check_peeked_clip_skip(model_id, clip_skip)
-    return jobs
 
 
 def _to_learn(library: Library, jobs: list[BatchEntry], force: bool) -> tuple[list[BatchEntry], list[Outcome]]:
