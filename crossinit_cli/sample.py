@@ -422,7 +422,9 @@ def encode_prompt(pipe: Any, text: str, clip_skip: int) -> Any:
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(pipe.device)
-    spec = families.of_pipeline(pipe).encoders[0]
+    family = families.of_pipeline(pipe)
+    families.check_clip_skip(family, clip_skip, families.text_layers(encoder))  # SDXL: refused, as everywhere
+    spec = family.encoders[0]
     with torch.no_grad():
         hidden, _ = families.read_hidden(spec, encoder, ids, clip_skip)
     return hidden.to(dtype=encoder.dtype)
