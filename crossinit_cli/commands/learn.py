@@ -284,16 +284,16 @@ class Trainer:
     cache_dir: Path | None = None  # where cross inits are cached (crossinit.cross_init)
     other_inits: dict[int, Any] = field(default_factory=dict)  # starts at other clip skips, by clip skip
 
-    def start(self, clip_skip: int) -> Any:
-        """The cross-init start at `clip_skip` (each computed once: a batch's rows may differ)."""
+    def at(self, clip_skip: int) -> Trainer:
+        """This trainer with its `init` at `clip_skip` (each computed once: a batch's rows may differ)."""
         from crossinit_cli import crossinit, families
 
         if clip_skip == self.init_clip_skip:
-            return self.init
+            return self
         if clip_skip not in self.other_inits:
             families.check_clip_skip(self.family, clip_skip, families.text_layers(self.slots[0].text_encoder))
             self.other_inits[clip_skip] = crossinit.cross_init_slots(self.slots, self.cache_dir, clip_skip)
-        return self.other_inits[clip_skip]
+        return replace(self, init=self.other_inits[clip_skip], init_clip_skip=clip_skip)
 
 
 def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet: bool, clip_skip: int = 1) -> Trainer:
@@ -349,6 +349,7 @@ class LearnJob:
 
 def train_and_store(library: Library, trainer: Trainer, job: LearnJob) -> tuple[Path, TrainResult]:
     """Train one identity on a loaded model and store it: the library is written once, atomically."""
+    trainer = trainer.at(job.train_config.clip_skip)  # its start at the job's clip skip
     images = _training_images(trainer, job)
     if not job.quiet:
         _announce(trainer, job, len(images))
@@ -419,8 +420,7 @@ def _train(trainer: Trainer, job: LearnJob, images: list[Any], run: Any, state: 
     try:
         with ui.timed("training"), _progress_display(job.quiet) as progress:
             hooks = train.RunHooks(progress, job.snapshot_every, run.save if run is not None else None, state)
-            init = trainer.start(job.train_config.clip_skip)
-            return train.run(parts, images, init, job.train_config, trainer.placement, hooks)
+            return train.run(parts, images, trainer.init, job.train_config, trainer.placement, hooks)
     except CrossinitError:
         if run is not None:  # diverged or out of memory: the same settings would fail the same way
             run.discard()
