@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 CATALOG = "catalog.sqlite"
-SCHEMA = 3
+SCHEMA = 4
+"""Bumped when a row's record gains a field that older rows lack (4: clip_skip), so they are read again."""
 BUSY_TIMEOUT_S = 30.0
 SORTS = ("name", "created", "likeness")
 

@@ -370,6 +370,15 @@ def learn(
             "distance 0.6 or more), instead of warning.",
         ),
     ] = False,
+    clip_skip: Annotated[
+        int,
+        typer.Option(
+            "--clip-skip",
+            min=1,
+            help="Learn at the text encoder's layer -N through its final layer norm, as A1111's Clip skip N "
+            "(1: the last layer; 2: what many SD 1.x fine-tunes are used with). SD 1.x and 2.x only.",
+        ),
+    ] = 1,
     quiet: LearnQuietOpt = False,
     snapshot_every: Annotated[
         int | None,
@@ -405,7 +414,7 @@ def learn(
     if fast and full:
         raise CrossinitError("choose one of --fast and --full")
     if resume is not None:
-        if photos or name or batch:
+        if photos or name or batch or clip_skip != 1:
             raise CrossinitError("--resume continues a run with its own photos, name and settings; give only the name")
         from crossinit_cli.commands.learn import resume_identity
 
@@ -417,7 +426,7 @@ def learn(
         from crossinit_cli.commands.batch import BatchEntry, learn_batch
 
         defaults = BatchEntry(
-            "-", [], "fast" if fast else "full", steps, lr, batch_size, reg_weight, seed, not no_align
+            "-", [], "fast" if fast else "full", steps, lr, batch_size, reg_weight, seed, not no_align, clip_skip
         )
         run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
         return learn_batch(_library(), batch, defaults=defaults, run=run, force=force, strict=strict)
@@ -439,6 +448,7 @@ def learn(
         resolution=resolution,
         snapshot_every=snapshot_every,
         strict=strict,
+        clip_skip=clip_skip,
     )
     return learn(_library(), photos, request)
 
@@ -477,13 +487,22 @@ def generate(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of each prompt's images.")] = False,
+    clip_skip: Annotated[
+        int | None,
+        typer.Option(
+            "--clip-skip",
+            min=1,
+            help="Read the text encoder's layer -N, as A1111's Clip skip N (default: the identities' own, "
+            "else 1). SD 1.x and 2.x only.",
+        ),
+    ] = None,
     manifest: Annotated[
         str | None,
         typer.Option(
             "--manifest",
             help="JSON Lines file ('-' for stdin): one object a line with 'prompt' and any of seed, n, size, "
-            "steps, guidance, negative, scheduler, out (the flags give the rest). One model load; one JSON line "
-            "per image on stdout as soon as it is written.",
+            "steps, guidance, negative, scheduler, out, clip_skip (the flags give the rest). One model load; one "
+            "JSON line per image on stdout as soon as it is written.",
         ),
     ] = None,
     on_error: Annotated[
@@ -514,6 +533,7 @@ def generate(
         scheduler=scheduler,
         out=out,
         identity=identity,
+        clip_skip=clip_skip,
     )
     run = _run_options(model=model, device=device, dtype=dtype, output_dir=out, quiet=quiet, as_json=as_json)
     if manifest is not None:

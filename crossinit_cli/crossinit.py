@@ -12,8 +12,9 @@ embedding of celebrity names, passed once through the text encoder.
 
 SDXL has two text encoders: `cross_init_slots` runs steps 1-2 once per encoder, each with its own
 tokenizer and token table, and takes the hidden state that encoder's UNet input is made of (SDXL:
-`hidden_states[-2]`, see families.py). The result depends only on the base model, so `cross_init` caches
-it per model and encoder under the library's `.cache/init/`.
+`hidden_states[-2]`, see families.py); with a clip skip N (SD 1.x/2.x) it takes layer -N's output through
+the final layer norm, the layer the UNet then reads. The result depends only on the base model (and the
+clip skip), so `cross_init` caches it per model, encoder and clip skip under the library's `.cache/init/`.
 Nothing here trains; `train.py` does. Heavy imports stay inside the functions.
 """
 
@@ -24,7 +25,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import resources
+from crossinit_cli import families, resources
 from crossinit_cli.atomic import write_atomic
 from crossinit_cli.errors import CrossinitError
 
@@ -70,14 +71,22 @@ def celebrity_mean(tokenizer: Any, text_encoder: Any) -> tuple[torch.Tensor, tor
 
 
 def cross(
-    tokenizer: Any, text_encoder: Any, m0: torch.Tensor, m1: torch.Tensor, *, penultimate: bool = False
+    tokenizer: Any,
+    text_encoder: Any,
+    m0: torch.Tensor,
+    m1: torch.Tensor,
+    *,
+    penultimate: bool = False,
+    clip_skip: int = 1,
 ) -> torch.Tensor:
     """Paper step 2, the cross: the text encoder's outputs for the input `[BOS, m0, m1, EOS, PAD...]`.
 
     The 77 rows go through the encoder as usual (position embeddings added, causal mask, final layer
     norm); `last_hidden_state` at positions 1 and 2 is returned as a [2, width] float32 tensor. With
     `penultimate` (SDXL's encoders) it is `hidden_states[-2]` instead, the output of the last layer but
-    one without the final layer norm, which is what SDXL's UNet reads from each encoder.
+    one without the final layer norm, which is what SDXL's UNet reads from each encoder. With `clip_skip`
+    N > 1 (SD 1.x/2.x) it is the output of layer -N through the final layer norm, the layer the UNet then
+    reads (families.read_hidden): the start lies where the prompts' outputs will live.
     transformers' CLIPTextModel takes no input embeddings, so the two rows are substituted at the
     token-embedding layer and everything after it is the model's own forward. BOS, EOS and PAD come from
     the tokenizer: SD 2.x's text-encoder config carries stale ids (bos 0, eos 2), and the output at
@@ -99,11 +108,11 @@ def cross(
         output[:, 1:3] = middle
         return output
 
+    spec = families.EncoderSpec("", "", "", penultimate=penultimate)
     handle = table.register_forward_hook(substitute)
     try:
         with torch.no_grad():
-            output = text_encoder(torch.tensor([ids], device=device), output_hidden_states=penultimate)
-            hidden = output.hidden_states[-2] if penultimate else output.last_hidden_state
+            hidden, _ = families.read_hidden(spec, text_encoder, torch.tensor([ids], device=device), clip_skip)
     finally:
         handle.remove()
     return hidden[0, 1:3].float().cpu()
@@ -123,7 +132,9 @@ def encoder_fingerprint(text_encoder: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_key(tokenizer: Any, text_encoder: Any, fingerprint: str, penultimate: bool = False) -> str:
+def _cache_key(
+    tokenizer: Any, text_encoder: Any, fingerprint: str, penultimate: bool = False, clip_skip: int = 1
+) -> str:
     """What the init depends on: the token table (fingerprint), the names' token ids, and the encoder.
 
     A fine-tune may keep the token table and change the layers after it, which changes step 2's output;
@@ -134,6 +145,8 @@ def _cache_key(tokenizer: Any, text_encoder: Any, fingerprint: str, penultimate:
     digest = hashlib.sha256(f"v{CACHE_VERSION}:{fingerprint}".encode())
     if penultimate:  # SD 1.x/2.x keys stay what they were, so their cached inits are still found
         digest.update(b"hidden_states[-2]")
+    if clip_skip > 1:  # and clip skip 1 keeps them too
+        digest.update(f"clip_skip={clip_skip}".encode())
     encoded = tokenizer(list(resources.celeb_names()), padding="do_not_pad").input_ids
     digest.update(repr([ids[1:3] for ids in encoded]).encode())
     digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
@@ -146,16 +159,22 @@ def _cache_key(tokenizer: Any, text_encoder: Any, fingerprint: str, penultimate:
 
 
 def cross_init(
-    tokenizer: Any, text_encoder: Any, cache_dir: Path | None = None, *, penultimate: bool = False
+    tokenizer: Any,
+    text_encoder: Any,
+    cache_dir: Path | None = None,
+    *,
+    penultimate: bool = False,
+    clip_skip: int = 1,
 ) -> torch.Tensor:
-    """Steps 1 and 2: the [2, width] float32 start of the two new tokens, cached per model in `cache_dir`."""
+    """Steps 1 and 2: the [2, width] float32 start of the two new tokens, cached per model (and clip skip)
+    in `cache_dir`."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     path = None
     if cache_dir is not None:
-        key = _cache_key(tokenizer, text_encoder, encoder_fingerprint(text_encoder), penultimate)
+        key = _cache_key(tokenizer, text_encoder, encoder_fingerprint(text_encoder), penultimate, clip_skip)
         path = Path(cache_dir) / f"{key}.safetensors"
         try:
             cached = load_file(str(path))["init"]
@@ -163,7 +182,8 @@ def cross_init(
                 return cached.float()
         except (OSError, KeyError, SafetensorError):
             pass  # absent or damaged: compute it again and overwrite
-    init = cross(tokenizer, text_encoder, *celebrity_mean(tokenizer, text_encoder), penultimate=penultimate)
+    mean = celebrity_mean(tokenizer, text_encoder)
+    init = cross(tokenizer, text_encoder, *mean, penultimate=penultimate, clip_skip=clip_skip)
     if not torch.isfinite(init).all():
         raise CrossinitError("cross initialization produced NaN or infinite values; is the text encoder damaged?")
     if path is not None:
@@ -173,9 +193,13 @@ def cross_init(
     return init
 
 
-def cross_init_slots(slots: Sequence[Slot], cache_dir: Path | None = None) -> list[torch.Tensor]:
-    """Steps 1 and 2 for every text encoder of a model (families.slots): one [2, width] start each."""
-    return [cross_init(s.tokenizer, s.text_encoder, cache_dir, penultimate=s.spec.penultimate) for s in slots]
+def cross_init_slots(slots: Sequence[Slot], cache_dir: Path | None = None, clip_skip: int = 1) -> list[torch.Tensor]:
+    """Steps 1 and 2 for every text encoder of a model (families.slots): one [2, width] start each, at the
+    layer the UNet reads with `clip_skip` (families.check_clip_skip says which families take one)."""
+    return [
+        cross_init(s.tokenizer, s.text_encoder, cache_dir, penultimate=s.spec.penultimate, clip_skip=clip_skip)
+        for s in slots
+    ]
 
 
 def add_placeholder_tokens(tokenizer: Any, text_encoder: Any, init: torch.Tensor) -> list[int]:

@@ -10,6 +10,7 @@ formats, eval and the store ask the family instead of testing for SDXL themselve
     of_pipeline(pipe)   the family of a loaded pipeline
     slots(pipe)         its (encoder spec, tokenizer, text encoder) triples, in the family's order
     conditioning(...)   what the UNet takes for a batch of caption ids: hidden states and added kwargs
+    check_clip_skip(...) refuse a clip skip the family or the encoder cannot take
 
 Anything else (SD3, Flux, a refiner or a folder without a text encoder) is refused with one line naming
 what was found. Nothing here imports torch at module level.
@@ -158,6 +159,7 @@ class Peeked:
 
     family: Family
     widths: tuple[int, ...] | None  # None where the configs do not say
+    layers: int | None = None  # the (first) text encoder's layer count, where its config says
 
 
 def peek(model: str) -> Peeked | None:
@@ -200,14 +202,16 @@ def _peek_folder(locate: Any, where: str) -> Peeked | None:
         return None  # not a diffusers folder: the loader says so
     text = _read_json(locate("text_encoder/config.json"))
     family = detect_config(index, text, _read_json(locate("unet/config.json")), where)
+    layers = (text or {}).get("num_hidden_layers")
+    layers = layers if isinstance(layers, int) else None
     widths: list[int] = []
     for spec in family.encoders:
         config = text if spec.text_encoder == "text_encoder" else _read_json(locate(f"{spec.text_encoder}/config.json"))
         width = (config or {}).get("hidden_size")
         if not isinstance(width, int):
-            return Peeked(family, None)
+            return Peeked(family, None, layers)
         widths.append(width)
-    return Peeked(family, tuple(widths))
+    return Peeked(family, tuple(widths), layers)
 
 
 # Keys of the original (CompVis / Stability) single-file layout that tell the families apart.
@@ -319,11 +323,46 @@ def pool_at_eos(pipe: Any) -> None:
             slot.text_encoder.config.eos_token_id = slot.tokenizer.eos_token_id
 
 
-def read_hidden(spec: EncoderSpec, text_encoder: Any, ids: torch.Tensor) -> Any:
-    """The encoder's output as the UNet reads it: (hidden states [b, 77, width], the model output)."""
+def text_layers(text_encoder: Any) -> int:
+    """How many transformer layers a loaded text encoder has (SD 1.x's CLIP ViT-L: 12; SD 2.x's, as diffusers
+    converts it: 23, OpenCLIP ViT-H's 24 without the last, which SD 2.x never used)."""
+    return int(text_encoder.config.num_hidden_layers)
+
+
+def check_clip_skip(family: Family, clip_skip: int, layers: int | None = None) -> None:
+    """Refuse, in one line, a clip skip that `family` (SDXL) or a text encoder of `layers` layers cannot take.
+
+    Clip skip N is AUTOMATIC1111's: the output of layer -N through the final layer norm (1: the last
+    layer, what the model was trained on). SDXL's UNet already reads each encoder's hidden_states[-2]
+    without that norm, and its tools do not agree on what skipping more would mean (docs/method.md)."""
+    if clip_skip < 1:
+        raise CrossinitError(f"--clip-skip must be 1 (the last layer, the default) or more, not {clip_skip}")
+    if clip_skip == 1:
+        return
+    if family.multi:
+        raise CrossinitError(
+            f"--clip-skip is for SD 1.x and SD 2.x; {family.title} reads each text encoder's hidden_states[-2] "
+            "already and its tools do not agree on skipping more, so use --clip-skip 1"
+        )
+    if layers is not None and clip_skip > layers:
+        raise CrossinitError(
+            f"--clip-skip {clip_skip} is more than this model's text encoder has layers ({layers}); "
+            f"choose 1 to {layers}"
+        )
+
+
+def read_hidden(spec: EncoderSpec, text_encoder: Any, ids: torch.Tensor, clip_skip: int = 1) -> Any:
+    """The encoder's output as the UNet reads it: (hidden states [b, 77, width], the model output).
+
+    `clip_skip` N > 1 (SD 1.x/2.x, check_clip_skip): the output of layer -N through the final layer norm,
+    as A1111's sd_hijack_clip.py computes it (`hidden_states[-N]`, then `final_layer_norm`)."""
     if spec.penultimate:
         output = text_encoder(ids, output_hidden_states=True)
         return output.hidden_states[-2], output
+    if clip_skip > 1:
+        output = text_encoder(ids, output_hidden_states=True)
+        model = getattr(text_encoder, "text_model", text_encoder)
+        return model.final_layer_norm(output.hidden_states[-clip_skip]), output
     output = text_encoder(ids)
     return output.last_hidden_state, output
 
@@ -358,11 +397,12 @@ class SizeCondition:
 
 
 def conditioning(
-    family: Family, pairs: list[tuple[Slot, torch.Tensor]], size: int
+    family: Family, pairs: list[tuple[Slot, torch.Tensor]], size: int, clip_skip: int = 1
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """What the UNet takes for a batch of captions, as the family's pipeline computes it from a prompt.
 
-    `pairs` holds each encoder's caption ids [b, 77]. SD 1.x/2.x: the one encoder's last_hidden_state.
+    `pairs` holds each encoder's caption ids [b, 77]. SD 1.x/2.x: the one encoder's last_hidden_state
+    (with `clip_skip` N > 1, layer -N's output through the final layer norm: `read_hidden`).
     SDXL: both encoders' hidden_states[-2] concatenated along the width, plus encoder 2's projected pooled
     output and the pipeline's default time ids (original size = target size = `size`, crop 0, 0); training
     replaces them with each photo's (`SizeCondition`).
@@ -371,7 +411,7 @@ def conditioning(
 
     states, last_output = [], None
     for slot, ids in pairs:
-        hidden, last_output = read_hidden(slot.spec, slot.text_encoder, ids)
+        hidden, last_output = read_hidden(slot.spec, slot.text_encoder, ids, clip_skip)
         states.append(hidden)
     if not family.time_ids:
         return states[0], None

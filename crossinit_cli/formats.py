@@ -7,8 +7,8 @@ Import recognises every layout by its content, never by its extension, and loads
 SDXL identities have vectors per text encoder: every safetensors format writes them as
 `{"clip_l": [k, 768], "clip_g": [k, 1280]}`, the layout A1111, Forge, ComfyUI and InvokeAI read for
 SDXL (diffusers: one `load_textual_inversion` call per encoder). The pickle formats hold one encoder's
-vectors, so they are refused for SDXL. Every safetensors export records its family and base model in
-the file's metadata.
+vectors, so they are refused for SDXL. Every safetensors export records its family, base model and clip
+skip in the file's metadata (the PNG embedding in its `crossinit` text chunk), and import reads them back.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Export:
     steps: int = 0
     family: str = ""
     picture: Path | None = None  # the identity's aligned face crop, for formats that are pictures
+    clip_skip: int = 1  # the text-encoder layer it was learned at (A1111's Clip skip)
 
 
 Writer = Callable[[Export], bytes]
@@ -66,6 +67,31 @@ def _stable_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]
     return len(header).to_bytes(8, "little") + header + data[8 + size :]
 
 
+def _metadata(export: Export) -> dict[str, str]:
+    """What a file records about its identity besides the vectors (safetensors metadata holds only text)."""
+    return {
+        "crossinit_name": export.name,
+        "base_model": export.base_model,
+        "family": export.family,
+        "clip_skip": str(int(export.clip_skip)),
+    }
+
+
+def clip_skip_hint(family: str, clip_skip: int) -> str | None:
+    """How to sample an identity learned at `clip_skip` > 1 in the tools that read its export (None at 1)."""
+    if clip_skip <= 1:
+        return None
+    if family == "sd2":  # ComfyUI counts OpenCLIP's 24 layers; SD 2.x (and diffusers' copy) stops at the 23rd
+        return (
+            f"learned at clip skip {clip_skip}: ComfyUI: CLIP Set Last Layer {-(clip_skip + 1)} (it counts the "
+            "24th layer SD 2.x leaves out); A1111/Forge apply no clip skip to SD 2.x models"
+        )
+    return (
+        f"learned at clip skip {clip_skip}: A1111/Forge: Settings > Stable Diffusion > Clip skip {clip_skip}; "
+        f"ComfyUI: CLIP Set Last Layer {-clip_skip}"
+    )
+
+
 def _safetensors(single_key: Callable[[str], str]) -> Writer:
     """A safetensors writer: one encoder's vectors under `single_key(name)`, SDXL's under clip_l/clip_g."""
 
@@ -76,8 +102,7 @@ def _safetensors(single_key: Callable[[str], str]) -> Writer:
             tensors = dict(zip(keys, parts))
         else:
             tensors = {single_key(export.name): parts[0]}
-        meta = {"crossinit_name": export.name, "base_model": export.base_model, "family": family}
-        return _stable_safetensors(tensors, meta)
+        return _stable_safetensors(tensors, _metadata(export))
 
     return write
 
@@ -126,8 +151,7 @@ def _write_a1111_png(export: Export) -> bytes:
         data: dict[str, Any] = dict(zip(keys, export.parts))
     else:
         data = _a1111_dict(export, export.parts[0])
-    meta = {"crossinit_name": export.name, "base_model": export.base_model, "family": export.family}
-    extra = {"crossinit": json.dumps(meta, sort_keys=True)}
+    extra = {"crossinit": json.dumps(_metadata(export), sort_keys=True)}
     return pngembed.write(_name_card(export), data, extra)
 
 
@@ -294,31 +318,26 @@ def encode(
     steps: int = 0,
     family: str = "",
     picture: Path | None = None,
+    clip_skip: int = 1,
 ) -> bytes:
     """The bytes of an export of `vectors` [k, width] (SDXL: one array per encoder) in format `fmt`;
-    `picture` is the face crop a picture format is drawn on."""
+    `picture` is the face crop a picture format is drawn on, `clip_skip` the layer it was learned at."""
     import numpy as np
 
-    check_format(fmt, family)
     parts = [np.ascontiguousarray(v, dtype=np.float32) for v in (vectors if isinstance(vectors, list) else [vectors])]
-    return REGISTRY[fmt].write(Export(parts, name, base_model, int(steps), family, picture))
+    return encode_export(Export(parts, name, base_model, int(steps), family, picture, int(clip_skip)), fmt)
 
 
-def export_vectors(
-    vectors: np.ndarray | list[np.ndarray],
-    name: str,
-    fmt: str,
-    path: Path,
-    *,
-    base_model: str = "",
-    steps: int = 0,
-    family: str = "",
-    picture: Path | None = None,
-) -> Path:
-    """Write `vectors` [k, width] (SDXL: one array per encoder) to `path` in format `fmt` (atomically, with the
-    umask's mode: an export is for other programs to read)."""
-    data = encode(vectors, name, fmt, base_model=base_model, steps=steps, family=family, picture=picture)
-    write_bytes_atomic(path, data, shared=True)
+def encode_export(export: Export, fmt: str) -> bytes:
+    """The bytes of `export` (float32 parts) in format `fmt`, once the format is known to hold its family."""
+    check_format(fmt, export.family)
+    return REGISTRY[fmt].write(export)
+
+
+def export_vectors(export: Export, fmt: str, path: Path) -> Path:
+    """Write `export` to `path` in format `fmt` (atomically, with the umask's mode: an export is for other
+    programs to read)."""
+    write_bytes_atomic(path, encode_export(export, fmt), shared=True)
     return path
 
 
@@ -372,6 +391,7 @@ class Imported:
     steps: int | None = None
     family: str = ""  # from the file's metadata or layout; "" when it cannot be told
     parts: dict[str, np.ndarray] | None = None  # SDXL: {"clip_l": ..., "clip_g": ...}
+    clip_skip: int = 1  # from crossinit's metadata; files without it (other tools') read as 1
 
     @property
     def widths(self) -> list[int]:
@@ -432,7 +452,19 @@ def read_embedding_file(path: Path, model: str | None = None) -> Imported:
     found.layout = layout or found.layout
     if not found.family:
         found.family = _family_of(found, meta, model)
+    found.clip_skip = _clip_skip_of(meta, found.family, path)
     return found
+
+
+def _clip_skip_of(meta: dict[str, str], family: str, path: Path) -> int:
+    """The clip skip a file's metadata records (1 when it records none), checked as `learn --clip-skip` is."""
+    told = meta.get("clip_skip", "1").strip()
+    if not told.isdigit() or int(told) < 1:
+        raise CrossinitError(f"{path}: its metadata's clip_skip must be a whole number of at least 1, not {told!r}")
+    clip_skip = int(told)
+    if clip_skip > 1 and family in families.FAMILIES and families.get(family).multi:
+        raise CrossinitError(f"{path}: its metadata records clip skip {clip_skip}, but an SDXL identity takes none")
+    return clip_skip
 
 
 def _family_of(found: Imported, meta: dict[str, str], model: str | None) -> str:

@@ -18,6 +18,8 @@ tokenizers, each encoder getting its own vectors), and `expand_prompt` rewrites 
 The pipeline class is the model family's (families.py): StableDiffusionPipeline or StableDiffusionXLPipeline.
 Image i of a batch is drawn from its own CPU generator seeded with its own
 seed, so an image depends on its seed, the settings and the device, not on its place in the batch.
+A clip skip N > 1 (SD 1.x/2.x, `Settings.clip_skip`) encodes the prompt and the negative prompt at the
+text encoder's layer -N through its final layer norm, as A1111 does for both (`encode_prompt`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Settings:
     guidance: float = DEFAULT_GUIDANCE
     negative: str = ""
     scheduler: str = DEFAULT_SCHEDULER
+    clip_skip: int = 1  # A1111's Clip skip: the text encoder's layer -N through its final layer norm
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,19 @@ def check_model(model: str, identities: Iterable[Identity], pipe: Any = None) ->
         family, widths = families.of_pipeline(pipe), families.widths(pipe)
     for ident in identities:
         families.check_identity(ident.name, ident.family, tuple(ident.widths), model, family, widths)
+
+
+def check_clip_skip(model: str, clip_skip: int, pipe: Any = None) -> None:
+    """Refuse, in one line, a clip skip `model`'s family or text encoder cannot take (families.check_clip_skip).
+
+    Without `pipe` the model's configs are read (only the family is checked when they say nothing more,
+    nothing when they cannot be read); with a loaded pipeline, its own text encoder."""
+    if pipe is None:
+        found = peek_model(model)
+        if found is not None:
+            families.check_clip_skip(found.family, clip_skip, found.layers)
+        return
+    families.check_clip_skip(families.of_pipeline(pipe), clip_skip, families.text_layers(pipe.text_encoder))
 
 
 MAX_SEED = 2**64 - 1
@@ -368,10 +384,15 @@ def _draw(
     # CPU generators make the starting noise the same on every device; one generator per image makes an
     # image independent of its batch.
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    texts: dict[str, Any] = {"prompt": prompt, "negative_prompt": settings.negative or None}
+    if settings.clip_skip > 1:
+        texts = {
+            "prompt_embeds": encode_prompt(pipe, prompt, settings.clip_skip),
+            "negative_prompt_embeds": encode_prompt(pipe, settings.negative, settings.clip_skip),
+        }
     with hf.quiet_libraries():
         result = pipe(
-            prompt=prompt,
-            negative_prompt=settings.negative or None,
+            **texts,
             num_images_per_prompt=len(seeds),
             generator=generators,
             num_inference_steps=settings.steps,
@@ -382,3 +403,28 @@ def _draw(
             output_type="pil",
         )
     return list(result.images)
+
+
+def encode_prompt(pipe: Any, text: str, clip_skip: int) -> Any:
+    """A prompt's text embeddings [1, 77, width] at the text encoder's layer -`clip_skip`, through its final
+    layer norm (families.read_hidden), tokenised as the SD pipeline tokenises it.
+
+    diffusers' own `clip_skip` counts from 0 (its 1 is A1111's 2) and is applied to the prompt only: its
+    negative prompt, and the empty one classifier-free guidance uses, stay at the last layer. A1111 and
+    ComfyUI encode both at the chosen layer, so crossinit passes both as embeddings instead."""
+    import torch
+
+    encoder = pipe.text_encoder
+    ids = pipe.tokenizer(
+        text,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(pipe.device)
+    family = families.of_pipeline(pipe)
+    families.check_clip_skip(family, clip_skip, families.text_layers(encoder))  # SDXL: refused, as everywhere
+    spec = family.encoders[0]
+    with torch.no_grad():
+        hidden, _ = families.read_hidden(spec, encoder, ids, clip_skip)
+    return hidden.to(dtype=encoder.dtype)

@@ -714,7 +714,9 @@ def _generate_on_model(run: _ModelRun, group: list[Identity], plan: _Plan) -> No
         for ident in group:
             _generate_one(run, ident, pipe, mapping, settings)
         for template, keys in plan.together.get(run.model, []):
-            _generate_together(run, template, keys, pipe, mapping, settings)
+            skips = {i.clip_skip for i in group if name_key(i.name) in keys}  # their own, when they agree
+            together = replace(settings, clip_skip=skips.pop() if len(skips) == 1 else 1)
+            _generate_together(run, template, keys, pipe, mapping, together)
     finally:
         del pipe
         gc.collect()
@@ -726,6 +728,8 @@ def _generate_one(run: _ModelRun, ident: Identity, pipe: Any, mapping: Any, sett
     """Every `{}` template for one identity, each face matched against its references."""
     request, key = run.request, name_key(ident.name)
     result = run.results[key]
+    sample.check_clip_skip(run.model, ident.clip_skip, pipe)
+    settings = replace(settings, clip_skip=ident.clip_skip)  # each identity at the layer it was learned at
     result.settings = {
         "prompts": list(request.templates),
         "n": request.n,
@@ -739,6 +743,7 @@ def _generate_one(run: _ModelRun, ident: Identity, pipe: Any, mapping: Any, sett
         "dtype": run.placement.dtype,
         "strength": ident.strength,
         "snapshot": ident.active_step,  # 0: the final vectors
+        "clip_skip": ident.clip_skip,
         "clip_model": request.clip_model,
     }
     result.fidelity_note = run.fidelity_note

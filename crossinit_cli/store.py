@@ -91,6 +91,7 @@ class Identity:
     evaluation: dict[str, Any] = field(default_factory=dict)
     snapshots: list[dict[str, Any]] = field(default_factory=list)  # [{"step": 40, "loss": ...}, ...]
     active_step: int = 0  # the snapshot prompts use; 0: the final vectors
+    clip_skip: int = 1  # the text-encoder layer it was learned at (A1111's Clip skip); older entries: 1
     schema: int = 1
 
     @property
@@ -123,6 +124,8 @@ class Identity:
         ident.strength = float(ident.strength)
         ident.family = str(ident.family or LEGACY_FAMILIES.get(ident.width, ""))
         ident.widths = [int(w) for w in ident.widths] or [ident.width]
+        if isinstance(ident.clip_skip, bool) or not isinstance(ident.clip_skip, int) or ident.clip_skip < 1:
+            raise ValueError(f"clip_skip must be a whole number of at least 1, not {ident.clip_skip!r}")
         return ident
 
 
@@ -637,7 +640,7 @@ class Library(CatalogReads):
                 ident = Identity.from_dict(raw)
             except (TypeError, ValueError) as exc:
                 raise CrossinitError(f"edited metadata is invalid: {exc}; nothing changed") from None
-            for fixed in ("tokens", "width", "widths", "family", "has_init"):
+            for fixed in ("tokens", "width", "widths", "family", "has_init", "clip_skip"):
                 if getattr(ident, fixed) != getattr(current, fixed):
                     raise CrossinitError(f"{fixed!r} cannot be edited")
             if ident.name.casefold() != current.name.casefold():

@@ -115,6 +115,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = 0.01
     adam_eps: float = 1e-8
+    clip_skip: int = 1  # SD 1.x/2.x: the text encoder's layer -N through the final layer norm (families.read_hidden)
 
     @classmethod
     def for_mode(cls, mode: str, **overrides: Any) -> TrainConfig:
@@ -140,6 +141,8 @@ class TrainConfig:
             raise CrossinitError(f"learning rate must be a positive number, not {self.lr:g}")
         if not math.isfinite(self.reg_weight) or self.reg_weight < 0:
             raise CrossinitError(f"regulariser weight must be zero or positive, not {self.reg_weight:g}")
+        if self.clip_skip < 1:
+            raise CrossinitError(f"--clip-skip must be 1 (the last layer, the default) or more, not {self.clip_skip}")
         check_resolution(self.resolution)
 
 
@@ -269,10 +272,11 @@ def norms(learned: torch.Tensor, init: torch.Tensor, table: torch.Tensor, token_
 
 
 def condition(
-    family: Family, slots: Sequence[Slot], captions: Sequence[torch.Tensor], size: int
+    family: Family, slots: Sequence[Slot], captions: Sequence[torch.Tensor], size: int, clip_skip: int = 1
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """The UNet's text conditioning for caption ids (one tensor per encoder), as the family's pipeline makes it."""
-    return families.conditioning(family, list(zip(slots, captions)), size)
+    """The UNet's text conditioning for caption ids (one tensor per encoder), as the family's pipeline makes it
+    (at the text encoder's layer -`clip_skip`, through its final layer norm, for SD 1.x/2.x)."""
+    return families.conditioning(family, list(zip(slots, captions)), size, clip_skip)
 
 
 def _gather(conditioning: tuple[torch.Tensor, dict[str, torch.Tensor] | None], index: torch.Tensor, dtype: Any) -> Any:
@@ -410,6 +414,7 @@ def _setup(parts: ModelParts, config: TrainConfig, placement: Placement) -> _Set
         if parts.slots is not None
         else [families.Slot(family.encoders[0], parts.tokenizer, parts.text_encoder)]
     )
+    families.check_clip_skip(family, config.clip_skip, families.text_layers(slots[0].text_encoder))
     return _Setup(
         config=config,
         placement=placement,
@@ -629,7 +634,8 @@ def _step(loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, set
     distinct, inverse = torch.unique(torch.tensor(chosen, device=device), return_inverse=True)
 
     with optimiser.autocast:
-        conditioning = condition(setup.family, model.slots, [c[distinct] for c in model.captions], setup.size)
+        captions = [c[distinct] for c in model.captions]
+        conditioning = condition(setup.family, model.slots, captions, setup.size, setup.config.clip_skip)
         states, added = _gather(conditioning, inverse, setup.compute)
         if added is not None:  # SDXL: each item's own photo's size and crop (a batch mixes photos)
             added["time_ids"] = data.time_ids[index].to(setup.compute)
@@ -666,7 +672,8 @@ def _check_final(model: _Model, optimiser: _Optimiser, setup: _Setup) -> None:
     import torch
 
     with torch.no_grad(), optimiser.autocast:
-        final = condition(setup.family, model.slots, [c[:1] for c in model.captions], setup.size)[0]
+        captions = [c[:1] for c in model.captions]
+        final = condition(setup.family, model.slots, captions, setup.size, setup.config.clip_skip)[0]
     if not (all(torch.isfinite(r).all() for r in model.rows) and torch.isfinite(final).all()):
         raise CrossinitError(
             f"training diverged at step {setup.config.steps} (the learned vectors overflow); "

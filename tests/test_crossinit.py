@@ -17,11 +17,12 @@ NAMES = Path(crossinit.__file__).parent / "data" / "celeb_names.txt"
 OFFICIAL = sorted((Path(__file__).parent / "data" / "official").glob("*.bin"))
 
 
-def _reference_init(tokenizer, text_encoder, *, penultimate: bool = False) -> torch.Tensor:
+def _reference_init(tokenizer, text_encoder, *, penultimate: bool = False, skip: int = 1) -> torch.Tensor:
     """Paper steps 1-2 written out from docs/method.md's text, sharing no code with crossinit.py or families.py.
 
     `penultimate` (docs/method.md#model-families, SDXL's encoders): the output of the last layer but one,
-    without the final layer norm (hidden_states[-2]), instead of the final layer norm's output.
+    without the final layer norm (hidden_states[-2]), instead of the final layer norm's output. `skip` N
+    (docs/method.md#clip-skip): the output of the last layer but N - 1, through the final layer norm.
     """
     text_encoder = getattr(text_encoder, "text_model", text_encoder)  # CLIPTextModelWithProjection's inner model
     table = text_encoder.embeddings.token_embedding.weight.detach()
@@ -42,7 +43,7 @@ def _reference_init(tokenizer, text_encoder, *, penultimate: bool = False) -> to
     x = torch.stack(rows)[None] + text_encoder.embeddings.position_embedding.weight[None, :length]
     causal = torch.full((length, length), float("-inf")).triu(1)
     layers = list(text_encoder.encoder.layers)
-    for layer in layers[:-1] if penultimate else layers:
+    for layer in layers[:-1] if penultimate else layers[: len(layers) - skip + 1]:
         attn = layer.self_attn
         h = layer.layer_norm1(x)
         heads, dim = attn.num_heads, attn.head_dim

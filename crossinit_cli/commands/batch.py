@@ -9,7 +9,7 @@ Without `accelerate launch` there is one process, which learns them all.
 
 CSV columns: `name` and `photos` (required; photos separated by `;`, each a file or a folder, relative
 to the CSV's folder), and optionally `mode` (fast/full), `steps`, `lr`, `batch_size`, `reg_weight`,
-`seed`, `align` (true/false) overriding the command line's values for that row.
+`seed`, `align` (true/false), `clip_skip` overriding the command line's values for that row.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from crossinit_cli.store import Library, name_key, validate_name
 if TYPE_CHECKING:
     from crossinit_cli.config import RunOptions
 
-COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align")
+COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align", "clip_skip")
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off", ""}
 # How long a process that has finished its share waits for the others at the batch's end (where the
@@ -58,6 +58,7 @@ class BatchEntry:
     reg_weight: float | None
     seed: int
     align: bool
+    clip_skip: int = 1
 
 
 @dataclass
@@ -129,6 +130,7 @@ def _read_csv(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
                     reg_weight=_number(row, "reg_weight", float),
                     seed=_number(row, "seed", int),
                     align=_flag(row, "align"),
+                    clip_skip=_number(row, "clip_skip", int),
                 )
             )
         except (ValueError, CrossinitError) as exc:
@@ -165,7 +167,20 @@ def _job(defaults: BatchEntry, **values: Any) -> BatchEntry:
     merged["name"] = validate_name(merged["name"])
     if merged["mode"] not in ("fast", "full"):
         raise CrossinitError(f"mode must be fast or full, not {merged['mode']!r}")
+    if merged["clip_skip"] < 1:
+        raise CrossinitError(f"clip_skip must be 1 (the last layer) or more, not {merged['clip_skip']}")
     return BatchEntry(**merged)
+
+
+def _checked_manifest(manifest: Path, defaults: BatchEntry, model_id: str) -> list[BatchEntry]:
+    """The manifest's jobs, each clip skip checked against the model's configs: SDXL with a clip skip is one
+    line before any model load."""
+    from crossinit_cli.commands.learn import check_peeked_clip_skip
+
+    jobs = read_manifest(manifest, defaults)
+    for clip_skip in sorted({job.clip_skip for job in jobs}):
+        check_peeked_clip_skip(model_id, clip_skip)
+    return jobs
 
 
 def learn_batch(
@@ -181,7 +196,7 @@ def learn_batch(
     of `accelerate launch`, one model load per process."""
     from crossinit_cli import devices
 
-    jobs = read_manifest(manifest, defaults)
+    jobs = _checked_manifest(manifest, defaults, run.model)
     quiet, model_id = run.quiet, run.model
     placement = devices.resolve(run.device, run.dtype, training=True)
     state = _process_state(cpu=placement.device == "cpu")
@@ -323,6 +338,7 @@ class _Learner:
                 batch_size=job.batch_size,
                 reg_weight=job.reg_weight,
                 seed=job.seed,
+                clip_skip=job.clip_skip,
             )
             gathered = faces.gather_photos(job.photos)
             paths = gathered.photos

@@ -60,6 +60,7 @@ class SamplingFlags:
     scheduler: str | None = None
     out: Path | None = None
     identity: str | None = None
+    clip_skip: int | None = None  # None: the identities' own (choose_clip_skip)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Plan:
     out_dir: Path
     grid: bool
     model: str  # --model, else the configured model, else the identities' own (config.identities_model)
+    clip_skip: int = 1  # --clip-skip, else the identities' own when they agree (choose_clip_skip)
 
     @property
     def base_seed(self) -> int:
@@ -152,6 +154,7 @@ def plan_run(
     devices.check_model_reference(model)
     placement = devices.resolve(run.device, run.dtype)
     sample.check_model(model, known.values())
+    clip_skip = choose_clip_skip(flags.clip_skip, known.values(), model=model)
     vectors = {ident.name: library.effective_parts(ident.name) for ident in known.values()}
     # Last of the checks, so that a mistake found above leaves no new folder behind.
     out_dir = prepare_out_dir(Path(run.output_dir))
@@ -171,6 +174,7 @@ def plan_run(
         out_dir=out_dir,
         grid=grid,
         model=model,
+        clip_skip=clip_skip,
     )
 
 
@@ -179,6 +183,28 @@ def warn_other_model(identities: Iterable[Identity], model: str) -> None:
     for ident in identities:
         if ident.base_model and ident.base_model != model:
             ui.warn(f"identity {ident.name!r} was learned on {ident.base_model}; generating with {model}")
+
+
+def choose_clip_skip(
+    given: int | None, identities: Iterable[Identity], where: str = "", *, model: str | None = None
+) -> int:
+    """The clip skip to sample at: `given` (--clip-skip), else the identities' own when they all agree, else 1;
+    checked against `model`'s configs when given (sample.check_clip_skip).
+
+    One line per identity learned at another clip skip than the chosen one: its vectors were fitted to
+    another layer's outputs, so it looks less like its person there."""
+    identities = list(identities)
+    own = {ident.clip_skip for ident in identities}
+    chosen = given if given is not None else (own.pop() if len(own) == 1 else 1)
+    if model is not None:  # a clip skip the model cannot take is the one line, without warnings before it
+        sample.check_clip_skip(model, chosen)
+    for ident in identities:
+        if ident.clip_skip != chosen:
+            ui.warn(
+                f"{where}identity {ident.name!r} was learned at clip skip {ident.clip_skip}; generating at clip skip "
+                f"{chosen}" + ("" if given is not None else " (the identities disagree; pass --clip-skip)")
+            )
+    return chosen
 
 
 def _jobs(
@@ -267,6 +293,7 @@ def load_run(plan: Plan, model: str, show: bool) -> LoadedRun:
         ui.timed("model load"),
     ):
         pipe = sample.load(model, placement, plan.identities)
+    sample.check_clip_skip(model, plan.clip_skip, pipe)
     mapping = sample.add_identities(pipe, plan.vectors, model=model)
     image_width, image_height = plan.size or sample.native_size(pipe)
     settings = sample.Settings(
@@ -276,6 +303,7 @@ def load_run(plan: Plan, model: str, show: bool) -> LoadedRun:
         guidance=plan.guidance,
         negative=sample.expand_prompt(plan.negative, mapping),
         scheduler=plan.scheduler_name,
+        clip_skip=plan.clip_skip,
     )
     record = run_record(settings, model, placement)
     return LoadedRun(plan, pipe, mapping, settings, record)
@@ -290,6 +318,7 @@ def run_record(settings: sample.Settings, model: str, placement: devices.Placeme
         "sampler": sample.scheduler_choice(settings.scheduler).a1111,
         "width": settings.width,
         "height": settings.height,
+        "clip_skip": settings.clip_skip,
         "model": model,
         "device": placement.device,
         "dtype": placement.dtype,
@@ -485,6 +514,8 @@ def a1111_parameters(prompt: str, negative: str, seed: int, run: dict[str, Any],
         f"Size: {run['width']}x{run['height']}",
         f"Model: {_quote(run['model'])}",
     ]
+    if run.get("clip_skip", 1) > 1:  # A1111 writes it only when it is not 1, and reads it back from here
+        fields.append(f"Clip skip: {run['clip_skip']}")
     if identities:
         fields.append(f"Identities: {_quote(', '.join(identities))}")
     fields.append(f"Version: crossinit {__version__}")
@@ -514,6 +545,7 @@ def png_metadata(
                 "width": i.width,
                 "family": i.family,
                 "base_model": i.base_model,
+                "clip_skip": i.clip_skip,
             }
             for i in job.identities
         ],

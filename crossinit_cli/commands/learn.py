@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,7 @@ class LearnRequest:
     resolution: int | None = None
     snapshot_every: int | None = None
     strict: bool = False  # refuse photos whose faces look like different people, instead of warning
+    clip_skip: int = 1  # the text-encoder layer the identity is learned at (A1111's Clip skip; SD 1.x/2.x)
 
 
 def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
@@ -74,22 +75,30 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     odd_faces = check_photos(crops, align=request.align, strict=request.strict)
     # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
     check_model_reference(model_id)
-    from crossinit_cli import families
-
-    families.peek(model_id)  # SD3, Flux, a refiner...: one line now, not after a model load
+    check_peeked_clip_skip(model_id, train_config.clip_skip)  # SD3, Flux, SDXL with a clip skip...: before loading
     report_photos(gathered, odd_faces, quiet=run.quiet)
 
     # ---- the model, then training and the one write ---------------------------------------------------
     from crossinit_cli import devices
 
     placement = devices.resolve(run.device, run.dtype, training=True)
-    trainer = load_trainer(library, model_id, placement, quiet=run.quiet)
+    trainer = load_trainer(library, model_id, placement, quiet=run.quiet, clip_skip=train_config.clip_skip)
     job = LearnJob(name, paths, crops, train_config, request.mode, request.align, request.force, run.quiet)
     target, result = train_and_store(library, trainer, replace(job, snapshot_every=snapshot_every, resumable=True))
     # generate runs on the identity's own model unless a configured one wins (config.identities_model).
     hint_model = run.model if run.configured_model not in (None, run.model) else None
     _report(library, name, result, target, model=hint_model, quiet=run.quiet, as_json=run.as_json)
     return 0
+
+
+def check_peeked_clip_skip(model_id: str, clip_skip: int) -> None:
+    """Refuse a model of an unsupported kind, or a clip skip its family or text encoder cannot take, from
+    its configs alone (families.peek), before anything heavy is imported."""
+    from crossinit_cli import families
+
+    peeked = families.peek(model_id)
+    if peeked is not None:
+        families.check_clip_skip(peeked.family, clip_skip, peeked.layers)
 
 
 PHOTOS_LISTED = 8
@@ -181,6 +190,7 @@ def _train_config(request: LearnRequest) -> TrainConfig:
         reg_weight=request.reg_weight,
         seed=request.seed,
         resolution=request.resolution,
+        clip_skip=request.clip_skip,
     )
 
 
@@ -208,7 +218,8 @@ def resume_identity(
             f"the run started on {saved['placed_on']} and continues on {placement.device}: the result will not "
             "equal an uninterrupted run bit for bit"
         )
-    trainer = load_trainer(library, model_id, placement, quiet=quiet)
+    clip_skip = int(saved["train"].get("clip_skip", 1))  # runs checkpointed before clip skip existed: 1
+    trainer = load_trainer(library, model_id, placement, quiet=quiet, clip_skip=clip_skip)
     size = saved["train"].get("resolution") or trainer.resolution
     if crops[0].size != (size, size):
         raise CrossinitError(f"the checkpoint of {name!r} was made for another model size; start over with learn")
@@ -270,10 +281,24 @@ class Trainer:
     init: Any  # list of torch.Tensor [2, width], one per text encoder: the same for every identity of this model
     family: Any = None  # families.Family
     slots: Any = None  # families.slots(pipe)
+    init_clip_skip: int = 1  # the clip skip `init` was taken at
+    cache_dir: Path | None = None  # where cross inits are cached (crossinit.cross_init)
+    other_inits: dict[int, Any] = field(default_factory=dict)  # starts at other clip skips, by clip skip
+
+    def at(self, clip_skip: int) -> Trainer:
+        """This trainer with its `init` at `clip_skip` (each computed once: a batch's rows may differ)."""
+        from crossinit_cli import crossinit, families
+
+        if clip_skip == self.init_clip_skip:
+            return self
+        if clip_skip not in self.other_inits:
+            families.check_clip_skip(self.family, clip_skip, families.text_layers(self.slots[0].text_encoder))
+            self.other_inits[clip_skip] = crossinit.cross_init_slots(self.slots, self.cache_dir, clip_skip)
+        return replace(self, init=self.other_inits[clip_skip], init_clip_skip=clip_skip)
 
 
-def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet: bool) -> Trainer:
-    """Load the model, free what training does not use, and compute (or read) its cross init."""
+def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet: bool, clip_skip: int = 1) -> Trainer:
+    """Load the model, free what training does not use, and compute (or read) its cross init at `clip_skip`."""
     from crossinit_cli import crossinit, devices, families, hf, train
 
     hf.silence_libraries()  # for the whole run: the model stays loaded while it trains
@@ -285,10 +310,12 @@ def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet
         family = families.of_pipeline(pipe)
         slots = families.slots(pipe, family)
         fingerprint = model_fingerprint(slots)
+        families.check_clip_skip(family, clip_skip, families.text_layers(slots[0].text_encoder))
+        cache_dir = library.home / ".cache" / "init"
         with ui.timed("cross initialization"):
-            init = crossinit.cross_init_slots(slots, library.home / ".cache" / "init")
+            init = crossinit.cross_init_slots(slots, cache_dir, clip_skip)
     resolution = train.model_resolution(pipe.unet, pipe.vae)
-    return Trainer(model_id, pipe, placement, resolution, fingerprint, init, family, slots)
+    return Trainer(model_id, pipe, placement, resolution, fingerprint, init, family, slots, clip_skip, cache_dir)
 
 
 def model_fingerprint(slots: Any) -> str:
@@ -323,6 +350,7 @@ class LearnJob:
 
 def train_and_store(library: Library, trainer: Trainer, job: LearnJob) -> tuple[Path, TrainResult]:
     """Train one identity on a loaded model and store it: the library is written once, atomically."""
+    trainer = trainer.at(job.train_config.clip_skip)  # its start at the job's clip skip
     images = _training_images(trainer, job)
     if not job.quiet:
         _announce(trainer, job, len(images))
@@ -384,6 +412,7 @@ def _announce(trainer: Trainer, job: LearnJob, photos: int) -> None:
         f"learning [bold]{escape(job.name)}[/] from {photos} photo{'s' if photos != 1 else ''} on "
         f"{placement.device} ({placement.dtype}), {trainer.family.title} at {size} px: {config.steps} "
         f"steps, batch {config.batch_size}, lr {config.lr:g}"
+        + (f", clip skip {config.clip_skip}" if config.clip_skip > 1 else "")
     )
 
 
@@ -457,6 +486,7 @@ def _identity(
         base_model=model_reference(trainer.model_id),
         encoder_fingerprint=trainer.fingerprint,
         source="learn",
+        clip_skip=config.clip_skip,
         training={
             "mode": job.mode,
             "steps": config.steps,

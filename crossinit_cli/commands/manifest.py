@@ -26,6 +26,7 @@ from crossinit_cli.commands.generate import (
     SamplingFlags,
     Written,
     apply_template,
+    choose_clip_skip,
     file_slug,
     hint_plain_names,
     loading_status,
@@ -41,7 +42,7 @@ from crossinit_cli.config import RunOptions
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library
 
-KEYS = ("prompt", "seed", "n", "size", "steps", "guidance", "negative", "scheduler", "out")
+KEYS = ("prompt", "seed", "n", "size", "steps", "guidance", "negative", "scheduler", "out", "clip_skip")
 ON_ERROR = ("skip", "stop")
 
 
@@ -59,6 +60,7 @@ class Line:
     negative: str
     scheduler: str
     out: Path
+    clip_skip: int = 1
 
 
 def read_lines(source: str) -> list[tuple[int, str]]:
@@ -114,6 +116,8 @@ def parse_line(number: int, text: str, defaults: SamplingFlags, library: Library
     scheduler = _text(raw.get("scheduler", defaults.scheduler or sample.DEFAULT_SCHEDULER), "scheduler")
     sample.scheduler_choice(scheduler)
     out = Path(_text(raw["out"], "out")).expanduser() if "out" in raw else defaults.out or fallback_out
+    given = raw.get("clip_skip", defaults.clip_skip)
+    given = None if given is None else _int(given, "clip_skip", 1, 1000)
     return Line(
         number=number,
         job=PromptJob(prompt, named, file_slug(prompt, named)),
@@ -125,6 +129,7 @@ def parse_line(number: int, text: str, defaults: SamplingFlags, library: Library
         negative=negative,
         scheduler=scheduler.strip().lower(),
         out=out,
+        clip_skip=choose_clip_skip(given, known.values(), f"line {number}: "),
     )
 
 
@@ -217,6 +222,7 @@ def _runnable_lines(lines: list[Line], model: str, on_error: str) -> tuple[list[
     skipped = 0
     for line in lines:
         try:
+            sample.check_clip_skip(model, line.clip_skip)
             for ident in line.job.identities:
                 if width is not None:
                     devices.check_width(ident.name, ident.width, model, width)
@@ -241,6 +247,7 @@ def _run_line(
 ) -> int:
     """Sample one line's images, writing each and printing its JSON line as soon as it is on disk."""
     width, height = line.size or native
+    sample.check_clip_skip(model, line.clip_skip, pipe)
     settings = sample.Settings(
         width=width,
         height=height,
@@ -248,6 +255,7 @@ def _run_line(
         guidance=line.guidance,
         negative=sample.expand_prompt(line.negative, mapping),
         scheduler=line.scheduler,
+        clip_skip=line.clip_skip,
     )
     run = run_record(settings, model, placement)
     expanded = sample.expand_prompt(line.job.prompt, mapping)

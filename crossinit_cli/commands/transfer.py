@@ -42,20 +42,13 @@ def export_identity(
     formats.check_format(fmt, ident.family)
     if path.exists() and not force:
         raise CrossinitError(f"{path} already exists; pass --force to overwrite it")
-    parts = library.effective_parts(ident.name)
+    export = _export_of(library, ident, fmt)
+    parts = export.parts
     vectors = parts[0]
-    formats.export_vectors(
-        parts,
-        ident.name,
-        fmt,
-        path,
-        base_model=ident.base_model,
-        steps=int(ident.training.get("steps", 0)),
-        family=ident.family,
-        picture=_picture(library, ident.name, fmt),
-    )
+    formats.export_vectors(export, fmt, path)
     hint = formats.REGISTRY[fmt].usage(path, ident.name, _file_stem(path), len(parts))
     fits = families.get(ident.family).checkpoints if ident.family in families.FAMILIES else None
+    layer_hint = formats.clip_skip_hint(ident.family, ident.clip_skip)
     if as_json:
         ui.print_json(
             {
@@ -67,6 +60,7 @@ def export_identity(
                 "family": ident.family,
                 "fits": fits,
                 "strength": ident.strength,
+                "clip_skip": ident.clip_skip,
                 "usage": hint,
             }
         )
@@ -75,6 +69,8 @@ def export_identity(
         if fits:
             ui.info(escape(f"fits {fits}"))
         ui.info(escape(hint))
+        if layer_hint:
+            ui.info(escape(layer_hint))
     return 0
 
 
@@ -123,25 +119,23 @@ def export_identities(
         raise CrossinitError(f"{taken[0]} already exists ({len(taken)} in all); pass --force to overwrite")
     records = []
     for ident in chosen:
-        parts = library.effective_parts(ident.name)
-        steps = int(ident.training.get("steps", 0) or 0)
-        picture = _picture(library, ident.name, fmt)
-        formats.export_vectors(
-            parts,
-            ident.name,
-            fmt,
-            paths[ident.name],
-            base_model=ident.base_model,
-            steps=steps,
-            family=ident.family,
-            picture=picture,
-        )
+        formats.export_vectors(_export_of(library, ident, fmt), fmt, paths[ident.name])
         records.append({"name": ident.name, "format": fmt, "path": str(paths[ident.name]), "status": "written"})
         if not as_json:
             ui.info(f"exported [bold]{escape(ident.name)}[/] ({fmt}) to {escape(str(paths[ident.name]))}")
     if as_json:
         ui.print_json(records)
     return 0
+
+
+def _export_of(library: Library, ident: Identity, fmt: str) -> formats.Export:
+    """What an export of `ident` in `fmt` holds: its effective vectors, and what its files record about it."""
+    import numpy as np
+
+    parts = [np.ascontiguousarray(p, dtype=np.float32) for p in library.effective_parts(ident.name)]
+    steps = int(ident.training.get("steps", 0) or 0)
+    picture = _picture(library, ident.name, fmt)
+    return formats.Export(parts, ident.name, ident.base_model, steps, ident.family, picture, ident.clip_skip)
 
 
 def _picture(library: Library, name: str, fmt: str) -> Path | None:
@@ -179,9 +173,7 @@ def deliver(library: Library, chosen: list[Identity], tool: tools.Tool, *, force
             fmt = formats.format_for_tool(tool.key, ident.family)
             path = tool.embeddings / formats.default_filename(ident.name, fmt)
             record.update(format=fmt, path=str(path))
-            parts = library.effective_parts(ident.name)
-            steps = int(ident.training.get("steps", 0) or 0)
-            data = formats.encode(parts, ident.name, fmt, base_model=ident.base_model, steps=steps, family=ident.family)
+            data = formats.encode_export(_export_of(library, ident, fmt), fmt)
             record["status"] = _put(path, data, ident.name, force=force)
         except CrossinitError as exc:
             failed += 1
@@ -194,6 +186,9 @@ def deliver(library: Library, chosen: list[Identity], tool: tools.Tool, *, force
             stem = _file_stem(path)
             how = tool.hint.format(stem=stem)
             ui.info(f"{record['status']:>9} [bold]{escape(ident.name)}[/] -> {escape(path.name)} ({escape(how)})")
+            layer_hint = formats.clip_skip_hint(ident.family, ident.clip_skip)
+            if layer_hint:
+                ui.info(escape(f"{' ' * 10}{layer_hint}"))
     counts = {s: sum(r["status"] == s for r in records) for s in ("written", "unchanged", "skipped")}
     if as_json:
         ui.print_json(records)
@@ -359,5 +354,6 @@ def _store(
         base_model=model or loaded.base_model or "",
         source=f"import:{loaded.layout}:{path.resolve()}",
         training={"steps": loaded.steps} if loaded.steps else {},
+        clip_skip=loaded.clip_skip,
     )
     return library.add(ident, loaded.parts or loaded.vectors, force=force)
