@@ -79,7 +79,12 @@ def test_a_manifest_line_gives_the_same_image_as_generate(
     assert one.exit_code == 0 and alone.exit_code == 0, one.stderr + alone.stderr
     for a, b in zip(_records(one.stdout), json.loads(alone.stdout)):
         assert Path(a["path"]).name == Path(b["path"]).name
-        assert np.array_equal(np.asarray(Image.open(a["path"])), np.asarray(Image.open(b["path"])))
+        # A manifest samples one image per call, generate -n 2 both in one batch: the same noise and
+        # steps, so the same image up to the float rounding a batch may change (docs/generate.md,
+        # Determinism; on an AVX2-only EPYC 2 of 12,288 values differ by one level).
+        x = np.asarray(Image.open(a["path"])).astype(int)
+        y = np.asarray(Image.open(b["path"])).astype(int)
+        assert np.abs(x - y).max() <= 2 and (x != y).mean() < 0.01
 
 
 BAD_LINES = [
