@@ -202,6 +202,8 @@ def resume_identity(
     model_id = saved["model"]
     check_model_reference(model_id)
     placement = devices.resolve(saved["device"], saved["dtype"], training=True)
+    if saved.get("dtype_reason"):  # the run's own precision continues, chosen for the reason it was then
+        placement = replace(placement, dtype_reason=saved["dtype_reason"])
     if placement.device != saved["placed_on"]:
         ui.warn(
             f"the run started on {saved['placed_on']} and continues on {placement.device}: the result will not "
@@ -373,6 +375,7 @@ def _start_checkpoint(library: Library, trainer: Trainer, job: LearnJob, images:
         "device": placement.device,
         "placed_on": placement.device,
         "dtype": placement.dtype,
+        "dtype_reason": placement.dtype_reason,
         "mode": job.mode,
         "align": job.align,
         "force": job.force,
@@ -428,6 +431,7 @@ def _identity(trainer: Trainer, job: LearnJob, result: TrainResult, state: dict[
             "total_s": round(result.total_s, 3),
             "device": result.device,
             "dtype": result.dtype,
+            "dtype_reason": trainer.placement.dtype_reason,
             "photos": [p.name for p in job.paths],
             "resolution": result.resolution,
             "aligned": job.align,
