@@ -641,7 +641,7 @@ def doctor(
     ] = False,
     as_json: JsonOpt = False,
 ) -> int:
-    """Check this machine: versions, the device crossinit would use and why, the library, the model cache.
+    """Check this machine: versions, the device and precision crossinit would use and why, the library, the model cache.
 
     Exits 1 with advice when something needs fixing. Example: crossinit doctor --self-test
     """

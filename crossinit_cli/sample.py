@@ -234,6 +234,10 @@ def load(model: str, placement: devices.Placement, identities: Iterable[Identity
         pipe = devices.load_pipeline(model, torch_dtype=placement.torch_dtype)
     check_model(model, identities, pipe)
     pipe = pipe.to(placement.device)
+    if placement.device == "cpu" and placement.dtype == "bf16":
+        import torch
+
+        pipe.unet.to(memory_format=torch.channels_last)  # oneDNN's bf16 convolutions run channels-last natively
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

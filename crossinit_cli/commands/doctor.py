@@ -87,12 +87,16 @@ def _catalog_check(home: Path, facts: dict[str, object]) -> Check:
 
 
 def _device_check(run: RunOptions, facts: dict[str, object]) -> Check:
-    """The device and precision crossinit would use, and why (with free GPU memory on CUDA)."""
+    """The device and precision crossinit would use for training, and why (with free GPU memory on CUDA)."""
     from crossinit_cli import devices
 
     try:
-        placement = devices.resolve(run.device, run.dtype)
+        placement = devices.resolve(run.device, run.dtype, training=True)
         detail = f"{placement.device} ({placement.dtype}): {placement.reason}"
+        detail += f"; {placement.dtype} because {placement.dtype_reason}"
+        sampling = devices.resolve(run.device, run.dtype)
+        if sampling.dtype != placement.dtype:  # MPS: training and sampling differ
+            detail += f"; generate in {sampling.dtype} ({sampling.dtype_reason})"
         if placement.device == "cuda":
             import torch
 
@@ -101,6 +105,7 @@ def _device_check(run: RunOptions, facts: dict[str, object]) -> Check:
             facts["gpu_free_gib"] = round(free / 2**30, 2)
         facts["device"] = placement.device
         facts["dtype"] = placement.dtype
+        facts["dtype_reason"] = placement.dtype_reason
         return Check("device", True, detail)
     except CrossinitError as exc:
         return Check("device", False, str(exc), "crossinit config set device auto")

@@ -213,6 +213,8 @@ def resume_identity(
     model_id = saved["model"]
     check_model_reference(model_id)
     placement = devices.resolve(saved["device"], saved["dtype"], training=True)
+    if saved.get("dtype_reason"):  # the run's own precision continues, chosen for the reason it was then
+        placement = replace(placement, dtype_reason=saved["dtype_reason"])
     if placement.device != saved["placed_on"]:
         ui.warn(
             f"the run started on {saved['placed_on']} and continues on {placement.device}: the result will not "
@@ -430,6 +432,7 @@ def _start_checkpoint(
         "device": placement.device,
         "placed_on": placement.device,
         "dtype": placement.dtype,
+        "dtype_reason": placement.dtype_reason,
         "mode": job.mode,
         "align": job.align,
         "force": job.force,
@@ -499,6 +502,7 @@ def _identity(
             "total_s": round(result.total_s, 3),
             "device": result.device,
             "dtype": result.dtype,
+            "dtype_reason": trainer.placement.dtype_reason,
             "photos": [p.name for p in job.paths],
             "resolution": result.resolution,
             "aligned": job.align,
