@@ -146,16 +146,25 @@ def _cache_key(tokenizer: Any, text_encoder: Any, fingerprint: str, penultimate:
 
 
 def cross_init(
-    tokenizer: Any, text_encoder: Any, cache_dir: Path | None = None, *, penultimate: bool = False
+    tokenizer: Any,
+    text_encoder: Any,
+    cache_dir: Path | None = None,
+    *,
+    penultimate: bool = False,
+    fingerprint: str | None = None,
 ) -> torch.Tensor:
-    """Steps 1 and 2: the [2, width] float32 start of the two new tokens, cached per model in `cache_dir`."""
+    """Steps 1 and 2: the [2, width] float32 start of the two new tokens, cached per model in `cache_dir`.
+
+    `fingerprint` is the encoder's `encoder_fingerprint` when the caller has it already (hashing SD 2.x's
+    table reads 200 MB)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     path = None
     if cache_dir is not None:
-        key = _cache_key(tokenizer, text_encoder, encoder_fingerprint(text_encoder), penultimate)
+        fingerprint = fingerprint or encoder_fingerprint(text_encoder)
+        key = _cache_key(tokenizer, text_encoder, fingerprint, penultimate)
         path = Path(cache_dir) / f"{key}.safetensors"
         try:
             cached = load_file(str(path))["init"]
@@ -173,9 +182,16 @@ def cross_init(
     return init
 
 
-def cross_init_slots(slots: Sequence[Slot], cache_dir: Path | None = None) -> list[torch.Tensor]:
-    """Steps 1 and 2 for every text encoder of a model (families.slots): one [2, width] start each."""
-    return [cross_init(s.tokenizer, s.text_encoder, cache_dir, penultimate=s.spec.penultimate) for s in slots]
+def cross_init_slots(
+    slots: Sequence[Slot], cache_dir: Path | None = None, fingerprints: Sequence[str] | None = None
+) -> list[torch.Tensor]:
+    """Steps 1 and 2 for every text encoder of a model (families.slots): one [2, width] start each.
+    `fingerprints`: each encoder's `encoder_fingerprint`, when the caller has them already."""
+    prints = list(fingerprints) if fingerprints is not None else [None] * len(slots)
+    return [
+        cross_init(s.tokenizer, s.text_encoder, cache_dir, penultimate=s.spec.penultimate, fingerprint=f)
+        for s, f in zip(slots, prints)
+    ]
 
 
 def add_placeholder_tokens(tokenizer: Any, text_encoder: Any, init: torch.Tensor) -> list[int]:

@@ -18,7 +18,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,18 @@ class FaceCrop:
     image: Image.Image  # RGB, size x size
     box: tuple[int, int, int, int]  # face box in the (EXIF-transposed) source: left, top, right, bottom
     faces_found: int  # how many faces the detector saw in that photo (0 with align=False)
+    points: np.ndarray | None = None  # eye on the image's left, eye on its right, nose tip [3, 2] (None: no-align)
+
+    def at_size(self, size: int) -> FaceCrop:
+        """The same crop at another size, cut again from the photo with the landmarks already found: the
+        same pixels as `align_face(source, size)`, without running the detector again."""
+        if self.image.size == (size, size):
+            return self
+        img = load_photo(self.source)
+        if self.points is None:
+            return _center_crop(self.source, img, size)
+        eye_left, eye_right, nose = self.points
+        return replace(self, image=_ffhq_crop(img, eye_left, eye_right, nose, size))
 
 
 @dataclass(frozen=True)
@@ -187,8 +199,9 @@ def align_face(path: Path, size: int = 512, *, align: bool = True) -> FaceCrop:
     # 5-point order: 0-1 corners of the eye on the image's right, 2-3 of the eye on its left, 4 nose.
     eye_right = points[0:2].mean(axis=0)
     eye_left = points[2:4].mean(axis=0)
+    marks = np.stack([eye_left, eye_right, points[4]])
     crop = _ffhq_crop(img, eye_left, eye_right, points[4], size)
-    return FaceCrop(source=path, image=crop, box=box, faces_found=count)
+    return FaceCrop(source=path, image=crop, box=box, faces_found=count, points=marks)
 
 
 def align_faces(

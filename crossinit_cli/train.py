@@ -22,7 +22,7 @@ What differs is only how fast the same numbers come out:
 SDXL (families.py) has two text encoders: each gets its own two rows and its own start, the regulariser
 averages over all four rows, and the UNet also takes encoder 2's pooled embedding and the size/crop time
 ids (`condition`). Its 2.6B-parameter UNet runs with gradient checkpointing, so that batch 8 at 1024 px
-fits a 24 GB GPU; its VAE encodes in fp32, as every family's does here (it overflows in fp16).
+fits a 24 GB GPU. The VAE encodes in bf16 when training in bf16, else in fp32 (it overflows in fp16).
 """
 
 from __future__ import annotations
@@ -195,6 +195,8 @@ class TrainResult:
     """Every text encoder's (learned, init) by its key (families.EncoderSpec.key); learned/init are the first's."""
     snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # step -> {name: [2, width]}
     snapshot_losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss of the steps before it
+    steps_s: float = 0.0  # the training steps' own time (per_step_s x steps_run); the rest of a learn is fixed cost
+    steps_run: int = 0  # the steps this run took (fewer than config.steps when it resumed)
 
 
 def model_resolution(unet: Any, vae: Any) -> int:
@@ -397,22 +399,40 @@ class _Latents:
     photos: int  # row i + photos is photo i mirrored
 
 
-def encode_crops(vae: Any, crops: Sequence[Image.Image], setup: _Setup) -> _Latents:
-    """Data (paper step 5): every crop and its mirror image through the VAE once, in fp32 (the random flip's
-    two sides)."""
+def encode_dtype(placement: Placement) -> torch.dtype:
+    """The VAE encodes in bf16 when training in bf16 where bf16 convolutions are native (CUDA; a CPU with
+    AVX512-BF16 or AMX, which oneDNN uses), else in fp32: without them PyTorch runs a bf16 convolution
+    through its slow reference path, ~100x an fp32 one on an AVX2 CPU (docs/performance.md), and fp16
+    overflows in SD's VAE. bf16 keeps fp32's range; the latents differ from fp32's by well under the
+    sampling noise (tests/test_train.py)."""
     import torch
 
-    vae.requires_grad_(False).eval().to(setup.device)
-    if vae.dtype != torch.float32:
-        vae.to(dtype=torch.float32)
+    if placement.dtype != "bf16":
+        return torch.float32
+    if placement.device != "cpu":
+        return torch.bfloat16
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return torch.bfloat16 if native is not None and native() else torch.float32
+
+
+def encode_crops(vae: Any, crops: Sequence[Image.Image], setup: _Setup) -> _Latents:
+    """Data (paper step 5): every crop and its mirror image through the VAE once (the random flip's two
+    sides), in `encode_dtype`, channels-last; the latent mean and std are kept in fp32."""
+    import torch
+
+    dtype = encode_dtype(setup.placement)
+    vae.requires_grad_(False).eval().to(setup.device, memory_format=torch.channels_last)
+    if vae.dtype != dtype:
+        vae.to(dtype=dtype)
     pixels = torch.stack([_pixels(c, setup.size) for c in crops])
     pixels = torch.cat([pixels, pixels.flip(-1)])  # row i + len(crops) is crop i mirrored
     means, stds = [], []
     with torch.inference_mode():
         for chunk in pixels.split(8):
-            dist = vae.encode(chunk.to(setup.device)).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
+            chunk = chunk.to(setup.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            dist = vae.encode(chunk).latent_dist
+            means.append(dist.mean.float().contiguous())
+            stds.append(dist.std.float().contiguous())
     return _Latents(torch.cat(means).clone(), torch.cat(stds).clone(), vae.config.scaling_factor, len(crops))
 
 
@@ -666,6 +686,8 @@ def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> Train
         parts=parts,
         snapshots={k: {n: t.numpy().astype(np.float32) for n, t in v.items()} for k, v in loop.snapshots.items()},
         snapshot_losses={k: _window_mean(losses[:k]) for k in loop.snapshots},
+        steps_s=timing.loop_s,
+        steps_run=config.steps - loop.done,
     )
 
 
