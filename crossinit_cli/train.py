@@ -196,6 +196,7 @@ class TrainResult:
     snapshots: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # step -> {name: [2, width]}
     snapshot_losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss of the steps before it
     steps_s: float = 0.0  # the training steps' own time (per_step_s x steps_run); the rest of a learn is fixed cost
+    steps_cpu_s: float = 0.0  # the CPU time the process spent in them (all threads)
     steps_run: int = 0  # the steps this run took (fewer than config.steps when it resumed)
 
 
@@ -347,9 +348,9 @@ def run(
     model = _model(parts, setup, init)
     optimiser = _optimiser(model.rows, config, placement, setup)
     loop.restore(hooks.resume_from, model, optimiser)
-    loop_started = time.perf_counter()
+    loop_started, loop_cpu = time.perf_counter(), time.process_time()
     _train_loop(loop, data, model, optimiser, setup, hooks)
-    timing = _Timing(started, encode_s, time.perf_counter() - loop_started)
+    timing = _Timing(started, encode_s, time.perf_counter() - loop_started, time.process_time() - loop_cpu)
     return _result(loop, model, setup, timing)
 
 
@@ -651,6 +652,7 @@ class _Timing:
     started: float  # perf_counter at the start of the run
     encode_s: float
     loop_s: float
+    loop_cpu_s: float
 
 
 def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> TrainResult:
@@ -687,6 +689,7 @@ def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> Train
         snapshots={k: {n: t.numpy().astype(np.float32) for n, t in v.items()} for k, v in loop.snapshots.items()},
         snapshot_losses={k: _window_mean(losses[:k]) for k in loop.snapshots},
         steps_s=timing.loop_s,
+        steps_cpu_s=timing.loop_cpu_s,
         steps_run=config.steps - loop.done,
     )
 

@@ -37,6 +37,7 @@ def test_verbose_reports_each_phase_and_quiet_default_does_not(tiny_model: Path,
         "library write",
         "total",
         "fixed cost (all but the 1 training steps)",
+        "fixed cost in CPU time",
     )
     times = {}
     for line in verbose.stderr.splitlines():
@@ -47,6 +48,7 @@ def test_verbose_reports_each_phase_and_quiet_default_does_not(tiny_model: Path,
     # The fixed cost is everything but the steps: the whole command's time less theirs.
     assert abs(times["total"] - times["training steps (1)"] - times["fixed cost (all but the 1 training steps)"]) < 0.02
     assert times["total"] >= times["model load"] + times["training"] + times["imports"]
+    assert times["fixed cost in CPU time"] > 0
     plain = _run(*base, "--name", "v2")
     assert plain.returncode == 0 and "time " not in plain.stderr
 

@@ -96,10 +96,15 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
 
 def report_fixed_cost(result: TrainResult) -> None:
     """With --verbose: the whole command's time, and its fixed cost (all but the training steps: Python's
-    imports, the model load, faces, the cross init, the VAE encodes, the write), which no --steps changes."""
+    imports, the model load, faces, the cross init, the VAE encodes, the write), which no --steps changes;
+    also in CPU time since the process started, which other work on a shared machine barely changes."""
+    import os
+
     total = ui.elapsed()
     ui.timing("total", total)
     ui.timing(f"fixed cost (all but the {result.steps_run} training steps)", total - result.steps_s)
+    used = os.times()
+    ui.timing("fixed cost in CPU time", used.user + used.system - result.steps_cpu_s)
 
 
 PHOTOS_LISTED = 8
