@@ -549,7 +549,8 @@ def main() -> None:
         for loop, goal in (("loop_fp32", 3.5), ("loop_bf16", 1.5)):
             ratio = report.get(f"per_step_x_vs_{loop}")
             if ratio is not None:
-                print(f"crossinit per step: {ratio}x the {loop} ({'meets' if ratio >= goal else 'misses'} {goal}x)")
+                verdict = "meets" if ratio >= goal else "misses"
+                print(f"crossinit ({args.dtype}) per step: {ratio}x the {loop} ({verdict} {goal}x)")
         fixed = report["medians"]["crossinit"]["fixed_s"]
         cpu = report["medians"]["crossinit"]["fixed_cpu_s"]
         print(f"crossinit fixed cost: {fixed} s, {cpu} s of CPU time (the goal: <= 12 s at full SD 2.1 size)")
