@@ -4,6 +4,9 @@
     python benchmarks/bench_learn.py --full-size     # SD 2.1-base-sized random model (for a GPU): fast and
                                                      # full mode seconds through `crossinit learn`
     python benchmarks/bench_learn.py --full-size --family sdxl   # the same on SDXL base's shapes at 1024 px
+    python benchmarks/bench_learn.py --side-by-side --model /tmp/fullsize/sd21   # on the CPU: crossinit
+        # (bf16) against the example loop in fp32 and under bf16 autocast, each in its own process:
+        # seconds per step, fixed cost (all but the steps) and peak RSS; add --family sdxl --resolution 512
 
 Both loops train the same two rows from the same cross init on the same aligned photo, with the same
 batch, captions and schedule. The baseline is written the way diffusers' textual-inversion example (and
@@ -281,6 +284,222 @@ def _aligned(tmp: str, size: int) -> Path:
     return path
 
 
+# ---- side by side: crossinit and the example loop, each in its own process ----------------------
+
+LOOPS = ("loop-fp32", "loop-bf16")
+"""The diffusers-style loop as the official code runs (fp32), and as accelerate's `--mixed_precision bf16`
+runs it (frozen UNet and VAE cast to bf16, as the example does, and every forward under bf16 autocast)."""
+
+
+def example_loop_steps(
+    model: Path, crop_path: Path, *, steps: int, batch_size: int, size: int, bf16: bool, cpu: list[float]
+) -> list[float]:
+    """The example's loop on any family (SDXL: its textual_inversion_sdxl variant, both tables trained, the
+    UNet fed hidden_states[-2] of both encoders, encoder 2's pooled output and the time ids); seconds per step."""
+    import contextlib
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    from crossinit_cli import crossinit, families
+    from crossinit_cli.devices import load_pipeline
+    from crossinit_cli.train import TEMPLATES
+
+    torch.manual_seed(0)
+    random.seed(0)
+    pipe = load_pipeline(str(model))
+    family = families.of_pipeline(pipe)
+    slots = families.slots(pipe, family)
+    inits = crossinit.cross_init_slots(slots)
+    ids = [crossinit.add_placeholder_tokens(s.tokenizer, s.text_encoder, i) for s, i in zip(slots, inits)]
+    unet, vae, scheduler = pipe.unet, pipe.vae, DDPMScheduler.from_config(pipe.scheduler.config)
+    weight = torch.bfloat16 if bf16 else torch.float32
+    vae.requires_grad_(False).to(weight)
+    unet.requires_grad_(False).to(weight)
+    tables, keeps, originals = [], [], []
+    for slot, placeholder in zip(slots, ids):
+        encoder = slot.text_encoder
+        encoder.requires_grad_(False)
+        encoder.get_input_embeddings().requires_grad_(True)
+        encoder.train()
+        tables.append(encoder.get_input_embeddings().weight)
+        keep = torch.ones(len(slot.tokenizer), dtype=torch.bool)
+        keep[placeholder] = False
+        keeps.append(keep)
+        originals.append(tables[-1].data.clone())
+    optimizer = torch.optim.AdamW(tables, lr=0.005, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def example() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The example's Dataset.__getitem__: open, resize, flip, scale to [-1, 1]; a random caption."""
+        image = Image.open(crop_path).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        if random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        text = random.choice(TEMPLATES).format(crossinit.PHRASE)
+        tokens = [
+            s.tokenizer(text, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids[0]
+            for s in slots
+        ]
+        return pixels, tokens
+
+    times = []
+    for _ in range(steps):
+        started, started_cpu = time.perf_counter(), time.process_time()
+        batch = [example() for _ in range(batch_size)]
+        pixels = torch.stack([b[0] for b in batch]).to(weight)
+        captions = [torch.stack([b[1][i] for b in batch]) for i in range(len(slots))]
+        with autocast:
+            latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
+            noisy = scheduler.add_noise(latents, noise, t)
+            states, added = families.conditioning(family, list(zip(slots, captions)), size)
+            prediction = unet(noisy, t, states, added_cond_kwargs=added).sample
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        rows = [table[p] for table, p in zip(tables, ids)]
+        reg = torch.cat([F.pairwise_distance(r, i, p=2) for r, i in zip(rows, inits)]).mean() * 1e-5
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="mean") + reg
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for table, keep, original in zip(tables, keeps, originals):
+                table[keep] = original[keep]
+        loss.item()
+        times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    return times
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """One method in this process (`--worker`): its step times as JSON in --out."""
+    _quiet()
+    steps_cpu: list[float] = []
+    times = example_loop_steps(
+        Path(args.model),
+        Path(args.crop),
+        steps=args.train_steps,
+        batch_size=args.learn_batch_size,
+        size=args.resolution,
+        bf16=args.worker == "loop-bf16",
+        cpu=steps_cpu,
+    )
+    used = os.times()
+    fixed_cpu = used.user + used.system - sum(steps_cpu)  # since the process started, as crossinit counts it
+    Path(args.out).write_text(json.dumps({"steps_s": times, "fixed_cpu_s": fixed_cpu}))
+
+
+def _verbose_time(stderr: str, phase: str) -> float:
+    """The seconds `crossinit -v` printed for `phase` ("time PHASE: 1.23 s")."""
+    found = [line for line in stderr.splitlines() if line.startswith(f"time {phase}: ")]
+    return float(found[-1].rsplit(": ", 1)[1][:-2])
+
+
+def _timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Run `command`; (wall seconds, its own peak RSS in GB, stderr). Each method in its own process, so
+    that each peak is its own."""
+    with tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read()
+    if process.returncode != 0:
+        raise SystemExit(f"{command[3:5]} failed ({process.returncode}): {stderr.strip()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024**2, stderr
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+
+
+def _run_method(method: str, args: argparse.Namespace, model: Path, crop: Path, tmp: Path) -> dict[str, Any]:
+    """One process of `method`: per-step seconds, fixed cost (its whole wall time less the steps), peak RSS."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    size, batch, steps = args.resolution, args.learn_batch_size, args.train_steps
+    load_before = _load()
+    if method == "crossinit":
+        home = tempfile.mkdtemp(dir=tmp)
+        env.update(CROSSINIT_HOME=home, CROSSINIT_CONFIG=str(Path(home) / "c.toml"))
+        # From the photo itself, as a user runs it: the face detection and alignment are part of its fixed cost.
+        command = [sys.executable, "-m", "crossinit_cli", "-v", "learn", str(PHOTO), "--steps", str(steps)]
+        command += ["--batch-size", str(batch), "--model", str(model), "--device", "cpu", "--dtype", args.dtype]
+        command += ["--resolution", str(size)] if args.given_resolution else []
+        command += ["-q", "--name", "bench"]
+        wall, rss, stderr = _timed_process(command, env)
+        steps_s = _verbose_time(stderr, f"training steps ({steps})")
+        per_step = [steps_s / steps]
+        cpu_fixed = _verbose_time(stderr, "fixed cost in CPU time")
+    else:
+        out = tmp / f"{method}.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--model", str(model)]
+        command += ["--crop", str(crop), "--out", str(out), "--train-steps", str(steps)]
+        command += ["--learn-batch-size", str(batch), "--resolution", str(size)]
+        wall, rss, _ = _timed_process(command, env)
+        done = json.loads(out.read_text())
+        per_step, steps_s, cpu_fixed = done["steps_s"], sum(done["steps_s"]), done["fixed_cpu_s"]
+    return {
+        "per_step_s": round(steps_s / steps, 2),
+        "steps_s": [round(t, 2) for t in per_step],
+        "fixed_s": round(wall - steps_s, 2),
+        "fixed_cpu_s": round(cpu_fixed, 2),
+        "wall_s": round(wall, 2),
+        "peak_rss_gb": round(rss, 2),
+        "load": f"{load_before} -> {_load()}",
+    }
+
+
+def _native_size(model: Path) -> int:
+    """The model's own image size from its configs (train.model_resolution without loading it)."""
+    unet = json.loads((model / "unet" / "config.json").read_text())
+    vae = json.loads((model / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
+    """crossinit (`learn`, as a user runs it) and the example loop in fp32 and under bf16 autocast, one
+    process each, taken in turn round after round so that load from elsewhere falls on all alike."""
+    model = Path(args.model)
+    args.given_resolution = bool(args.resolution)
+    args.resolution = args.resolution or _native_size(model)
+    args.learn_batch_size = args.learn_batch_size or 1
+    args.train_steps = args.train_steps or 3
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods.split(",")}
+    with tempfile.TemporaryDirectory(prefix="crossinit-bench-") as tmp:
+        crop = _aligned(tmp, args.resolution)  # the loops start from the photo aligned at the training size
+        for round_ in range(args.rounds):
+            for method in runs:
+                runs[method].append(_run_method(method, args, model, crop, Path(tmp)))
+                print(f"round {round_ + 1} {method:10} {runs[method][-1]}", file=sys.stderr, flush=True)
+    medians = {
+        m: {k: statistics.median(r[k] for r in rs) for k in ("per_step_s", "fixed_s", "fixed_cpu_s", "peak_rss_gb")}
+        for m, rs in runs.items()
+    }
+    ours = medians["crossinit"]["per_step_s"]
+    ratios = {
+        f"per_step_x_vs_{m.replace('-', '_')}": round(medians[m]["per_step_s"] / ours, 2) for m in LOOPS if m in runs
+    }
+    return {
+        "model": str(model),
+        "resolution": args.resolution,
+        "batch_size": args.learn_batch_size,
+        "steps_per_process": args.train_steps,
+        "crossinit_dtype": args.dtype,
+        "threads": args.threads or "torch's default",
+        "medians": medians,
+        **ratios,
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-size", action="store_true", help="SD 2.1-base-sized model: fast/full mode seconds")
@@ -306,7 +525,36 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="crossinit vs the example loop in fp32 and bf16 autocast, one process each (needs --model)",
+    )
+    parser.add_argument("--dtype", default="bf16", help="with --side-by-side: crossinit's --dtype (default bf16)")
+    parser.add_argument(
+        "--methods",
+        default="crossinit,loop-fp32,loop-bf16",
+        help="with --side-by-side: which to run, in this order each round (crossinit first)",
+    )
+    parser.add_argument("--worker", choices=LOOPS, help=argparse.SUPPRESS)
+    parser.add_argument("--crop", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    if args.side_by_side:
+        report = side_by_side(args)
+        print(json.dumps(report, indent=2))
+        for loop, goal in (("loop_fp32", 3.5), ("loop_bf16", 1.5)):
+            ratio = report.get(f"per_step_x_vs_{loop}")
+            if ratio is not None:
+                verdict = "meets" if ratio >= goal else "misses"
+                print(f"crossinit ({args.dtype}) per step: {ratio}x the {loop} ({verdict} {goal}x)")
+        fixed = report["medians"]["crossinit"]["fixed_s"]
+        cpu = report["medians"]["crossinit"]["fixed_cpu_s"]
+        print(f"crossinit fixed cost: {fixed} s, {cpu} s of CPU time (the goal: <= 12 s at full SD 2.1 size)")
+        return
     _quiet()
     if args.threads:
         import torch

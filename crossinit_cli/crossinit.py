@@ -165,16 +165,21 @@ def cross_init(
     *,
     penultimate: bool = False,
     clip_skip: int = 1,
+    fingerprint: str | None = None,
 ) -> torch.Tensor:
     """Steps 1 and 2: the [2, width] float32 start of the two new tokens, cached per model (and clip skip)
-    in `cache_dir`."""
+    in `cache_dir`.
+
+    `fingerprint` is the encoder's `encoder_fingerprint` when the caller has it already (hashing SD 2.x's
+    table reads 200 MB)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     path = None
     if cache_dir is not None:
-        key = _cache_key(tokenizer, text_encoder, encoder_fingerprint(text_encoder), penultimate, clip_skip)
+        fingerprint = fingerprint or encoder_fingerprint(text_encoder)
+        key = _cache_key(tokenizer, text_encoder, fingerprint, penultimate, clip_skip)
         path = Path(cache_dir) / f"{key}.safetensors"
         try:
             cached = load_file(str(path))["init"]
@@ -193,12 +198,21 @@ def cross_init(
     return init
 
 
-def cross_init_slots(slots: Sequence[Slot], cache_dir: Path | None = None, clip_skip: int = 1) -> list[torch.Tensor]:
+def cross_init_slots(
+    slots: Sequence[Slot],
+    cache_dir: Path | None = None,
+    clip_skip: int = 1,
+    fingerprints: Sequence[str] | None = None,
+) -> list[torch.Tensor]:
     """Steps 1 and 2 for every text encoder of a model (families.slots): one [2, width] start each, at the
-    layer the UNet reads with `clip_skip` (families.check_clip_skip says which families take one)."""
+    layer the UNet reads with `clip_skip` (families.check_clip_skip says which families take one).
+    `fingerprints`: each encoder's `encoder_fingerprint`, when the caller has them already."""
+    prints = list(fingerprints) if fingerprints is not None else [None] * len(slots)
     return [
-        cross_init(s.tokenizer, s.text_encoder, cache_dir, penultimate=s.spec.penultimate, clip_skip=clip_skip)
-        for s in slots
+        cross_init(
+            s.tokenizer, s.text_encoder, cache_dir, penultimate=s.spec.penultimate, clip_skip=clip_skip, fingerprint=f
+        )
+        for s, f in zip(slots, prints)
     ]
 
 

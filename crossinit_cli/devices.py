@@ -4,7 +4,8 @@
 (or fp16 where bf16 is unsupported) autocast on CUDA; on the CPU bf16 where it computes bf16 natively (AMX-BF16 or
 AVX512-BF16) and fp32 elsewhere; on MPS bf16 for training from macOS 14 (fp32 before) and fp16 for sampling.
 `CROSSINIT_CPU_BF16=0`/`1` overrides the CPU's detection. A model is a hub id (from the local cache;
-`HF_HUB_OFFLINE` respected), a local diffusers folder, or a single-file `.safetensors`/`.ckpt` checkpoint.
+`HF_HUB_OFFLINE` respected), a local diffusers folder, or a single-file `.safetensors`/`.ckpt` checkpoint:
+`load_pipeline` loads it whole (to sample), `load_for_training` only the parts training uses.
 """
 
 from __future__ import annotations
@@ -235,3 +236,103 @@ def check_width(identity_name: str, identity_width: int, model: str, width: int)
             f"identity {identity_name!r} has {identity_width}-wide vectors but model {model!r} has a "
             f"{width}-wide text encoder; use the base model it was learned on"
         )
+
+
+@dataclass
+class TrainingModel:
+    """What `learn` trains with (`load_for_training`): a pipeline's parts by the pipeline's own names."""
+
+    family: Any  # families.Family
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any  # its decoder dropped
+    scheduler: Any
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+
+
+def import_for_training() -> None:
+    """The libraries `load_for_training` needs, imported up front so that `learn --verbose` times them apart.
+
+    Most of it is diffusers' own: its model classes import torch._dynamo and transformers (docs/performance.md)."""
+    import torch  # noqa: F401
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+
+def load_for_training(model: str, placement: Placement) -> TrainingModel:
+    """The parts of `model` that training uses, loaded as cheaply as they can be, on the CPU.
+
+    A local diffusers folder (or a cached hub model's snapshot) loads part by part: the tokenizers and
+    text encoders in fp32 (the learned rows and the cross init stay fp32), the frozen UNet straight in
+    the compute dtype when training in bf16/fp16 (no fp32 copy to cast), the VAE (its decoder dropped
+    before anything moves or casts), no safety checker or feature extractor. Anything else (a single-file
+    checkpoint, a hub id to download) loads as a pipeline (`load_pipeline`) and is trimmed the same way.
+    """
+    from crossinit_cli import families, hf
+    from crossinit_cli.train import free_vae_decoder
+
+    check_model_reference(model)
+    peeked = families.peek(model)
+    path = Path(model).expanduser()
+    folder = path if path.is_dir() else (hf.cached_folder(model, "model_index.json") if hf.is_hub_id(model) else None)
+    parts = None
+    if folder is not None and peeked is not None:
+        try:
+            parts = _load_parts(Path(folder), peeked.family, placement)
+        except OSError as exc:
+            if folder == path:
+                raise CrossinitError(f"cannot load model from {path}: {library_text(exc)}") from None
+            # A hub snapshot cut off mid-download: load_pipeline fetches it again when the Hub answers.
+        else:
+            families.pool_at_eos(parts, peeked.family)
+    if parts is None:
+        pipe = load_pipeline(model)
+        parts = _training_parts(pipe, families.of_pipeline(pipe))
+    free_vae_decoder(parts.vae)  # before anything moves or casts
+    return parts
+
+
+def _training_parts(pipe: Any, family: Any) -> TrainingModel:
+    return TrainingModel(
+        family,
+        pipe.tokenizer,
+        pipe.text_encoder,
+        pipe.unet,
+        pipe.vae,
+        pipe.scheduler,
+        getattr(pipe, "tokenizer_2", None),
+        getattr(pipe, "text_encoder_2", None),
+    )
+
+
+def _load_parts(folder: Path, family: Any, placement: Placement) -> TrainingModel:
+    """Each part a family's training needs, from a diffusers folder, by the classes model_index.json names."""
+    import json
+
+    import diffusers
+    import torch
+    import transformers
+
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+
+    def part(name: str, library: Any, **kwargs: Any) -> Any:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+            raise CrossinitError(f"{folder} has no {name} (model_index.json); it is not a text-to-image model")
+        return getattr(library, entry[1]).from_pretrained(folder / name, **kwargs)
+
+    loaded: dict[str, Any] = {}
+    for spec in family.encoders:
+        loaded[spec.tokenizer] = part(spec.tokenizer, transformers)
+        loaded[spec.text_encoder] = part(spec.text_encoder, transformers, dtype=torch.float32)
+    frozen = {} if placement.dtype == "fp32" else {"torch_dtype": placement.torch_dtype}
+    return TrainingModel(
+        family=family,
+        unet=part("unet", diffusers, **frozen),
+        vae=part("vae", diffusers),
+        # train.py makes its DDPM noise schedule from this config, whatever sampler the folder names.
+        scheduler=diffusers.DDPMScheduler.from_pretrained(folder / "scheduler"),
+        **loaded,
+    )

@@ -308,7 +308,7 @@ def widths(pipe: Any) -> tuple[int, ...]:
     return tuple(slot.width for slot in slots(pipe))
 
 
-def pool_at_eos(pipe: Any) -> None:
+def pool_at_eos(pipe: Any, family: Family | None = None) -> None:
     """Make each text encoder pool at the end-of-text token even when the prompt holds added tokens.
 
     SDXL's released text_encoder_2 config carries the stale `eos_token_id` 2, for which transformers
@@ -316,7 +316,7 @@ def pool_at_eos(pipe: Any) -> None:
     identity's placeholder once tokens are added. SDXL was trained (open_clip), and A1111 and ComfyUI
     sample, with the pooled output at the end token, so the tokenizer's own end id is set instead.
     """
-    for slot in slots(pipe):
+    for slot in slots(pipe, family):
         model = getattr(slot.text_encoder, "text_model", slot.text_encoder)
         if getattr(model, "eos_token_id", None) == 2 and slot.tokenizer.eos_token_id not in (None, 2):
             model.eos_token_id = slot.tokenizer.eos_token_id

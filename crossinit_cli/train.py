@@ -24,8 +24,8 @@ SDXL (families.py) has two text encoders: each gets its own two rows and its own
 is the official one per encoder, summed (`regulariser_all`), and the UNet also takes encoder 2's pooled
 embedding and each photo's size/crop time ids (`condition`, `photo_time_ids`). Its 2.6B-parameter UNet runs
 with gradient checkpointing, so that batch 8 at 1024 px fits a 24 GB GPU; diffusers >= 0.32 checkpoints
-with the UNet in eval mode (0.30-0.31 only in train mode). Its VAE encodes in fp32, as every family's does
-here (it overflows in fp16).
+with the UNet in eval mode (0.30-0.31 only in train mode). The VAE encodes in bf16 when training in
+bf16 where bf16 convolutions are native, else in fp32 (it overflows in fp16).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import families
+from crossinit_cli import devices, families
 from crossinit_cli.crossinit import PHRASE, add_placeholder_tokens
 from crossinit_cli.errors import CrossinitError
 
@@ -203,6 +203,9 @@ class TrainResult:
     snapshot_losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss of the steps before it
     norms: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per encoder key: the init's and the learned rows' L2 norms and the vocabulary's mean row norm (`norms`)."""
+    steps_s: float = 0.0  # the training steps' own time (per_step_s x steps_run); the rest of a learn is fixed cost
+    steps_cpu_s: float = 0.0  # the CPU time the process spent in them (all threads)
+    steps_run: int = 0  # the steps this run took (fewer than config.steps when it resumed)
 
 
 def model_resolution(unet: Any, vae: Any) -> int:
@@ -384,9 +387,9 @@ def run(
     model = _model(parts, setup, init)
     optimiser = _optimiser(model.rows, config, placement, setup)
     loop.restore(hooks.resume_from, model, optimiser)
-    loop_started = time.perf_counter()
+    loop_started, loop_cpu = time.perf_counter(), time.process_time()
     _train_loop(loop, data, model, optimiser, setup, hooks)
-    timing = _Timing(started, encode_s, time.perf_counter() - loop_started)
+    timing = _Timing(started, encode_s, time.perf_counter() - loop_started, time.process_time() - loop_cpu)
     return _result(loop, model, setup, timing)
 
 
@@ -447,22 +450,39 @@ def _time_ids_tensor(setup: _Setup, sizes: Sequence[SizeCondition] | None, photo
     return torch.tensor(rows, device=setup.device, dtype=torch.float32)
 
 
-def encode_crops(vae: Any, crops: Sequence[Image.Image], setup: _Setup) -> _Latents:
-    """Data (paper step 5): every crop and its mirror image through the VAE once, in fp32 (the random flip's
-    two sides)."""
+def encode_dtype(placement: Placement) -> torch.dtype:
+    """The VAE encodes in bf16 when training in bf16 where bf16 convolutions are native (CUDA; a CPU with
+    AVX512-BF16 or AMX, which oneDNN uses), else in fp32: without them PyTorch runs a bf16 convolution
+    through its slow reference path, ~100x an fp32 one on an AVX2 CPU (docs/performance.md), and fp16
+    overflows in SD's VAE. bf16 keeps fp32's range; the latents differ from fp32's by well under the
+    sampling noise (tests/test_train.py)."""
     import torch
 
-    vae.requires_grad_(False).eval().to(setup.device)
-    if vae.dtype != torch.float32:
-        vae.to(dtype=torch.float32)
+    if placement.dtype != "bf16":
+        return torch.float32
+    if placement.device != "cpu":
+        return torch.bfloat16
+    return torch.bfloat16 if devices.cpu_bf16()[0] else torch.float32
+
+
+def encode_crops(vae: Any, crops: Sequence[Image.Image], setup: _Setup) -> _Latents:
+    """Data (paper step 5): every crop and its mirror image through the VAE once (the random flip's two
+    sides), in `encode_dtype`, channels-last; the latent mean and std are kept in fp32."""
+    import torch
+
+    dtype = encode_dtype(setup.placement)
+    vae.requires_grad_(False).eval().to(setup.device, memory_format=torch.channels_last)
+    if vae.dtype != dtype:
+        vae.to(dtype=dtype)
     pixels = torch.stack([_pixels(c, setup.size) for c in crops])
     pixels = torch.cat([pixels, pixels.flip(-1)])  # row i + len(crops) is crop i mirrored
     means, stds = [], []
     with torch.inference_mode():
         for chunk in pixels.split(8):
-            dist = vae.encode(chunk.to(setup.device)).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
+            chunk = chunk.to(setup.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            dist = vae.encode(chunk).latent_dist
+            means.append(dist.mean.float().contiguous())
+            stds.append(dist.std.float().contiguous())
     return _Latents(torch.cat(means).clone(), torch.cat(stds).clone(), vae.config.scaling_factor, len(crops))
 
 
@@ -690,6 +710,7 @@ class _Timing:
     started: float  # perf_counter at the start of the run
     encode_s: float
     loop_s: float
+    loop_cpu_s: float
 
 
 def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> TrainResult:
@@ -728,6 +749,9 @@ def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> Train
         snapshots={k: {n: t.numpy().astype(np.float32) for n, t in v.items()} for k, v in loop.snapshots.items()},
         snapshot_losses={k: _window_mean(losses[:k]) for k in loop.snapshots},
         norms=encoder_norms,
+        steps_s=timing.loop_s,
+        steps_cpu_s=timing.loop_cpu_s,
+        steps_run=config.steps - loop.done,
     )
 
 

@@ -18,6 +18,9 @@ from rich.markup import escape
 
 from crossinit_cli.errors import clean
 
+STARTED = time.perf_counter()
+"""When the CLI's modules were imported (Python's own start, ~0.1 s, comes before): `elapsed` counts from here."""
+
 
 @cache
 def out() -> Console:
@@ -60,6 +63,17 @@ class Verbosity:
     on = False
 
 
+def elapsed() -> float:
+    """Seconds since the CLI started (`STARTED`): what a whole command has cost so far."""
+    return time.perf_counter() - STARTED
+
+
+def timing(phase: str, seconds: float) -> None:
+    """With --verbose, print on stderr a time measured elsewhere, as `timed` prints its own."""
+    if Verbosity.on:
+        err().print(f"[dim]time[/] {escape(phase)}: {seconds:.2f} s", soft_wrap=True)
+
+
 @contextmanager
 def timed(phase: str) -> Iterator[None]:
     """With --verbose, print on stderr how long `phase` took (also when it fails)."""
@@ -70,4 +84,4 @@ def timed(phase: str) -> Iterator[None]:
     try:
         yield
     finally:
-        err().print(f"[dim]time[/] {escape(phase)}: {time.perf_counter() - started:.2f} s", soft_wrap=True)
+        timing(phase, time.perf_counter() - started)

@@ -176,6 +176,20 @@ def test_two_faces_warns_once_and_takes_the_larger(tmp_path):
     assert crop.box[0] > 500  # the large face on the right
 
 
+def test_at_size_cuts_the_same_crop_again_without_detecting_the_face_again(monkeypatch):
+    crop = faces.align_face(ASTRONAUT, 512)
+    real, detections = faces._find_faces, []
+    monkeypatch.setattr(faces, "_find_faces", lambda pixels: (detections.append(1), real(pixels))[1])
+    small = crop.at_size(64)
+    assert detections == [] and crop.at_size(512) is crop
+    assert small.image.size == (64, 64) and (small.source, small.box, small.faces_found) == (ASTRONAUT, crop.box, 1)
+    fresh = faces.align_face(ASTRONAUT, 64)  # detects again: the reference
+    assert detections == [1] and np.array_equal(np.asarray(small.image), np.asarray(fresh.image))
+    centre = faces.align_face(ASTRONAUT, 512, align=False)
+    again = faces.align_face(ASTRONAUT, 64, align=False).image
+    assert np.array_equal(np.asarray(centre.at_size(64).image), np.asarray(again)) and detections == [1]
+
+
 def test_align_faces_is_quiet_for_single_faces():
     warnings: list[str] = []
     result = faces.align_faces([HOPPER], 256, warn=warnings.append)

@@ -39,6 +39,32 @@ def _files(home: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def test_learn_finds_each_face_once_and_hashes_the_token_table_once(
+    cli, library: Library, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny model trains at 64 px: its crop is cut again from the landmarks found at 512 px, and the
+    table's fingerprint (the identity's and the cross init cache's key) is computed once."""
+    from crossinit_cli import crossinit, faces
+
+    detections: list[int] = []
+    prints: list[str] = []
+    find, fingerprint = faces._find_faces, crossinit.encoder_fingerprint
+    monkeypatch.setattr(faces, "_find_faces", lambda pixels: (detections.append(1), find(pixels))[1])
+
+    def counted(encoder: object) -> str:
+        prints.append(fingerprint(encoder))
+        return prints[-1]
+
+    monkeypatch.setattr(crossinit, "encoder_fingerprint", counted)
+    result = cli("learn", ASTRONAUT, *CHEAP, "--model", tiny_model)
+    assert result.exit_code == 0, result.stderr
+    assert len(detections) == 1 and len(prints) == 1
+    assert library.get("astronaut").encoder_fingerprint == prints[0]
+    (crop,) = library.crops("astronaut")
+    with Image.open(crop) as stored:
+        assert np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(faces.align_face(ASTRONAUT, 64).image))
+
+
 def test_learn_fast_stores_a_complete_entry(cli, library: Library, tiny_model: Path, tiny_sd1: Path) -> None:
     # --fast's own batch of 8 is checked in test_train; batch 1 keeps this run short on a small CPU.
     result = cli("learn", ASTRONAUT, "--fast", "--batch-size", "1", "--model", tiny_model, "--json")

@@ -26,8 +26,29 @@ def test_verbose_reports_each_phase_and_quiet_default_does_not(tiny_model: Path,
     base = ["learn", str(PHOTO), "--steps", "1", "--batch-size", "1", "--model", str(tiny_model), "-q"]
     verbose = _run("--verbose", *base, "--name", "v1")
     assert verbose.returncode == 0, verbose.stderr
-    for phase in ("face detection and alignment", "model load", "cross initialization", "training", "library write"):
-        assert f"time {phase}: " in verbose.stderr, verbose.stderr
+    phases = (
+        "face detection and alignment",
+        "imports",
+        "model load",
+        "cross initialization",
+        "training",
+        "VAE encode",
+        "training steps (1)",
+        "library write",
+        "total",
+        "fixed cost (all but the 1 training steps)",
+        "fixed cost in CPU time",
+    )
+    times = {}
+    for line in verbose.stderr.splitlines():
+        if line.startswith("time ") and line.endswith(" s"):
+            phase, _, seconds = line[len("time ") :].rpartition(": ")
+            times[phase] = float(seconds[:-2])
+    assert set(phases) <= set(times), verbose.stderr
+    # The fixed cost is everything but the steps: the whole command's time less theirs.
+    assert abs(times["total"] - times["training steps (1)"] - times["fixed cost (all but the 1 training steps)"]) < 0.02
+    assert times["total"] >= times["model load"] + times["training"] + times["imports"]
+    assert times["fixed cost in CPU time"] > 0
     plain = _run(*base, "--name", "v2")
     assert plain.returncode == 0 and "time " not in plain.stderr
 

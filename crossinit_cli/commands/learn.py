@@ -34,7 +34,7 @@ SNAPSHOT_EVERY = {"full": 40, "fast": None}
 """`--snapshot-every` by mode: full mode keeps 8 points of its 320 steps; fast mode's 25 steps, none."""
 ALIGN_SIZE = 512
 """Photos are checked and aligned at SD's native size before the model is loaded; a model of another size
-gets them aligned again at its own (a dlib pass is ~60 ms a photo, a model load several seconds)."""
+gets them cut again at its own from the same landmarks (FaceCrop.at_size), with no second detection."""
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,13 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     # ---- the model, then training and the one write ---------------------------------------------------
     from crossinit_cli import devices
 
+    with ui.timed("imports"):
+        devices.import_for_training()
     placement = devices.resolve(run.device, run.dtype, training=True)
     trainer = load_trainer(library, model_id, placement, quiet=run.quiet, clip_skip=train_config.clip_skip)
     job = LearnJob(name, paths, crops, train_config, request.mode, request.align, request.force, run.quiet)
     target, result = train_and_store(library, trainer, replace(job, snapshot_every=snapshot_every, resumable=True))
+    report_fixed_cost(result)
     # generate runs on the identity's own model unless a configured one wins (config.identities_model).
     hint_model = run.model if run.configured_model not in (None, run.model) else None
     _report(library, name, result, target, model=hint_model, quiet=run.quiet, as_json=run.as_json)
@@ -99,6 +102,19 @@ def check_peeked_clip_skip(model_id: str, clip_skip: int) -> None:
     peeked = families.peek(model_id)
     if peeked is not None:
         families.check_clip_skip(peeked.family, clip_skip, peeked.layers)
+
+
+def report_fixed_cost(result: TrainResult) -> None:
+    """With --verbose: the whole command's time, and its fixed cost (all but the training steps: Python's
+    imports, the model load, faces, the cross init, the VAE encodes, the write), which no --steps changes;
+    also in CPU time since the process started, which other work on a shared machine barely changes."""
+    import os
+
+    total = ui.elapsed()
+    ui.timing("total", total)
+    ui.timing(f"fixed cost (all but the {result.steps_run} training steps)", total - result.steps_s)
+    used = os.times()
+    ui.timing("fixed cost in CPU time", used.user + used.system - result.steps_cpu_s)
 
 
 PHOTOS_LISTED = 8
@@ -241,6 +257,7 @@ def resume_identity(
         resume=(run, state),
     )
     target, result = train_and_store(library, trainer, job)
+    report_fixed_cost(result)
     hint_model = model_id if configured_model not in (None, model_id) else None  # as in learn
     _report(library, name, result, target, model=hint_model, quiet=quiet, as_json=as_json)
     return 0
@@ -276,7 +293,7 @@ class Trainer:
     """A base model loaded for training once; it learns any number of identities in turn."""
 
     model_id: str
-    pipe: Any
+    pipe: Any  # devices.TrainingModel: the parts training uses, by a pipeline's names
     placement: Placement
     resolution: int
     fingerprint: str
@@ -300,33 +317,31 @@ class Trainer:
 
 
 def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet: bool, clip_skip: int = 1) -> Trainer:
-    """Load the model, free what training does not use, and compute (or read) its cross init at `clip_skip`."""
+    """Load the model's training parts (devices.load_for_training) and compute (or read) its cross init at
+    `clip_skip`."""
     from crossinit_cli import crossinit, devices, families, hf, train
 
     hf.silence_libraries()  # for the whole run: the model stays loaded while it trains
     # A spinner on a terminal only: until something has worked, stderr holds nothing but an error.
     with ui.err().status(f"loading {escape(model_id)}", spinner="dots") if not quiet else contextlib.nullcontext():
         with ui.timed("model load"):
-            pipe = devices.load_pipeline(model_id)
-        train.free_vae_decoder(pipe.vae)
-        family = families.of_pipeline(pipe)
-        slots = families.slots(pipe, family)
-        fingerprint = model_fingerprint(slots)
+            parts = devices.load_for_training(model_id, placement)
+        family = parts.family
+        slots = families.slots(parts, family)
         families.check_clip_skip(family, clip_skip, families.text_layers(slots[0].text_encoder))
         cache_dir = library.home / ".cache" / "init"
         with ui.timed("cross initialization"):
-            init = crossinit.cross_init_slots(slots, cache_dir, clip_skip)
-    resolution = train.model_resolution(pipe.unet, pipe.vae)
-    return Trainer(model_id, pipe, placement, resolution, fingerprint, init, family, slots, clip_skip, cache_dir)
+            prints = [crossinit.encoder_fingerprint(s.text_encoder) for s in slots]  # once: the init's cache key too
+            init = crossinit.cross_init_slots(slots, cache_dir, clip_skip, prints)
+    resolution = train.model_resolution(parts.unet, parts.vae)
+    fingerprint = combined_fingerprint(prints)
+    return Trainer(model_id, parts, placement, resolution, fingerprint, init, family, slots, clip_skip, cache_dir)
 
 
-def model_fingerprint(slots: Any) -> str:
-    """The text encoders' fingerprint (crossinit.encoder_fingerprint; SDXL: of both tables together)."""
+def combined_fingerprint(prints: list[str]) -> str:
+    """A model's fingerprint from its text encoders' (crossinit.encoder_fingerprint; SDXL: both tables together)."""
     import hashlib
 
-    from crossinit_cli import crossinit
-
-    prints = [crossinit.encoder_fingerprint(s.text_encoder) for s in slots]
     return prints[0] if len(prints) == 1 else hashlib.sha256("+".join(prints).encode()).hexdigest()[:16]
 
 
@@ -371,17 +386,13 @@ def train_and_store(library: Library, trainer: Trainer, job: LearnJob) -> tuple[
 
 
 def _training_images(trainer: Trainer, job: LearnJob) -> list[Any]:
-    """The images to train on: the crops, aligned again at the model's size when it is not ALIGN_SIZE
-    (a resumed run's stored images are already at its size)."""
-    from crossinit_cli import faces
-
+    """The images to train on: the crops, cut again at the model's size from the landmarks already found
+    when it is not ALIGN_SIZE (FaceCrop.at_size: no second detection; a resumed run's stored images are
+    already at its size)."""
     if job.resume is not None:
         return list(job.crops)
-    crops = job.crops
     size = job.train_config.resolution or trainer.resolution
-    if size != ALIGN_SIZE:
-        crops = faces.align_faces(job.paths, size, align=job.align)
-    return [c.image for c in crops]
+    return [c.at_size(size).image for c in job.crops]
 
 
 def _size_conditions(trainer: Trainer, job: LearnJob) -> list[SizeCondition] | None:
@@ -456,7 +467,10 @@ def _train(
     try:
         with ui.timed("training"), _progress_display(job.quiet) as progress:
             hooks = train.RunHooks(progress, job.snapshot_every, run.save if run is not None else None, state)
-            return train.run(parts, images, trainer.init, job.train_config, trainer.placement, hooks, sizes)
+            result = train.run(parts, images, trainer.init, job.train_config, trainer.placement, hooks, sizes)
+        ui.timing("VAE encode", result.encode_s)
+        ui.timing(f"training steps ({result.steps_run})", result.steps_s)
+        return result
     except CrossinitError:
         if run is not None:  # diverged or out of memory: the same settings would fail the same way
             run.discard()
