@@ -8,7 +8,7 @@ time, writing each into the shared library as it finishes (the library's lock ma
 
 CSV columns: `name` and `photos` (required; photos separated by `;`, each a file or a folder, relative
 to the CSV's folder), and optionally `mode` (fast/full), `steps`, `lr`, `batch_size`, `reg_weight`,
-`seed`, `align` (true/false) overriding the command line's values for that row.
+`seed`, `align` (true/false), `micro_batch` overriding the command line's values for that row.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from crossinit_cli.store import Library, name_key, validate_name
 if TYPE_CHECKING:
     from crossinit_cli.config import RunOptions
 
-COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align")
+COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align", "micro_batch")
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off", ""}
 
@@ -51,6 +51,7 @@ class BatchEntry:
     reg_weight: float | None
     seed: int
     align: bool
+    micro_batch: int | None = None  # images through the UNet at once (None: what fits in the free memory)
 
 
 @dataclass
@@ -122,6 +123,7 @@ def _read_csv(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
                     reg_weight=_number(row, "reg_weight", float),
                     seed=_number(row, "seed", int),
                     align=_flag(row, "align"),
+                    micro_batch=_number(row, "micro_batch", int),
                 )
             )
         except (ValueError, CrossinitError) as exc:
@@ -158,6 +160,8 @@ def _job(defaults: BatchEntry, **values: Any) -> BatchEntry:
     merged["name"] = validate_name(merged["name"])
     if merged["mode"] not in ("fast", "full"):
         raise CrossinitError(f"mode must be fast or full, not {merged['mode']!r}")
+    if merged["micro_batch"] is not None and merged["micro_batch"] < 1:
+        raise CrossinitError(f"micro_batch must be at least 1, not {merged['micro_batch']}")
     return BatchEntry(**merged)
 
 
@@ -291,6 +295,7 @@ class _Learner:
                 force=self.force,
                 quiet=True,
                 snapshot_every=SNAPSHOT_EVERY[job.mode],
+                micro_batch=job.micro_batch,
             )
             _, result = train_and_store(self.library, self.trainer, entry)
             return Outcome(job.name, "learned", "", time.perf_counter() - started, result.final_loss)

@@ -53,6 +53,7 @@ class LearnRequest:
     resolution: int | None = None
     snapshot_every: int | None = None
     strict: bool = False  # refuse photos whose faces look like different people, instead of warning
+    micro_batch: int | None = None  # images through the UNet at once (None: what fits); not part of the result
 
 
 def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
@@ -84,7 +85,8 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     placement = devices.resolve(run.device, run.dtype, training=True)
     trainer = load_trainer(library, model_id, placement, quiet=run.quiet)
     job = LearnJob(name, paths, crops, train_config, request.mode, request.align, request.force, run.quiet)
-    target, result = train_and_store(library, trainer, replace(job, snapshot_every=snapshot_every, resumable=True))
+    job = replace(job, snapshot_every=snapshot_every, resumable=True, micro_batch=request.micro_batch)
+    target, result = train_and_store(library, trainer, job)
     # generate runs on the identity's own model unless a configured one wins (config.identities_model).
     hint_model = run.model if run.configured_model not in (None, run.model) else None
     _report(library, name, result, target, model=hint_model, quiet=run.quiet, as_json=run.as_json)
@@ -184,9 +186,16 @@ def _train_config(request: LearnRequest) -> TrainConfig:
 
 
 def resume_identity(
-    library: Library, name: str, *, quiet: bool, as_json: bool, configured_model: str | None = None
+    library: Library,
+    name: str,
+    *,
+    quiet: bool,
+    as_json: bool,
+    configured_model: str | None = None,
+    micro_batch: int | None = None,
 ) -> int:
-    """`learn --resume NAME`: continue an interrupted run from its checkpoint, with its own settings."""
+    """`learn --resume NAME`: continue an interrupted run from its checkpoint, with its own settings (the
+    micro-batch is chosen again: it changes how much memory a step takes, not the result)."""
     from crossinit_cli import checkpoint, devices
     from crossinit_cli.train import TrainConfig
 
@@ -225,6 +234,7 @@ def resume_identity(
         snapshot_every=saved.get("snapshot_every"),
         resumable=True,
         resume=(run, state),
+        micro_batch=micro_batch,
     )
     target, result = train_and_store(library, trainer, job)
     hint_model = model_id if configured_model not in (None, model_id) else None  # as in learn
@@ -318,6 +328,7 @@ class LearnJob:
     snapshot_every: int | None = None
     resumable: bool = False
     resume: tuple[Any, dict[str, Any] | None] | None = None
+    micro_batch: int | None = None  # train.run's: None picks what fits in the free memory
 
 
 def train_and_store(library: Library, trainer: Trainer, job: LearnJob) -> tuple[Path, TrainResult]:
@@ -390,8 +401,9 @@ def _train(trainer: Trainer, job: LearnJob, images: list[Any], run: Any, state: 
     parts = train.ModelParts.of_pipeline(trainer.pipe, trainer.family, trainer.slots)
     try:
         with ui.timed("training"), _progress_display(job.quiet) as progress:
-            hooks = train.RunHooks(progress, job.snapshot_every, run.save if run is not None else None, state)
-            return train.run(parts, images, trainer.init, job.train_config, trainer.placement, hooks)
+            save = run.save if run is not None else None
+            hooks = train.RunHooks(progress, job.snapshot_every, save, state, _micro_batch_note(job.quiet))
+            return train.run(parts, images, trainer.init, job.train_config, trainer.placement, hooks, job.micro_batch)
     except CrossinitError:
         if run is not None:  # diverged or out of memory: the same settings would fail the same way
             run.discard()
@@ -403,6 +415,17 @@ def _train(trainer: Trainer, job: LearnJob, images: list[Any], run: Any, state: 
             f"interrupted; nothing was stored, and the run is kept at step {run.step} of {job.train_config.steps}: "
             f"continue it with `crossinit learn --resume {job.name}`"
         ) from None
+
+
+def _micro_batch_note(quiet: bool) -> Any:
+    """Say the micro-batch before the first step: with --verbose always, otherwise when the batch is split
+    (a split step is slower on a GPU; the line says why it was needed)."""
+
+    def note(micro: Any) -> None:
+        if not quiet and (ui.Verbosity.on or micro.split):
+            ui.info(escape(micro.describe()))
+
+    return note
 
 
 def _identity(trainer: Trainer, job: LearnJob, result: TrainResult, state: dict[str, Any] | None) -> Identity:
@@ -431,10 +454,17 @@ def _identity(trainer: Trainer, job: LearnJob, result: TrainResult, state: dict[
             "photos": [p.name for p in job.paths],
             "resolution": result.resolution,
             "aligned": job.align,
+            **_micro_batch_record(result),
             **({"resumed_at": int(state["step"])} if state else {}),
         },
         snapshots=[{"step": step, "loss": result.snapshot_losses[step]} for step in result.snapshots],
     )
+
+
+def _micro_batch_record(result: TrainResult) -> dict[str, Any]:
+    """How the steps were computed, not part of the result: the micro-batch and why it was chosen."""
+    micro = result.micro_batch
+    return {} if micro is None else {"micro_batch": micro.size, "micro_batch_reason": micro.reason}
 
 
 def _stored_vectors(family: Any, result: TrainResult) -> tuple[Any, Any]:
