@@ -9,7 +9,7 @@ gradients before the one AdamW update: the same step, in the memory of the micro
   measured on SD 2.1-base's shapes at 512 px on the CPU (peak RSS at micro-batch 1, 2, 4 and 8,
   docs/performance.md) is the estimate, for any SD-shaped UNet and training size;
 - what is free (`free_bytes`): after the model is on its device, the memory the system would still give
-  (CPU: /proc/meminfo's MemAvailable, within the container's cgroup limit; CUDA: `mem_get_info` plus what
+  (CPU: /proc/meminfo's MemAvailable, within the process's cgroup memory limit; CUDA: `mem_get_info` plus what
   torch's caching allocator holds unused; MPS: the recommended maximum less what is allocated);
 - the choice (`choose`): the fewest micro-batches whose largest part fits in `HEADROOM` of the free memory,
   then the parts made as even as that count allows (8 in 2 + 2 + 2 + 2, not 3 + 3 + 2).
@@ -97,8 +97,8 @@ def free_bytes(device: str) -> int | None:
 
 
 def _free_ram() -> int | None:
-    """MemAvailable (Linux), within the cgroup's limit when the process runs in one (a container); else
-    psutil's figure where psutil is installed (macOS, Windows); else None."""
+    """MemAvailable (Linux), within the memory limit of the process's cgroup when there is one (a container);
+    else psutil's figure where psutil is installed (macOS, Windows); else None."""
     available = _meminfo_available(Path("/proc/meminfo"))
     if available is None:
         try:
@@ -106,8 +106,8 @@ def _free_ram() -> int | None:
         except ImportError:
             return None
         return int(psutil.virtual_memory().available)
-    limited = _cgroup_room(Path("/sys/fs/cgroup"))
-    return available if limited is None else min(available, limited)
+    rooms = [_cgroup_room(d) for d in _cgroup_dirs(Path("/sys/fs/cgroup"), Path("/proc/self/cgroup"))]
+    return min([available, *(r for r in rooms if r is not None)])
 
 
 def _meminfo_available(path: Path) -> int | None:
@@ -121,13 +121,33 @@ def _meminfo_available(path: Path) -> int | None:
     return None
 
 
-def _cgroup_room(root: Path) -> int | None:
-    """What the cgroup's memory limit leaves: limit - usage + the file cache it could drop. None: no limit."""
-    v2 = _read_int(root / "memory.max"), _read_int(root / "memory.current")
-    v1 = _read_int(root / "memory" / "memory.limit_in_bytes"), _read_int(root / "memory" / "memory.usage_in_bytes")
-    for (limit, usage), stat in ((v2, root / "memory.stat"), (v1, root / "memory" / "memory.stat")):
+def _cgroup_dirs(root: Path, listing: Path) -> list[Path]:
+    """The memory cgroup folders that may limit this process: its own (cgroup v2's `0::/path`, v1's
+    `N:memory:/path`) and the mount's root (which a container sees as its own)."""
+    try:
+        lines = listing.read_text(encoding="ascii").splitlines()
+    except OSError:
+        lines = []
+    dirs = []
+    for line in lines:
+        number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if number == "0" and not controllers:
+            dirs.append(root / path.lstrip("/"))
+        elif "memory" in controllers.split(","):
+            dirs.append(root / "memory" / path.lstrip("/"))
+    return [*dirs, root, root / "memory"]
+
+
+def _cgroup_room(folder: Path) -> int | None:
+    """What a cgroup's memory limit leaves: limit - usage + the file cache it could drop. None: no limit."""
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+    ):
+        limit, usage = _read_int(folder / limit_file), _read_int(folder / usage_file)
         if limit is not None and usage is not None and limit < 2**60:  # v1 writes "no limit" as ~2^63
-            return max(0, limit - usage + _stat_value(stat, ("inactive_file", "total_inactive_file")))
+            cache = _stat_value(folder / "memory.stat", ("inactive_file", "total_inactive_file"))
+            return max(0, limit - usage + cache)
     return None
 
 

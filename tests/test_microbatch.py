@@ -127,13 +127,26 @@ def test_a_container_memory_limit_caps_the_free_memory(tmp_path: Path) -> None:
     assert memory._cgroup_room(v2) == 4 * GIB  # 8 - 5, plus the file cache it would drop
     (v2 / "memory.max").write_text("max\n")
     assert memory._cgroup_room(v2) is None  # no limit
-    v1 = tmp_path / "v1" / "memory"
-    v1.mkdir(parents=True)
+    v1 = tmp_path / "v1"
+    v1.mkdir()
     (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
     (v1 / "memory.usage_in_bytes").write_text(f"{GIB}\n")
-    assert memory._cgroup_room(tmp_path / "v1") is None
+    assert memory._cgroup_room(v1) is None
     (v1 / "memory.limit_in_bytes").write_text(f"{3 * GIB}\n")
-    assert memory._cgroup_room(tmp_path / "v1") == 2 * GIB
+    assert memory._cgroup_room(v1) == 2 * GIB
+
+
+def test_the_process_own_cgroup_is_read_before_the_root(tmp_path: Path) -> None:
+    listing = tmp_path / "cgroup"
+    listing.write_text("5:cpu,cpuacct:/x\n4:memory:/docker/abc\n0::/user.slice/run\n")
+    root = tmp_path / "fs"
+    assert memory._cgroup_dirs(root, listing) == [
+        root / "memory" / "docker" / "abc",
+        root / "user.slice" / "run",
+        root,
+        root / "memory",
+    ]
+    assert memory._cgroup_dirs(root, tmp_path / "missing") == [root, root / "memory"]
 
 
 def test_out_of_memory_advice_offers_micro_batches_first() -> None:
@@ -191,3 +204,38 @@ def test_a_batch_manifest_takes_a_micro_batch_column(tmp_path: Path) -> None:
     manifest.write_text("name,photos,micro_batch\nalice,a.jpg,0\n")
     with pytest.raises(CrossinitError, match="people.csv:2: micro_batch must be at least 1, not 0"):
         read_manifest(manifest, defaults)
+
+
+def test_learn_resume_continues_with_another_micro_batch(cli, library: Library, home: Path, tiny_model: Path) -> None:
+    """A run killed mid-way goes on one image at a time (less memory) to the rows of an unsplit run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from crossinit_cli import checkpoint
+
+    settings = ("--steps", "30", "--batch-size", "2", "--seed", "4", "--model", str(tiny_model))
+    command = [sys.executable, "-m", "crossinit_cli", "learn", str(ASTRONAUT), "--name", "alice", *settings]
+    process = subprocess.Popen(command, env={**os.environ, "CROSSINIT_HOME": str(home)}, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while (run := checkpoint.find(home, "alice")) is None or run.step < 5:
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()[1]
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert 5 <= checkpoint.find(home, "alice").step < 30
+    resumed = cli("-v", "learn", "--resume", "alice", "--micro-batch", "1")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "micro-batch 1 of batch 2 (asked for)" in resumed.stderr
+    assert library.get("alice").training["micro_batch"] == 1
+    reference = cli("learn", ASTRONAUT, "--name", "reference", *settings, "--micro-batch", "2", "--quiet")
+    assert reference.exit_code == 0, reference.stderr
+    one, two = library.vectors("alice"), library.vectors("reference")
+    assert np.allclose(one.learned, two.learned, rtol=0, atol=5e-6)
+    assert library.get("alice").training["final_loss"] == pytest.approx(library.get("reference").training["final_loss"])
