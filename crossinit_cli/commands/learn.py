@@ -23,10 +23,13 @@ from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from crossinit_cli import faces
     from crossinit_cli.config import RunOptions
     from crossinit_cli.devices import Placement
     from crossinit_cli.faces import FaceCrop
+    from crossinit_cli.memory import MicroBatch
     from crossinit_cli.train import Progress, TrainConfig, TrainResult
 
 SNAPSHOT_EVERY = {"full": 40, "fast": None}
@@ -417,11 +420,11 @@ def _train(trainer: Trainer, job: LearnJob, images: list[Any], run: Any, state: 
         ) from None
 
 
-def _micro_batch_note(quiet: bool) -> Any:
+def _micro_batch_note(quiet: bool) -> Callable[[MicroBatch], None]:
     """Say the micro-batch before the first step: with --verbose always, otherwise when the batch is split
     (a split step is slower on a GPU; the line says why it was needed)."""
 
-    def note(micro: Any) -> None:
+    def note(micro: MicroBatch) -> None:
         if not quiet and (ui.Verbosity.on or micro.split):
             ui.info(escape(micro.describe()))
 
