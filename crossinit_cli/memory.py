@@ -6,8 +6,8 @@ gradients before the one AdamW update: the same step, in the memory of the micro
 
 - what one image costs (`item_bytes`): the UNet's activations kept for its backward grow with its feature
   maps, Σ over its levels of (latent side / 2^level)² x channels. That sum times a bytes-per-unit figure
-  measured on SD 2.1-base's shapes at 512 px on the CPU (peak RSS at micro-batch 1, 2, 4 and 8,
-  docs/performance.md) is the estimate, for any SD-shaped UNet and training size;
+  from peak RSS on SD 2.1-base's shapes at 512 px on the CPU (docs/performance.md#micro-batches) is the
+  estimate, for any SD-shaped UNet and training size;
 - what is free (`free_bytes`): after the model is on its device, the memory the system would still give
   (CPU: /proc/meminfo's MemAvailable, within the process's cgroup memory limit; CUDA: `mem_get_info` plus what
   torch's caching allocator holds unused; MPS: the recommended maximum less what is allocated);
@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 1024**3
-BYTES_PER_UNIT = {"fp32": 700.0, "bf16": 520.0, "fp16": 520.0}
-"""Bytes one image's step holds per unit of the UNet's feature maps (see `feature_units`), measured on SD
-2.1-base's shapes at 512 px on the CPU (docs/performance.md#micro-batches); fp16 is taken as bf16."""
+BYTES_PER_UNIT = {"fp32": 820.0, "bf16": 500.0, "fp16": 500.0}
+"""Bytes one image's step holds per unit of the UNet's feature maps (see `feature_units`): from peak RSS
+at batch 8 on SD 2.1-base's shapes at 512 px on the CPU (docs/performance.md#micro-batches); fp16 is
+taken as bf16."""
 HEADROOM = 0.85
 """The share of the free memory a step may plan to use: the rest is left to the allocator's fragmentation,
 the operating system's file cache and other programs."""

@@ -99,13 +99,14 @@ def test_the_automatic_choice_splits_only_what_does_not_fit() -> None:
 
 
 def test_sd21_at_512_px_on_a_16_gb_laptop_takes_a_few_images_at_a_time() -> None:
-    """SD 2.1-base's UNet at 512 px (latent 64): the estimate measured on it (docs/performance.md), against
-    the ~4-10 GiB a 16 GB machine has left once the 5 GB of weights are loaded."""
+    """SD 2.1-base's UNet at 512 px (latent 64): the estimate from its peak memory (docs/performance.md),
+    against the ~5-10 GiB a 16 GB machine has left once the 5 GB of weights are loaded."""
     fp32 = memory.item_bytes(SD21_UNET, 64, "fp32")
     assert 1.2 * GIB < fp32 < 2.2 * GIB
     assert memory.item_bytes(SD21_UNET, 96, "fp32") == pytest.approx(2.25 * fp32, rel=1e-3)  # 768 px: the area
     assert memory.item_bytes(SD21_UNET, 64, "bf16") < fp32
-    assert memory.choose(8, None, fp32, 4 * GIB).size == 2
+    assert memory.choose(8, None, fp32, 5 * GIB).size == 2
+    assert memory.choose(8, None, fp32, 10 * GIB).size == 4
     assert memory.choose(8, None, fp32, 64 * GIB).size == 8
 
 
