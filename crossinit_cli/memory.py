@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 1024**3
-BYTES_PER_UNIT = {"fp32": 820.0, "bf16": 500.0, "fp16": 500.0}
+BYTES_PER_UNIT = {"fp32": 700.0, "bf16": 500.0, "fp16": 500.0}
 """Bytes one image's step holds per unit of the UNet's feature maps (see `feature_units`): from peak RSS
 at batch 8 on SD 2.1-base's shapes at 512 px on the CPU (docs/performance.md#micro-batches); fp16 is
 taken as bf16."""
