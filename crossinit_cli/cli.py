@@ -342,6 +342,15 @@ def learn(
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Override the number of steps.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Override the learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Override the batch size.")] = None,
+    micro_batch: Annotated[
+        int | None,
+        typer.Option(
+            "--micro-batch",
+            min=1,
+            help="Images through the model at once; the batch's gradients add up to the same step in less memory "
+            "(default: as many as fit in the free memory). Also with --resume.",
+        ),
+    ] = None,
     reg_weight: Annotated[
         float | None, typer.Option("--reg-weight", help="Override λ of the regulariser (1e-5).")
     ] = None,
@@ -419,14 +428,26 @@ def learn(
         from crossinit_cli.commands.learn import resume_identity
 
         configured = _run_options().configured_model  # the next: hint names --model only if this would win
-        return resume_identity(_library(), resume, quiet=quiet, as_json=as_json, configured_model=configured)
+        return resume_identity(
+            _library(), resume, quiet=quiet, as_json=as_json, configured_model=configured, micro_batch=micro_batch
+        )
     if batch is not None:
         if photos or name:
             raise CrossinitError("--batch takes its photos and names from the manifest; drop the photos and --name")
         from crossinit_cli.commands.batch import BatchEntry, learn_batch
 
         defaults = BatchEntry(
-            "-", [], "fast" if fast else "full", steps, lr, batch_size, reg_weight, seed, not no_align, clip_skip
+            "-",
+            [],
+            "fast" if fast else "full",
+            steps,
+            lr,
+            batch_size,
+            reg_weight,
+            seed,
+            not no_align,
+            clip_skip,
+            micro_batch,
         )
         run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
         return learn_batch(_library(), batch, defaults=defaults, run=run, force=force, strict=strict)
@@ -449,6 +470,7 @@ def learn(
         snapshot_every=snapshot_every,
         strict=strict,
         clip_skip=clip_skip,
+        micro_batch=micro_batch,
     )
     return learn(_library(), photos, request)
 

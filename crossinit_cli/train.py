@@ -16,6 +16,8 @@ What differs is only how fast the same numbers come out:
   rest of the table gets no gradient, no optimiser state and no restore copy;
 - every frozen weight has requires_grad False, so backward computes no weight gradients;
 - each distinct caption of a batch goes through the text encoder once;
+- a batch that would not fit in the device's free memory goes through the UNet in micro-batches whose
+  gradients add up to the whole batch's before the one update (memory.py chooses; `--micro-batch`);
 - bf16 (fp16 where bf16 is missing) autocast on CUDA with the UNet's weights in that dtype; on the CPU the
   same in bf16 where it has native bf16 (devices.cpu_bf16), fp32 elsewhere; the UNet channels-last in
   both; the rows, the loss and AdamW stay fp32; PyTorch SDPA attention in the UNet and the text encoder.
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
     from crossinit_cli.devices import Placement
     from crossinit_cli.families import Family, SizeCondition, Slot
+    from crossinit_cli.memory import MicroBatch
 
 # diffusers' textual-inversion `imagenet_templates_small`; the official code repeats it with "an
 # illustration of" and "a depiction of" in place of "a photo of" (81 captions, duplicates kept).
@@ -158,11 +161,14 @@ def scaled_lr(batch_size: int) -> float:
     return LR_PER_IMAGE * batch_size
 
 
-def oom_advice(config: TrainConfig, size: int) -> str:
-    """Settings that fit in less memory: a smaller size, or half the batch for twice the steps at the same
-    learning rate per image (so the run sees as many images, each learned at the same rate)."""
+def oom_advice(config: TrainConfig, size: int, micro_batch: int | None = None) -> str:
+    """Settings that fit in less memory: first half the micro-batch (the same result, a slower step), then a
+    smaller size, or half the batch for twice the steps at the same learning rate per image (so the run sees
+    as many images, each learned at the same rate)."""
+    micro = config.batch_size if micro_batch is None else micro_batch
+    options = [f"--micro-batch {micro // 2} (same result)"] if micro > 1 else []
     smaller = size // 2 // 64 * 64
-    options = [f"--resolution {smaller}"] if smaller >= MIN_RESOLUTION else []
+    options += [f"--resolution {smaller}"] if smaller >= MIN_RESOLUTION else []
     if config.batch_size > 1:
         half = config.batch_size // 2
         lr = config.lr * half / config.batch_size
@@ -206,6 +212,7 @@ class TrainResult:
     steps_s: float = 0.0  # the training steps' own time (per_step_s x steps_run); the rest of a learn is fixed cost
     steps_cpu_s: float = 0.0  # the CPU time the process spent in them (all threads)
     steps_run: int = 0  # the steps this run took (fewer than config.steps when it resumed)
+    micro_batch: MicroBatch | None = None  # how many images went through the UNet at once, and why
 
 
 def model_resolution(unet: Any, vae: Any) -> int:
@@ -344,12 +351,14 @@ class ModelParts:
 
 @dataclass(frozen=True)
 class RunHooks:
-    """What a caller hears and keeps of a run: progress, snapshots, checkpoints, and a state to resume from."""
+    """What a caller hears and keeps of a run: progress, snapshots, checkpoints, a state to resume from, and
+    the micro-batch chosen (told before the first step)."""
 
     progress: Progress | None = None
     snapshot_every: int | None = None
     save_state: SaveState | None = None
     resume_from: dict[str, Any] | None = None
+    micro_batch: Callable[[MicroBatch], None] | None = None
 
 
 def run(
@@ -360,6 +369,7 @@ def run(
     placement: Placement,
     hooks: RunHooks = RunHooks(),
     sizes: Sequence[SizeCondition] | None = None,
+    micro_batch: int | None = None,
 ) -> TrainResult:
     """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width]
     (one init per text encoder for SDXL). Each phase's docstring names its paper step
@@ -374,17 +384,26 @@ def run(
     `hooks.save_state` receives the run's state every `CHECKPOINT_EVERY` steps and at Ctrl-C;
     `hooks.resume_from` (such a state) continues a run, with the same result, bit for bit on the CPU, as
     one never interrupted.
+
+    `micro_batch` puts at most that many images through the UNet at once (None: as many as fit in the
+    device's free memory, memory.py): the same step in less memory, with rows equal to the whole batch's
+    within float rounding; it is not part of the result, so a run may resume with another.
     """
     started = time.perf_counter()
     config.check()
     if not crops:
         raise CrossinitError("no face crops to learn from")
+    if micro_batch is not None and micro_batch < 1:
+        raise CrossinitError(f"--micro-batch must be at least 1, not {micro_batch}")
     setup = _setup(parts, config, placement)
     loop = _Loop.start(config.seed, setup.device)  # seeded first; a resume restores their states
     data = encode_crops(parts.vae, crops, setup)
     data = replace(data, time_ids=_time_ids_tensor(setup, sizes, len(crops)))
     encode_s = time.perf_counter() - started
     model = _model(parts, setup, init)
+    setup = replace(setup, micro=_micro_batch(parts, setup, micro_batch))  # once the weights are on the device
+    if hooks.micro_batch is not None:
+        hooks.micro_batch(setup.micro)
     optimiser = _optimiser(model.rows, config, placement, setup)
     loop.restore(hooks.resume_from, model, optimiser)
     loop_started, loop_cpu = time.perf_counter(), time.process_time()
@@ -407,6 +426,11 @@ class _Setup:
     size: int
     family: Family
     slots: list[Slot]
+    micro: MicroBatch | None = None  # chosen once the model is on the device (`_micro_batch`)
+
+    @property
+    def micro_size(self) -> int:
+        return self.micro.size if self.micro is not None else self.config.batch_size
 
 
 def _setup(parts: ModelParts, config: TrainConfig, placement: Placement) -> _Setup:
@@ -428,6 +452,16 @@ def _setup(parts: ModelParts, config: TrainConfig, placement: Placement) -> _Set
         family=family,
         slots=slots,
     )
+
+
+def _micro_batch(parts: ModelParts, setup: _Setup, requested: int | None) -> MicroBatch:
+    """How many images go through the UNet at once: `requested`, or what fits in the free memory now."""
+    from crossinit_cli import memory
+
+    latent_side = setup.size // 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    per_item = memory.item_bytes(parts.unet.config.block_out_channels, latent_side, setup.placement.dtype)
+    free = memory.free_bytes(str(setup.device)) if requested is None else None
+    return memory.choose(setup.config.batch_size, requested, per_item, free)
 
 
 @dataclass(frozen=True)
@@ -598,8 +632,6 @@ def _train_loop(
 
     Ctrl-C saves the last whole step (a Ctrl-C mid-step may have half-updated the rows); out of memory
     becomes one line with settings that fit."""
-    import torch
-
     config = setup.config
     hooked = [_splice_rows(s.text_encoder, ids, r) for s, ids, r in zip(model.slots, model.token_ids, model.rows)]
     try:
@@ -615,16 +647,26 @@ def _train_loop(
         if hooks.save_state is not None and loop.state is not None:
             hooks.save_state(loop.state)
         raise
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError, MPS's and the CPU allocator's are RuntimeErrors
+        if not _out_of_memory(exc):
+            raise
+        micro = f" (micro-batch {setup.micro_size})" if setup.micro_size < config.batch_size else ""
         raise CrossinitError(
-            f"out of memory on {setup.placement.device} at batch size {config.batch_size} and {setup.size} px; "
-            f"{oom_advice(config, setup.size)}"
+            f"out of memory on {setup.placement.device} at batch size {config.batch_size}{micro} and {setup.size} "
+            f"px; {oom_advice(config, setup.size, setup.micro_size)}"
         ) from None
     finally:
         for hook in hooked:
             hook.remove()
         if setup.family.checkpointing:
             model.unet.disable_gradient_checkpointing()
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    import torch
+
+    text = str(exc)
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _draw_batch(loop: _Loop, photos: int, batch_size: int) -> tuple[list[int], list[int]]:
@@ -642,9 +684,12 @@ def _draw_batch(loop: _Loop, photos: int, batch_size: int) -> tuple[list[int], l
 
 def _step(loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, setup: _Setup) -> float:
     """One step (paper step 4): the diffusion loss on a noised batch plus the regulariser, and
-    one AdamW update of the rows. Returns the step's loss."""
+    one AdamW update of the rows. Returns the step's loss.
+
+    Every random draw is made for the whole batch first, then the batch goes through the UNet in
+    micro-batches whose gradients add up before the update: each part's mean loss weighted by its share of
+    the batch, the regulariser added once. Unsplit, that is the one loss of the whole batch."""
     import torch
-    import torch.nn.functional as F
 
     device, noise_gen, scheduler = setup.device, loop.noise_gen, model.noise_scheduler
     items, chosen = _draw_batch(loop, data.photos, setup.config.batch_size)
@@ -655,22 +700,43 @@ def _step(loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, set
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(items),), generator=noise_gen, device=device)
     noisy = scheduler.add_noise(latents, noise, t)
     target = loss_target(scheduler, latents, noise, t)
-    distinct, inverse = torch.unique(torch.tensor(chosen, device=device), return_inverse=True)
+    captions = torch.tensor(chosen, device=device)
+    time_ids = None if data.time_ids is None else data.time_ids[index]  # SDXL: each item's own photo's
 
+    total, size = 0.0, setup.micro_size
+    for start in range(0, len(items), size):
+        part = slice(start, start + size)
+        noised = (noisy[part], t[part], target[part], None if time_ids is None else time_ids[part])
+        loss = _part_loss(model, optimiser, setup, noised, captions[part])
+        loss = loss * (len(captions[part]) / len(items))
+        if start + size >= len(items):
+            loss = loss + regulariser_all(model.rows, model.starts, setup.config.reg_weight)
+        optimiser.scaler.scale(loss).backward()
+        total += float(loss.item())
+    optimiser.scaler.step(optimiser.optimizer)
+    optimiser.scaler.update()
+    optimiser.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _part_loss(
+    model: _Model, optimiser: _Optimiser, setup: _Setup, noised: tuple[torch.Tensor, ...], chosen: torch.Tensor
+) -> torch.Tensor:
+    """The mean diffusion loss of some of a batch's items: (noisy latents, t, target, SDXL's time ids or None)
+    and caption numbers."""
+    import torch
+    import torch.nn.functional as F
+
+    noisy, t, target, time_ids = noised
+    distinct, inverse = torch.unique(chosen, return_inverse=True)
     with optimiser.autocast:
         captions = [c[distinct] for c in model.captions]
         conditioning = condition(setup.family, model.slots, captions, setup.size, setup.config.clip_skip)
         states, added = _gather(conditioning, inverse, setup.compute)
         if added is not None:  # SDXL: each item's own photo's size and crop (a batch mixes photos)
-            added["time_ids"] = data.time_ids[index].to(setup.compute)
+            added["time_ids"] = time_ids.to(setup.compute)
         prediction = model.unet(noisy.to(setup.compute), t, states, added_cond_kwargs=added).sample
-    reg = regulariser_all(model.rows, model.starts, setup.config.reg_weight)
-    loss = F.mse_loss(prediction.float(), target.float()) + reg
-    optimiser.scaler.scale(loss).backward()
-    optimiser.scaler.step(optimiser.optimizer)
-    optimiser.scaler.update()
-    optimiser.optimizer.zero_grad(set_to_none=True)
-    return float(loss.item())
+    return F.mse_loss(prediction.float(), target.float())
 
 
 def _keep(
@@ -752,6 +818,7 @@ def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> Train
         steps_s=timing.loop_s,
         steps_cpu_s=timing.loop_cpu_s,
         steps_run=config.steps - loop.done,
+        micro_batch=setup.micro,
     )
 
 

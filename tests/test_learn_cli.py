@@ -250,8 +250,9 @@ def test_an_empty_name_is_refused_never_replaced_by_the_file_stem(cli, library: 
 def test_out_of_memory_advice_keeps_the_learning_rate_per_image(
     cli, library: Library, home: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a GPU that runs out of memory, the advice halves the batch, doubles the steps and says the rate
-    follows (the official --scale_lr); nothing is stored and no unfinished run is left behind."""
+    """On a GPU that runs out of memory, the advice offers a micro-batch first (the same result), then halves
+    the batch, doubles the steps and says the rate follows (the official --scale_lr); nothing is stored and
+    no unfinished run is left behind."""
     import torch
 
     from crossinit_cli import train
@@ -262,9 +263,12 @@ def test_out_of_memory_advice_keeps_the_learning_rate_per_image(
     monkeypatch.setattr(train, "regulariser", out_of_memory)
     result = cli("learn", ASTRONAUT, "--model", tiny_model, "--steps", "6", "--batch-size", "8", "--quiet")
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
-    assert "at batch size 8 and 64 px; try --batch-size 4 --steps 12 (same rate per image)" in result.stderr
+    assert (
+        "at batch size 8 and 64 px; try --micro-batch 4 (same result), --batch-size 4 --steps 12 (same rate per "
+        "image)" in result.stderr
+    )
     own = cli("learn", ASTRONAUT, "--model", tiny_model, "--steps", "6", "--batch-size", "8", "--lr", "0.002")
-    assert "try --batch-size 4 --steps 12 --lr 0.001 (same rate per image)" in own.stderr
+    assert "try --micro-batch 4 (same result), --batch-size 4 --steps 12 --lr 0.001 (same rate per" in own.stderr
     assert library.list() == [] and not any((home / ".unfinished").glob("*"))
 
 

@@ -182,8 +182,11 @@ def test_batch_size_without_lr_scales_the_rate_as_the_official_scale_lr() -> Non
 
 def test_out_of_memory_advice_keeps_the_rate_per_image() -> None:
     default = train.oom_advice(train.TrainConfig.for_mode("full"), 512)
-    assert default == "try --resolution 256, --batch-size 4 --steps 640 (same rate per image), or --device cpu"
-    own = train.oom_advice(train.TrainConfig.for_mode("full", batch_size=8, lr=0.002, steps=100), 64)
+    assert default == (
+        "try --micro-batch 4 (same result), --resolution 256, --batch-size 4 --steps 640 (same rate per image), "
+        "or --device cpu"
+    )
+    own = train.oom_advice(train.TrainConfig.for_mode("full", batch_size=8, lr=0.002, steps=100), 64, 1)
     assert own == "try --batch-size 4 --steps 200 --lr 0.001 (same rate per image), or --device cpu"
     alone = train.oom_advice(train.TrainConfig.for_mode("fast", batch_size=1), 1024)
     assert alone == "try --resolution 512, or --device cpu"

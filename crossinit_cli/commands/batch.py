@@ -9,7 +9,7 @@ Without `accelerate launch` there is one process, which learns them all.
 
 CSV columns: `name` and `photos` (required; photos separated by `;`, each a file or a folder, relative
 to the CSV's folder), and optionally `mode` (fast/full), `steps`, `lr`, `batch_size`, `reg_weight`,
-`seed`, `align` (true/false), `clip_skip` overriding the command line's values for that row.
+`seed`, `align` (true/false), `clip_skip`, `micro_batch` overriding the command line's values for that row.
 """
 
 from __future__ import annotations
@@ -36,7 +36,19 @@ from crossinit_cli.store import Library, name_key, validate_name
 if TYPE_CHECKING:
     from crossinit_cli.config import RunOptions
 
-COLUMNS = ("name", "photos", "mode", "steps", "lr", "batch_size", "reg_weight", "seed", "align", "clip_skip")
+COLUMNS = (
+    "name",
+    "photos",
+    "mode",
+    "steps",
+    "lr",
+    "batch_size",
+    "reg_weight",
+    "seed",
+    "align",
+    "clip_skip",
+    "micro_batch",
+)
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off", ""}
 # How long a process that has finished its share waits for the others at the batch's end (where the
@@ -59,6 +71,7 @@ class BatchEntry:
     seed: int
     align: bool
     clip_skip: int = 1
+    micro_batch: int | None = None  # images through the UNet at once (None: what fits in the free memory)
 
 
 @dataclass
@@ -131,6 +144,7 @@ def _read_csv(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
                     seed=_number(row, "seed", int),
                     align=_flag(row, "align"),
                     clip_skip=_number(row, "clip_skip", int),
+                    micro_batch=_number(row, "micro_batch", int),
                 )
             )
         except (ValueError, CrossinitError) as exc:
@@ -169,6 +183,8 @@ def _job(defaults: BatchEntry, **values: Any) -> BatchEntry:
         raise CrossinitError(f"mode must be fast or full, not {merged['mode']!r}")
     if merged["clip_skip"] < 1:
         raise CrossinitError(f"clip_skip must be 1 (the last layer) or more, not {merged['clip_skip']}")
+    if merged["micro_batch"] is not None and merged["micro_batch"] < 1:
+        raise CrossinitError(f"micro_batch must be at least 1, not {merged['micro_batch']}")
     return BatchEntry(**merged)
 
 
@@ -356,6 +372,7 @@ class _Learner:
                 force=self.force,
                 quiet=True,
                 snapshot_every=SNAPSHOT_EVERY[job.mode],
+                micro_batch=job.micro_batch,
             )
             _, result = train_and_store(self.library, self.trainer, entry)
             return Outcome(job.name, "learned", "", time.perf_counter() - started, result.final_loss)

@@ -23,11 +23,14 @@ from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from crossinit_cli import faces
     from crossinit_cli.config import RunOptions
     from crossinit_cli.devices import Placement
     from crossinit_cli.faces import FaceCrop
     from crossinit_cli.families import SizeCondition
+    from crossinit_cli.memory import MicroBatch
     from crossinit_cli.train import Progress, TrainConfig, TrainResult
 
 SNAPSHOT_EVERY = {"full": 40, "fast": None}
@@ -55,6 +58,7 @@ class LearnRequest:
     snapshot_every: int | None = None
     strict: bool = False  # refuse photos whose faces look like different people, instead of warning
     clip_skip: int = 1  # the text-encoder layer the identity is learned at (A1111's Clip skip; SD 1.x/2.x)
+    micro_batch: int | None = None  # images through the UNet at once (None: what fits); not part of the result
 
 
 def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
@@ -86,7 +90,8 @@ def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
     placement = devices.resolve(run.device, run.dtype, training=True)
     trainer = load_trainer(library, model_id, placement, quiet=run.quiet, clip_skip=train_config.clip_skip)
     job = LearnJob(name, paths, crops, train_config, request.mode, request.align, request.force, run.quiet)
-    target, result = train_and_store(library, trainer, replace(job, snapshot_every=snapshot_every, resumable=True))
+    job = replace(job, snapshot_every=snapshot_every, resumable=True, micro_batch=request.micro_batch)
+    target, result = train_and_store(library, trainer, job)
     report_fixed_cost(result)
     # generate runs on the identity's own model unless a configured one wins (config.identities_model).
     hint_model = run.model if run.configured_model not in (None, run.model) else None
@@ -211,9 +216,16 @@ def _train_config(request: LearnRequest) -> TrainConfig:
 
 
 def resume_identity(
-    library: Library, name: str, *, quiet: bool, as_json: bool, configured_model: str | None = None
+    library: Library,
+    name: str,
+    *,
+    quiet: bool,
+    as_json: bool,
+    configured_model: str | None = None,
+    micro_batch: int | None = None,
 ) -> int:
-    """`learn --resume NAME`: continue an interrupted run from its checkpoint, with its own settings."""
+    """`learn --resume NAME`: continue an interrupted run from its checkpoint, with its own settings (the
+    micro-batch is chosen again: it changes how much memory a step takes, not the result)."""
     from crossinit_cli import checkpoint, devices
     from crossinit_cli.train import TrainConfig
 
@@ -255,6 +267,7 @@ def resume_identity(
         snapshot_every=saved.get("snapshot_every"),
         resumable=True,
         resume=(run, state),
+        micro_batch=micro_batch,
     )
     target, result = train_and_store(library, trainer, job)
     report_fixed_cost(result)
@@ -363,6 +376,7 @@ class LearnJob:
     snapshot_every: int | None = None
     resumable: bool = False
     resume: tuple[Any, dict[str, Any] | None] | None = None
+    micro_batch: int | None = None  # train.run's: None picks what fits in the free memory
 
 
 def train_and_store(library: Library, trainer: Trainer, job: LearnJob) -> tuple[Path, TrainResult]:
@@ -466,8 +480,11 @@ def _train(
     parts = train.ModelParts.of_pipeline(trainer.pipe, trainer.family, trainer.slots)
     try:
         with ui.timed("training"), _progress_display(job.quiet) as progress:
-            hooks = train.RunHooks(progress, job.snapshot_every, run.save if run is not None else None, state)
-            result = train.run(parts, images, trainer.init, job.train_config, trainer.placement, hooks, sizes)
+            save = run.save if run is not None else None
+            hooks = train.RunHooks(progress, job.snapshot_every, save, state, _micro_batch_note(job.quiet))
+            result = train.run(
+                parts, images, trainer.init, job.train_config, trainer.placement, hooks, sizes, job.micro_batch
+            )
         ui.timing("VAE encode", result.encode_s)
         ui.timing(f"training steps ({result.steps_run})", result.steps_s)
         return result
@@ -482,6 +499,17 @@ def _train(
             f"interrupted; nothing was stored, and the run is kept at step {run.step} of {job.train_config.steps}: "
             f"continue it with `crossinit learn --resume {job.name}`"
         ) from None
+
+
+def _micro_batch_note(quiet: bool) -> Callable[[MicroBatch], None]:
+    """Say the micro-batch before the first step: with --verbose always, otherwise when the batch is split
+    (a split step is slower on a GPU; the line says why it was needed)."""
+
+    def note(micro: MicroBatch) -> None:
+        if not quiet and (ui.Verbosity.on or micro.split):
+            ui.info(escape(micro.describe()))
+
+    return note
 
 
 def _identity(
@@ -522,10 +550,17 @@ def _identity(
             "aligned": job.align,
             "norms": result.norms,
             **({"size_conditioning": conditioned} if conditioned else {}),
+            **_micro_batch_record(result),
             **({"resumed_at": int(state["step"])} if state else {}),
         },
         snapshots=[{"step": step, "loss": result.snapshot_losses[step]} for step in result.snapshots],
     )
+
+
+def _micro_batch_record(result: TrainResult) -> dict[str, Any]:
+    """How the steps were computed, not part of the result: the micro-batch and why it was chosen."""
+    micro = result.micro_batch
+    return {} if micro is None else {"micro_batch": micro.size, "micro_batch_reason": micro.reason}
 
 
 def _stored_vectors(family: Any, result: TrainResult) -> tuple[Any, Any]:
