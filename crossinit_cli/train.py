@@ -368,6 +368,7 @@ def run(
     config: TrainConfig,
     placement: Placement,
     hooks: RunHooks = RunHooks(),
+    *,
     sizes: Sequence[SizeCondition] | None = None,
     micro_batch: int | None = None,
 ) -> TrainResult:

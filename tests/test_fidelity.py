@@ -150,6 +150,33 @@ def test_each_batch_item_carries_its_own_photos_time_ids_and_a_flip_keeps_them(
         assert time_ids.tolist() == expected
 
 
+def test_sdxl_micro_batches_carry_each_items_time_ids_and_learn_the_whole_batchs_rows(
+    tiny_sdxl: Path, crops: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import UNet2DConditionModel
+
+    sizes = [SizeCondition((300, 300)), SizeCondition((600, 512), (6, 0))]
+    seen: list[list[list[int]]] = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self: Any, *args: Any, added_cond_kwargs: Any = None, **kwargs: Any) -> Any:
+        seen.append(added_cond_kwargs["time_ids"].tolist())
+        return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    config = train.TrainConfig(steps=3, batch_size=4, seed=3, reg_weight=0.5, lr=0.02)
+    results = []
+    for micro_batch in (4, 1):
+        _, parts, init = _sdxl_parts(tiny_sdxl)
+        results.append(train.run(parts, crops, init, config, CPU, sizes=sizes, micro_batch=micro_batch))
+    whole, split = seen[:3], seen[3:]
+    assert [len(t) for t in split] == [1] * 12  # one item a UNet call
+    assert [row for call in split for row in call] == [row for call in whole for row in call]  # same items' ids
+    for key, (learned, start) in results[1].parts.items():
+        assert np.allclose(learned, results[0].parts[key][0], rtol=0, atol=5e-6), key
+        assert not np.allclose(learned, start, atol=1e-3)
+
+
 def test_learn_records_each_photos_size_conditioning(cli, library: Library, tiny_sdxl: Path) -> None:
     result = cli("learn", ASTRONAUT, GRACE, "--name", "alice", "--model", tiny_sdxl, *CHEAP)
     assert result.exit_code == 0, result.stderr

@@ -40,7 +40,7 @@ def _run(model: Path, crops: list, micro_batch: int | None, hooks: dict | None =
     pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
     config = train.TrainConfig(**{**SETTINGS, **overrides})
     parts = train.ModelParts.of_pipeline(pipe)
-    result = train.run(parts, crops, init, config, CPU, train.RunHooks(**(hooks or {})), micro_batch)
+    result = train.run(parts, crops, init, config, CPU, train.RunHooks(**(hooks or {})), micro_batch=micro_batch)
     return result, seen
 
 

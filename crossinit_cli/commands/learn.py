@@ -482,8 +482,9 @@ def _train(
         with ui.timed("training"), _progress_display(job.quiet) as progress:
             save = run.save if run is not None else None
             hooks = train.RunHooks(progress, job.snapshot_every, save, state, _micro_batch_note(job.quiet))
+            config, placement = job.train_config, trainer.placement
             result = train.run(
-                parts, images, trainer.init, job.train_config, trainer.placement, hooks, sizes, job.micro_batch
+                parts, images, trainer.init, config, placement, hooks, sizes=sizes, micro_batch=job.micro_batch
             )
         ui.timing("VAE encode", result.encode_s)
         ui.timing(f"training steps ({result.steps_run})", result.steps_s)
