@@ -62,7 +62,8 @@ def test_json_gives_the_steps_with_their_times(cli, home: Path, network: list[An
     data = json.loads(result.stdout)
     assert data["ok"] is True and [s["name"] for s in data["steps"]] == STEPS
     assert all(s["ok"] and s["seconds"] >= 0 and s["detail"] for s in data["steps"])
-    assert sum(s["seconds"] for s in data["steps"]) <= data["seconds"]
+    # each figure is rounded to 0.01 s, so the steps' sum may pass the rounded total by half a unit each
+    assert sum(s["seconds"] for s in data["steps"]) <= data["seconds"] + 0.005 * (len(STEPS) + 1)
     shipped = Path(data["photo"])
     assert shipped.name == "grace_hopper.jpg" and shipped.parent.name == "data"
     assert shipped.parent.parent.name == "crossinit_cli"
