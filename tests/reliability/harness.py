@@ -142,7 +142,8 @@ def snapshot(home: Path, *, times: bool = False) -> dict[str, Any]:
         if not times:
             record.pop("created")
             record.pop("modified")
-            for key in ("per_step_s", "total_s"):
+            # the machine's, not the run's: the seconds, and the free memory the micro-batch was chosen by
+            for key in ("per_step_s", "total_s", "micro_batch_reason"):
                 record["training"].pop(key, None)
         vectors = library.vectors(entry.name)
         record["learned"] = _digest(vectors.learned)
