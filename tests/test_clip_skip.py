@@ -302,12 +302,19 @@ def test_sdxl_refuses_a_clip_skip_in_one_line_before_loading(
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_a_batch_row_takes_its_own_clip_skip(cli, library: Library, tiny_sd1: Path, tmp_path: Path) -> None:
+def test_a_batch_row_takes_its_own_clip_skip(
+    cli, library: Library, tiny_sd1: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each row's init at its own clip skip; the token table is hashed once for both (the init cache's key)."""
     manifest = tmp_path / "people.csv"
     manifest.write_text(f"name,photos,clip_skip\nann,{ASTRONAUT},2\nbea,{ASTRONAUT},\n", encoding="utf-8")
     args = ("learn", "--batch", manifest, "--fast", *CHEAP, "--model", tiny_sd1, "--quiet", "--json")
+    hashed: list[str] = []
+    fingerprint = crossinit.encoder_fingerprint
+    monkeypatch.setattr(crossinit, "encoder_fingerprint", lambda e: (hashed.append(fingerprint(e)), hashed[-1])[1])
     result = cli(*args)
     assert result.exit_code == 0, result.stderr
+    assert len(hashed) == 1
     assert [r["status"] for r in json.loads(result.stdout)] == ["learned", "learned"]
     assert (library.get("ann").clip_skip, library.get("bea").clip_skip) == (2, 1)
     pipe = load_pipeline(str(tiny_sd1))

@@ -316,6 +316,7 @@ class Trainer:
     init_clip_skip: int = 1  # the clip skip `init` was taken at
     cache_dir: Path | None = None  # where cross inits are cached (crossinit.cross_init)
     other_inits: dict[int, Any] = field(default_factory=dict)  # starts at other clip skips, by clip skip
+    prints: list[str] = field(default_factory=list)  # each text encoder's fingerprint: the init cache's key
 
     def at(self, clip_skip: int) -> Trainer:
         """This trainer with its `init` at `clip_skip` (each computed once: a batch's rows may differ)."""
@@ -325,7 +326,8 @@ class Trainer:
             return self
         if clip_skip not in self.other_inits:
             families.check_clip_skip(self.family, clip_skip, families.text_layers(self.slots[0].text_encoder))
-            self.other_inits[clip_skip] = crossinit.cross_init_slots(self.slots, self.cache_dir, clip_skip)
+            prints = self.prints or None  # hashing a 200 MB token table again is seconds per encoder
+            self.other_inits[clip_skip] = crossinit.cross_init_slots(self.slots, self.cache_dir, clip_skip, prints)
         return replace(self, init=self.other_inits[clip_skip], init_clip_skip=clip_skip)
 
 
@@ -348,7 +350,9 @@ def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet
             init = crossinit.cross_init_slots(slots, cache_dir, clip_skip, prints)
     resolution = train.model_resolution(parts.unet, parts.vae)
     fingerprint = combined_fingerprint(prints)
-    return Trainer(model_id, parts, placement, resolution, fingerprint, init, family, slots, clip_skip, cache_dir)
+    return Trainer(
+        model_id, parts, placement, resolution, fingerprint, init, family, slots, clip_skip, cache_dir, prints=prints
+    )
 
 
 def combined_fingerprint(prints: list[str]) -> str:
