@@ -81,7 +81,7 @@ def diffusers_example_loop(
     vae.to(device)
     initialize = init.to(device)
     orig_embeds = text_encoder.get_input_embeddings().weight.data.clone()
-    keep = torch.ones(len(tokenizer), dtype=torch.bool)
+    keep = torch.ones(orig_embeds.shape[0], dtype=torch.bool)
     keep[placeholder_ids] = False
 
     def example() -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +218,21 @@ FULL_SIZE = {
 }
 
 
+def learn_json(model: Path | str, options: list[str]) -> tuple[float, dict[str, Any]]:
+    """`crossinit learn PHOTO --model MODEL OPTIONS --json --quiet` in its own process and a throwaway
+    library, as a user runs it: (its wall seconds, the stored record's `training`)."""
+    with tempfile.TemporaryDirectory(prefix="crossinit-bench-home-") as home:
+        env = {**os.environ, "CROSSINIT_HOME": home, "CROSSINIT_CONFIG": f"{home}/config.toml", "HF_HUB_OFFLINE": "1"}
+        env["PYTHONPATH"] = str(ROOT)
+        command = [sys.executable, "-m", "crossinit_cli", "learn", str(PHOTO), "--model", str(model), *options]
+        started = time.perf_counter()
+        done = subprocess.run([*command, "--json", "--quiet"], env=env, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"learn {' '.join(options)} failed: {done.stderr.strip()[-2000:]}")
+    return wall, json.loads(done.stdout)["training"]
+
+
 def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """`crossinit learn --fast` and `--full` on a random model of SD 2.1-base's (or SDXL base's) shapes,
     as a user runs them."""
@@ -226,43 +241,16 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     builder, described = FULL_SIZE[args.family]
     with tempfile.TemporaryDirectory(prefix="crossinit-bench-") as tmp:
         model = Path(args.model) if args.model else getattr(synthetic, builder)(Path(tmp) / f"{args.family}-size")
-        env = {**os.environ, "CROSSINIT_HOME": str(Path(tmp) / "home"), "CROSSINIT_CONFIG": str(Path(tmp) / "c.toml")}
         report: dict[str, Any] = {"model": str(args.model or described), "device": args.device}
         extra = [f"--steps={args.train_steps}"] if args.train_steps else []
         extra += [f"--resolution={args.resolution}"] if args.resolution else []
         extra += [f"--batch-size={args.learn_batch_size}"] if args.learn_batch_size else []
         for mode in ("fast", "full"):
-            command = [
-                sys.executable,
-                "-m",
-                "crossinit_cli",
-                "learn",
-                str(PHOTO),
-                f"--{mode}",
-                "--name",
-                mode,
-                "--model",
-                str(model),
-                "--device",
-                args.device,
-                "--json",
-                "--quiet",
-                *extra,
-            ]
-            started = time.perf_counter()
-            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            wall = time.perf_counter() - started
-            if done.returncode != 0:
-                raise SystemExit(f"{mode} mode failed: {done.stderr.strip()}")
-            training = json.loads(done.stdout)["training"]
+            wall, training = learn_json(model, [f"--{mode}", "--name", mode, "--device", args.device, *extra])
             report[mode] = {
                 "end_to_end_s": round(wall, 2),
+                **{key: training[key] for key in ("per_step_s", "steps", "batch_size", "resolution", "dtype")},
                 "training_s": training["total_s"],
-                "per_step_s": training["per_step_s"],
-                "steps": training["steps"],
-                "batch_size": training["batch_size"],
-                "resolution": training["resolution"],
-                "dtype": training["dtype"],
             }
         if args.device == "cuda" and args.family == "sd2":  # the example loop compared here is SD 1.x/2.x-only
             import torch
@@ -326,7 +314,8 @@ def example_loop_steps(
         encoder.get_input_embeddings().requires_grad_(True)
         encoder.train()
         tables.append(encoder.get_input_embeddings().weight)
-        keep = torch.ones(len(slot.tokenizer), dtype=torch.bool)
+        keep = torch.ones(tables[-1].shape[0], dtype=torch.bool)  # the table's rows (not len(tokenizer)
+        # as the example writes it: a model's table may have more rows than its tokenizer has tokens)
         keep[placeholder] = False
         keeps.append(keep)
         originals.append(tables[-1].data.clone())

@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -96,17 +93,10 @@ def sampling_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _learn(model: str, dtype: str, steps: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "CROSSINIT_HOME": home, "CROSSINIT_CONFIG": f"{home}/config.toml", "HF_HUB_OFFLINE": "1"}
-        env["PYTHONPATH"] = str(ROOT)
-        command = [sys.executable, "-m", "crossinit_cli", "learn", str(PHOTO), "--model", model, "--device", "cpu"]
-        command += ["--dtype", dtype, "--steps", str(steps), "--batch-size", "1", "--name", "bench", "--json", "-q"]
-        started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"learn failed: {done.stderr.strip()[-500:]}")
-    training = json.loads(done.stdout)["training"]
+    from bench_learn import learn_json  # this script's folder is first on sys.path
+
+    options = ["--device", "cpu", "--dtype", dtype, "--steps", str(steps), "--batch-size", "1", "--name", "bench"]
+    wall, training = learn_json(model, options)
     loop_s = training["per_step_s"] * steps  # the training loop alone: no load, detection or VAE encode
     return {"wall_s": round(wall, 1), "loop_s": round(loop_s, 2), "dtype_reason": training["dtype_reason"]}
 
