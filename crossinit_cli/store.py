@@ -699,6 +699,9 @@ class Library(CatalogReads):
             path = self.path_of(name)
             if not path.is_dir():
                 raise self.unknown(name)
+            from crossinit_cli import latents
+
+            latents.forget(latents.folder(self.home), self.crops(name))  # the face's latents go with it
             # Moved aside within its own folder, which needs no new directory: removing is how a user
             # makes room on a full disk. Dot names are not entries; `_recover` deletes what is left.
             gone = self.entries / f".removed~{uuid.uuid4().hex}"

@@ -9,8 +9,9 @@ standard diffusion loss (MSE on the scheduler's epsilon or v target, t uniform i
 from the example's templates filled with "face of <v0> <v1> person", random horizontal flips.
 
 What differs is only how fast the same numbers come out:
-- each crop and its mirror image go through the VAE once; every step draws a fresh latent sample from
-  the cached mean and std, as `latent_dist.sample()` would, so the official code's noise is kept;
+- each crop and its mirror image go through the VAE once (and not again in a later run on the same
+  model: latents.py); every step draws a fresh latent sample from the cached mean and std, as
+  `latent_dist.sample()` would, so the official code's noise is kept;
 - the optimiser holds the two new rows, not the whole token table. AdamW is elementwise and the official
   code restores every other row after each step, so the two rows follow the same trajectory while the
   rest of the table gets no gradient, no optimiser state and no restore copy;
@@ -37,9 +38,10 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import devices, families
+from crossinit_cli import devices, families, latents
 from crossinit_cli.crossinit import PHRASE, add_placeholder_tokens
 from crossinit_cli.errors import CrossinitError
 
@@ -351,14 +353,15 @@ class ModelParts:
 
 @dataclass(frozen=True)
 class RunHooks:
-    """What a caller hears and keeps of a run: progress, snapshots, checkpoints, a state to resume from, and
-    the micro-batch chosen (told before the first step)."""
+    """What a caller hears and keeps of a run: progress, snapshots, checkpoints, a state to resume from, the
+    micro-batch chosen (told before the first step), and where the crops' latents are cached (`encode_crops`)."""
 
     progress: Progress | None = None
     snapshot_every: int | None = None
     save_state: SaveState | None = None
     resume_from: dict[str, Any] | None = None
     micro_batch: Callable[[MicroBatch], None] | None = None
+    latent_cache: Path | None = None
 
 
 def run(
@@ -398,7 +401,7 @@ def run(
         raise CrossinitError(f"--micro-batch must be at least 1, not {micro_batch}")
     setup = _setup(parts, config, placement)
     loop = _Loop.start(config.seed, setup.device)  # seeded first; a resume restores their states
-    data = encode_crops(parts.vae, crops, setup)
+    data = encode_crops(parts.vae, crops, setup, hooks.latent_cache)
     data = replace(data, time_ids=_time_ids_tensor(setup, sizes, len(crops)))
     encode_s = time.perf_counter() - started
     model = _model(parts, setup, init)
@@ -500,25 +503,47 @@ def encode_dtype(placement: Placement) -> torch.dtype:
     return torch.bfloat16 if devices.cpu_bf16()[0] else torch.float32
 
 
-def encode_crops(vae: Any, crops: Sequence[Image.Image], setup: _Setup) -> _Latents:
+def encode_crops(vae: Any, crops: Sequence[Image.Image], setup: _Setup, cache_dir: Path | None = None) -> _Latents:
     """Data (paper step 5): every crop and its mirror image through the VAE once (the random flip's two
-    sides), in `encode_dtype`, channels-last; the latent mean and std are kept in fp32."""
+    sides), in `encode_dtype`, channels-last; the latent mean and std are kept in fp32.
+
+    Each crop goes through with its mirror image as one batch of two, so that its latents do not depend on
+    the other photos; with `cache_dir` (the library's `.cache/latents/`, latents.py) they are kept there and
+    a crop encoded before on the same VAE, precision, device and size is read instead (the same numbers)."""
     import torch
 
     dtype = encode_dtype(setup.placement)
-    vae.requires_grad_(False).eval().to(setup.device, memory_format=torch.channels_last)
-    if vae.dtype != dtype:
-        vae.to(dtype=dtype)
-    pixels = torch.stack([_pixels(c, setup.size) for c in crops])
-    pixels = torch.cat([pixels, pixels.flip(-1)])  # row i + len(crops) is crop i mirrored
-    means, stds = [], []
+    files: list[Path | None] = [None] * len(crops)
+    if cache_dir is not None:
+        key = latents.encoder_key(vae, dtype, setup.device.type, setup.size)
+        files = [latents.path(cache_dir, crop, key) for crop in crops]
+    pairs = [latents.read(file) if file is not None else None for file in files]
+    if any(pair is None for pair in pairs):
+        vae.requires_grad_(False).eval().to(setup.device, memory_format=torch.channels_last)
+        if vae.dtype != dtype:
+            vae.to(dtype=dtype)
+    for i, (crop, file) in enumerate(zip(crops, files)):
+        if pairs[i] is None:
+            pairs[i] = _encode_pair(vae, crop, setup, dtype)
+            if file is not None:
+                latents.write(file, *pairs[i])
+    means = [pair[0].to(setup.device) for pair in pairs]
+    stds = [pair[1].to(setup.device) for pair in pairs]
+    mean = torch.cat([m[:1] for m in means] + [m[1:] for m in means])  # row i + len(crops): crop i mirrored
+    std = torch.cat([s[:1] for s in stds] + [s[1:] for s in stds])
+    return _Latents(mean, std, vae.config.scaling_factor, len(crops))
+
+
+def _encode_pair(vae: Any, crop: Image.Image, setup: _Setup, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the crop and its mirror image, each [2, channels, h, w] in fp32."""
+    import torch
+
+    pixels = _pixels(crop, setup.size)
+    pixels = torch.stack([pixels, pixels.flip(-1)]).to(setup.device, dtype=dtype)
     with torch.inference_mode():
-        for chunk in pixels.split(8):
-            chunk = chunk.to(setup.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-            dist = vae.encode(chunk).latent_dist
-            means.append(dist.mean.float().contiguous())
-            stds.append(dist.std.float().contiguous())
-    return _Latents(torch.cat(means).clone(), torch.cat(stds).clone(), vae.config.scaling_factor, len(crops))
+        dist = vae.encode(pixels.contiguous(memory_format=torch.channels_last)).latent_dist
+        mean, std = dist.mean.float().contiguous(), dist.std.float().contiguous()
+    return mean.clone(), std.clone()  # out of inference mode: the loop's autograd may read them
 
 
 @dataclass(frozen=True)

@@ -318,6 +318,13 @@ class Trainer:
     other_inits: dict[int, Any] = field(default_factory=dict)  # starts at other clip skips, by clip skip
     prints: list[str] = field(default_factory=list)  # each text encoder's fingerprint: the init cache's key
 
+    @property
+    def latent_cache(self) -> Path | None:
+        """Where the crops' latents are cached (latents.py), beside the cross inits."""
+        from crossinit_cli import latents
+
+        return latents.folder(self.cache_dir.parent.parent) if self.cache_dir is not None else None
+
     def at(self, clip_skip: int) -> Trainer:
         """This trainer with its `init` at `clip_skip` (each computed once: a batch's rows may differ)."""
         from crossinit_cli import crossinit, families
@@ -485,7 +492,8 @@ def _train(
     try:
         with ui.timed("training"), _progress_display(job.quiet) as progress:
             save = run.save if run is not None else None
-            hooks = train.RunHooks(progress, job.snapshot_every, save, state, _micro_batch_note(job.quiet))
+            note = _micro_batch_note(job.quiet)
+            hooks = train.RunHooks(progress, job.snapshot_every, save, state, note, trainer.latent_cache)
             config, placement = job.train_config, trainer.placement
             result = train.run(
                 parts, images, trainer.init, config, placement, hooks, sizes=sizes, micro_batch=job.micro_batch
