@@ -53,7 +53,8 @@ def encoder_key(vae: Any, dtype: torch.dtype, device: str, size: int) -> str:
             continue
         for name, param in module.named_parameters():
             flat = param.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+            # In the precision it encodes in: the same key whether the weights are cast yet or not.
+            sample = flat[:: max(1, flat.numel() // 4096)].to(dtype).float().cpu().numpy()
             digest.update(f"{prefix}.{name}{tuple(param.shape)}".encode())
             digest.update(np.ascontiguousarray(sample).tobytes())
     return digest.hexdigest()[:24]
