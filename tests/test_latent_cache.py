@@ -117,3 +117,21 @@ def test_learn_reads_the_cache_and_remove_deletes_the_faces_latents(
     assert cli("remove", "ann", "--yes").exit_code == 0
     assert list(folder.glob("*.safetensors")) == []  # the face's latents went with the identity
     assert library.get("bea").name == "bea"
+
+
+def test_removing_an_unfinished_run_deletes_its_faces_latents(
+    cli, library: Library, tiny_model: Path, crops: list
+) -> None:
+    """A learn stopped before the end keeps its crops in `.unfinished/`; `remove` clears the run and the
+    latents its crops were encoded to, and leaves another photo's."""
+    from crossinit_cli import checkpoint
+
+    checkpoint.start(library.home, {"name": "ann", "steps": 10}, crops[:1])
+    folder = latents.folder(library.home)
+    _encode(tiny_model, crops, folder)
+    assert len(list(folder.glob("*.safetensors"))) == 2
+    result = cli("remove", "ann", "--yes")
+    assert result.exit_code == 0, result.stderr
+    assert "unfinished run" in result.stderr
+    (left,) = folder.glob("*.safetensors")
+    assert left.name.startswith(latents.crop_digest(crops[1]))

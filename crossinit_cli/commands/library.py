@@ -344,7 +344,7 @@ def _edit_in_editor(library: Library, ident: Identity) -> Identity | None:
 def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
     """Delete entries and unfinished runs by name. Nothing but the name is read: a damaged entry, a
     half-written one or an unreadable run goes the same way as a whole one."""
-    from crossinit_cli import checkpoint
+    from crossinit_cli import checkpoint, latents
 
     runs = {name: checkpoint.leftover(library.home, name) for name in names}
     for name in names:
@@ -365,6 +365,7 @@ def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
         found = runs[name]
         if found is not None:
             path, run = found
+            latents.forget(latents.folder(library.home), sorted((path / checkpoint.CROPS).glob("*.png")))
             checkpoint.discard_folder(path)
             where = f" (step {run.step} of {run.steps})" if run is not None else " (its settings were unreadable)"
             ui.info(f"removed the unfinished run of [bold]{escape(name)}[/]{where}")
