@@ -694,7 +694,8 @@ class Library(CatalogReads):
             return ident
 
     def remove(self, name: str) -> None:
-        """Delete an entry by its folder alone: a damaged or half-written one goes the same way (nothing is read)."""
+        """Delete an entry by its folder alone: a damaged or half-written one goes the same way (nothing is read
+        but its crops, where they can be, to delete the latents cached from them)."""
         with self.locked():
             path = self.path_of(name)
             if not path.is_dir():

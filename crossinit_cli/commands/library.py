@@ -342,8 +342,9 @@ def _edit_in_editor(library: Library, ident: Identity) -> Identity | None:
 
 
 def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
-    """Delete entries and unfinished runs by name. Nothing but the name is read: a damaged entry, a
-    half-written one or an unreadable run goes the same way as a whole one."""
+    """Delete entries and unfinished runs by name. Nothing but the name is needed: a damaged entry, a
+    half-written one or an unreadable run goes the same way as a whole one (their crops are read where
+    they can be, only to delete the latents cached from them: latents.forget)."""
     from crossinit_cli import checkpoint, latents
 
     runs = {name: checkpoint.leftover(library.home, name) for name in names}
