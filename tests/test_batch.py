@@ -116,6 +116,7 @@ def test_batch_spreads_over_two_accelerate_processes(tiny_model: Path, home: Pat
     assert all(library.vectors(n).learned.shape == (2, 32) for n in ("a1", "a2", "g1", "g2"))
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min; the README's test command runs it
 def test_batch_shows_one_overall_bar_on_a_terminal_and_json_stays_clean(
     tiny_model: Path, home: Path, tmp_path: Path
 ) -> None:

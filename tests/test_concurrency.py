@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from crossinit_cli.store import Identity, Library
 from tests.conftest import OFFICIAL
@@ -41,6 +42,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min; the README's test command runs it
 def test_parallel_edits_and_imports_lose_nothing(library: Library, tmp_path: Path) -> None:
     learned = np.ones((2, 32), np.float32)
     library.add(Identity(name="shared", tokens=2, width=32), learned, learned)

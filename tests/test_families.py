@@ -203,6 +203,7 @@ def test_sdxl_learn_fast_trains_both_encoders_from_their_starts(cli, library: Li
     assert "family" in shown and "SDXL" in shown
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min; the README's test command runs it
 def test_out_of_memory_says_what_to_change(cli, home: Path, tiny_sdxl: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import UNet2DConditionModel
 

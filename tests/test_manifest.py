@@ -205,6 +205,7 @@ def test_identity_flag_templates_plain_manifest_prompts(
     ]
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min; the README's test command runs it
 def test_a_script_tells_a_partly_failed_manifest_by_its_exit_status(
     stocked: Library, tiny_model: Path, tmp_path: Path
 ) -> None:

@@ -62,7 +62,10 @@ def _assert_same_run(library: Library, resumed: str, reference: str) -> None:
     assert a.training["final_loss"] == b.training["final_loss"] and a.snapshots == b.snapshots
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+@pytest.mark.parametrize(
+    "how",
+    [pytest.param(signal.SIGINT, id="ctrl-c"), pytest.param(signal.SIGKILL, id="kill-9", marks=pytest.mark.slow)],
+)
 def test_an_interrupted_learn_resumes_to_the_same_vectors(
     how: signal.Signals, cli, library: Library, home: Path, tiny_model: Path
 ) -> None:

@@ -306,6 +306,7 @@ def test_kill_list_while_it_mends_the_catalog(catalog: str, base: Path, env: dic
     print(f"list mending a {catalog} catalog: {len(calls)} kill points")
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min; the README's test command runs it
 def test_kill_export_to_a_tool_never_leaves_half_a_file(env: dict[str, str], tmp_path: Path, rhome: Path) -> None:
     """`export --all --to` killed before any of its file-system calls in the tool's folder: every file there
     with an embedding's extension is whole (the identity's exact vectors), and the next run completes it."""

@@ -131,6 +131,7 @@ def _work(worker: Worker, started: float, files: Path, tiny_model: Path) -> Work
     return worker
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min; the README's test command runs it
 def test_sixteen_processes_on_one_library(tmp_path: Path, env: dict[str, str], rhome: Path, tiny_model: Path) -> None:
     library = Library(rhome)
     library.add(Identity(name="shared", tokens=2, width=32), _vectors(5), _vectors(7))
