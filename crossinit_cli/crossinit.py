@@ -140,7 +140,6 @@ def _cache_key(
     A fine-tune may keep the token table and change the layers after it, which changes step 2's output;
     a strided sample of every parameter catches that without hashing a gigabyte.
     """
-    import numpy as np
 
     digest = hashlib.sha256(f"v{CACHE_VERSION}:{fingerprint}".encode())
     if penultimate:  # SD 1.x/2.x keys stay what they were, so their cached inits are still found
@@ -150,12 +149,22 @@ def _cache_key(
     encoded = tokenizer(list(resources.celeb_names()), padding="do_not_pad").input_ids
     digest.update(repr([ids[1:3] for ids in encoded]).encode())
     digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
-    for name, param in text_encoder.named_parameters():
-        flat = param.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
-        digest.update(f"{name}{tuple(param.shape)}".encode())
-        digest.update(np.ascontiguousarray(sample).tobytes())
+    hash_weights(digest, text_encoder)
     return digest.hexdigest()[:32]
+
+
+def hash_weights(digest: Any, module: Any, prefix: str = "", dtype: torch.dtype | None = None) -> None:
+    """Feed `digest` every parameter of `module` by name and shape and a strided sample of ~4096 of its
+    values (in `dtype` first, when given): enough to tell fine-tunes apart without hashing a gigabyte.
+    The cross init's cache key and the latents' (latents.encoder_key) are made with it."""
+    import numpy as np
+
+    for name, param in module.named_parameters():
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)]
+        sample = (sample.to(dtype) if dtype is not None else sample).float().cpu().numpy()
+        digest.update(f"{prefix}{name}{tuple(param.shape)}".encode())
+        digest.update(np.ascontiguousarray(sample).tobytes())
 
 
 def cross_init(

@@ -44,19 +44,13 @@ def encoder_key(vae: Any, dtype: torch.dtype, device: str, size: int) -> str:
     """What else the latents depend on: the VAE encoder's weights (a strided sample of every parameter of the
     encoder and its quant conv, as the cross init's cache key samples the text encoder's), the precision
     and device they were computed in, and the image size."""
-    import numpy as np
+    from crossinit_cli.crossinit import hash_weights
 
     digest = hashlib.sha256(f"v{VERSION}:{dtype}:{device}:{size}:{type(vae).__name__}".encode())
     quant = getattr(vae, "quant_conv", None)
     for prefix, module in (("encoder", vae.encoder), ("quant_conv", quant)):
-        if module is None:
-            continue
-        for name, param in module.named_parameters():
-            flat = param.detach().reshape(-1)
-            # In the precision it encodes in: the same key whether the weights are cast yet or not.
-            sample = flat[:: max(1, flat.numel() // 4096)].to(dtype).float().cpu().numpy()
-            digest.update(f"{prefix}.{name}{tuple(param.shape)}".encode())
-            digest.update(np.ascontiguousarray(sample).tobytes())
+        if module is not None:  # sampled in the encode precision: the same key whether the VAE is cast yet or not
+            hash_weights(digest, module, f"{prefix}.", dtype)
     return digest.hexdigest()[:24]
 
 
