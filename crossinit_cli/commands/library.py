@@ -4,46 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
 from crossinit_cli import ui
-from crossinit_cli.catalog import SORTS, Query, Row
-from crossinit_cli.errors import CrossinitError, library_text
-from crossinit_cli.store import Identity, Library
+from crossinit_cli.catalog import Query, Row
+from crossinit_cli.editing import Edits, check_query, edit, edit_in_editor, identity_record, removal
+from crossinit_cli.errors import CrossinitError
+from crossinit_cli.store import Library
 
-MAX_STRENGTH = 4.0
-
-
-def identity_record(library: Library, ident: Identity, *, detail: bool = False) -> dict[str, Any]:
-    """What `list --json` and `show --json` print for one identity."""
-    if detail:  # metadata and vectors from one write, even while a --force replace runs
-        ident, vectors = library.read(ident.name)
-    record = ident.to_dict()
-    record["token"] = ident.token
-    # A stored name is already normalised: its key is its case-folded form (no validation per listed entry).
-    record["path"] = str(library.entries / ident.name.casefold())
-    if detail:
-        import numpy as np
-
-        record["crops"] = [str(p) for p in library.crops(ident.name)]
-        record["vector_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.learned, axis=1)]
-        if vectors.init is not None:
-            record["init_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.init, axis=1)]
-        if vectors.parts:  # SDXL: the norms above are clip_l's; every encoder's by its key
-            record["encoder_norms"] = {
-                key: [round(float(n), 4) for n in np.linalg.norm(learned, axis=1)]
-                for key, (learned, _) in vectors.parts.items()
-            }
-    return record
+__all__ = ["Edits", "edit_identity", "identity_record", "list_identities", "remove_identities", "show_identity"]
 
 
 def family_title(family: str) -> str:
@@ -57,13 +30,7 @@ COLUMNS = ("name", "family", "base model", "mode", "created", "tags", "notes")
 
 
 def list_identities(library: Library, *, as_json: bool, query: Query | None = None) -> int:
-    from crossinit_cli.families import FAMILIES
-
-    query = query or Query()
-    if query.family is not None and query.family.casefold() not in FAMILIES:
-        raise CrossinitError(f"unknown family {query.family!r}; choose one of {', '.join(FAMILIES)}")
-    if query.sort not in SORTS:
-        raise CrossinitError(f"unknown sort {query.sort!r}; choose one of {', '.join(SORTS)}")
+    query = check_query(query or Query())
     if as_json:
         _print_json_rows(library, library.rows(query))
         return 0
@@ -207,68 +174,22 @@ def _nested(value: Any) -> str:
     return str(value)
 
 
-@dataclass(frozen=True)
-class Edits:
-    """What `edit` changes; all None/empty: open the metadata in $EDITOR."""
-
-    rename: str | None = None
-    note: str | None = None
-    tags: list[str] | None = None
-    untags: list[str] | None = None
-    strength: float | None = None
-    use_snapshot: str | None = None
-
-    def none(self) -> bool:
-        return (
-            self.rename is None
-            and self.note is None
-            and not self.tags
-            and not self.untags
-            and self.strength is None
-            and self.use_snapshot is None
-        )
-
-
 def edit_identity(library: Library, name: str, edits: Edits, *, as_json: bool = False) -> int:
-    rename, note, tags, untags = edits.rename, edits.note, edits.tags, edits.untags
-    strength, use_snapshot = edits.strength, edits.use_snapshot
-    ident = library.get(name)
-    step = None if use_snapshot is None else _snapshot_step(ident, use_snapshot)
-    if strength is not None:
-        if not 0.0 <= strength <= MAX_STRENGTH:
-            raise CrossinitError(f"--strength must be between 0 and {MAX_STRENGTH:g}, not {strength:g}")
-        if not ident.has_init:
-            raise CrossinitError(
-                f"identity {ident.name!r} has no cross-init start stored (it was imported), so its strength "
-                "cannot be scaled"
-            )
-
-    def change(current: Identity) -> None:
-        # Runs under the library lock on the latest metadata: tags from other processes are kept.
-        if note is not None:
-            current.notes = note
-        current.tags = [t for t in current.tags if t not in (untags or [])]
-        current.tags += [t for t in dict.fromkeys(tags or []) if t not in current.tags]
-        if strength is not None:
-            current.strength = strength
-        if step is not None:
-            current.active_step = step
-
+    """`edit`: the flags applied, or with none the metadata edited in $EDITOR; the identity as stored after."""
     if edits.none():
-        edited = _edit_in_editor(library, ident)
+        ident = library.get(name)
+        edited = edit_in_editor(library, ident.name)
         if edited is None:  # saved as it was: "no changes" is all there is to say
+            ui.info("no changes")
             if as_json:
                 ui.print_json(identity_record(library, ident))
             return 0
-        ident = edited
-    elif rename is not None:  # one atomic step, so a kill never leaves the note changed but not the name
-        ident = library.rename(ident.name, rename, change)
     else:
-        ident = library.modify(ident.name, change)
+        edited = edit(library, name, edits)
     if as_json:
-        ui.print_json(identity_record(library, ident))
+        ui.print_json(identity_record(library, edited))
     else:
-        ui.info(f"updated [bold]{escape(ident.name)}[/]")
+        ui.info(f"updated [bold]{escape(edited.name)}[/]")
     return 0
 
 
@@ -289,68 +210,9 @@ def _snapshot_summary(snapshots: list[dict[str, Any]], active: int) -> str:
     return ", ".join(parts)
 
 
-def _snapshot_step(ident: Identity, wanted: str) -> int:
-    """The step `--use-snapshot` names (0 for 'final'), if the identity kept a snapshot there."""
-    if wanted.strip().lower() == "final":
-        return 0
-    steps = [int(s["step"]) for s in ident.snapshots]
-    try:
-        step = int(wanted)
-    except ValueError:
-        raise CrossinitError(f"--use-snapshot takes a step number or 'final', not {wanted!r}") from None
-    if step not in steps:
-        kept = ", ".join(map(str, steps)) if steps else "none (learn with --snapshot-every N to keep some)"
-        raise CrossinitError(f"identity {ident.name!r} has no snapshot at step {step}; kept: {kept}")
-    return step
-
-
-def _edit_in_editor(library: Library, ident: Identity) -> Identity | None:
-    """Open the metadata in $VISUAL/$EDITOR as TOML and store what comes back (None: nothing changed)."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-
-    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
-    if not editor:
-        raise CrossinitError("no edit flags given and $EDITOR is not set; see `crossinit edit --help`")
-    text = ident.to_toml().decode("utf-8")
-    with tempfile.TemporaryDirectory(prefix="crossinit-edit-") as tmp:
-        path = Path(tmp) / f"{library.path_of(ident.name).name}.toml"
-        path.write_text(text, encoding="utf-8")
-        try:
-            done = subprocess.run([*shlex.split(editor), str(path)], check=False)
-        except OSError as exc:
-            raise CrossinitError(f"cannot run editor {editor!r}: {exc.strerror or exc}") from None
-        if done.returncode != 0:
-            raise CrossinitError(f"editor {editor!r} exited with status {done.returncode}; nothing changed")
-        edited = path.read_text(encoding="utf-8")
-    if edited == text:
-        ui.info("no changes")
-        return None
-    try:
-        raw = tomllib.loads(edited)
-    except tomllib.TOMLDecodeError as exc:
-        raise CrossinitError(f"edited metadata is not valid TOML ({library_text(exc)}); nothing changed") from None
-    strength = raw.get("strength", ident.strength)
-    if isinstance(strength, (int, float)) and not isinstance(strength, bool) and not 0 <= strength <= MAX_STRENGTH:
-        raise CrossinitError(
-            f"edited metadata is invalid: field 'strength' must be between 0 and {MAX_STRENGTH:g}, not {strength:g}; "
-            "nothing changed"
-        )
-    return library.replace_meta(ident.name, raw)
-
-
 def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
-    """Delete entries and unfinished runs by name. Nothing but the name is needed: a damaged entry, a
-    half-written one or an unreadable run goes the same way as a whole one (their crops are read where
-    they can be, only to delete the latents cached from them: latents.forget)."""
-    from crossinit_cli import checkpoint, latents
-
-    runs = {name: checkpoint.leftover(library.home, name) for name in names}
-    for name in names:
-        if runs[name] is None and not library.has_folder(name):
-            raise library.unknown(name)  # every name must exist before anything is removed
+    """`remove`: every name checked, then (unless --yes) one question, then a line per thing removed."""
+    checked = removal(library, names)  # every name must exist before anything is removed
     if not yes:
         if not sys.stdin.isatty():
             raise CrossinitError("refusing to remove without confirmation; pass --yes")
@@ -359,15 +221,11 @@ def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
         if not typer.confirm(f"Remove {', '.join(names)}? This deletes the learned vectors and crops"):
             ui.info("nothing removed")
             return 1
-    for name in names:
-        if library.has_folder(name):
-            library.remove(name)
-            ui.info(f"removed [bold]{escape(name)}[/]")
-        found = runs[name]
-        if found is not None:
-            path, run = found
-            latents.forget(latents.folder(library.home), sorted((path / checkpoint.CROPS).glob("*.png")))
-            checkpoint.discard_folder(path)
-            where = f" (step {run.step} of {run.steps})" if run is not None else " (its settings were unreadable)"
-            ui.info(f"removed the unfinished run of [bold]{escape(name)}[/]{where}")
+    for removed in checked.run(library):
+        if not removed.run:
+            ui.info(f"removed [bold]{escape(removed.name)}[/]")
+            continue
+        where = f" (step {removed.step} of {removed.steps})" if removed.step is not None else ""
+        where = where or " (its settings were unreadable)"
+        ui.info(f"removed the unfinished run of [bold]{escape(removed.name)}[/]{where}")
     return 0

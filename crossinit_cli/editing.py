@@ -1,0 +1,230 @@
+"""Looking at and changing stored identities: the engine of `list`, `show`, `edit` and `remove` (no torch).
+
+`identity_record` is what an identity looks like as data (`list --json`, `show --json`); `edit` applies an
+`Edits` in one locked step, `edit_text` stores metadata changed by hand (the $EDITOR round trip
+`edit_in_editor` runs), and `remove` deletes entries and unfinished runs (`Removal` checks every name
+first, so a command can ask before anything goes). Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crossinit_cli import checkpoint
+from crossinit_cli.catalog import SORTS, Query
+from crossinit_cli.errors import CrossinitError, library_text
+from crossinit_cli.store import Identity, Library
+
+MAX_STRENGTH = 4.0
+
+
+def identity_record(library: Library, ident: Identity, *, detail: bool = False) -> dict[str, Any]:
+    """What `list --json` and `show --json` print for one identity (`detail`: with crops and vector norms)."""
+    if detail:  # metadata and vectors from one write, even while a --force replace runs
+        ident, vectors = library.read(ident.name)
+    record = ident.to_dict()
+    record["token"] = ident.token
+    # A stored name is already normalised: its key is its case-folded form (no validation per listed entry).
+    record["path"] = str(library.entries / ident.name.casefold())
+    if detail:
+        import numpy as np
+
+        record["crops"] = [str(p) for p in library.crops(ident.name)]
+        record["vector_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.learned, axis=1)]
+        if vectors.init is not None:
+            record["init_norms"] = [round(float(n), 4) for n in np.linalg.norm(vectors.init, axis=1)]
+        if vectors.parts:  # SDXL: the norms above are clip_l's; every encoder's by its key
+            record["encoder_norms"] = {
+                key: [round(float(n), 4) for n in np.linalg.norm(learned, axis=1)]
+                for key, (learned, _) in vectors.parts.items()
+            }
+    return record
+
+
+def check_query(query: Query) -> Query:
+    """A listing's filter with a known family and sort (a one-line refusal otherwise)."""
+    from crossinit_cli.families import FAMILIES
+
+    if query.family is not None and query.family.casefold() not in FAMILIES:
+        raise CrossinitError(f"unknown family {query.family!r}; choose one of {', '.join(FAMILIES)}")
+    if query.sort not in SORTS:
+        raise CrossinitError(f"unknown sort {query.sort!r}; choose one of {', '.join(SORTS)}")
+    return query
+
+
+# ---- edit -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Edits:
+    """What `edit` changes; all None/empty: nothing (the command then opens the metadata in $EDITOR)."""
+
+    rename: str | None = None
+    note: str | None = None
+    tags: list[str] | None = None
+    untags: list[str] | None = None
+    strength: float | None = None
+    use_snapshot: str | None = None
+
+    def none(self) -> bool:
+        return (
+            self.rename is None
+            and self.note is None
+            and not self.tags
+            and not self.untags
+            and self.strength is None
+            and self.use_snapshot is None
+        )
+
+
+def edit(library: Library, name: str, edits: Edits) -> Identity:
+    """Apply `edits` to an identity in one locked step (a rename too: a kill never leaves half of it done);
+    the identity as stored afterwards."""
+    ident = library.get(name)
+    step = None if edits.use_snapshot is None else snapshot_step(ident, edits.use_snapshot)
+    strength = edits.strength
+    if strength is not None:
+        if not 0.0 <= strength <= MAX_STRENGTH:
+            raise CrossinitError(f"--strength must be between 0 and {MAX_STRENGTH:g}, not {strength:g}")
+        if not ident.has_init:
+            raise CrossinitError(
+                f"identity {ident.name!r} has no cross-init start stored (it was imported), so its strength "
+                "cannot be scaled"
+            )
+
+    def change(current: Identity) -> None:
+        # Runs under the library lock on the latest metadata: tags from other processes are kept.
+        if edits.note is not None:
+            current.notes = edits.note
+        current.tags = [t for t in current.tags if t not in (edits.untags or [])]
+        current.tags += [t for t in dict.fromkeys(edits.tags or []) if t not in current.tags]
+        if strength is not None:
+            current.strength = strength
+        if step is not None:
+            current.active_step = step
+
+    if edits.rename is not None:
+        return library.rename(ident.name, edits.rename, change)
+    return library.modify(ident.name, change)
+
+
+def snapshot_step(ident: Identity, wanted: str) -> int:
+    """The step `--use-snapshot` names (0 for 'final'), if the identity kept a snapshot there."""
+    if wanted.strip().lower() == "final":
+        return 0
+    steps = [int(s["step"]) for s in ident.snapshots]
+    try:
+        step = int(wanted)
+    except ValueError:
+        raise CrossinitError(f"--use-snapshot takes a step number or 'final', not {wanted!r}") from None
+    if step not in steps:
+        kept = ", ".join(map(str, steps)) if steps else "none (learn with --snapshot-every N to keep some)"
+        raise CrossinitError(f"identity {ident.name!r} has no snapshot at step {step}; kept: {kept}")
+    return step
+
+
+def edit_in_editor(library: Library, name: str, editor: str | None = None) -> Identity | None:
+    """Open an identity's metadata in `editor` (default $VISUAL, else $EDITOR) as TOML and store what comes
+    back; None when it came back unchanged."""
+    ident = library.get(name)
+    editor = editor or os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    if not editor:
+        raise CrossinitError("no edit flags given and $EDITOR is not set; see `crossinit edit --help`")
+    text = ident.to_toml().decode("utf-8")
+    with tempfile.TemporaryDirectory(prefix="crossinit-edit-") as tmp:
+        path = Path(tmp) / f"{library.path_of(ident.name).name}.toml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            done = subprocess.run([*shlex.split(editor), str(path)], check=False)
+        except OSError as exc:
+            raise CrossinitError(f"cannot run editor {editor!r}: {exc.strerror or exc}") from None
+        if done.returncode != 0:
+            raise CrossinitError(f"editor {editor!r} exited with status {done.returncode}; nothing changed")
+        edited = path.read_text(encoding="utf-8")
+    return None if edited == text else edit_text(library, ident, edited)
+
+
+def edit_text(library: Library, ident: Identity, edited: str) -> Identity:
+    """Store `ident`'s metadata as edited by hand (TOML text); refused whole, with nothing changed, if invalid."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    try:
+        raw = tomllib.loads(edited)
+    except tomllib.TOMLDecodeError as exc:
+        raise CrossinitError(f"edited metadata is not valid TOML ({library_text(exc)}); nothing changed") from None
+    strength = raw.get("strength", ident.strength)
+    if isinstance(strength, (int, float)) and not isinstance(strength, bool) and not 0 <= strength <= MAX_STRENGTH:
+        raise CrossinitError(
+            f"edited metadata is invalid: field 'strength' must be between 0 and {MAX_STRENGTH:g}, not {strength:g}; "
+            "nothing changed"
+        )
+    return library.replace_meta(ident.name, raw)
+
+
+# ---- remove ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Removed:
+    """One thing removed under a name: its entry (`run` False), or its unfinished run (`run` True: at `step`
+    of `steps`, both None when its settings were unreadable)."""
+
+    name: str
+    run: bool = False
+    step: int | None = None
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Removal:
+    """Names checked for removal (each an entry, an unfinished run or both); nothing is deleted yet."""
+
+    names: list[str]
+    runs: dict[str, tuple[Path, checkpoint.Run | None] | None]
+
+    def run(self, library: Library) -> Iterator[Removed]:
+        """Delete them, one name at a time (a record as each thing is gone). Nothing but the name is needed:
+        a damaged entry, a half-written one or an unreadable run goes the same way as a whole one (their
+        crops are read where they can be, only to delete the latents cached from them: latents.forget)."""
+        from crossinit_cli import latents
+
+        for name in self.names:
+            if library.has_folder(name):
+                library.remove(name)
+                yield Removed(name)
+            found = self.runs[name]
+            if found is not None:
+                path, run = found
+                latents.forget(latents.folder(library.home), sorted((path / checkpoint.CROPS).glob("*.png")))
+                checkpoint.discard_folder(path)
+                yield Removed(name, True, *((run.step, run.steps) if run is not None else (None, None)))
+
+
+def removal(library: Library, names: list[str]) -> Removal:
+    """Every name checked (an entry or an unfinished run of that name) before anything is removed."""
+    runs = {name: checkpoint.leftover(library.home, name) for name in names}
+    for name in names:
+        if runs[name] is None and not library.has_folder(name):
+            raise library.unknown(name)
+    return Removal(list(names), runs)
+
+
+def remove(library: Library, names: list[str], on_removed: Callable[[Removed], None] | None = None) -> list[Removed]:
+    """`crossinit remove --yes`: delete the entries and unfinished runs of these names (all must exist)."""
+    done = []
+    for removed in removal(library, names).run(library):
+        done.append(removed)
+        if on_removed is not None:
+            on_removed(removed)
+    return done
