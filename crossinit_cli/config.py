@@ -140,6 +140,23 @@ def save_config(config: Config, path: Path | None = None) -> Path:
     return path
 
 
+def set_default(key: str, value: str) -> tuple[str, Path]:
+    """`config set`: `value` checked (a model path made absolute) and saved; the value stored and the file."""
+    current = load_config()
+    value = normalized(key, value)
+    setattr(current, key, value)
+    return value, save_config(current)
+
+
+def reset_default(key: str) -> str:
+    """`config unset`: `key` back to crossinit's own default, saved; that default."""
+    validate_key(key)
+    current = load_config()
+    setattr(current, key, getattr(Config(), key))
+    save_config(current)
+    return str(getattr(current, key))
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """What a command that runs a model takes from the flags every such command shares, merged once with the

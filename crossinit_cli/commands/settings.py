@@ -29,18 +29,11 @@ def show(home: Path, *, as_json: bool) -> int:
 
 
 def set_value(key: str, value: str) -> int:
-    current = config.load_config()
-    value = config.normalized(key, value)
-    setattr(current, key, value)
-    path = config.save_config(current)
+    value, path = config.set_default(key, value)
     ui.info(f"{key} = {escape(value)} (saved in {escape(str(path))})")
     return 0
 
 
 def unset_value(key: str) -> int:
-    config.validate_key(key)
-    current = config.load_config()
-    setattr(current, key, getattr(config.Config(), key))
-    config.save_config(current)
-    ui.info(f"{key} reset to {escape(str(getattr(current, key)))}")
+    ui.info(f"{key} reset to {escape(config.reset_default(key))}")
     return 0
