@@ -1,87 +1,40 @@
-"""`eval`: the CLI around `crossinit_cli.scoring`: options in, tables or one JSON document out."""
+"""`eval`: the CLI around `crossinit_cli.evaluating`: prompts read, a progress bar, tables or one JSON document out."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
-from crossinit_cli import sample, ui
+from crossinit_cli import evaluating, ui
 from crossinit_cli import scoring as engine
 from crossinit_cli.commands.common import read_source, stderr_progress
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.evaluating import EvalOptions
 from crossinit_cli.store import Identity, Library
 
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """What `crossinit eval` asked for, beyond the names, merged with the configuration by the CLI.
-
-    `model` is --model, else the configured model; None runs each identity on the model it was learned on
-    (`config.identities_model`, the rule every command that uses identities follows)."""
-
-    compare: bool = False
-    prompts: str | None = None
-    n: int = engine.DEFAULT_N
-    seed: int = engine.DEFAULT_SEED
-    steps: int | None = None
-    model: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    clip_model: str | None = None
-    fail_below: float | None = None
-    snapshots: bool = False
-    pick_best: bool = False
-    quiet: bool = False
-    as_json: bool = False
+__all__ = ["EvalOptions", "evaluate_command", "verdict"]
 
 
 def evaluate_command(library: Library, names: list[str], options: EvalOptions) -> int:
-    """`eval NAMES`: check the options, score the identities (or one's snapshots), report and store."""
-    fail_below = options.fail_below
-    if fail_below is not None and not fail_below >= 0:
-        raise CrossinitError(f"--fail-below must be a likeness of 0 or more, not {fail_below:g}")
-    if options.compare and len(names) < 2:
-        raise CrossinitError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
-    templates = engine.DEFAULT_PROMPTS if options.prompts is None else _read_templates(options.prompts)
-    for name in names:
-        library.get(name)  # an unknown name is an error before anything loads
-    snapshot_steps = (
-        _snapshot_steps(library, names, templates, options.compare, fail_below) if options.snapshots else None
-    )
-    request = _request(options, templates, snapshot_steps)
-    total = engine.image_count(templates, len(snapshot_steps) if snapshot_steps else len(names), options.n)
+    """`eval NAMES`: score the identities (or one's snapshots) with a progress bar, then report."""
+    evaluating.check_options(names, options)
+    templates = None if options.prompts is None else _read_templates(options.prompts)
+    request = evaluating.request(library, names, options, templates)
+    total = evaluating.image_count(names, request)
+    if request.snapshot_steps is not None:
+        with _progress(options.quiet, total) as bar:
+            scores = evaluating.snapshots(library, names[0], request, bar.hooks(), pick_best=options.pick_best)
+        return _snapshot_report(scores, as_json=options.as_json)
     with _progress(options.quiet, total) as bar:
-        hooks = engine.EvalHooks(notify=ui.warn, on_image=bar.image, on_load=bar.loading)
-        results = engine.evaluate(library, names, request, hooks)
-    if snapshot_steps is not None:
-        return _snapshot_report(library, names[0], results, pick_best=options.pick_best, as_json=options.as_json)
-    return _identity_report(library, results, options)
+        scored = evaluating.identities(library, names, request, bar.hooks())
+    return _identity_report([s.record for s in scored], options)
 
 
-def _request(options: EvalOptions, templates: Sequence[str], snapshot_steps: list[int] | None) -> engine.EvalRequest:
-    """The engine's request, from the options (already merged with the configuration by the CLI)."""
-    return engine.EvalRequest(
-        templates=templates,
-        n=options.n,
-        seed=options.seed,
-        steps=sample.DEFAULT_STEPS if options.steps is None else options.steps,
-        model=options.model,
-        device=options.device or "auto",
-        dtype=options.dtype or "auto",
-        clip_model=options.clip_model or engine.DEFAULT_CLIP_MODEL,
-        snapshot_steps=snapshot_steps,
-    )
-
-
-def _identity_report(library: Library, results: list[engine.Evaluation], options: EvalOptions) -> int:
-    """Store each evaluation and its contact sheet, print the tables and verdicts, and gate --fail-below."""
-    sheets = {r.name: engine.save(library, r) for r in results}
-    records = [{"name": r.name, **r.record(), "contact_sheet": str(sheets[r.name])} for r in results]
+def _identity_report(records: list[dict[str, Any]], options: EvalOptions) -> int:
+    """The tables and verdicts of the stored evaluations, and the --fail-below gate."""
     if options.as_json:
         ui.print_json(records)
         return _gate(records, options.fail_below)
@@ -99,38 +52,9 @@ def _identity_report(library: Library, results: list[engine.Evaluation], options
     return _gate(records, options.fail_below)
 
 
-def _snapshot_steps(
-    library: Library, names: list[str], templates: list[str], compare: bool, fail_below: float | None
-) -> list[int]:
-    if len(names) != 1 or compare:
-        raise CrossinitError("--snapshots and --pick-best score the snapshots of one identity; name one")
-    if fail_below is not None:
-        raise CrossinitError("--fail-below gates identities, not snapshots; run it without --snapshots/--pick-best")
-    if any(engine.group_names(t) for t in templates):
-        raise CrossinitError("--snapshots takes prompts with {} only (not prompts naming several identities)")
-    ident = library.get(names[0])
-    steps = [int(s["step"]) for s in ident.snapshots]
-    if not steps:
-        raise CrossinitError(
-            f"identity {ident.name!r} kept no snapshots; learn it with --snapshot-every N (full mode: every 40)"
-        )
-    return steps
-
-
-def _snapshot_report(
-    library: Library, name: str, results: list[engine.Evaluation], *, pick_best: bool, as_json: bool
-) -> int:
-    records = [{"step": r.step, **r.calibrated()} for r in results]
-    picked = engine.pick_best(records) if pick_best else None
-    unmeasured = engine.nothing_measured(records) if pick_best and picked is None else None
-    ident = engine.save_snapshot_scores(library, name, results, picked)
-    losses = {int(s["step"]): s.get("loss") for s in ident.snapshots}
-    last = max(losses)
-    active = ident.active_step or last
+def _snapshot_report(scores: evaluating.SnapshotScores, *, as_json: bool) -> int:
+    ident, records, picked, unmeasured = scores.identity, scores.records, scores.picked, scores.not_picked
     if as_json:
-        for record in records:
-            record["loss"] = losses.get(record["step"])
-            record["active"] = record["step"] == active
         report = {"name": ident.name, "snapshots": records, "active_step": ident.active_step, "picked": picked}
         if unmeasured:
             report["not_picked"] = unmeasured
@@ -143,12 +67,10 @@ def _snapshot_report(
         table.add_column(column, justify="right" if column else "left", no_wrap=not column)
     for record in records:
         step = record["step"]
-        mark = "active" if step == active else ""
-        if step == picked:
-            mark = "picked, active"
+        mark = "picked, active" if step == picked else ("active" if record["active"] else "")
         table.add_row(
-            f"{step}" + (" (final)" if step == last else ""),
-            _num(losses.get(step)),
+            f"{step}" + (" (final)" if step == scores.last else ""),
+            _num(record["loss"]),
             _share(record["face_rate"]),
             _share(record["same_person_rate"]),
             _num(record["likeness"]),
@@ -157,7 +79,7 @@ def _snapshot_report(
         )
     ui.out().print(table)
     if picked is not None:
-        which = "the final vectors" if picked == last else f"the snapshot at step {picked}"
+        which = "the final vectors" if picked == scores.last else f"the snapshot at step {picked}"
         ui.info(
             f"[bold]{escape(ident.name)}[/] now uses {which} (best trade-off: likeness within "
             f"{engine.LIKENESS_KEEP:.0%} of the best, then prompt fidelity); undo: crossinit edit "
@@ -182,18 +104,13 @@ EXIT_BELOW = 3
 
 def _gate(records: list[dict[str, Any]], fail_below: float | None) -> int:
     """Exit status 3 when an identity's likeness is below `--fail-below` (or could not be measured)."""
-    if fail_below is None:
-        return 0
-    failed = 0
-    for record in records:
+    failed = evaluating.failing(records, fail_below)
+    for record in failed:
         likeness = record.get("likeness")
         if likeness is None:
             ui.error(f"likeness of <{record['name']}> could not be measured, so it cannot pass --fail-below")
-        elif likeness < fail_below:
-            ui.error(f"likeness of <{record['name']}> is {likeness:.2f}, below --fail-below {fail_below:g}")
         else:
-            continue
-        failed += 1
+            ui.error(f"likeness of <{record['name']}> is {likeness:.2f}, below --fail-below {fail_below:g}")
     return EXIT_BELOW if failed else 0
 
 
@@ -349,6 +266,10 @@ class _ImageProgress:
             return
         self.progress.update(self.task, description=f"loading {escape(what)}")
         yield
+
+    def hooks(self) -> engine.EvalHooks:
+        """What the engine calls: warnings on stderr, a tick per image, the model loading as the description."""
+        return engine.EvalHooks(notify=ui.warn, on_image=self.image, on_load=self.loading)
 
     def image(self, name: str, prompt: str) -> None:
         if self.progress is not None:

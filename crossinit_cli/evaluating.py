@@ -1,0 +1,165 @@
+"""One `eval` run, whole: the options checked, the identities (or one identity's snapshots) scored by
+`scoring`, each result stored with its identity, pick-best applied, and the --fail-below gate decided.
+
+`commands/evaluate.py` reads the prompts, shows the progress and prints what comes back; nothing here
+prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crossinit_cli import sample
+from crossinit_cli import scoring as engine
+from crossinit_cli.errors import CrossinitError
+from crossinit_cli.store import Identity, Library
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `crossinit eval` asked for, beyond the names, merged with the configuration by the CLI.
+
+    `model` is --model, else the configured model; None runs each identity on the model it was learned on
+    (`config.identities_model`, the rule every command that uses identities follows)."""
+
+    compare: bool = False
+    prompts: str | None = None
+    n: int = engine.DEFAULT_N
+    seed: int = engine.DEFAULT_SEED
+    steps: int | None = None
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    clip_model: str | None = None
+    fail_below: float | None = None
+    snapshots: bool = False
+    pick_best: bool = False
+    quiet: bool = False
+    as_json: bool = False
+
+
+def check_options(names: list[str], options: EvalOptions) -> None:
+    """The flags that contradict themselves, refused before anything is read."""
+    fail_below = options.fail_below
+    if fail_below is not None and not fail_below >= 0:
+        raise CrossinitError(f"--fail-below must be a likeness of 0 or more, not {fail_below:g}")
+    if options.compare and len(names) < 2:
+        raise CrossinitError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
+
+
+def request(
+    library: Library, names: list[str], options: EvalOptions, templates: Sequence[str] | None = None
+) -> engine.EvalRequest:
+    """The scoring engine's request: every name known (an error before anything loads), and with
+    --snapshots the steps of the one identity's snapshots. `templates`: the prompts (default: the built-in)."""
+    templates = engine.DEFAULT_PROMPTS if templates is None else templates
+    for name in names:
+        library.get(name)
+    snapshot_steps = _snapshot_steps(library, names, templates, options) if options.snapshots else None
+    return engine.EvalRequest(
+        templates=templates,
+        n=options.n,
+        seed=options.seed,
+        steps=sample.DEFAULT_STEPS if options.steps is None else options.steps,
+        model=options.model,
+        device=options.device or "auto",
+        dtype=options.dtype or "auto",
+        clip_model=options.clip_model or engine.DEFAULT_CLIP_MODEL,
+        snapshot_steps=snapshot_steps,
+    )
+
+
+def _snapshot_steps(library: Library, names: list[str], templates: Sequence[str], options: EvalOptions) -> list[int]:
+    if len(names) != 1 or options.compare:
+        raise CrossinitError("--snapshots and --pick-best score the snapshots of one identity; name one")
+    if options.fail_below is not None:
+        raise CrossinitError("--fail-below gates identities, not snapshots; run it without --snapshots/--pick-best")
+    if any(engine.group_names(t) for t in templates):
+        raise CrossinitError("--snapshots takes prompts with {} only (not prompts naming several identities)")
+    ident = library.get(names[0])
+    steps = [int(s["step"]) for s in ident.snapshots]
+    if not steps:
+        raise CrossinitError(
+            f"identity {ident.name!r} kept no snapshots; learn it with --snapshot-every N (full mode: every 40)"
+        )
+    return steps
+
+
+def image_count(names: list[str], req: engine.EvalRequest) -> int:
+    """How many images the run makes (the length of a progress bar)."""
+    runs = len(req.snapshot_steps) if req.snapshot_steps else len(names)
+    return engine.image_count(req.templates, runs, req.n)
+
+
+# ---- identities ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One identity's evaluation, stored with it: what is printed and stored (`record`), and its contact sheet."""
+
+    name: str
+    record: dict[str, Any]
+    sheet: Path
+
+
+def identities(
+    library: Library, names: list[str], req: engine.EvalRequest, hooks: engine.EvalHooks = engine.EvalHooks()
+) -> list[Scored]:
+    """Score the identities and store each evaluation and contact sheet with its identity."""
+    results = engine.evaluate(library, names, req, hooks)
+    scored = []
+    for result in results:
+        sheet = engine.save(library, result)
+        scored.append(Scored(result.name, {"name": result.name, **result.record(), "contact_sheet": str(sheet)}, sheet))
+    return scored
+
+
+def failing(records: list[dict[str, Any]], fail_below: float | None) -> list[dict[str, Any]]:
+    """The records that fail `--fail-below`: likeness below it, or not measured (none without the flag)."""
+    if fail_below is None:
+        return []
+    return [r for r in records if r.get("likeness") is None or r["likeness"] < fail_below]
+
+
+# ---- one identity's snapshots -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotScores:
+    """Each snapshot's numbers (`records`: step, calibrated scores, loss, active), stored with the identity;
+    with pick-best, the step made active (`picked`), or why none was (`not_picked`)."""
+
+    identity: Identity
+    records: list[dict[str, Any]]
+    picked: int | None
+    not_picked: str | None
+    last: int
+    active: int
+
+
+def snapshots(
+    library: Library,
+    name: str,
+    req: engine.EvalRequest,
+    hooks: engine.EvalHooks = engine.EvalHooks(),
+    *,
+    pick_best: bool = False,
+) -> SnapshotScores:
+    """Score one identity's snapshots (`req.snapshot_steps`), store the scores, and with `pick_best` make the
+    best likeness / prompt-fidelity trade-off the active vectors."""
+    results = engine.evaluate(library, [name], req, hooks)
+    records = [{"step": r.step, **r.calibrated()} for r in results]
+    picked = engine.pick_best(records) if pick_best else None
+    unmeasured = engine.nothing_measured(records) if pick_best and picked is None else None
+    ident = engine.save_snapshot_scores(library, name, results, picked)
+    losses = {int(s["step"]): s.get("loss") for s in ident.snapshots}
+    last = max(losses)
+    active = ident.active_step or last
+    for record in records:
+        record["loss"] = losses.get(record["step"])
+        record["active"] = record["step"] == active
+    return SnapshotScores(ident, records, picked, unmeasured, last, active)
