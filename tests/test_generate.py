@@ -268,7 +268,7 @@ def test_prompt_and_prompts_file_together_is_an_error(gen, tmp_path: Path) -> No
 
 
 def test_file_slug() -> None:
-    from crossinit_cli.commands.generate import file_slug
+    from crossinit_cli.pngfiles import file_slug
 
     assert file_slug("A Red Car, at Night!", []) == "a-red-car-at-night"
     assert file_slug("Zoë's café", []) == "zoe-s-cafe"

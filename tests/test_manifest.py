@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from crossinit_cli import sample
-from crossinit_cli.commands.generate import apply_template
 from crossinit_cli.errors import CrossinitError
+from crossinit_cli.generation import apply_template
 from crossinit_cli.store import Identity, Library
 
 
@@ -249,3 +249,18 @@ def test_a_manifest_prompt_naming_an_identity_without_brackets_gets_one_hint(
     assert [r["identities"] for r in _records(result.stdout)] == [[], []]  # stdout: JSON Lines only
     hints = [line for line in result.stderr.splitlines() if line.startswith("hint:")]
     assert hints == ["hint: 'alice' in prompt \"alice waves\" is plain text; write <alice> to use the stored identity"]
+
+
+def test_an_sdxl_identity_runs_from_a_manifest_as_from_a_prompt(cli, tiny_sdxl: Path, tmp_path: Path) -> None:
+    photo = Path(__file__).parent / "data" / "astronaut.png"
+    cheap = ("--steps", "2", "--batch-size", "1", "--quiet")
+    learned = cli("learn", photo, "--name", "carol", "--model", tiny_sdxl, *cheap)
+    assert learned.exit_code == 0, learned.stderr
+    plain = cli("generate", "<carol> at sea", "--model", tiny_sdxl, "--seed", "4", "--steps", "2",
+                "--out", tmp_path / "plain", "--json")  # fmt: skip
+    manifest = _manifest(tmp_path, {"prompt": "<carol> at sea", "seed": 4, "steps": 2})
+    lines = cli("generate", "--manifest", manifest, "--model", tiny_sdxl, "--out", tmp_path / "lines")
+    assert plain.exit_code == 0 and lines.exit_code == 0, lines.stderr
+    (record,) = _records(lines.stdout)
+    with Image.open(json.loads(plain.stdout)[0]["path"]) as a, Image.open(record["path"]) as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # one image: a batch of one either way

@@ -6,15 +6,22 @@ lives at engine level (`hf.py` quiets the Hugging Face libraries, `sample.check_
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
 
 from crossinit_cli import ui
 from crossinit_cli.errors import CrossinitError
 
 if TYPE_CHECKING:
     from rich.progress import Progress
+
+    from crossinit_cli.generation import GenerateHooks
 
 
 EXIT_PARTIAL = 4
@@ -53,3 +60,67 @@ def read_source(source: str, what: str, shape: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CrossinitError(f"cannot read {what} from {source}: {reason}") from None
+
+
+# ---- generate's displays (the command and --manifest) -----------------------------------------
+
+
+@contextmanager
+def loading_status(show: bool, message: str) -> Iterator[None]:
+    """A spinner with `message` (plain text) on stderr while a model loads, when `show`."""
+    if not show:
+        yield
+        return
+    with ui.err().status(escape(message)):
+        yield
+
+
+class SamplingBar:
+    """Images done overall, and steps of the batch being sampled (rich, on stderr)."""
+
+    def __init__(self, progress: Any, total_images: int) -> None:
+        self.progress = progress
+        self.images = progress.add_task("images", total=total_images) if progress else None
+        self.steps = progress.add_task("steps", total=1) if progress else None
+
+    def start(self, prompt: str, steps: int) -> None:
+        if self.progress:
+            description = json.dumps(prompt if len(prompt) <= 40 else prompt[:39] + "…", ensure_ascii=False)
+            self.progress.reset(self.steps, total=steps, description=escape(description))
+
+    def step(self, done: int, total: int) -> None:
+        if self.progress:
+            self.progress.update(self.steps, completed=done, total=total)
+
+    def images_done(self, count: int) -> None:
+        if self.progress:
+            self.progress.advance(self.images, count)
+
+
+@contextmanager
+def sampling_progress(show: bool, total_images: int) -> Iterator[SamplingBar]:
+    if not show:
+        yield SamplingBar(None, total_images)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns: list[Any] = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=ui.err(), transient=True) as progress:
+        yield SamplingBar(progress, total_images)
+
+
+def generation_hooks(show: bool) -> GenerateHooks:
+    """The generation engine's warnings, hints and phases on stderr (the spinner only when `show`)."""
+    from crossinit_cli.generation import GenerateHooks
+
+    return GenerateHooks(
+        warn=ui.warn,
+        hint=lambda message: ui.info(escape(message)),
+        loading=lambda message: loading_status(show, message),
+        timed=ui.timed,
+    )
