@@ -431,48 +431,34 @@ def learn(
         return resume_identity(
             _library(), resume, quiet=quiet, as_json=as_json, configured_model=configured, micro_batch=micro_batch
         )
-    if batch is not None:
-        if photos or name:
-            raise CrossinitError("--batch takes its photos and names from the manifest; drop the photos and --name")
-        from crossinit_cli.commands.batch import BatchEntry, learn_batch
-
-        defaults = BatchEntry(
-            "-",
-            [],
-            "fast" if fast else "full",
-            steps,
-            lr,
-            batch_size,
-            reg_weight,
-            seed,
-            not no_align,
-            clip_skip,
-            micro_batch,
-        )
-        run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
-        return learn_batch(_library(), batch, defaults=defaults, run=run, force=force, strict=strict)
-    if not photos:
+    settings = {  # learning.Settings' fields: the same for one identity and a batch's defaults
+        "mode": "fast" if fast else "full",
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "reg_weight": reg_weight,
+        "seed": seed,
+        "align": not no_align,
+        "clip_skip": clip_skip,
+        "micro_batch": micro_batch,
+    }
+    if batch is not None and (photos or name):
+        raise CrossinitError("--batch takes its photos and names from the manifest; drop the photos and --name")
+    if batch is None and not photos:
         raise CrossinitError("give one or more photos (or a folder), or --batch MANIFEST")
-    from crossinit_cli.commands.learn import LearnRequest, learn
+    run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
+    where = {"model": run.model, "device": run.device, "dtype": run.dtype, "force": force, "strict": strict}
+    if batch is not None:
+        from crossinit_cli.batches import BatchEntry, BatchRequest
+        from crossinit_cli.commands.batch import learn_batch
 
-    request = LearnRequest(
-        name=name,
-        mode="fast" if fast else "full",
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        reg_weight=reg_weight,
-        seed=seed,
-        force=force,
-        align=not no_align,
-        run=_run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json),
-        resolution=resolution,
-        snapshot_every=snapshot_every,
-        strict=strict,
-        clip_skip=clip_skip,
-        micro_batch=micro_batch,
-    )
-    return learn(_library(), photos, request)
+        request = BatchRequest(batch, BatchEntry(**settings), **where)
+        return learn_batch(_library(), request, quiet=quiet, as_json=as_json)
+    from crossinit_cli.commands.learn import learn
+    from crossinit_cli.learning import LearnRequest
+
+    request = LearnRequest(name=name, resolution=resolution, snapshot_every=snapshot_every, **where, **settings)
+    return learn(_library(), photos, request, quiet=quiet, as_json=as_json, configured_model=run.configured_model)
 
 
 @app.command()

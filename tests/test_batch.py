@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossinit_cli.commands.batch import BatchEntry, read_manifest
+from crossinit_cli.batches import BatchEntry, read_manifest
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
 
 DATA = Path(__file__).parent / "data"
-DEFAULTS = BatchEntry("-", [], "fast", None, None, None, None, 0, True)
+DEFAULTS = BatchEntry(mode="fast", seed=0, align=True)
 
 
 def _people(root: Path, names: dict[str, str]) -> Path:
@@ -147,7 +147,7 @@ def test_the_overall_count_includes_what_other_processes_finished(library: Libra
     import os
     import time
 
-    from crossinit_cli.commands.batch import _Overall
+    from crossinit_cli.batches import _Overall
     from crossinit_cli.store import Identity
 
     old = np.ones((2, 32), np.float32)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from crossinit_cli import crossinit, memory, train
-from crossinit_cli.commands.batch import BatchEntry, read_manifest
+from crossinit_cli.batches import BatchEntry, read_manifest
 from crossinit_cli.devices import Placement, load_pipeline
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
@@ -200,7 +200,7 @@ def test_a_batch_manifest_takes_a_micro_batch_column(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"")
     manifest = tmp_path / "people.csv"
     manifest.write_text("name,photos,micro_batch\nalice,a.jpg,2\nbob,a.jpg,\n")
-    defaults = BatchEntry("-", [], "fast", None, None, None, None, 0, True, micro_batch=4)
+    defaults = BatchEntry(mode="fast", seed=0, align=True, micro_batch=4)
     assert [j.micro_batch for j in read_manifest(manifest, defaults)] == [2, 4]
     manifest.write_text("name,photos,micro_batch\nalice,a.jpg,0\n")
     with pytest.raises(CrossinitError, match="people.csv:2: micro_batch must be at least 1, not 0"):

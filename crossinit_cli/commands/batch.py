@@ -1,447 +1,101 @@
-"""`learn --batch MANIFEST`: many identities, spread over the processes of an `accelerate launch` run.
+"""`learn --batch MANIFEST`: batches.learn_batch as a person sees it (docs/batch.md).
 
-A manifest is a CSV file (one identity a row) or a folder of folders (one identity a subfolder, named
-for it, holding its photos). accelerate's process state hands each process its share of the rows
-(`split_between_processes`); each process loads the model once and learns its identities one at a
-time, writing each into the shared library as it finishes (the library's lock makes that safe). The
-processes may be on several machines (`--num_machines`, one library folder they all see; docs/batch.md).
-Without `accelerate launch` there is one process, which learns them all.
-
-CSV columns: `name` and `photos` (required; photos separated by `;`, each a file or a folder, relative
-to the CSV's folder), and optionally `mode` (fast/full), `steps`, `lr`, `batch_size`, `reg_weight`,
-`seed`, `align` (true/false), `clip_skip`, `micro_batch` overriding the command line's values for that row.
+This module only presents: the plan line, one bar over the batch's identities (main process, terminal
+only), a line per identity as each process finishes it, the table (or `--json`) and the exit status.
 """
 
 from __future__ import annotations
 
-import csv
-import os
-import re
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
-from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
-from crossinit_cli import ui
-from crossinit_cli.commands.common import EXIT_PARTIAL
-from crossinit_cli.errors import CrossinitError, library_text
-from crossinit_cli.store import Library, name_key, validate_name
-
-if TYPE_CHECKING:
-    from crossinit_cli.config import RunOptions
-
-COLUMNS = (
-    "name",
-    "photos",
-    "mode",
-    "steps",
-    "lr",
-    "batch_size",
-    "reg_weight",
-    "seed",
-    "align",
-    "clip_skip",
-    "micro_batch",
-)
-_TRUE = {"1", "true", "yes", "y", "on"}
-_FALSE = {"0", "false", "no", "n", "off", ""}
-# How long a process that has finished its share waits for the others at the batch's end (where the
-# summary is gathered). torch's default, 30 minutes, ended every process of a batch whose shares differ by
-# more than that (one identity in full mode left on a slower machine): the finished ones crashed waiting.
-WAIT_FOR_OTHERS = timedelta(days=7)
+from crossinit_cli import batches, ui
+from crossinit_cli.batches import BatchHooks, BatchRequest, BatchResult, Outcome, Plan
+from crossinit_cli.commands.common import EXIT_PARTIAL, stderr_progress
+from crossinit_cli.learning import LearnHooks
+from crossinit_cli.store import Library
 
 
-@dataclass
-class BatchEntry:
-    """One identity to learn, with its settings."""
-
-    name: str
-    photos: list[Path]
-    mode: str
-    steps: int | None
-    lr: float | None
-    batch_size: int | None
-    reg_weight: float | None
-    seed: int
-    align: bool
-    clip_skip: int = 1
-    micro_batch: int | None = None  # images through the UNet at once (None: what fits in the free memory)
-
-
-@dataclass
-class Outcome:
-    name: str
-    status: str  # learned, skipped, failed
-    detail: str = ""
-    seconds: float = 0.0
-    final_loss: float | None = None
-    process: int = 0
-
-
-def read_manifest(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
-    """The jobs of a CSV manifest or a folder of folders; every row checked before anything runs."""
-    path = Path(path)
-    if path.is_dir():
-        folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not folders:
-            raise CrossinitError(f"{path} has no subfolders; a batch folder holds one folder of photos per identity")
-        jobs = [_job(defaults, name=f.name, photos=[f]) for f in folders]
-    elif path.is_file():
-        jobs = _read_csv(path, defaults)
-    else:
-        raise CrossinitError(f"{path}: no such manifest file or folder")
-    seen: dict[str, str] = {}
-    for job in jobs:
-        key = name_key(job.name)
-        if key in seen:
-            raise CrossinitError(f"{path}: identity {job.name!r} appears twice (also as {seen[key]!r})")
-        seen[key] = job.name
-    return jobs
-
-
-def _read_csv(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
-            fields = set(rows[0]) if rows else set()
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise CrossinitError(f"cannot read manifest {path}: {library_text(exc)}") from None
-    if not rows:
-        raise CrossinitError(f"{path} has no rows; expected a header with name,photos and one row per identity")
-    missing = {"name", "photos"} - fields
-    unknown = fields - set(COLUMNS)
-    if missing or unknown:
-        raise CrossinitError(
-            f"{path}: "
-            + (f"missing column(s) {', '.join(sorted(missing))}" if missing else "")
-            + ("; " if missing and unknown else "")
-            + (f"unknown column(s) {', '.join(sorted(unknown))}" if unknown else "")
-            + f" (columns: {', '.join(COLUMNS)})"
-        )
-    jobs = []
-    for number, row in enumerate(rows, start=2):
-        where = f"{path}:{number}"
-        try:
-            photos = [path.parent / p.strip() for p in (row.get("photos") or "").split(";") if p.strip()]
-            if not photos:
-                raise ValueError("no photos")
-            jobs.append(
-                _job(
-                    defaults,
-                    name=(row.get("name") or "").strip(),
-                    photos=photos,
-                    mode=_text(row, "mode"),
-                    steps=_number(row, "steps", int),
-                    lr=_number(row, "lr", float),
-                    batch_size=_number(row, "batch_size", int),
-                    reg_weight=_number(row, "reg_weight", float),
-                    seed=_number(row, "seed", int),
-                    align=_flag(row, "align"),
-                    clip_skip=_number(row, "clip_skip", int),
-                    micro_batch=_number(row, "micro_batch", int),
-                )
-            )
-        except (ValueError, CrossinitError) as exc:
-            raise CrossinitError(f"{where}: {exc}") from None
-    return jobs
-
-
-def _text(row: dict[str, Any], key: str) -> str | None:
-    value = (row.get(key) or "").strip()
-    return value or None
-
-
-def _number(row: dict[str, Any], key: str, kind: type) -> Any:
-    value = _text(row, key)
-    if value is None:
-        return None
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"{key} must be a number, not {value!r}") from None
-
-
-def _flag(row: dict[str, Any], key: str) -> bool | None:
-    value = (row.get(key) or "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return None if value == "" else False
-    raise ValueError(f"{key} must be true or false, not {value!r}")
-
-
-def _job(defaults: BatchEntry, **values: Any) -> BatchEntry:
-    merged = {**asdict(defaults), **{k: v for k, v in values.items() if v is not None}}
-    merged["name"] = validate_name(merged["name"])
-    if merged["mode"] not in ("fast", "full"):
-        raise CrossinitError(f"mode must be fast or full, not {merged['mode']!r}")
-    if merged["clip_skip"] < 1:
-        raise CrossinitError(f"clip_skip must be 1 (the last layer) or more, not {merged['clip_skip']}")
-    if merged["micro_batch"] is not None and merged["micro_batch"] < 1:
-        raise CrossinitError(f"micro_batch must be at least 1, not {merged['micro_batch']}")
-    return BatchEntry(**merged)
-
-
-def _checked_manifest(manifest: Path, defaults: BatchEntry, model_id: str) -> list[BatchEntry]:
-    """The manifest's jobs, each clip skip checked against the model's configs: SDXL with a clip skip is one
-    line before any model load."""
-    from crossinit_cli.commands.learn import check_peeked_clip_skip
-
-    jobs = read_manifest(manifest, defaults)
-    for clip_skip in sorted({job.clip_skip for job in jobs}):
-        check_peeked_clip_skip(model_id, clip_skip)
-    return jobs
-
-
-def learn_batch(
-    library: Library,
-    manifest: Path,
-    *,
-    defaults: BatchEntry,
-    run: RunOptions,
-    force: bool,
-    strict: bool = False,
-) -> int:
+def learn_batch(library: Library, request: BatchRequest, *, quiet: bool = False, as_json: bool = False) -> int:
     """`learn --batch MANIFEST`: every identity of the manifest not yet stored, spread over the processes
     of `accelerate launch`, one model load per process."""
-    from crossinit_cli import devices
-
-    jobs = _checked_manifest(manifest, defaults, run.model)
-    quiet, model_id = run.quiet, run.model
-    placement = devices.resolve(run.device, run.dtype, training=True)
-    state = _process_state(cpu=placement.device == "cpu")
-    main = state.is_main_process
-    todo, skipped = _to_learn(library, jobs, force)
-    # Every process must agree on the list before any of them adds to the library.
-    with _with_the_others(state):
-        state.wait_for_everyone()
-    if main and not quiet:
-        ui.info(
-            f"{len(todo)} identit{'y' if len(todo) == 1 else 'ies'} to learn over {state.num_processes} "
-            f"process{'es' if state.num_processes != 1 else ''}; {len(skipped)} already present"
-        )
-
-    outcomes: list[Outcome] = []
-    learner = _Learner(library, model_id, placement, force, strict)
-    show = main and not quiet and ui.err().is_terminal
-    progress = _Overall(library, [name_key(j.name) for j in todo])
-    with state.split_between_processes(todo) as mine, _overall_bar(show, len(todo)) as bar:
-        for job in mine:
-            bar.begin(job.name)
-            outcome = learner.learn(job)
-            outcome.process = state.process_index
-            outcomes.append(outcome)
-            bar.done(progress.finished(failed=outcome.status == "failed"))
-            if not quiet:
-                ui.info(
-                    f"[{state.process_index}] {escape(job.name)}: {outcome.status} {escape(outcome.detail)}".rstrip()
-                )
-
-    with _with_the_others(state):
-        results = _all_outcomes(state, jobs, skipped, outcomes)
-    failed = sum(r["status"] == "failed" for r in results)
-    code = 1 if failed and failed == len(results) else EXIT_PARTIAL if failed else 0
-    if main:
-        _report(results, as_json=run.as_json)
-        if failed:  # the summary line (and for all failed, exit 1 as for one identity)
-            ui.warn(f"{failed} of {len(results)} identities failed (exit status {code}; see the table for each)")
-    with _with_the_others(state):
-        state.wait_for_everyone()
-    return code
-
-
-def _process_state(*, cpu: bool) -> Any:
-    """accelerate's state of this process (its index, how many there are), in the process group that
-    `accelerate launch` set up, if any: one machine's processes or several machines'."""
-    from accelerate import PartialState
-
-    # accelerate forms a CPU process group (gloo) only when told the processes run on the CPU. The
-    # timeout is every collective's, the last one included: the wait of a process that finished early.
-    state = PartialState(cpu=cpu, timeout=WAIT_FOR_OTHERS)
-    if state.num_processes == 1 and _launched_for_several():
-        raise CrossinitError(
-            "accelerate launch --cpu started this process alone, in no process group with the others it was "
-            "launched with (that takes mpirun), so each would learn the whole batch; launch with --multi_gpu "
-            "instead (on a machine without GPUs its processes run on the CPU), or run crossinit without it"
-        )
-    if state.num_processes > 1 and state.device.type == "cuda":
-        import torch
-
-        torch.cuda.set_device(state.device)  # one GPU per process, as accelerate assigned them
-    return state
-
-
-def _launched_for_several() -> bool:
-    """Whether `accelerate launch --cpu` meant this process as one of several: for more than one process or
-    machine it sets the main process's address (MASTER_ADDR), but without mpirun no group forms (a launch
-    through torchrun, --multi_gpu, sets WORLD_SIZE)."""
-    env = os.environ
-    return env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
-
-
-@contextmanager
-def _with_the_others(state: Any) -> Iterator[None]:
-    """A step all the batch's processes take together. One of them gone (killed, its machine down) or
-    hung past WAIT_FOR_OTHERS is a one-line error here, not torch's traceback."""
-    try:
-        yield
-    except RuntimeError as exc:  # what gloo and NCCL raise (torch.distributed.DistError among them)
-        if state.num_processes == 1:
-            raise
-        # gloo starts its messages with its source file ("[.../pair.cc:553] Connection closed by peer ...").
-        said = re.sub(r"^\[[^\]]*\]\s*", "", library_text(exc, 400)).split(". ")[0]
-        raise CrossinitError(
-            f"another process of this batch stopped or stopped answering ({said}); every identity finished "
-            "is in the library: run the same command again on every machine to learn the rest"
-        ) from None
-
-
-def _to_learn(library: Library, jobs: list[BatchEntry], force: bool) -> tuple[list[BatchEntry], list[Outcome]]:
-    """The jobs to learn, and the outcomes of those skipped because their identity is already there."""
-    skipped = [
-        Outcome(j.name, "skipped", "already in the library") for j in jobs if not force and library.exists(j.name)
-    ]
-    todo = [j for j in jobs if force or not library.exists(j.name)]
-    return todo, skipped
-
-
-def _all_outcomes(
-    state: Any, jobs: list[BatchEntry], skipped: list[Outcome], outcomes: list[Outcome]
-) -> list[dict[str, Any]]:
-    """Every process's outcomes (gathered when there are several), skipped ones first, then in manifest order."""
-    from accelerate.utils import gather_object
-
-    everything = (
-        gather_object([asdict(o) for o in outcomes]) if state.num_processes > 1 else [asdict(o) for o in outcomes]
+    shown = _Shown(quiet, as_json)
+    hooks = BatchHooks(
+        learning=shown.learning,
+        on_begin=shown.begin,
+        on_outcome=shown.outcome,
+        on_results=shown.results,
+        identity=LearnHooks(on_warning=ui.warn, on_phase=ui.timing),
     )
-    return [asdict(o) for o in skipped] + sorted(everything, key=lambda o: [j.name for j in jobs].index(o["name"]))
+    result = batches.learn_batch(library, request, hooks)
+    return _exit_code(result)
 
 
-class _Learner:
-    """Learns one job after another in this process, loading the model at the first one that needs it."""
+def _exit_code(result: BatchResult) -> int:
+    """0, EXIT_PARTIAL when some identities failed, 1 when all did (as for one identity)."""
+    failed = result.failed
+    return 1 if failed and failed == len(result.results) else EXIT_PARTIAL if failed else 0
 
-    def __init__(self, library: Library, model: str, placement: Any, force: bool, strict: bool = False) -> None:
-        self.library, self.model, self.placement, self.force = library, model, placement, force
-        self.strict = strict  # an identity whose photos look like different people fails, instead of a warning
-        self.trainer: Any = None
 
-    def learn(self, job: BatchEntry) -> Outcome:
-        """Learn and store `job`'s identity; a mistake in it is its outcome, not the batch's end."""
-        from crossinit_cli import faces
-        from crossinit_cli.commands.learn import (
-            ALIGN_SIZE,
-            SNAPSHOT_EVERY,
-            LearnJob,
-            check_photos,
-            load_trainer,
-            report_photos,
-            train_and_store,
-        )
-        from crossinit_cli.train import TrainConfig
+@dataclass
+class _Shown:
+    """What this process shows of its share, and the main process of the whole batch."""
 
-        started = time.perf_counter()
-        try:
-            train_config = TrainConfig.for_mode(
-                job.mode,
-                steps=job.steps,
-                lr=job.lr,
-                batch_size=job.batch_size,
-                reg_weight=job.reg_weight,
-                seed=job.seed,
-                clip_skip=job.clip_skip,
+    quiet: bool
+    as_json: bool
+    bar: Any = None  # the overall bar (rich Progress), on the main process's terminal
+    task: Any = None
+    process: int = 0
+
+    @contextmanager
+    def learning(self, plan: Plan) -> Iterator[None]:
+        """The plan line, then one bar over the identities (with an ETA) for this process's share: with several
+        processes its count includes what the others finished (batches._Overall), so the ETA is the batch's."""
+        self.process = plan.process
+        if plan.main and not self.quiet:
+            ui.info(
+                f"{plan.todo} identit{'y' if plan.todo == 1 else 'ies'} to learn over {plan.processes} "
+                f"process{'es' if plan.processes != 1 else ''}; {plan.skipped} already present"
             )
-            gathered = faces.gather_photos(job.photos)
-            paths = gathered.photos
-            crops = faces.align_faces(paths, ALIGN_SIZE, align=job.align, warn=ui.warn)
-            report_photos(gathered, check_photos(crops, align=job.align, strict=self.strict), quiet=True)
-            if self.trainer is None:
-                self.trainer = load_trainer(self.library, self.model, self.placement, quiet=True)
-            entry = LearnJob(
-                name=job.name,
-                paths=paths,
-                crops=crops,
-                train_config=train_config,
-                mode=job.mode,
-                align=job.align,
-                force=self.force,
-                quiet=True,
-                snapshot_every=SNAPSHOT_EVERY[job.mode],
-                micro_batch=job.micro_batch,
-            )
-            _, result = train_and_store(self.library, self.trainer, entry)
-            return Outcome(job.name, "learned", "", time.perf_counter() - started, result.final_loss)
-        except CrossinitError as exc:
-            return Outcome(job.name, "failed", str(exc), time.perf_counter() - started)
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-
-class _IdentitiesBar:
-    """One bar over the identities (with an ETA), on stderr; `--json` keeps stdout to itself."""
-
-    def __init__(self, progress: Any = None, task: Any = None) -> None:
-        self.progress, self.task = progress, task
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("identities"))
+        columns += (TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+        bar = stderr_progress(not plan.main or self.quiet or plan.todo == 0, *columns, transient=True)
+        if bar is None:
+            yield
+            return
+        with bar:
+            self.bar, self.task = bar, bar.add_task("learning", total=plan.todo)
+            try:
+                yield
+            finally:
+                self.bar = None
 
     def begin(self, name: str) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, description=f"learning {escape(name)}")
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"learning {escape(name)}")
 
-    def done(self, finished: int) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=finished)
+    def outcome(self, outcome: Outcome, finished: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=finished)
+        if not self.quiet:
+            ui.info(f"[{self.process}] {escape(outcome.name)}: {outcome.status} {escape(outcome.detail)}".rstrip())
 
-
-class _Overall:
-    """How many of the batch's identities are finished, by every process: those learned are in the library
-    with a folder written since the batch began (each process adds its own as it finishes them), plus the
-    ones this process saw fail. Read by the main process after each of its own identities."""
-
-    def __init__(self, library: Library, keys: list[str]) -> None:
-        self.entries, self.keys = library.entries, keys
-        self.since = time.time_ns() - 1_000_000_000  # file times can lag the clock by a tick
-        self.failed = 0
-
-    def finished(self, *, failed: bool) -> int:
-        self.failed += failed
-        learned = 0
-        for key in self.keys:
-            with suppress(OSError):  # not there (yet): not learned
-                learned += os.stat(self.entries / key).st_mtime_ns >= self.since
-        return min(learned + self.failed, len(self.keys))
-
-
-@contextmanager
-def _overall_bar(show: bool, total: int) -> Iterator[_IdentitiesBar]:
-    """The whole batch's progress, shown by the main process: with several processes the count includes
-    what the others finished (see _Overall), so the ETA is the batch's."""
-    if not show or total == 0:
-        yield _IdentitiesBar()
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    label = "identities"
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(label),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=ui.err(), transient=True) as progress:
-        yield _IdentitiesBar(progress, progress.add_task("learning", total=total))
+    def results(self, result: BatchResult) -> None:
+        """The main process's table (or --json), and for failures the summary line."""
+        _report(result.results, as_json=self.as_json)
+        if result.failed:  # the summary line (and for all failed, exit 1 as for one identity)
+            code = _exit_code(result)
+            ui.warn(
+                f"{result.failed} of {len(result.results)} identities failed (exit status {code}; see the table "
+                "for each)"
+            )
 
 
 def _report(results: list[dict[str, Any]], *, as_json: bool) -> None:

@@ -1,218 +1,48 @@
-"""`learn`: photos of a face in, a stored identity out (faces -> cross init -> training -> library).
+"""`learn` and `learn --resume`: the learning session (learning.py) as a person sees it on a terminal.
 
-Everything a user can get wrong (name, settings, photos) is checked before the model is loaded, so a
-mistake costs a second, not a model load. The library is written once, at the end, atomically: Ctrl-C
-or a crash at any point leaves it as it was.
+This module only presents: it hands learning.py hooks that print (the photos used, the spinner while the
+model loads, the progress bar, --verbose's times), then prints the result (or `--json`'s record).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from crossinit_cli import ui
+from crossinit_cli import learning, ui
 from crossinit_cli.commands.common import stderr_progress
-from crossinit_cli.config import model_reference
-from crossinit_cli.devices import check_model_reference
-from crossinit_cli.errors import CrossinitError
-from crossinit_cli.store import Identity, Library, validate_name
+from crossinit_cli.learning import LearnHooks, LearnRequest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from crossinit_cli import faces
-    from crossinit_cli.config import RunOptions
-    from crossinit_cli.devices import Placement
-    from crossinit_cli.faces import FaceCrop
-    from crossinit_cli.families import SizeCondition
     from crossinit_cli.memory import MicroBatch
-    from crossinit_cli.train import Progress, TrainConfig, TrainResult
-
-SNAPSHOT_EVERY = {"full": 40, "fast": None}
-"""`--snapshot-every` by mode: full mode keeps 8 points of its 320 steps; fast mode's 25 steps, none."""
-ALIGN_SIZE = 512
-"""Photos are checked and aligned at SD's native size before the model is loaded; a model of another size
-gets them cut again at its own from the same landmarks (FaceCrop.at_size), with no second detection."""
-
-
-@dataclass(frozen=True)
-class LearnRequest:
-    """What `crossinit learn PHOTOS` asked for; None takes the mode's or the configuration's default."""
-
-    name: str | None
-    mode: str
-    steps: int | None
-    lr: float | None
-    batch_size: int | None
-    reg_weight: float | None
-    seed: int
-    force: bool
-    align: bool
-    run: RunOptions  # model, device, dtype, quiet, --json: merged with the saved config by the CLI
-    resolution: int | None = None
-    snapshot_every: int | None = None
-    strict: bool = False  # refuse photos whose faces look like different people, instead of warning
-    clip_skip: int = 1  # the text-encoder layer the identity is learned at (A1111's Clip skip; SD 1.x/2.x)
-    micro_batch: int | None = None  # images through the UNet at once (None: what fits); not part of the result
-
-
-def learn(library: Library, photos: list[Path], request: LearnRequest) -> int:
-    """`learn PHOTOS`: cheap checks (name, settings, photos, model reference), then the model, then
-    training and the one library write."""
-    from crossinit_cli import faces
-
-    run = request.run
-    name = _identity_name(request.name, photos)
-    _check_name_free(library, name, request.force)
-    snapshot_every = _snapshot_every(request.snapshot_every, request.mode)
-    train_config = _train_config(request)
-    model_id = run.model
-    gathered = faces.gather_photos(photos)
-    paths = gathered.photos
-    with ui.timed("face detection and alignment"):
-        crops = faces.align_faces(paths, ALIGN_SIZE, align=request.align, warn=ui.warn)
-    odd_faces = check_photos(crops, align=request.align, strict=request.strict)
-    # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
-    check_model_reference(model_id)
-    check_peeked_clip_skip(model_id, train_config.clip_skip)  # SD3, Flux, SDXL with a clip skip...: before loading
-    report_photos(gathered, odd_faces, quiet=run.quiet)
-
-    # ---- the model, then training and the one write ---------------------------------------------------
-    from crossinit_cli import devices
-
-    with ui.timed("imports"):
-        devices.import_for_training()
-    placement = devices.resolve(run.device, run.dtype, training=True)
-    trainer = load_trainer(library, model_id, placement, quiet=run.quiet, clip_skip=train_config.clip_skip)
-    job = LearnJob(name, paths, crops, train_config, request.mode, request.align, request.force, run.quiet)
-    job = replace(job, snapshot_every=snapshot_every, resumable=True, micro_batch=request.micro_batch)
-    target, result = train_and_store(library, trainer, job)
-    report_fixed_cost(result)
-    # generate runs on the identity's own model unless a configured one wins (config.identities_model).
-    hint_model = run.model if run.configured_model not in (None, run.model) else None
-    _report(library, name, result, target, model=hint_model, quiet=run.quiet, as_json=run.as_json)
-    return 0
-
-
-def check_peeked_clip_skip(model_id: str, clip_skip: int) -> None:
-    """Refuse a model of an unsupported kind, or a clip skip its family or text encoder cannot take, from
-    its configs alone (families.peek), before anything heavy is imported."""
-    from crossinit_cli import families
-
-    peeked = families.peek(model_id)
-    if peeked is not None:
-        families.check_clip_skip(peeked.family, clip_skip, peeked.layers)
-
-
-def report_fixed_cost(result: TrainResult) -> None:
-    """With --verbose: the whole command's time, and its fixed cost (all but the training steps: Python's
-    imports, the model load, faces, the cross init, the VAE encodes, the write), which no --steps changes;
-    also in CPU time since the process started, which other work on a shared machine barely changes."""
-    import os
-
-    total = ui.elapsed()
-    ui.timing("total", total)
-    ui.timing(f"fixed cost (all but the {result.steps_run} training steps)", total - result.steps_s)
-    used = os.times()
-    ui.timing("fixed cost in CPU time", used.user + used.system - result.steps_cpu_s)
-
+    from crossinit_cli.store import Library
+    from crossinit_cli.train import TrainResult
 
 PHOTOS_LISTED = 8
 """How many photo names the "using N photos" line shows before "and N more"."""
 
 
-def check_photos(crops: list[FaceCrop], *, align: bool, strict: bool) -> str | None:
-    """Compare the photos' faces: the warning to give about photos that look like someone else (None: they
-    look alike), or with `strict` a CrossinitError. With --no-align no detector runs, so there are no faces
-    to compare; one photo needs no comparison (and no descriptor)."""
-    from crossinit_cli import faces
-
-    if not align:
-        return None
-    with ui.timed("face comparison"):
-        odd = faces.odd_faces(crops)
-    if not odd:
-        return None
-    message = _odd_message(odd, len(crops))
-    if strict:
-        raise CrossinitError(f"{message}; nothing stored (leave it out, or learn without --strict)")
-    return f"{message}; learning from every photo anyway (--strict refuses)"
-
-
-def report_photos(gathered: faces.Gathered, warning: str | None, *, quiet: bool) -> None:
-    """Which photos are used and which files were skipped (and why), then `check_photos`' warning. Said once
-    every cheap check has passed: until then stderr holds nothing but the one-line error."""
-    if not quiet:
-        ui.info(escape(_listed("using", gathered.photos, [])))
-        if gathered.skipped:
-            ui.info(escape(_listed("skipped", [p for p, _ in gathered.skipped], [why for _, why in gathered.skipped])))
-    if warning:
-        ui.warn(warning)
-
-
-def _listed(verb: str, paths: list[Path], reasons: list[str]) -> str:
-    """`using 3 photos: a.jpg, b.jpg, c.jpg` (`skipped 1 file: notes.txt (not a photo: .txt)`), shortened."""
-    kind = "photo" if verb == "using" else "file"
-    shown = [f"{p} ({why})" if reasons else str(p) for p, why in zip(paths, reasons or paths)]
-    more = len(shown) - PHOTOS_LISTED
-    listing = ", ".join(shown[:PHOTOS_LISTED]) + (f", and {more} more" if more > 0 else "")
-    return f"{verb} {len(paths)} {kind}{'s' if len(paths) != 1 else ''}: {listing}"
-
-
-def _odd_message(odd: list[faces.OddFace], photos: int) -> str:
-    """One line naming the photos that look like someone else, with their face distance."""
-    from crossinit_cli.faces import SAME_PERSON_DISTANCE
-
-    threshold = f"the same person is usually under {SAME_PERSON_DISTANCE:g}"
-    if photos == 2 and len(odd) == 2:
-        pair = f"{odd[0].photo} and {odd[1].photo}"
-        return f"{pair} do not look like the same person (face distance {odd[0].distance:.2f}; {threshold})"
-    named = ", ".join(f"{o.photo} ({o.distance:.2f})" for o in odd)
-    if len(odd) == photos:
-        return f"the photos look like different people: {named} (median face distance to the others; {threshold})"
-    if len(odd) == 1:
-        return (
-            f"{odd[0].photo} does not look like the other photos (median face distance {odd[0].distance:.2f} "
-            f"to them; {threshold})"
-        )
-    return f"{named} do not look like the other photos (median face distance to them; {threshold})"
-
-
-def _check_name_free(library: Library, name: str, force: bool) -> None:
-    """Without --force, neither a stored identity nor an unfinished run may already have the name."""
-    from crossinit_cli import checkpoint
-
-    if library.exists(name) and not force:
-        raise CrossinitError(f"identity {name!r} already exists; pass --force to replace it, or --name")
-    unfinished = checkpoint.find(library.home, name)
-    if unfinished is not None and not force:
-        raise CrossinitError(
-            f"{name!r} has an unfinished run (step {unfinished.step} of {unfinished.steps}); continue it with "
-            f"`crossinit learn --resume {name}`, or pass --force to start over"
-        )
-
-
-def _train_config(request: LearnRequest) -> TrainConfig:
-    from crossinit_cli.train import TrainConfig
-
-    lr = request.lr
-    if lr is not None and not lr > 0:
-        raise CrossinitError(f"--lr must be a positive number, not {lr:g}")
-    return TrainConfig.for_mode(
-        request.mode,
-        steps=request.steps,
-        lr=lr,
-        batch_size=request.batch_size,
-        reg_weight=request.reg_weight,
-        seed=request.seed,
-        resolution=request.resolution,
-        clip_skip=request.clip_skip,
-    )
+def learn(
+    library: Library,
+    photos: list[Path],
+    request: LearnRequest,
+    *,
+    quiet: bool,
+    as_json: bool,
+    configured_model: str | None = None,
+) -> int:
+    """`learn PHOTOS`: learning.learn_identity, shown."""
+    learned = learning.learn_identity(library, photos, request, session_hooks(quiet))
+    # generate runs on the identity's own model unless a configured one wins (config.identities_model).
+    hint_model = request.model if configured_model not in (None, request.model) else None
+    _report(library, learned, model=hint_model, quiet=quiet, as_json=as_json)
+    return 0
 
 
 def resume_identity(
@@ -224,73 +54,87 @@ def resume_identity(
     configured_model: str | None = None,
     micro_batch: int | None = None,
 ) -> int:
-    """`learn --resume NAME`: continue an interrupted run from its checkpoint, with its own settings (the
-    micro-batch is chosen again: it changes how much memory a step takes, not the result)."""
-    from crossinit_cli import checkpoint, devices
-    from crossinit_cli.train import TrainConfig
-
-    run = checkpoint.find(library.home, name)
-    if run is None:
-        raise CrossinitError(f"no unfinished run of {name!r}; `crossinit list` shows unfinished runs")
-    saved = run.settings
-    name = saved["name"]
-    if library.exists(name) and not saved.get("force"):
-        raise CrossinitError(f"identity {name!r} already exists; `crossinit remove {name}` first, or learn --force")
-    state = run.load_state()
-    crops = run.crops()
-    model_id = saved["model"]
-    check_model_reference(model_id)
-    placement = devices.resolve(saved["device"], saved["dtype"], training=True)
-    if saved.get("dtype_reason"):  # the run's own precision continues, chosen for the reason it was then
-        placement = replace(placement, dtype_reason=saved["dtype_reason"])
-    if placement.device != saved["placed_on"]:
-        ui.warn(
-            f"the run started on {saved['placed_on']} and continues on {placement.device}: the result will not "
-            "equal an uninterrupted run bit for bit"
-        )
-    clip_skip = int(saved["train"].get("clip_skip", 1))  # runs checkpointed before clip skip existed: 1
-    trainer = load_trainer(library, model_id, placement, quiet=quiet, clip_skip=clip_skip)
-    size = saved["train"].get("resolution") or trainer.resolution
-    if crops[0].size != (size, size):
-        raise CrossinitError(f"the checkpoint of {name!r} was made for another model size; start over with learn")
-    if not quiet:
-        ui.info(f"resuming [bold]{escape(name)}[/] at step {state['step'] if state else 0} of {run.steps}")
-    job = LearnJob(
-        name=name,
-        paths=[Path(p) for p in saved["photos"]],
-        crops=crops,
-        train_config=TrainConfig(**{**saved["train"], "adam_betas": tuple(saved["train"]["adam_betas"])}),
-        mode=saved["mode"],
-        align=saved["align"],
-        force=bool(saved.get("force")),
-        quiet=quiet,
-        snapshot_every=saved.get("snapshot_every"),
-        resumable=True,
-        resume=(run, state),
-        micro_batch=micro_batch,
-    )
-    target, result = train_and_store(library, trainer, job)
-    report_fixed_cost(result)
-    hint_model = model_id if configured_model not in (None, model_id) else None  # as in learn
-    _report(library, name, result, target, model=hint_model, quiet=quiet, as_json=as_json)
+    """`learn --resume NAME`: learning.resume, shown."""
+    learned = learning.resume(library, name, micro_batch=micro_batch, hooks=session_hooks(quiet))
+    hint_model = learned.model if configured_model not in (None, learned.model) else None  # as in learn
+    _report(library, learned, model=hint_model, quiet=quiet, as_json=as_json)
     return 0
 
 
-def _snapshot_every(given: int | None, mode: str) -> int | None:
-    if given is None:
-        return SNAPSHOT_EVERY[mode]
-    if given < 0:
-        raise CrossinitError(f"--snapshot-every must be 0 (none) or a number of steps, not {given}")
-    return given or None
+def session_hooks(quiet: bool) -> LearnHooks:
+    """What `learn` shows of a session: everything but warnings and --verbose's times goes with --quiet."""
+    if quiet:
+        return LearnHooks(on_warning=ui.warn, on_phase=_Shown(quiet).phase_done)
+    shown = _Shown(quiet)
+    return LearnHooks(
+        on_progress=shown.progress,
+        on_warning=ui.warn,
+        on_photos=report_photos,
+        on_start=_announce,
+        on_micro_batch=_micro_batch_note,
+        on_phase_start=shown.phase_started,
+        on_phase=shown.phase_done,
+        loading=_loading,
+    )
 
 
-def _report(
-    library: Library, name: str, result: TrainResult, target: Path, *, model: str | None, quiet: bool, as_json: bool
-) -> None:
+def report_fixed_cost(result: TrainResult) -> None:
+    """With --verbose: the whole command's time, and its fixed cost (learning.FixedCost)."""
+    cost = learning.fixed_cost(result, ui.elapsed())
+    ui.timing("total", cost.total_s)
+    ui.timing(f"fixed cost (all but the {result.steps_run} training steps)", cost.fixed_s)
+    ui.timing("fixed cost in CPU time", cost.fixed_cpu_s)
+
+
+def report_photos(gathered: faces.Gathered) -> None:
+    """Which photos are used and which files were skipped (and why). Said once every cheap check has passed:
+    until then stderr holds nothing but the one-line error."""
+    ui.info(escape(_listed("using", gathered.photos, [])))
+    if gathered.skipped:
+        ui.info(escape(_listed("skipped", [p for p, _ in gathered.skipped], [why for _, why in gathered.skipped])))
+
+
+def _listed(verb: str, paths: list[Path], reasons: list[str]) -> str:
+    """`using 3 photos: a.jpg, b.jpg, c.jpg` (`skipped 1 file: notes.txt (not a photo: .txt)`), shortened."""
+    kind = "photo" if verb == "using" else "file"
+    shown = [f"{p} ({why})" if reasons else str(p) for p, why in zip(paths, reasons or paths)]
+    more = len(shown) - PHOTOS_LISTED
+    listing = ", ".join(shown[:PHOTOS_LISTED]) + (f", and {more} more" if more > 0 else "")
+    return f"{verb} {len(paths)} {kind}{'s' if len(paths) != 1 else ''}: {listing}"
+
+
+def _announce(start: learning.Start) -> None:
+    if start.resumed_at is not None:
+        ui.info(f"resuming [bold]{escape(start.name)}[/] at step {start.resumed_at} of {start.steps}")
+    ui.info(
+        f"learning [bold]{escape(start.name)}[/] from {start.photos} photo{'s' if start.photos != 1 else ''} on "
+        f"{start.device} ({start.dtype}), {start.family} at {start.size} px: {start.steps} "
+        f"steps, batch {start.batch_size}, lr {start.lr:g}"
+        + (f", clip skip {start.clip_skip}" if start.clip_skip > 1 else "")
+    )
+
+
+@contextmanager
+def _loading(model_id: str) -> Iterator[None]:
+    """A spinner on a terminal only: until something has worked, stderr holds nothing but an error."""
+    with ui.err().status(f"loading {escape(model_id)}", spinner="dots"):
+        yield
+
+
+def _micro_batch_note(micro: MicroBatch) -> None:
+    """Say the micro-batch before the first step: with --verbose always, otherwise when the batch is split
+    (a split step is slower on a GPU; the line says why it was needed)."""
+    if ui.Verbosity.on or micro.split:
+        ui.info(escape(micro.describe()))
+
+
+def _report(library: Library, learned: learning.Learned, *, model: str | None, quiet: bool, as_json: bool) -> None:
+    from crossinit_cli.editing import identity_record
+
+    report_fixed_cost(learned.result)
+    name, result, target = learned.identity.name, learned.result, learned.target
     if as_json:
-        from crossinit_cli.commands.library import identity_record
-
-        ui.print_json(identity_record(library, library.get(name), detail=True))
+        ui.print_json(identity_record(library, learned.identity, detail=True))
     # Kept with --quiet (which hides the progress and the hints): where the identity went is the result.
     ui.info(
         f"learned [bold]{escape(name)}[/] in {result.total_s:.1f} s "
@@ -301,308 +145,15 @@ def _report(
         ui.info(escape(f'next: crossinit generate "a photo of a <{name}> person as an astronaut" -n 4{model_flag}'))
 
 
-@dataclass
-class Trainer:
-    """A base model loaded for training once; it learns any number of identities in turn."""
-
-    model_id: str
-    pipe: Any  # devices.TrainingModel: the parts training uses, by a pipeline's names
-    placement: Placement
-    resolution: int
-    fingerprint: str
-    init: Any  # list of torch.Tensor [2, width], one per text encoder: the same for every identity of this model
-    family: Any = None  # families.Family
-    slots: Any = None  # families.slots(pipe)
-    init_clip_skip: int = 1  # the clip skip `init` was taken at
-    cache_dir: Path | None = None  # where cross inits are cached (crossinit.cross_init)
-    other_inits: dict[int, Any] = field(default_factory=dict)  # starts at other clip skips, by clip skip
-    prints: list[str] = field(default_factory=list)  # each text encoder's fingerprint: the init cache's key
-
-    @property
-    def latent_cache(self) -> Path | None:
-        """Where the crops' latents are cached (latents.py), beside the cross inits."""
-        from crossinit_cli import latents
-
-        return latents.folder(self.cache_dir.parent.parent) if self.cache_dir is not None else None
-
-    def at(self, clip_skip: int) -> Trainer:
-        """This trainer with its `init` at `clip_skip` (each computed once: a batch's rows may differ)."""
-        from crossinit_cli import crossinit, families
-
-        if clip_skip == self.init_clip_skip:
-            return self
-        if clip_skip not in self.other_inits:
-            families.check_clip_skip(self.family, clip_skip, families.text_layers(self.slots[0].text_encoder))
-            prints = self.prints or None  # hashing a 200 MB token table again is seconds per encoder
-            self.other_inits[clip_skip] = crossinit.cross_init_slots(self.slots, self.cache_dir, clip_skip, prints)
-        return replace(self, init=self.other_inits[clip_skip], init_clip_skip=clip_skip)
-
-
-def load_trainer(library: Library, model_id: str, placement: Placement, *, quiet: bool, clip_skip: int = 1) -> Trainer:
-    """Load the model's training parts (devices.load_for_training) and compute (or read) its cross init at
-    `clip_skip`."""
-    from crossinit_cli import crossinit, devices, families, hf, train
-
-    hf.silence_libraries()  # for the whole run: the model stays loaded while it trains
-    # A spinner on a terminal only: until something has worked, stderr holds nothing but an error.
-    with ui.err().status(f"loading {escape(model_id)}", spinner="dots") if not quiet else contextlib.nullcontext():
-        with ui.timed("model load"):
-            parts = devices.load_for_training(model_id, placement)
-        family = parts.family
-        slots = families.slots(parts, family)
-        families.check_clip_skip(family, clip_skip, families.text_layers(slots[0].text_encoder))
-        cache_dir = library.home / ".cache" / "init"
-        with ui.timed("cross initialization"):
-            prints = [crossinit.encoder_fingerprint(s.text_encoder) for s in slots]  # once: the init's cache key too
-            init = crossinit.cross_init_slots(slots, cache_dir, clip_skip, prints)
-    resolution = train.model_resolution(parts.unet, parts.vae)
-    fingerprint = combined_fingerprint(prints)
-    return Trainer(
-        model_id, parts, placement, resolution, fingerprint, init, family, slots, clip_skip, cache_dir, prints=prints
-    )
-
-
-def combined_fingerprint(prints: list[str]) -> str:
-    """A model's fingerprint from its text encoders' (crossinit.encoder_fingerprint; SDXL: both tables together)."""
-    import hashlib
-
-    return prints[0] if len(prints) == 1 else hashlib.sha256("+".join(prints).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class LearnJob:
-    """One identity to train on a loaded model and store (`train_and_store`).
-
-    `crops` are FaceCrops, or (with `resume`, a checkpoint.Run and its state) the run's stored images.
-    `resumable` keeps a checkpoint under the library home while it trains (see checkpoint.py)."""
-
-    name: str
-    paths: list[Path]
-    crops: list[FaceCrop]
-    train_config: TrainConfig
-    mode: str
-    align: bool
-    force: bool
-    quiet: bool
-    snapshot_every: int | None = None
-    resumable: bool = False
-    resume: tuple[Any, dict[str, Any] | None] | None = None
-    micro_batch: int | None = None  # train.run's: None picks what fits in the free memory
-
-
-def train_and_store(library: Library, trainer: Trainer, job: LearnJob) -> tuple[Path, TrainResult]:
-    """Train one identity on a loaded model and store it: the library is written once, atomically."""
-    trainer = trainer.at(job.train_config.clip_skip)  # its start at the job's clip skip
-    images = _training_images(trainer, job)
-    if not job.quiet:
-        _announce(trainer, job, len(images))
-    run, state = job.resume if job.resume is not None else (None, None)
-    sizes = _size_conditions(trainer, job)
-    if job.resumable and run is None:
-        run = _start_checkpoint(library, trainer, job, images, sizes)
-    result = _train(trainer, job, (images, sizes), run, state)
-    identity = _identity(trainer, job, result, state, sizes)
-    with ui.timed("library write"):
-        learned, init = _stored_vectors(trainer.family, result)
-        target = library.add(identity, learned, init, crops=images, force=job.force, snapshots=result.snapshots)
-    if run is not None:
-        run.discard()  # after the write: killed in between, the run is still there and the entry is whole
-    return target, result
-
-
-def _training_images(trainer: Trainer, job: LearnJob) -> list[Any]:
-    """The images to train on: the crops, cut again at the model's size from the landmarks already found
-    when it is not ALIGN_SIZE (FaceCrop.at_size: no second detection; a resumed run's stored images are
-    already at its size)."""
-    if job.resume is not None:
-        return list(job.crops)
-    size = job.train_config.resolution or trainer.resolution
-    return [c.at_size(size).image for c in job.crops]
-
-
-def _size_conditions(trainer: Trainer, job: LearnJob) -> list[SizeCondition] | None:
-    """SDXL's size and crop conditioning of each photo (`faces.FaceCrop.size_condition`); None for a family
-    without it. A resumed run takes the values it started with, from its checkpoint (a run started before
-    they were kept: none, the training size, as it began)."""
-    from crossinit_cli.families import SizeCondition
-
-    if not trainer.family.time_ids:
-        return None
-    if job.resume is not None:
-        saved = job.resume[0].settings.get("size_conditioning")
-        try:
-            sizes = None if saved is None else [SizeCondition.from_record(raw) for raw in saved]
-        except (KeyError, TypeError, ValueError):
-            sizes = []
-        if sizes is not None and len(sizes) != len(job.crops):
-            raise CrossinitError(
-                f"the checkpoint of {job.name!r} is damaged (its size conditioning); `crossinit remove {job.name}`"
-            )
-        return sizes
-    size = job.train_config.resolution or trainer.resolution
-    return [crop.size_condition(size) for crop in job.crops]
-
-
-def _announce(trainer: Trainer, job: LearnJob, photos: int) -> None:
-    config, placement = job.train_config, trainer.placement
-    size = config.resolution or trainer.resolution
-    ui.info(
-        f"learning [bold]{escape(job.name)}[/] from {photos} photo{'s' if photos != 1 else ''} on "
-        f"{placement.device} ({placement.dtype}), {trainer.family.title} at {size} px: {config.steps} "
-        f"steps, batch {config.batch_size}, lr {config.lr:g}"
-        + (f", clip skip {config.clip_skip}" if config.clip_skip > 1 else "")
-    )
-
-
-def _start_checkpoint(
-    library: Library, trainer: Trainer, job: LearnJob, images: list[Any], sizes: list[SizeCondition] | None
-) -> Any:
-    """A checkpoint.Run holding the job's settings, images and size conditions, so `learn --resume` can
-    continue it with the same."""
-    from crossinit_cli import checkpoint
-
-    placement = trainer.placement
-    settings = {
-        "name": job.name,
-        "model": trainer.model_id,
-        "device": placement.device,
-        "placed_on": placement.device,
-        "dtype": placement.dtype,
-        "dtype_reason": placement.dtype_reason,
-        "mode": job.mode,
-        "align": job.align,
-        "force": job.force,
-        "photos": [str(p) for p in job.paths],
-        "snapshot_every": job.snapshot_every,
-        "train": asdict(job.train_config),
-        **({"size_conditioning": [c.to_record() for c in sizes]} if sizes is not None else {}),
-    }
-    return checkpoint.start(library.home, settings, images)
-
-
-def _train(
-    trainer: Trainer, job: LearnJob, photos: tuple[list[Any], Any], run: Any, state: dict[str, Any] | None
-) -> TrainResult:
-    """train.run on `photos` (the images and their size conditions) with the progress display; a failed run's
-    checkpoint is dropped, a Ctrl-C'd one kept."""
-    from crossinit_cli import train
-
-    images, sizes = photos
-    parts = train.ModelParts.of_pipeline(trainer.pipe, trainer.family, trainer.slots)
-    try:
-        with ui.timed("training"), _progress_display(job.quiet) as progress:
-            save = run.save if run is not None else None
-            note = _micro_batch_note(job.quiet)
-            hooks = train.RunHooks(progress, job.snapshot_every, save, state, note, trainer.latent_cache)
-            config, placement = job.train_config, trainer.placement
-            result = train.run(
-                parts, images, trainer.init, config, placement, hooks, sizes=sizes, micro_batch=job.micro_batch
-            )
-        ui.timing("VAE encode", result.encode_s)
-        ui.timing(f"training steps ({result.steps_run})", result.steps_s)
-        return result
-    except CrossinitError:
-        if run is not None:  # diverged or out of memory: the same settings would fail the same way
-            run.discard()
-        raise
-    except KeyboardInterrupt:
-        if run is None:
-            raise
-        raise KeyboardInterrupt(
-            f"interrupted; nothing was stored, and the run is kept at step {run.step} of {job.train_config.steps}: "
-            f"continue it with `crossinit learn --resume {job.name}`"
-        ) from None
-
-
-def _micro_batch_note(quiet: bool) -> Callable[[MicroBatch], None]:
-    """Say the micro-batch before the first step: with --verbose always, otherwise when the batch is split
-    (a split step is slower on a GPU; the line says why it was needed)."""
-
-    def note(micro: MicroBatch) -> None:
-        if not quiet and (ui.Verbosity.on or micro.split):
-            ui.info(escape(micro.describe()))
-
-    return note
-
-
-def _identity(
-    trainer: Trainer,
-    job: LearnJob,
-    result: TrainResult,
-    state: dict[str, Any] | None,
-    sizes: list[SizeCondition] | None,
-) -> Identity:
-    """The identity's metadata: its model, and how it was trained (with every encoder's norms and, on SDXL,
-    each photo's size conditioning)."""
-    config = job.train_config
-    conditioned = [{"photo": p.name, **c.to_record()} for p, c in zip(job.paths, sizes)] if sizes else None
-    return Identity(
-        name=job.name,
-        tokens=int(result.learned.shape[0]),
-        width=int(result.learned.shape[1]),
-        family=trainer.family.name,
-        base_model=model_reference(trainer.model_id),
-        encoder_fingerprint=trainer.fingerprint,
-        source="learn",
-        clip_skip=config.clip_skip,
-        training={
-            "mode": job.mode,
-            "steps": config.steps,
-            "lr": config.lr,
-            "batch_size": config.batch_size,
-            "reg_weight": config.reg_weight,
-            "seed": config.seed,
-            "final_loss": round(result.final_loss, 6),
-            "per_step_s": round(result.per_step_s, 4),
-            "total_s": round(result.total_s, 3),
-            "device": result.device,
-            "dtype": result.dtype,
-            "dtype_reason": trainer.placement.dtype_reason,
-            "photos": [p.name for p in job.paths],
-            "resolution": result.resolution,
-            "aligned": job.align,
-            "norms": result.norms,
-            **({"size_conditioning": conditioned} if conditioned else {}),
-            **_micro_batch_record(result),
-            **({"resumed_at": int(state["step"])} if state else {}),
-        },
-        snapshots=[{"step": step, "loss": result.snapshot_losses[step]} for step in result.snapshots],
-    )
-
-
-def _micro_batch_record(result: TrainResult) -> dict[str, Any]:
-    """How the steps were computed, not part of the result: the micro-batch and why it was chosen."""
-    micro = result.micro_batch
-    return {} if micro is None else {"micro_batch": micro.size, "micro_batch_reason": micro.reason}
-
-
-def _stored_vectors(family: Any, result: TrainResult) -> tuple[Any, Any]:
-    """What the store keeps: one learned/init pair (SD 1.x/2.x), or one per encoder key (SDXL)."""
-    if not family.multi:
-        return result.learned, result.init
-    return {k: v[0] for k, v in result.parts.items()}, {k: v[1] for k, v in result.parts.items()}
-
-
-def _identity_name(name: str | None, photos: list[Path]) -> str:
-    if name is not None:
-        return validate_name(name)
-    if not photos:
-        raise CrossinitError("no photos given")
-    stem = Path(photos[0]).stem or Path(photos[0]).resolve().name
-    try:
-        return validate_name(stem)
-    except CrossinitError as exc:
-        raise CrossinitError(f"{exc} (taken from the photo's file name); pass --name") from None
-
-
 def _shell_quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
 
 
-class _progress_display:  # noqa: N801 - used as a context manager, like rich's own
-    """Step, loss and ETA on stderr: a rich bar on a terminal, a plain line every ~10% otherwise."""
+class _Shown:
+    """--verbose's phase times, and during "training" the step, loss and ETA on stderr: a rich bar on a
+    terminal, a plain line every ~10% otherwise."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
@@ -610,9 +161,9 @@ class _progress_display:  # noqa: N801 - used as a context manager, like rich's 
         self.task: Any = None
         self.started = 0.0
 
-    def __enter__(self) -> Progress | None:
-        if self.quiet:
-            return None
+    def phase_started(self, phase: str) -> None:
+        if phase != "training" or self.quiet:
+            return
         self.started = time.perf_counter()
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
@@ -627,9 +178,14 @@ class _progress_display:  # noqa: N801 - used as a context manager, like rich's 
         )
         if self.bar is not None:
             self.bar.start()
-        return self.update
 
-    def update(self, step: int, total: int, loss: float) -> None:
+    def phase_done(self, phase: str, seconds: float) -> None:
+        if phase == "training" and self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        ui.timing(phase, seconds)
+
+    def progress(self, step: int, total: int, loss: float) -> None:
         if self.bar is not None:
             if self.task is None:
                 self.task = self.bar.add_task("training", total=total, loss="-")
@@ -639,7 +195,3 @@ class _progress_display:  # noqa: N801 - used as a context manager, like rich's 
             elapsed = time.perf_counter() - self.started
             eta = elapsed / step * (total - step)
             ui.info(f"step {step}/{total}  loss {loss:.4f}  eta {eta:.0f} s")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()

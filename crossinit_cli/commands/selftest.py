@@ -1,13 +1,14 @@
 """`doctor --self-test`: a photo's whole way through crossinit, on a tiny random model, offline.
 
 detect -> learn -> generate -> export -> import -> remove, each step through the very functions its
-command calls (`faces.align_faces`, `learn.learn`, `generate.generate_images`, `transfer.export_identities`,
-`transfer.import_identity`, `library.remove_identities`), on the face photo shipped with the package
-(`resources.sample_photo`). A tiny random Stable Diffusion model built on the spot (`synthetic.build_tiny_sd`)
-stands in for the weights, so nothing is downloaded and no network is used; the library and the images
-live in a temporary folder that is deleted afterwards, so the user's library, config and Hugging Face
-cache are neither read nor written. Each step checks what a user would check (a face found, an identity
-stored, a PNG with its settings, a file that reads back to the same vectors, an empty library).
+command calls (`faces.align_faces`, `learning.learn_identity`, `generate.generate_images`,
+`transfer.export_identities`, `transfer.import_identity`, `library.remove_identities`), on the face photo
+shipped with the package (`resources.sample_photo`). A tiny random Stable Diffusion model built on the
+spot (`synthetic.build_tiny_sd`) stands in for the weights, so nothing is downloaded and no network is
+used; the library and the images live in a temporary folder that is deleted afterwards, so the user's
+library, config and Hugging Face cache are neither read nor written. Each step checks what a user would
+check (a face found, an identity stored, a PNG with its settings, a file that reads back to the same
+vectors, an empty library).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def _model(work: _Workspace) -> str:
 
 def _detect(work: _Workspace) -> str:
     from crossinit_cli import faces
-    from crossinit_cli.commands.learn import ALIGN_SIZE
+    from crossinit_cli.learning import ALIGN_SIZE
 
     warnings: list[str] = []
     crops = faces.align_faces(faces.collect_photos([work.photo]), ALIGN_SIZE, align=True, warn=warnings.append)
@@ -152,22 +153,13 @@ def _detect(work: _Workspace) -> str:
 def _learn(work: _Workspace) -> str:
     import numpy as np
 
-    from crossinit_cli.commands.learn import LearnRequest, learn
+    from crossinit_cli.learning import LearnRequest, learn_identity
 
+    run = work.run_options()
     request = LearnRequest(
-        name=NAME,
-        mode="fast",
-        steps=LEARN_STEPS,
-        lr=None,
-        batch_size=None,
-        reg_weight=None,
-        seed=0,
-        force=False,
-        align=True,
-        run=work.run_options(),
+        name=NAME, mode="fast", steps=LEARN_STEPS, seed=0, model=run.model, device=run.device, dtype=run.dtype
     )
-    learn(work.library, [work.photo], request)
-    ident = work.library.get(NAME)
+    ident = learn_identity(work.library, [work.photo], request).identity
     vectors = work.library.effective_vectors(NAME)
     if not np.isfinite(vectors).all():
         raise CrossinitError("the learned vectors are not finite")
