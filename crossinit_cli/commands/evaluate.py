@@ -10,7 +10,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from crossinit_cli import sample, ui
+from crossinit_cli import fidelity as prompt_fidelity
+from crossinit_cli import likeness, sample, snapshots, ui
 from crossinit_cli import scoring as engine
 from crossinit_cli.commands.common import read_source, stderr_progress
 from crossinit_cli.errors import CrossinitError
@@ -47,14 +48,14 @@ def evaluate_command(library: Library, names: list[str], options: EvalOptions) -
         raise CrossinitError(f"--fail-below must be a likeness of 0 or more, not {fail_below:g}")
     if options.compare and len(names) < 2:
         raise CrossinitError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
-    templates = engine.DEFAULT_PROMPTS if options.prompts is None else _read_templates(options.prompts)
+    templates = prompt_fidelity.DEFAULT_PROMPTS if options.prompts is None else _read_templates(options.prompts)
     for name in names:
         library.get(name)  # an unknown name is an error before anything loads
     snapshot_steps = (
         _snapshot_steps(library, names, templates, options.compare, fail_below) if options.snapshots else None
     )
     request = _request(options, templates, snapshot_steps)
-    total = engine.image_count(templates, len(snapshot_steps) if snapshot_steps else len(names), options.n)
+    total = prompt_fidelity.image_count(templates, len(snapshot_steps) if snapshot_steps else len(names), options.n)
     with _progress(options.quiet, total) as bar:
         hooks = engine.EvalHooks(notify=ui.warn, on_image=bar.image, on_load=bar.loading)
         results = engine.evaluate(library, names, request, hooks)
@@ -73,7 +74,7 @@ def _request(options: EvalOptions, templates: Sequence[str], snapshot_steps: lis
         model=options.model,
         device=options.device or "auto",
         dtype=options.dtype or "auto",
-        clip_model=options.clip_model or engine.DEFAULT_CLIP_MODEL,
+        clip_model=options.clip_model or prompt_fidelity.DEFAULT_CLIP_MODEL,
         snapshot_steps=snapshot_steps,
     )
 
@@ -106,7 +107,7 @@ def _snapshot_steps(
         raise CrossinitError("--snapshots and --pick-best score the snapshots of one identity; name one")
     if fail_below is not None:
         raise CrossinitError("--fail-below gates identities, not snapshots; run it without --snapshots/--pick-best")
-    if any(engine.group_names(t) for t in templates):
+    if any(prompt_fidelity.group_names(t) for t in templates):
         raise CrossinitError("--snapshots takes prompts with {} only (not prompts naming several identities)")
     ident = library.get(names[0])
     steps = [int(s["step"]) for s in ident.snapshots]
@@ -121,9 +122,9 @@ def _snapshot_report(
     library: Library, name: str, results: list[engine.Evaluation], *, pick_best: bool, as_json: bool
 ) -> int:
     records = [{"step": r.step, **r.calibrated()} for r in results]
-    picked = engine.pick_best(records) if pick_best else None
-    unmeasured = engine.nothing_measured(records) if pick_best and picked is None else None
-    ident = engine.save_snapshot_scores(library, name, results, picked)
+    picked = snapshots.pick_best(records) if pick_best else None
+    unmeasured = snapshots.nothing_measured(records) if pick_best and picked is None else None
+    ident = snapshots.save_snapshot_scores(library, name, results, picked)
     losses = {int(s["step"]): s.get("loss") for s in ident.snapshots}
     last = max(losses)
     active = ident.active_step or last
@@ -160,7 +161,7 @@ def _snapshot_report(
         which = "the final vectors" if picked == last else f"the snapshot at step {picked}"
         ui.info(
             f"[bold]{escape(ident.name)}[/] now uses {which} (best trade-off: likeness within "
-            f"{engine.LIKENESS_KEEP:.0%} of the best, then prompt fidelity); undo: crossinit edit "
+            f"{snapshots.LIKENESS_KEEP:.0%} of the best, then prompt fidelity); undo: crossinit edit "
             f"{escape(ident.name)} --use-snapshot final"
         )
     elif unmeasured:
@@ -213,7 +214,7 @@ def verdict(record: dict[str, Any]) -> list[str]:
         else:
             lines = [
                 f"<{name}>: looks like {name} in {same} of {images} images "
-                f"(a face in {faces}; same person by dlib's {engine.SAME_PERSON_DISTANCE} distance)"
+                f"(a face in {faces}; same person by dlib's {likeness.SAME_PERSON_DISTANCE} distance)"
             ]
             if reference.get("kind") == "threshold":
                 lines.append(
@@ -240,7 +241,7 @@ def verdict(record: dict[str, Any]) -> list[str]:
 
 def _read_templates(prompts: str) -> list[str]:
     text = read_source(prompts, "prompts", "one a line, {} where the identity goes")
-    return engine.read_prompts(text, "stdin" if prompts == "-" else prompts)
+    return prompt_fidelity.read_prompts(text, "stdin" if prompts == "-" else prompts)
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def _identity_table(record: dict[str, Any]) -> Table:
         if entry.get("crossover"):
             same += f" ({entry['crossover']} crossed)"
         table.add_row(
-            escape(engine.fill(entry["prompt"], record["name"])),
+            escape(prompt_fidelity.fill(entry["prompt"], record["name"])),
             faces,
             same,
             _num(entry.get("similarity")),
@@ -313,7 +314,7 @@ def _compare_table(records: list[dict[str, Any]]) -> Table:
     row("reference (ceiling)", [_num(r.get("reference_similarity")) for r in records])
     row("identity cosine", [_num(r["identity"].get("cosine")) for r in records])
     row("dlib distance", [_num(r["identity"].get("distance")) for r in records])
-    row(f"same person (< {engine.SAME_PERSON_DISTANCE})", [_share(r.get("same_person_rate")) for r in records])
+    row(f"same person (< {likeness.SAME_PERSON_DISTANCE})", [_share(r.get("same_person_rate")) for r in records])
     row("prompt fidelity (CLIP)", [_num(r["fidelity"].get("clip_score")) for r in records], end_section=True)
     # A prompt naming several identities is in the records of those it names only.
     prompts = list(dict.fromkeys(p["prompt"] for r in records for p in r["prompts"]))
