@@ -109,10 +109,14 @@ class EntryReads(LibraryLock):
     def vectors(self, name: str) -> Vectors:
         return self.read(name)[1]
 
-    def effective_vectors(self, name: str) -> np.ndarray:
-        """The vectors prompts use: the learned ones (or the active snapshot's) at the identity's strength."""
+    def effective_vectors(self, name: str) -> np.ndarray | list[np.ndarray]:
+        """The vectors prompts use: the learned ones (or the active snapshot's) at the identity's strength.
+
+        One text encoder (SD 1.x/2.x): its [k, width] array. Several (SDXL): one array per encoder in the
+        family's order (clip_l's, then clip_g's), as `effective_parts` gives them; never the first alone."""
         ident, vectors = self.read(name)
-        return vectors.at_strength(ident.strength, ident.active_step)
+        parts = vectors.per_encoder(ident.strength, ident.active_step)
+        return parts[0] if len(parts) == 1 else parts
 
     def effective_parts(self, name: str) -> list[np.ndarray]:
         """The vectors prompts use, one array per text encoder of the identity's family (SDXL: two)."""
