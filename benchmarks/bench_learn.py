@@ -56,8 +56,8 @@ def diffusers_example_loop(
     from PIL import Image
 
     from crossinit_cli import crossinit
+    from crossinit_cli.captions import TEMPLATES
     from crossinit_cli.devices import load_pipeline
-    from crossinit_cli.train import TEMPLATES
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -141,7 +141,7 @@ def interleaved_steps(
     theirs_loop = diffusers_example_loop(model, crop_path, batch_size=batch_size, device=device, seed=seed)
     next(theirs_loop)  # load and set up before anything is timed
     pipe = load_pipeline(str(model))
-    train.free_vae_decoder(pipe.vae)
+    devices.free_vae_decoder(pipe.vae)
     init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, None)
     placement = devices.resolve(device, "auto", training=True)
     ours: list[float] = []
@@ -293,8 +293,8 @@ def example_loop_steps(
     from PIL import Image
 
     from crossinit_cli import crossinit, families
+    from crossinit_cli.captions import TEMPLATES
     from crossinit_cli.devices import load_pipeline
-    from crossinit_cli.train import TEMPLATES
 
     torch.manual_seed(0)
     random.seed(0)

@@ -32,7 +32,8 @@ def build_library(home: Path, count: int) -> None:
     import numpy as np
     from safetensors.numpy import save
 
-    from crossinit_cli.store import VECTORS, Identity, name_key
+    from crossinit_cli.entries import VECTORS
+    from crossinit_cli.store import Identity, name_key
 
     rng = np.random.default_rng(0)
     entries = home / "identities"

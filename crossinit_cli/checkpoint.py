@@ -4,7 +4,7 @@ Layout, under the library home but outside `identities/` (so a run is never take
 
     .unfinished/<key>/run.json     the settings (name, model, mode, steps, lr, seed, ...) and the last step saved
     .unfinished/<key>/crops/*.png  the aligned crops the run trains on (lossless: the same pixels on resume)
-    .unfinished/<key>/state.pt     the run's state (train.capture_run): rows, AdamW, every RNG, step, losses
+    .unfinished/<key>/state.pt     the run's state (runstate.capture_run): rows, AdamW, every RNG, step, losses
 
 Each file is written atomically (temp file, fsync, rename); state.pt is written before run.json names its
 step, so a kill at any moment leaves a state that matches or is newer than what `list` shows. The folder

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crossinit_cli import sample
+from crossinit_cli import fidelity, sample
+from crossinit_cli import snapshots as snapshot_scores
 from crossinit_cli import scoring as engine
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library
@@ -55,7 +56,7 @@ def request(
 ) -> engine.EvalRequest:
     """The scoring engine's request: every name known (an error before anything loads), and with
     --snapshots the steps of the one identity's snapshots. `templates`: the prompts (default: the built-in)."""
-    templates = engine.DEFAULT_PROMPTS if templates is None else templates
+    templates = fidelity.DEFAULT_PROMPTS if templates is None else templates
     for name in names:
         library.get(name)
     snapshot_steps = _snapshot_steps(library, names, templates, options) if options.snapshots else None
@@ -67,7 +68,7 @@ def request(
         model=options.model,
         device=options.device or "auto",
         dtype=options.dtype or "auto",
-        clip_model=options.clip_model or engine.DEFAULT_CLIP_MODEL,
+        clip_model=options.clip_model or fidelity.DEFAULT_CLIP_MODEL,
         snapshot_steps=snapshot_steps,
     )
 
@@ -77,7 +78,7 @@ def _snapshot_steps(library: Library, names: list[str], templates: Sequence[str]
         raise CrossinitError("--snapshots and --pick-best score the snapshots of one identity; name one")
     if options.fail_below is not None:
         raise CrossinitError("--fail-below gates identities, not snapshots; run it without --snapshots/--pick-best")
-    if any(engine.group_names(t) for t in templates):
+    if any(fidelity.group_names(t) for t in templates):
         raise CrossinitError("--snapshots takes prompts with {} only (not prompts naming several identities)")
     ident = library.get(names[0])
     steps = [int(s["step"]) for s in ident.snapshots]
@@ -91,7 +92,7 @@ def _snapshot_steps(library: Library, names: list[str], templates: Sequence[str]
 def image_count(names: list[str], req: engine.EvalRequest) -> int:
     """How many images the run makes (the length of a progress bar)."""
     runs = len(req.snapshot_steps) if req.snapshot_steps else len(names)
-    return engine.image_count(req.templates, runs, req.n)
+    return fidelity.image_count(req.templates, runs, req.n)
 
 
 # ---- identities ---------------------------------------------------------------------------------------
@@ -153,9 +154,9 @@ def snapshots(
     best likeness / prompt-fidelity trade-off the active vectors."""
     results = engine.evaluate(library, [name], req, hooks)
     records = [{"step": r.step, **r.calibrated()} for r in results]
-    picked = engine.pick_best(records) if pick_best else None
-    unmeasured = engine.nothing_measured(records) if pick_best and picked is None else None
-    ident = engine.save_snapshot_scores(library, name, results, picked)
+    picked = snapshot_scores.pick_best(records) if pick_best else None
+    unmeasured = snapshot_scores.nothing_measured(records) if pick_best and picked is None else None
+    ident = snapshot_scores.save_snapshot_scores(library, name, results, picked)
     losses = {int(s["step"]): s.get("loss") for s in ident.snapshots}
     last = max(losses)
     active = ident.active_step or last

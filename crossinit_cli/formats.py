@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from crossinit_cli import families
 from crossinit_cli.atomic import write_bytes_atomic
+from crossinit_cli.entries import LEGACY_FAMILIES, MAX_TOKENS, check_vectors
 from crossinit_cli.errors import CrossinitError, library_text
-from crossinit_cli.store import LEGACY_FAMILIES, MAX_TOKENS, check_vectors
 
 if TYPE_CHECKING:
     import numpy as np

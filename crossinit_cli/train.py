@@ -1,7 +1,9 @@
 """Training the two new token rows, paper steps 4-5 (docs/method.md#the-steps-and-where-they-are).
 
 `run` reads top to bottom through named phases: data (`encode_crops`), model (`_model`), optimiser, loop
-(`_train_loop`: `_step`, `_keep`), result.
+(`_train_loop`: `_step`, `_keep`), result. What the phases use has its own room: encoding.py (the crops
+through the VAE), captions.py (captions, the rows spliced in, the conditioning), objective.py (the loss
+target, the regulariser, the norms) and runstate.py (a run's state captured for checkpoints and resumed).
 
 Faithful to the official Cross Initialization code (a fork of diffusers' textual-inversion example): the
 standard diffusion loss (MSE on the scheduler's epsilon or v target, t uniform in [0, T)) plus
@@ -24,7 +26,7 @@ What differs is only how fast the same numbers come out:
   both; the rows, the loss and AdamW stay fp32; PyTorch SDPA attention in the UNet and the text encoder.
 
 SDXL (families.py) has two text encoders: each gets its own two rows and its own start, the regulariser
-is the official one per encoder, summed (`regulariser_all`), and the UNet also takes encoder 2's pooled
+is the official one per encoder, summed (`objective.regulariser_all`), and the UNet also takes encoder 2's pooled
 embedding and each photo's size/crop time ids (`condition`, `photo_time_ids`). Its 2.6B-parameter UNet runs
 with gradient checkpointing, so that batch 8 at 1024 px fits a 24 GB GPU; diffusers >= 0.32 checkpoints
 with the UNet in eval mode (0.30-0.31 only in train mode). The VAE encodes in bf16 when training in
@@ -41,8 +43,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import devices, families, latents
-from crossinit_cli.crossinit import PHRASE, add_placeholder_tokens
+from crossinit_cli import families, objective, runstate
+from crossinit_cli.captions import TEMPLATES, caption_ids, condition, gather, splice_rows
+from crossinit_cli.crossinit import add_placeholder_tokens
+from crossinit_cli.encoding import Latents, encode_crops, photo_time_ids
 from crossinit_cli.errors import CrossinitError
 
 if TYPE_CHECKING:
@@ -54,42 +58,6 @@ if TYPE_CHECKING:
     from crossinit_cli.families import Family, SizeCondition, Slot
     from crossinit_cli.memory import MicroBatch
 
-# diffusers' textual-inversion `imagenet_templates_small`; the official code repeats it with "an
-# illustration of" and "a depiction of" in place of "a photo of" (81 captions, duplicates kept).
-_SMALL_TEMPLATES = (
-    "a photo of a {}",
-    "a rendering of a {}",
-    "a cropped photo of the {}",
-    "the photo of a {}",
-    "a photo of a clean {}",
-    "a photo of a dirty {}",
-    "a dark photo of the {}",
-    "a photo of my {}",
-    "a photo of the cool {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a cropped photo of a {}",
-    "a photo of the {}",
-    "a good photo of the {}",
-    "a photo of one {}",
-    "a close-up photo of the {}",
-    "a rendition of the {}",
-    "a photo of the clean {}",
-    "a rendition of a {}",
-    "a photo of a nice {}",
-    "a good photo of a {}",
-    "a photo of the nice {}",
-    "a photo of the small {}",
-    "a photo of the weird {}",
-    "a photo of the large {}",
-    "a photo of a cool {}",
-    "a photo of a small {}",
-)
-TEMPLATES = tuple(
-    t.replace("a photo of", medium)
-    for medium in ("a photo of", "an illustration of", "a depiction of")
-    for t in _SMALL_TEMPLATES
-)
 FLIP_P = 0.5
 MIN_RESOLUTION = 256
 LR_PER_IMAGE = 0.000625
@@ -103,9 +71,6 @@ SaveState = Callable[[dict[str, Any]], None]
 """Called with a run's state (see `capture_run`) to keep it somewhere safe (a checkpoint)."""
 CHECKPOINT_EVERY = 5
 """A checkpoint is written at most every this many steps (and at Ctrl-C): a kill -9 loses at most 4."""
-ROWS = "learned"
-"""The name of the learned rows in a snapshot or checkpoint of a one-encoder model: each is a dict of
-named tensors, and a model with several encoders (SDXL) names its rows by encoder ("clip_l", "clip_g")."""
 
 
 @dataclass(frozen=True)
@@ -222,115 +187,6 @@ def model_resolution(unet: Any, vae: Any) -> int:
     return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def free_vae_decoder(vae: Any) -> None:
-    """Drop the VAE's decoder: training only encodes, and on SD it is ~200 MB of GPU memory for nothing."""
-    vae.decoder = None
-    if getattr(vae, "post_quant_conv", None) is not None:
-        vae.post_quant_conv = None
-
-
-def loss_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet is asked to predict: the noise (epsilon models) or the velocity (v-prediction)."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, t)
-    raise CrossinitError(f"the model's scheduler predicts {kind!r}; only epsilon and v_prediction can be trained")
-
-
-def regulariser(rows: torch.Tensor, start: torch.Tensor, weight: float) -> torch.Tensor:
-    """Paper step 4's `λ · mean_i ||v_i − v⁰_i||₂` (plain L2, not squared), as the official pairwise_distance."""
-    import torch.nn.functional as F
-
-    return weight * F.pairwise_distance(rows, start, p=2).mean()
-
-
-def regulariser_all(rows: Sequence[torch.Tensor], starts: Sequence[torch.Tensor], weight: float) -> torch.Tensor:
-    """The official regulariser on each encoder's rows against its own start, summed over the encoders.
-
-    Each row keeps the official weight λ/2 (the mean over its encoder's two rows): SDXL's four rows are
-    not averaged together, which would give each λ/4. One encoder: exactly `regulariser`."""
-    total = regulariser(rows[0], starts[0], weight)
-    for row, start in zip(rows[1:], starts[1:]):
-        total = total + regulariser(row, start, weight)
-    return total
-
-
-def photo_time_ids(sizes: Sequence[SizeCondition] | None, photos: int, size: int) -> list[list[int]]:
-    """SDXL's time ids of each latent row (`_Latents`: the photos, then their mirror images): every photo's
-    own `SizeCondition`, kept by its mirror image; without `sizes`, the pipeline's default for all."""
-    from crossinit_cli.families import SizeCondition
-
-    if sizes is not None and len(sizes) != photos:
-        raise CrossinitError(f"{len(sizes)} size conditions for {photos} photos")
-    conditions = list(sizes) if sizes is not None else [SizeCondition.native(size)] * photos
-    each = [c.time_ids(size) for c in conditions]
-    return each + each
-
-
-def norms(learned: torch.Tensor, init: torch.Tensor, table: torch.Tensor, token_ids: list[int]) -> dict[str, Any]:
-    """One encoder's row norms, to compare a family's training against SD 2.1's: the init's and the learned
-    rows' L2 norms, and the mean L2 norm of the token table's rows other than the placeholders."""
-    import torch
-
-    keep = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
-    keep[token_ids] = False
-    vocabulary = torch.linalg.vector_norm(table, dim=1, dtype=torch.float32)[keep].mean()  # no copy of the table
-    return {
-        "init": [round(float(n), 4) for n in torch.linalg.vector_norm(init.float(), dim=1)],
-        "learned": [round(float(n), 4) for n in torch.linalg.vector_norm(learned.float(), dim=1)],
-        "vocabulary_mean": round(float(vocabulary), 4),
-    }
-
-
-def condition(
-    family: Family, slots: Sequence[Slot], captions: Sequence[torch.Tensor], size: int, clip_skip: int = 1
-) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """The UNet's text conditioning for caption ids (one tensor per encoder), as the family's pipeline makes it
-    (at the text encoder's layer -`clip_skip`, through its final layer norm, for SD 1.x/2.x)."""
-    return families.conditioning(family, list(zip(slots, captions)), size, clip_skip)
-
-
-def _gather(conditioning: tuple[torch.Tensor, dict[str, torch.Tensor] | None], index: torch.Tensor, dtype: Any) -> Any:
-    """Rows `index` of a conditioning (distinct captions -> batch items), in the UNet's dtype."""
-    states, added = conditioning
-    if added is not None:
-        added = {k: v[index].to(dtype) for k, v in added.items()}
-    return states[index].to(dtype), added
-
-
-def _pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB image -> [3, size, size] float in [-1, 1], resized bicubically as the official dataset does."""
-    import numpy as np
-    import torch
-    from PIL import Image as PILImage
-
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), PILImage.Resampling.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)
-
-
-def _splice_rows(text_encoder: Any, token_ids: list[int], rows: torch.Tensor) -> Any:
-    """Make the token-embedding layer return `rows` for the placeholder ids; returns the hook handle.
-
-    The rows are gathered in their own float32, so autocast never rounds the learned vectors themselves.
-    """
-    import torch
-
-    table = text_encoder.get_input_embeddings()
-    wanted = torch.tensor(token_ids, device=table.weight.device)
-
-    def splice(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
-        hit = args[0].unsqueeze(-1) == wanted  # [batch, length, k]
-        which = hit.int().argmax(dim=-1)
-        return torch.where(hit.any(dim=-1, keepdim=True), rows[which].to(output.dtype), output)
-
-    return table.register_forward_hook(splice)
-
-
 @dataclass(frozen=True)
 class ModelParts:
     """The parts of a loaded pipeline that training uses.
@@ -401,7 +257,7 @@ def run(
         raise CrossinitError(f"--micro-batch must be at least 1, not {micro_batch}")
     setup = _setup(parts, config, placement)
     loop = _Loop.start(config.seed, setup.device)  # seeded first; a resume restores their states
-    data = encode_crops(parts.vae, crops, setup, hooks.latent_cache)
+    data = encode_crops(parts.vae, crops, placement, setup.size, hooks.latent_cache)
     data = replace(data, time_ids=_time_ids_tensor(setup, sizes, len(crops)))
     encode_s = time.perf_counter() - started
     model = _model(parts, setup, init)
@@ -468,17 +324,6 @@ def _micro_batch(parts: ModelParts, setup: _Setup, requested: int | None) -> Mic
     return memory.choose(setup.config.batch_size, requested, per_item, free)
 
 
-@dataclass(frozen=True)
-class _Latents:
-    """Every crop and its mirror image as the VAE's latent distribution (mean and std), encoded once."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    scaling: float
-    photos: int  # row i + photos is photo i mirrored
-    time_ids: torch.Tensor | None = None  # SDXL: each row's time ids [2 * photos, 6] (`photo_time_ids`)
-
-
 def _time_ids_tensor(setup: _Setup, sizes: Sequence[SizeCondition] | None, photos: int) -> torch.Tensor | None:
     import torch
 
@@ -486,64 +331,6 @@ def _time_ids_tensor(setup: _Setup, sizes: Sequence[SizeCondition] | None, photo
         return None
     rows = photo_time_ids(sizes, photos, setup.size)
     return torch.tensor(rows, device=setup.device, dtype=torch.float32)
-
-
-def encode_dtype(placement: Placement) -> torch.dtype:
-    """The VAE encodes in bf16 when training in bf16 where bf16 convolutions are native (CUDA; a CPU with
-    AVX512-BF16 or AMX, which oneDNN uses), else in fp32: without them PyTorch runs a bf16 convolution
-    through its slow reference path, ~100x an fp32 one on an AVX2 CPU (docs/performance.md), and fp16
-    overflows in SD's VAE. bf16 keeps fp32's range; the latents differ from fp32's by well under the
-    sampling noise (tests/test_train.py)."""
-    import torch
-
-    if placement.dtype != "bf16":
-        return torch.float32
-    if placement.device != "cpu":
-        return torch.bfloat16
-    return torch.bfloat16 if devices.cpu_bf16()[0] else torch.float32
-
-
-def encode_crops(vae: Any, crops: Sequence[Image.Image], setup: _Setup, cache_dir: Path | None = None) -> _Latents:
-    """Data (paper step 5): every crop and its mirror image through the VAE once (the random flip's two
-    sides), in `encode_dtype`, channels-last; the latent mean and std are kept in fp32.
-
-    Each crop goes through with its mirror image as one batch of two, so that its latents do not depend on
-    the other photos; with `cache_dir` (the library's `.cache/latents/`, latents.py) they are kept there and
-    a crop encoded before on the same VAE, precision, device and size is read instead (the same numbers)."""
-    import torch
-
-    dtype = encode_dtype(setup.placement)
-    files: list[Path | None] = [None] * len(crops)
-    if cache_dir is not None:
-        key = latents.encoder_key(vae, dtype, setup.device.type, setup.size)
-        files = [latents.path(cache_dir, crop, key) for crop in crops]
-    pairs = [latents.read(file) if file is not None else None for file in files]
-    if any(pair is None for pair in pairs):
-        vae.requires_grad_(False).eval().to(setup.device, memory_format=torch.channels_last)
-        if vae.dtype != dtype:
-            vae.to(dtype=dtype)
-    for i, (crop, file) in enumerate(zip(crops, files)):
-        if pairs[i] is None:
-            pairs[i] = _encode_pair(vae, crop, setup, dtype)
-            if file is not None:
-                latents.write(file, *pairs[i])
-    means = [pair[0].to(setup.device) for pair in pairs]
-    stds = [pair[1].to(setup.device) for pair in pairs]
-    mean = torch.cat([m[:1] for m in means] + [m[1:] for m in means])  # row i + len(crops): crop i mirrored
-    std = torch.cat([s[:1] for s in stds] + [s[1:] for s in stds])
-    return _Latents(mean, std, vae.config.scaling_factor, len(crops))
-
-
-def _encode_pair(vae: Any, crop: Image.Image, setup: _Setup, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the crop and its mirror image, each [2, channels, h, w] in fp32."""
-    import torch
-
-    pixels = _pixels(crop, setup.size)
-    pixels = torch.stack([pixels, pixels.flip(-1)]).to(setup.device, dtype=dtype)
-    with torch.inference_mode():
-        dist = vae.encode(pixels.contiguous(memory_format=torch.channels_last)).latent_dist
-        mean, std = dist.mean.float().contiguous(), dist.std.float().contiguous()
-    return mean.clone(), std.clone()  # out of inference mode: the loop's autograd may read them
 
 
 @dataclass(frozen=True)
@@ -561,7 +348,7 @@ class _Model:
     @property
     def named(self) -> dict[str, torch.Tensor]:
         """The rows by their snapshot and checkpoint names (`row_names`)."""
-        return dict(zip(row_names(self.slots), self.rows))
+        return dict(zip(runstate.row_names(self.slots), self.rows))
 
 
 def _model(parts: ModelParts, setup: _Setup, init: torch.Tensor | Sequence[torch.Tensor]) -> _Model:
@@ -572,7 +359,7 @@ def _model(parts: ModelParts, setup: _Setup, init: torch.Tensor | Sequence[torch
     inits = [init] if not isinstance(init, (list, tuple)) else list(init)
     slots, device = setup.slots, setup.device
     all_ids = [add_placeholder_tokens(s.tokenizer, s.text_encoder, i) for s, i in zip(slots, inits)]
-    captions = [_caption_ids(s.tokenizer, ids).to(device) for s, ids in zip(slots, all_ids)]
+    captions = [caption_ids(s.tokenizer, ids).to(device) for s, ids in zip(slots, all_ids)]
     for slot in slots:
         slot.text_encoder.requires_grad_(False).eval().to(device)  # fp32 weights; autocast computes in `compute`
     _freeze_unet(parts.unet, setup)
@@ -645,21 +432,21 @@ class _Loop:
     def restore(self, state: dict[str, Any] | None, model: _Model, optimiser: _Optimiser) -> None:
         """Continue from a captured state (`capture_run`), or start at step 1 when there is none."""
         if state is not None:
-            self.done, self.order, self.losses, self.snapshots = restore_run(
+            self.done, self.order, self.losses, self.snapshots = runstate.restore_run(
                 state, model.named, optimiser.optimizer, optimiser.scaler, self.draw, self.noise_gen
             )
         self.state = state
 
 
 def _train_loop(
-    loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, setup: _Setup, hooks: RunHooks
+    loop: _Loop, data: Latents, model: _Model, optimiser: _Optimiser, setup: _Setup, hooks: RunHooks
 ) -> None:
     """Loop: one step per batch until `config.steps`, then the check on what prompts will see.
 
     Ctrl-C saves the last whole step (a Ctrl-C mid-step may have half-updated the rows); out of memory
     becomes one line with settings that fit."""
     config = setup.config
-    hooked = [_splice_rows(s.text_encoder, ids, r) for s, ids, r in zip(model.slots, model.token_ids, model.rows)]
+    hooked = [splice_rows(s.text_encoder, ids, r) for s, ids, r in zip(model.slots, model.token_ids, model.rows)]
     try:
         for step in range(loop.done + 1, config.steps + 1):
             value = _step(loop, data, model, optimiser, setup)
@@ -708,7 +495,7 @@ def _draw_batch(loop: _Loop, photos: int, batch_size: int) -> tuple[list[int], l
     return items, chosen
 
 
-def _step(loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, setup: _Setup) -> float:
+def _step(loop: _Loop, data: Latents, model: _Model, optimiser: _Optimiser, setup: _Setup) -> float:
     """One step (paper step 4): the diffusion loss on a noised batch plus the regulariser, and
     one AdamW update of the rows. Returns the step's loss.
 
@@ -725,7 +512,7 @@ def _step(loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, set
     noise = torch.randn(latents.shape, generator=noise_gen, device=device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(items),), generator=noise_gen, device=device)
     noisy = scheduler.add_noise(latents, noise, t)
-    target = loss_target(scheduler, latents, noise, t)
+    target = objective.loss_target(scheduler, latents, noise, t)
     captions = torch.tensor(chosen, device=device)
     time_ids = None if data.time_ids is None else data.time_ids[index]  # SDXL: each item's own photo's
 
@@ -736,7 +523,7 @@ def _step(loop: _Loop, data: _Latents, model: _Model, optimiser: _Optimiser, set
         loss = _part_loss(model, optimiser, setup, noised, captions[part])
         loss = loss * (len(captions[part]) / len(items))
         if start + size >= len(items):
-            loss = loss + regulariser_all(model.rows, model.starts, setup.config.reg_weight)
+            loss = loss + objective.regulariser_all(model.rows, model.starts, setup.config.reg_weight)
         optimiser.scaler.scale(loss).backward()
         total += float(loss.item())
     optimiser.scaler.step(optimiser.optimizer)
@@ -758,7 +545,7 @@ def _part_loss(
     with optimiser.autocast:
         captions = [c[distinct] for c in model.captions]
         conditioning = condition(setup.family, model.slots, captions, setup.size, setup.config.clip_skip)
-        states, added = _gather(conditioning, inverse, setup.compute)
+        states, added = gather(conditioning, inverse, setup.compute)
         if added is not None:  # SDXL: each item's own photo's size and crop (a batch mixes photos)
             added["time_ids"] = time_ids.to(setup.compute)
         prediction = model.unet(noisy.to(setup.compute), t, states, added_cond_kwargs=added).sample
@@ -772,11 +559,11 @@ def _keep(
     CHECKPOINT_EVERY steps), and the caller's progress."""
     loop.losses.append(value)
     if _snapshot_due(step, hooks.snapshot_every, config.steps):
-        loop.snapshots[step] = snapshot_rows(model.named)
+        loop.snapshots[step] = runstate.snapshot_rows(model.named)
     if hooks.save_state is not None:
-        rngs = capture_rng(loop.draw, loop.noise_gen)
+        rngs = runstate.capture_rng(loop.draw, loop.noise_gen)
         named, opt, scaler = model.named, optimiser.optimizer, optimiser.scaler
-        loop.state = capture_run(step, named, opt, scaler, rngs, loop.order, loop.losses, loop.snapshots)
+        loop.state = runstate.capture_run(step, named, opt, scaler, rngs, loop.order, loop.losses, loop.snapshots)
         if step % CHECKPOINT_EVERY == 0 and step < config.steps:
             hooks.save_state(loop.state)
     if hooks.progress is not None:
@@ -820,7 +607,7 @@ def _result(loop: _Loop, model: _Model, setup: _Setup, timing: _Timing) -> Train
                 learned.detach().float().cpu().numpy().astype(np.float32),
                 begin.cpu().numpy().astype(np.float32),
             )
-            encoder_norms[slot.spec.key] = norms(learned.detach(), begin, table, ids)
+            encoder_norms[slot.spec.key] = objective.norms(learned.detach(), begin, table, ids)
     config, losses = setup.config, loop.losses
     window = losses[-FINAL_LOSS_WINDOW:]
     first_learned, first_init = next(iter(parts.values()))
@@ -856,105 +643,6 @@ def _snapshot_due(step: int, every: int | None, steps: int) -> bool:
 def _window_mean(losses: list[float]) -> float:
     window = losses[-FINAL_LOSS_WINDOW:]
     return round(float(sum(window) / len(window)), 6)
-
-
-# ---- snapshots and checkpoints: small helpers the loop calls --------------------------------------
-
-
-def row_names(slots: Sequence[Slot]) -> list[str]:
-    """The names of a run's rows in snapshots and checkpoints: `ROWS` for one encoder, else each encoder's key."""
-    return [ROWS] if len(slots) == 1 else [s.spec.key for s in slots]
-
-
-def snapshot_rows(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The learned rows at this step, as a snapshot's named tensors (copies, on the CPU)."""
-    return {name: r.detach().float().cpu().clone() for name, r in rows.items()}
-
-
-def capture_rng(draw: random.Random, noise_gen: torch.Generator) -> dict[str, Any]:
-    """Every random generator a run draws from: the data order's, the noise's, torch's global ones."""
-    import torch
-
-    state: dict[str, Any] = {"draw": draw.getstate(), "noise": noise_gen.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any], draw: random.Random, noise_gen: torch.Generator) -> None:
-    import torch
-
-    version, internal, gauss = state["draw"]
-    draw.setstate((version, tuple(internal), gauss))
-    noise_gen.set_state(state["noise"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def capture_run(
-    step: int,
-    rows: dict[str, torch.Tensor],
-    optimizer: Any,
-    scaler: Any,
-    rngs: dict[str, Any],
-    order: list[int],
-    losses: list[float],
-    snapshots: dict[int, dict[str, torch.Tensor]],
-) -> dict[str, Any]:
-    """A run's whole state after `step`: with it the loop continues exactly as if never stopped.
-
-    Copies, not references: AdamW updates its state in place, and a Ctrl-C may land mid-update."""
-    import copy
-
-    return {
-        "step": step,
-        "rows": snapshot_rows(rows),
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
-        "scaler": copy.deepcopy(scaler.state_dict()),
-        "rng": rngs,
-        "order": list(order),
-        "losses": list(losses),
-        "snapshots": dict(snapshots),
-    }
-
-
-def restore_run(
-    state: dict[str, Any],
-    rows: dict[str, torch.Tensor],
-    optimizer: Any,
-    scaler: Any,
-    draw: random.Random,
-    noise_gen: Any,
-) -> tuple[int, list[int], list[float], dict[int, dict[str, torch.Tensor]]]:
-    """Put a captured state back; returns (step, data order, losses, snapshots) to continue from."""
-    import torch
-
-    if set(state["rows"]) != set(rows):
-        raise CrossinitError(f"the checkpoint holds rows {sorted(state['rows'])}, this model trains {sorted(rows)}")
-    with torch.no_grad():
-        for name, row in rows.items():
-            row.copy_(state["rows"][name].to(row.device))
-    optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    restore_rng(state["rng"], draw, noise_gen)
-    snapshots = {int(k): v for k, v in state["snapshots"].items()}
-    return int(state["step"]), list(state["order"]), list(state["losses"]), snapshots
-
-
-def _caption_ids(tokenizer: Any, token_ids: list[int]) -> torch.Tensor:
-    """Every caption template filled with the phrase, as one encoder's padded ids [81, 77]."""
-    captions = tokenizer(
-        [t.format(PHRASE) for t in TEMPLATES],
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids
-    if not all((captions == i).any(dim=1).all() for i in token_ids):
-        raise CrossinitError("this model's tokenizer does not keep the placeholder tokens whole; cannot train")
-    return captions
 
 
 def _sdpa_processor() -> Any:

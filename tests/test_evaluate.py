@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from crossinit_cli import devices, faces
+from crossinit_cli import devices, faces, likeness
+from crossinit_cli import fidelity as prompt_fidelity
 from crossinit_cli import scoring as engine
 from crossinit_cli.errors import CrossinitError
+from crossinit_cli.evalresult import Evaluation
 from crossinit_cli.store import Library
 
 DATA = Path(__file__).parent / "data"
@@ -27,7 +29,7 @@ def astronaut_crop() -> Image.Image:
 
 @pytest.fixture(scope="module")
 def references(astronaut_crop: Image.Image) -> list[np.ndarray]:
-    found = engine.reference_descriptors([astronaut_crop])
+    found = likeness.reference_descriptors([astronaut_crop])
     assert len(found) == 1
     return found
 
@@ -50,7 +52,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def no_clip(monkeypatch: pytest.MonkeyPatch) -> str:
     """A default CLIP model that is certainly not in this machine's hub cache (HF_HUB_OFFLINE is on)."""
     missing = "crossinit-tests/clip-that-is-not-cached"
-    monkeypatch.setattr(engine, "DEFAULT_CLIP_MODEL", missing)
+    monkeypatch.setattr(prompt_fidelity, "DEFAULT_CLIP_MODEL", missing)
     return missing
 
 
@@ -66,42 +68,45 @@ def prompts_file(tmp_path: Path) -> Path:
 
 def test_same_person_scores_clearly_higher_than_a_different_person(references: list[np.ndarray]) -> None:
     photo = faces.load_photo(DATA / "astronaut.png")
-    mirrored = engine.match_face(references, ImageOps.mirror(photo))
-    rescaled = engine.match_face(references, photo.resize((300, 300), Image.Resampling.LANCZOS))
-    other = engine.match_face(references, faces.load_photo(DATA / "grace_hopper.jpg"))
+    mirrored = likeness.match_face(references, ImageOps.mirror(photo))
+    rescaled = likeness.match_face(references, photo.resize((300, 300), Image.Resampling.LANCZOS))
+    other = likeness.match_face(references, faces.load_photo(DATA / "grace_hopper.jpg"))
     assert mirrored is not None and rescaled is not None and other is not None
     for same in (mirrored, rescaled):
         assert same.cosine > other.cosine + 0.05
-        assert same.distance < engine.SAME_PERSON_DISTANCE < other.distance
+        assert same.distance < likeness.SAME_PERSON_DISTANCE < other.distance
         assert same.distance < other.distance - 0.25
 
 
 def test_an_image_without_a_face_counts_as_no_face(references: list[np.ndarray]) -> None:
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
-    assert engine.match_face(references, noise) is None
-    assert engine.match_face(references, Image.new("RGB", (256, 256), "grey")) is None
-    summary = engine.identity_summary([None, engine.FaceMatch(cosine=0.9, distance=0.3), None, None])
+    assert likeness.match_face(references, noise) is None
+    assert likeness.match_face(references, Image.new("RGB", (256, 256), "grey")) is None
+    summary = likeness.identity_summary([None, likeness.FaceMatch(cosine=0.9, distance=0.3), None, None])
     assert summary["images"] == 4 and summary["faces"] == 1 and summary["face_rate"] == 0.25
     assert summary["cosine"] == 0.9 and summary["distance"] == 0.3 and summary["match_rate"] == 0.25
-    nothing = engine.identity_summary([None, None])
+    nothing = likeness.identity_summary([None, None])
     assert nothing["face_rate"] == 0 and nothing["cosine"] is None and nothing["match_rate"] == 0
 
 
 def test_prompt_templates_and_the_text_clip_scores() -> None:
-    assert engine.clip_text("a photo of {} on the beach") == "a photo of on the beach"
-    assert engine.clip_text("{}, oil painting") == "oil painting"
-    assert engine.fill("a photo of {} smiling", "Alice") == "a photo of <Alice> smiling"
-    assert engine.read_prompts("# c\n\n {} in the snow \nwearing a hat\n") == [
+    assert prompt_fidelity.clip_text("a photo of {} on the beach") == "a photo of on the beach"
+    assert prompt_fidelity.clip_text("{}, oil painting") == "oil painting"
+    assert prompt_fidelity.fill("a photo of {} smiling", "Alice") == "a photo of <Alice> smiling"
+    assert prompt_fidelity.read_prompts("# c\n\n {} in the snow \nwearing a hat\n") == [
         "{} in the snow",
         "a photo of a {} person, wearing a hat",
     ]
-    assert all("{}" in t for t in engine.DEFAULT_PROMPTS) and engine.DEFAULT_PROMPTS[0] == "a photo of a {} person"
+    assert (
+        all("{}" in t for t in prompt_fidelity.DEFAULT_PROMPTS)
+        and prompt_fidelity.DEFAULT_PROMPTS[0] == "a photo of a {} person"
+    )
     # The official inference prompt says "person" (as training's "face of {} person" does): every default does.
-    assert all(" {} person" in t for t in engine.DEFAULT_PROMPTS)
+    assert all(" {} person" in t for t in prompt_fidelity.DEFAULT_PROMPTS)
     with pytest.raises(CrossinitError, match="no prompts"):
-        engine.read_prompts("# only a comment\n")
+        prompt_fidelity.read_prompts("# only a comment\n")
     with pytest.raises(CrossinitError, match="<bob>"):
-        engine.check_templates(["{} and <bob>"])
+        prompt_fidelity.check_templates(["{} and <bob>"])
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -122,14 +127,14 @@ def test_eval_stores_metrics_and_reports_identity_alone_without_clip(
 
     assert record["name"] == "Astro"
     ident, fidelity = record["identity"], record["fidelity"]
-    assert ident["available"] is True and ident["metric"] == engine.FACE_METRIC
-    assert ident["reference_crops"] == 1 and ident["images"] == len(engine.DEFAULT_PROMPTS)
+    assert ident["available"] is True and ident["metric"] == likeness.FACE_METRIC
+    assert ident["reference_crops"] == 1 and ident["images"] == len(prompt_fidelity.DEFAULT_PROMPTS)
     assert 0 <= ident["face_rate"] <= 1 and ident["faces"] <= ident["images"]
     assert fidelity == {"available": False, "model": no_clip, "reason": fidelity["reason"]}
-    assert [p["prompt"] for p in record["prompts"]] == list(engine.DEFAULT_PROMPTS)
+    assert [p["prompt"] for p in record["prompts"]] == list(prompt_fidelity.DEFAULT_PROMPTS)
     assert record["prompts"][7]["clip_text"] == "a photo of a person on the beach"
     settings = record["settings"]
-    assert settings["prompts"] == list(engine.DEFAULT_PROMPTS)
+    assert settings["prompts"] == list(prompt_fidelity.DEFAULT_PROMPTS)
     assert (settings["n"], settings["seed"], settings["steps"]) == (1, 5, 2)
     assert settings["model"] == str(tiny_model) and settings["clip_model"] == no_clip and record["date"]
 
@@ -146,7 +151,7 @@ def test_eval_stores_metrics_and_reports_identity_alone_without_clip(
     assert sheet == library.path_of("astro") / "eval" / "contact-sheet.png"
     with Image.open(sheet) as image:
         # One column (n = 1, one crop), a row for the crops and one per prompt, each under a label band.
-        assert image.width == 64 and image.height == (len(engine.DEFAULT_PROMPTS) + 1) * (64 + 12)
+        assert image.width == 64 and image.height == (len(prompt_fidelity.DEFAULT_PROMPTS) + 1) * (64 + 12)
     assert not [p for p in sheet.parent.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -258,7 +263,7 @@ def test_an_evaluation_is_not_stored_on_an_identity_relearned_meanwhile(
     library: Library, tiny_model: Path, add_identity
 ) -> None:
     add_identity("alice", seed=0, scale=5, base_model=str(tiny_model))
-    stale = engine.Evaluation(name="alice", settings={}, crops=[], prompts=[], identity_created="2000-01-01T00:00:00")
+    stale = Evaluation(name="alice", settings={}, crops=[], prompts=[], identity_created="2000-01-01T00:00:00")
     with pytest.raises(CrossinitError, match="replaced while it was being evaluated"):
         engine.save(library, stale)
     assert library.get("alice").evaluation == {}

@@ -304,6 +304,23 @@ def test_sdxl_generate_puts_each_encoders_rows_in_and_is_reproducible(
     np.testing.assert_array_equal(pipe.text_encoder_2.get_input_embeddings().weight[ids_g].detach().numpy(), learned_g)
 
 
+def test_sdxl_manifest_generates_with_both_encoders_rows(cli, library: Library, xl_alice: Path, tmp_path: Path) -> None:
+    """`generate --manifest` takes an identity's vectors from `Library.effective_vectors`: for SDXL, both
+    encoders' rows, so it draws what a plain `generate` of the same prompt and seed draws."""
+    args = ("--model", xl_alice, "--steps", "2", "--seed", "3", "--json")
+    line = json.dumps({"prompt": "<alice> at the beach"}) + "\n"
+    manifest = cli("generate", "--manifest", "-", *args, "-o", tmp_path / "m", input=line)
+    assert manifest.exit_code == 0, manifest.stderr
+    plain = cli("generate", "<alice> at the beach", *args, "-o", tmp_path / "p")
+    assert plain.exit_code == 0, plain.stderr
+    made = [
+        Path(json.loads(r.stdout.splitlines()[0])["path"] if r is manifest else json.loads(r.stdout)[0]["path"])
+        for r in (manifest, plain)
+    ]
+    with Image.open(made[0]) as a, Image.open(made[1]) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_sdxl_strength_scales_both_encoders(cli, library: Library, xl_alice: Path) -> None:
     assert cli("edit", "alice", "--strength", "0.5").exit_code == 0
     parts = library.effective_parts("alice")

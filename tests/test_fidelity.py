@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from crossinit_cli import checkpoint, crossinit, faces, families, train
+from crossinit_cli import checkpoint, crossinit, faces, families, objective, train
 from crossinit_cli.devices import Placement, load_pipeline
 from crossinit_cli.families import SizeCondition
 from crossinit_cli.store import Library
@@ -82,7 +82,7 @@ def test_each_sdxl_row_gets_the_official_regulariser_gradient() -> None:
     starts = [torch.randn(2, 32, generator=generator), torch.randn(2, 64, generator=generator)]
     rows = [(s + torch.randn(s.shape, generator=generator)).requires_grad_() for s in starts]
     weight = 1e-5
-    train.regulariser_all(rows, starts, weight).backward()
+    objective.regulariser_all(rows, starts, weight).backward()
     for row, start in zip(rows, starts):
         expected = _official_gradient(row.detach(), start, weight)
         torch.testing.assert_close(row.grad, expected, rtol=1e-4, atol=1e-12)
@@ -95,7 +95,7 @@ def test_the_one_encoder_regulariser_is_unchanged_bit_for_bit() -> None:
     start = torch.randn(2, 1024, generator=generator)
     row = start + torch.randn(2, 1024, generator=generator)
     official = 1e-5 * F.pairwise_distance(row, start, p=2).mean()
-    assert torch.equal(train.regulariser_all([row], [start], 1e-5), official)
+    assert torch.equal(objective.regulariser_all([row], [start], 1e-5), official)
 
 
 # ---- 2. SDXL's size and crop conditioning from the photo ------------------------------------------
@@ -202,7 +202,7 @@ def test_a_resumed_run_keeps_the_size_conditioning_it_started_with(
     from diffusers import UNet2DConditionModel
 
     calls = {"n": 0}
-    real = train.regulariser
+    real = objective.regulariser
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
@@ -210,10 +210,10 @@ def test_a_resumed_run_keeps_the_size_conditioning_it_started_with(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "regulariser", interrupted)
+    monkeypatch.setattr(objective, "regulariser", interrupted)
     result = cli("learn", ASTRONAUT, "--name", "alice", "--model", tiny_sdxl, "--steps", "6", "--batch-size", "1")
     assert result.exit_code == 130, result.stderr
-    monkeypatch.setattr(train, "regulariser", real)
+    monkeypatch.setattr(objective, "regulariser", real)
     run = checkpoint.find(home, "alice")
     assert run is not None and run.step == 2
     started = faces.align_face(ASTRONAUT, 64).size_condition(64).to_record()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossinit_cli import latents, train
+from crossinit_cli import encoding, latents, train
 from crossinit_cli.devices import Placement, load_pipeline
 from crossinit_cli.store import Library
 from tests.test_train import _run
@@ -27,8 +27,8 @@ def crops() -> list:
     return [c.image for c in align_faces([ASTRONAUT, DATA / "grace_hopper.jpg"], 64)]
 
 
-def _encode(model: Path, crops: list, cache: Path | None, *, nudge: float = 0.0) -> tuple[train._Latents, list[int]]:
-    """train.encode_crops on a fresh pipeline: (the latents, the batch size of each VAE call)."""
+def _encode(model: Path, crops: list, cache: Path | None, *, nudge: float = 0.0) -> tuple[encoding.Latents, list[int]]:
+    """encoding.encode_crops on a fresh pipeline: (the latents, the batch size of each VAE call)."""
     pipe = load_pipeline(str(model))
     if nudge:
         with torch.no_grad():
@@ -37,7 +37,7 @@ def _encode(model: Path, crops: list, cache: Path | None, *, nudge: float = 0.0)
     encode = pipe.vae.encode
     pipe.vae.encode = lambda x: (calls.append(len(x)), encode(x))[1]
     setup = train._setup(train.ModelParts.of_pipeline(pipe), train.TrainConfig(), CPU)
-    return train.encode_crops(pipe.vae, crops, setup, cache), calls
+    return encoding.encode_crops(pipe.vae, crops, setup.placement, setup.size, cache), calls
 
 
 def test_a_photo_learned_again_skips_the_vae_and_learns_the_same_rows(
@@ -105,8 +105,8 @@ def test_learn_reads_the_cache_and_remove_deletes_the_faces_latents(
 ) -> None:
     cheap = ("--steps", "2", "--batch-size", "1", "--model", tiny_model, "--quiet")
     encoded: list[int] = []
-    pair = train._encode_pair
-    monkeypatch.setattr(train, "_encode_pair", lambda *a: (encoded.append(1), pair(*a))[1])
+    pair = encoding._encode_pair
+    monkeypatch.setattr(encoding, "_encode_pair", lambda *a: (encoded.append(1), pair(*a))[1])
     for name in ("ann", "bea"):
         result = cli("learn", ASTRONAUT, "--name", name, *cheap)
         assert result.exit_code == 0, result.stderr

@@ -255,12 +255,12 @@ def test_out_of_memory_advice_keeps_the_learning_rate_per_image(
     no unfinished run is left behind."""
     import torch
 
-    from crossinit_cli import train
+    from crossinit_cli import objective
 
     def out_of_memory(*args: object, **kwargs: object) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "regulariser", out_of_memory)
+    monkeypatch.setattr(objective, "regulariser", out_of_memory)
     result = cli("learn", ASTRONAUT, "--model", tiny_model, "--steps", "6", "--batch-size", "8", "--quiet")
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert (

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from crossinit_cli import faces, sample
-from crossinit_cli import scoring as engine
+from crossinit_cli import faces, fidelity, likeness, sample
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library
 
@@ -53,17 +52,17 @@ def _add(library: Library, name: str, model: Path, crops: list[Image.Image], see
 
 
 def test_similarity_reads_dlibs_threshold_as_one_half() -> None:
-    assert engine.similarity(0.0) == 1.0 and engine.similarity(engine.SAME_PERSON_DISTANCE) == 0.5
-    assert engine.similarity(2.0) == 0.0 and engine.THRESHOLD_SIMILARITY == 0.5
+    assert likeness.similarity(0.0) == 1.0 and likeness.similarity(likeness.SAME_PERSON_DISTANCE) == 0.5
+    assert likeness.similarity(2.0) == 0.0 and likeness.THRESHOLD_SIMILARITY == 0.5
 
 
 def test_the_ceiling_comes_from_pairs_of_photos_or_from_the_threshold(astro: Image.Image) -> None:
-    one = engine.reference_of(engine.reference_descriptors([astro]))
+    one = likeness.reference_of(likeness.reference_descriptors([astro]))
     assert one.from_threshold and (one.similarity, one.photos, one.pairs) == (0.5, 1, 0)
     assert one.record()["kind"] == "threshold"
     # Three pictures of one face: three pairs, all far closer than the threshold.
     small = astro.resize((200, 200), Image.Resampling.LANCZOS)
-    three = engine.reference_of(engine.reference_descriptors([astro, ImageOps.mirror(astro), small]))
+    three = likeness.reference_of(likeness.reference_descriptors([astro, ImageOps.mirror(astro), small]))
     assert (three.photos, three.pairs) == (3, 3) and not three.from_threshold
     assert 0.75 < three.similarity <= 1.0
 
@@ -71,16 +70,16 @@ def test_the_ceiling_comes_from_pairs_of_photos_or_from_the_threshold(astro: Ima
 def test_likeness_of_the_same_face_beats_a_stranger_against_the_same_ceiling(
     astro: Image.Image, grace: Image.Image
 ) -> None:
-    refs = engine.reference_descriptors([astro, ImageOps.mirror(astro)])
-    ceiling = engine.reference_of(refs)
-    same = [engine.match_face(refs, astro.resize((300, 300))), engine.match_face(refs, ImageOps.mirror(astro))]
-    stranger = [engine.match_face(refs, grace)]
-    mine, theirs = engine.likeness_of(same, ceiling), engine.likeness_of(stranger, ceiling)
+    refs = likeness.reference_descriptors([astro, ImageOps.mirror(astro)])
+    ceiling = likeness.reference_of(refs)
+    same = [likeness.match_face(refs, astro.resize((300, 300))), likeness.match_face(refs, ImageOps.mirror(astro))]
+    stranger = [likeness.match_face(refs, grace)]
+    mine, theirs = likeness.likeness_of(same, ceiling), likeness.likeness_of(stranger, ceiling)
     assert mine["likeness"] > 0.85 and theirs["likeness"] < 0.6  # Grace Hopper is not Eileen Collins
     assert mine["same_person_rate"] == 1.0 and theirs["same_person_rate"] == 0.0
     assert mine["likeness"] == pytest.approx(mine["identity_similarity"] / mine["reference_similarity"], abs=1e-3)
     # No face at all: likeness 0, similarity unknown, face rate 0.
-    blank = engine.likeness_of([None, None], ceiling)
+    blank = likeness.likeness_of([None, None], ceiling)
     assert blank == {
         "identity_similarity": None,
         "reference_similarity": round(ceiling.similarity, 4),
@@ -89,35 +88,35 @@ def test_likeness_of_the_same_face_beats_a_stranger_against_the_same_ceiling(
         "face_rate": 0.0,
     }
     # Half the images without a face: the face rate says so, the likeness is over the faces found.
-    half = engine.likeness_of([same[0], None], ceiling)
-    assert half["face_rate"] == 0.5 and half["likeness"] == engine.likeness_of([same[0]], ceiling)["likeness"]
+    half = likeness.likeness_of([same[0], None], ceiling)
+    assert half["face_rate"] == 0.5 and half["likeness"] == likeness.likeness_of([same[0]], ceiling)["likeness"]
 
 
 def test_faces_of_a_two_person_image_go_to_the_right_identities(astro: Image.Image, grace: Image.Image) -> None:
-    refs = [engine.reference_descriptors([astro]), engine.reference_descriptors([grace])]
+    refs = [likeness.reference_descriptors([astro]), likeness.reference_descriptors([grace])]
     found = faces.face_descriptors(_pair(grace, astro))  # Grace on the left this time
     assert len(found) == 2
-    to_astro, to_grace = engine.assign_faces(found, refs)
+    to_astro, to_grace = likeness.assign_faces(found, refs)
     assert to_astro is not None and to_grace is not None
     assert to_astro.same_person and to_grace.same_person and not (to_astro.crossover or to_grace.crossover)
     # Two Eileens in a picture meant to show Eileen and Grace: one face must go to Grace, and it is a crossover.
-    twins = engine.assign_faces(faces.face_descriptors(_pair(astro, ImageOps.mirror(astro))), refs)
+    twins = likeness.assign_faces(faces.face_descriptors(_pair(astro, ImageOps.mirror(astro))), refs)
     assert twins[0] is not None and not twins[0].crossover and twins[0].same_person
     assert twins[1] is not None and twins[1].crossover and not twins[1].same_person
     # One face for two identities: the identity it resembles gets it, the other none.
-    alone = engine.assign_faces(faces.face_descriptors(grace), refs)
+    alone = likeness.assign_faces(faces.face_descriptors(grace), refs)
     assert alone[0] is None and alone[1] is not None and alone[1].same_person
-    assert engine.assign_faces([], refs) == [None, None]
+    assert likeness.assign_faces([], refs) == [None, None]
 
 
 def test_templates_name_one_identity_with_braces_or_several_by_name() -> None:
-    assert engine.check_templates(["<a> and <b> at a cafe"]) == ["<a> and <b> at a cafe"]
-    assert engine.group_names("<a> and <B> at a cafe") == ["a", "B"] and engine.group_names("a photo of {}") == []
-    assert engine.clip_text("a photo of <a> and <b> at a cafe") == "a photo of and at a cafe"
+    assert fidelity.check_templates(["<a> and <b> at a cafe"]) == ["<a> and <b> at a cafe"]
+    assert fidelity.group_names("<a> and <B> at a cafe") == ["a", "B"] and fidelity.group_names("a photo of {}") == []
+    assert fidelity.clip_text("a photo of <a> and <b> at a cafe") == "a photo of and at a cafe"
     with pytest.raises(CrossinitError, match="beside"):
-        engine.check_templates(["{} and <bob>"])
+        fidelity.check_templates(["{} and <bob>"])
     with pytest.raises(CrossinitError, match="for <bob> alone write"):
-        engine.check_templates(["a photo of <bob>"])
+        fidelity.check_templates(["a photo of <bob>"])
 
 
 # ---- the command --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossinit_cli import crossinit, memory, train
+from crossinit_cli import crossinit, memory, objective, train
 from crossinit_cli.batches import BatchEntry, read_manifest
 from crossinit_cli.devices import Placement, load_pipeline
 from crossinit_cli.errors import CrossinitError
@@ -59,8 +59,8 @@ def test_micro_batches_learn_the_rows_of_the_whole_batch(tiny_model: Path, crops
 
 def test_the_regulariser_counts_once_a_step(tiny_model: Path, crops: list, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real = train.regulariser
-    monkeypatch.setattr(train, "regulariser", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = objective.regulariser
+    monkeypatch.setattr(objective, "regulariser", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     _run(tiny_model, crops, 1)
     assert len(calls) == SETTINGS["steps"]  # not once per micro-batch (that would be 16)
 

@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from crossinit_cli import faces, sample
-from crossinit_cli import scoring as engine
+from crossinit_cli import faces, sample, snapshots
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
 
@@ -86,11 +85,11 @@ def test_pick_best_keeps_near_best_likeness_then_prefers_prompt_fidelity() -> No
         {"step": 80, "likeness": 0.95, "prompt_fidelity": 0.27},
         {"step": 120, "likeness": 1.0, "prompt_fidelity": 0.22},
     ]
-    assert engine.pick_best(records) == 80  # 40 is too far from the best likeness; 80 follows prompts better
+    assert snapshots.pick_best(records) == 80  # 40 is too far from the best likeness; 80 follows prompts better
     no_clip = [{**r, "prompt_fidelity": None} for r in records]
-    assert engine.pick_best(no_clip) == 80  # the earliest of the near-best: least drift from the start
+    assert snapshots.pick_best(no_clip) == 80  # the earliest of the near-best: least drift from the start
     with pytest.raises(CrossinitError, match="no stored face crops"):
-        engine.pick_best([{"step": 40, "likeness": None, "prompt_fidelity": 0.3}])
+        snapshots.pick_best([{"step": 40, "likeness": None, "prompt_fidelity": 0.3}])
 
 
 def test_eval_snapshots_scores_each_and_pick_best_makes_one_active(
@@ -144,7 +143,7 @@ def test_sdxl_snapshots_and_resume_keep_each_encoders_rows(
 ) -> None:
     """SDXL's two encoders: a snapshot is one named tensor per encoder, --use-snapshot switches both, and a
     run stopped by Ctrl-C resumes to the uninterrupted run's rows for both encoders."""
-    from crossinit_cli import checkpoint, train
+    from crossinit_cli import checkpoint, objective
 
     args = ("--steps", "6", "--batch-size", "1", "--snapshot-every", "2", "--model", tiny_sdxl, "--quiet")
     assert cli("learn", ASTRONAUT, "--name", "xl", *args).exit_code == 0
@@ -159,7 +158,7 @@ def test_sdxl_snapshots_and_resume_keep_each_encoders_rows(
 
     # Ctrl-C after step 3 (in the loss of step 4), then --resume: the same rows as the run above.
     calls = {"n": 0}
-    real = train.regulariser_all
+    real = objective.regulariser_all
 
     def interrupted(*a: Any, **k: Any) -> Any:
         calls["n"] += 1
@@ -167,10 +166,10 @@ def test_sdxl_snapshots_and_resume_keep_each_encoders_rows(
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "regulariser_all", interrupted)
+    monkeypatch.setattr(objective, "regulariser_all", interrupted)
     stopped = cli("learn", ASTRONAUT, "--name", "again", *args)
     assert stopped.exit_code == 130 and checkpoint.find(home, "again").step == 3
-    monkeypatch.setattr(train, "regulariser_all", real)
+    monkeypatch.setattr(objective, "regulariser_all", real)
     assert cli("learn", "--resume", "again", "--quiet").exit_code == 0
     again = load_file(str(library.path_of("again") / "vectors.safetensors"))
     assert set(again) == set(stored)
@@ -181,12 +180,12 @@ def test_sdxl_snapshots_and_resume_keep_each_encoders_rows(
 def test_pick_best_picks_nothing_when_nothing_was_measured() -> None:
     """All likeness 0 (no face in any generated image) and no CLIP: no evidence, so no pick."""
     blank = [{"step": s, "likeness": 0.0, "face_rate": 0.0, "prompt_fidelity": None} for s in (40, 80, 120)]
-    assert engine.pick_best(blank) is None
-    assert engine.nothing_measured(blank) == (
+    assert snapshots.pick_best(blank) is None
+    assert snapshots.nothing_measured(blank) == (
         "no face was found in the generated images and prompt fidelity was not measured (no CLIP score)"
     )
-    assert engine.pick_best([{**r, "prompt_fidelity": 0.2 + r["step"] / 1000} for r in blank]) == 120
-    assert engine.pick_best([{**r, "likeness": 0.4 if r["step"] == 80 else 0.0} for r in blank]) == 80
+    assert snapshots.pick_best([{**r, "prompt_fidelity": 0.2 + r["step"] / 1000} for r in blank]) == 120
+    assert snapshots.pick_best([{**r, "likeness": 0.4 if r["step"] == 80 else 0.0} for r in blank]) == 80
 
 
 def test_eval_pick_best_changes_nothing_and_says_so_when_nothing_was_measured(

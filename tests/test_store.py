@@ -146,3 +146,23 @@ def test_entries_written_without_a_family_get_it_from_their_width(library: Libra
     meta.write_text("\n".join(line for line in meta.read_text().splitlines() if not line.startswith("family")))
     assert "family" not in meta.read_text()
     assert library.get("old").family == family
+
+
+def test_effective_vectors_of_an_sdxl_identity_are_both_encoders_rows(library: Library) -> None:
+    """SDXL: clip_l's rows and clip_g's, each at the stored strength (not clip_l's alone); one encoder: one array."""
+    rng = np.random.default_rng(7)
+    learned = {
+        "clip_l": rng.normal(size=(2, 32)).astype(np.float32),
+        "clip_g": rng.normal(size=(2, 64)).astype(np.float32),
+    }
+    init = {key: np.zeros_like(rows) for key, rows in learned.items()}
+    library.add(Identity(name="xl", tokens=2, width=32, family="sdxl", widths=[32, 64], strength=0.5), learned, init)
+    got = library.effective_vectors("xl")
+    assert isinstance(got, list) and [a.shape for a in got] == [(2, 32), (2, 64)]
+    for rows, key in zip(got, ("clip_l", "clip_g")):
+        np.testing.assert_allclose(rows, 0.5 * learned[key], rtol=1e-6)
+    for a, b in zip(got, library.effective_parts("xl")):
+        np.testing.assert_array_equal(a, b)
+    library.add(Identity(name="sd", tokens=2, width=32), learned["clip_l"], init["clip_l"])
+    one = library.effective_vectors("sd")
+    assert isinstance(one, np.ndarray) and one.shape == (2, 32)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossinit_cli import crossinit, train
+from crossinit_cli import captions, crossinit, encoding, objective, train
 from crossinit_cli.devices import Placement, load_pipeline
 from crossinit_cli.errors import CrossinitError
 
@@ -70,7 +70,7 @@ def test_regulariser_is_the_plain_l2_distance() -> None:
     rows, start = torch.zeros(2, 4), torch.zeros(2, 4)
     rows[0, 0], rows[1] = 3.0, torch.tensor([0.0, 0.0, 4.0, 0.0])
     # mean of ||v_i - v0_i||_2 over the two rows = (3 + 4) / 2, times λ; squared would give 12.5.
-    assert train.regulariser(rows, start, 2.0).item() == pytest.approx(2.0 * 3.5, rel=1e-5)
+    assert objective.regulariser(rows, start, 2.0).item() == pytest.approx(2.0 * 3.5, rel=1e-5)
 
 
 def test_training_lowers_the_loss(tiny_model: Path, crops: list) -> None:
@@ -94,9 +94,9 @@ def test_v_prediction_trains_on_the_velocity(tiny_model: Path, tiny_model_v: Pat
     t = torch.tensor([10, 900])
     alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents  # Salimans & Ho's v
-    assert torch.allclose(train.loss_target(scheduler, latents, noise, t), velocity, atol=1e-6)
+    assert torch.allclose(objective.loss_target(scheduler, latents, noise, t), velocity, atol=1e-6)
     epsilon = DDPMScheduler.from_config({**pipe.scheduler.config, "prediction_type": "epsilon"})
-    assert torch.equal(train.loss_target(epsilon, latents, noise, t), noise)
+    assert torch.equal(objective.loss_target(epsilon, latents, noise, t), noise)
 
     # The two fixtures have the same weights; only the target differs, and so does the loss.
     v_result, _, _ = _run(tiny_model_v, crops, steps=2)
@@ -111,7 +111,7 @@ def test_unknown_prediction_type_is_a_clear_error() -> None:
             prediction_type = "sample"
 
     with pytest.raises(CrossinitError, match="predicts 'sample'"):
-        train.loss_target(Scheduler(), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+        objective.loss_target(Scheduler(), torch.zeros(1), torch.zeros(1), torch.zeros(1))
 
 
 def test_same_seed_same_rows_other_seed_other_rows(tiny_model: Path, crops: list) -> None:
@@ -135,17 +135,19 @@ def test_vae_encodes_in_bf16_when_training_in_bf16_within_a_stated_tolerance_of_
     8 bits of mantissa: the latent means move by about 1% of their size on average (at most 0.02 here), far
     less than the VAE's own sampling noise (its std) that every step adds to them. Elsewhere it encodes in fp32."""
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert train.encode_dtype(Placement("cpu", "bf16", "t")) == (torch.bfloat16 if native else torch.float32)
-    assert train.encode_dtype(Placement("cuda", "bf16", "t")) == torch.bfloat16
-    assert train.encode_dtype(Placement("cuda", "fp16", "t")) == train.encode_dtype(CPU) == torch.float32
+    assert encoding.encode_dtype(Placement("cpu", "bf16", "t")) == (torch.bfloat16 if native else torch.float32)
+    assert encoding.encode_dtype(Placement("cuda", "bf16", "t")) == torch.bfloat16
+    assert encoding.encode_dtype(Placement("cuda", "fp16", "t")) == encoding.encode_dtype(CPU) == torch.float32
     latents = {}
     for dtype in ("fp32", "bf16"):
         pipe = load_pipeline(str(tiny_model))
         # The encode as it runs where bf16 is native (CUDA, AVX512-BF16), on this CPU: the numbers are the same.
         placement = Placement("cpu", dtype, "tests")
         setup = train._setup(train.ModelParts.of_pipeline(pipe), train.TrainConfig(), placement)
-        monkeypatch.setattr(train, "encode_dtype", lambda p: {"fp32": torch.float32, "bf16": torch.bfloat16}[p.dtype])
-        latents[dtype] = train.encode_crops(pipe.vae, crops, setup)
+        monkeypatch.setattr(
+            encoding, "encode_dtype", lambda p: {"fp32": torch.float32, "bf16": torch.bfloat16}[p.dtype]
+        )
+        latents[dtype] = encoding.encode_crops(pipe.vae, crops, setup.placement, setup.size)
         assert pipe.vae.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         assert latents[dtype].mean.dtype == latents[dtype].std.dtype == torch.float32  # sampled in fp32
     full, half = latents["fp32"], latents["bf16"]
@@ -197,10 +199,10 @@ def test_out_of_memory_advice_keeps_the_rate_per_image() -> None:
 
 
 def test_captions_are_the_official_templates() -> None:
-    assert len(train.TEMPLATES) == 81 and train.TEMPLATES[0] == "a photo of a {}"
-    assert "an illustration of my {}" in train.TEMPLATES and "a depiction of the large {}" in train.TEMPLATES
-    assert all(t.count("{}") == 1 for t in train.TEMPLATES)
-    assert train.TEMPLATES[0].format(crossinit.PHRASE) == "a photo of a face of <v0> <v1> person"
+    assert len(captions.TEMPLATES) == 81 and captions.TEMPLATES[0] == "a photo of a {}"
+    assert "an illustration of my {}" in captions.TEMPLATES and "a depiction of the large {}" in captions.TEMPLATES
+    assert all(t.count("{}") == 1 for t in captions.TEMPLATES)
+    assert captions.TEMPLATES[0].format(crossinit.PHRASE) == "a photo of a face of <v0> <v1> person"
 
 
 def test_resolution_follows_the_model(tiny_model: Path) -> None:
@@ -243,7 +245,7 @@ def test_a_run_resumed_from_any_saved_state_ends_bit_for_bit_where_the_whole_run
 def test_ctrl_c_saves_the_last_whole_step(tiny_model: Path, crops: list, monkeypatch: pytest.MonkeyPatch) -> None:
     saved: list[dict] = []
     calls = {"n": 0}
-    real = train.regulariser
+    real = objective.regulariser
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -251,7 +253,7 @@ def test_ctrl_c_saves_the_last_whole_step(tiny_model: Path, crops: list, monkeyp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "regulariser", interrupted)
+    monkeypatch.setattr(objective, "regulariser", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_model, crops, run={"save_state": saved.append}, steps=12, batch_size=2)
     assert [s["step"] for s in saved] == [3] and len(saved[0]["losses"]) == 3

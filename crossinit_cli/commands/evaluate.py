@@ -9,7 +9,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from crossinit_cli import evaluating, ui
+from crossinit_cli import evaluating, fidelity, likeness, snapshots, ui
 from crossinit_cli import scoring as engine
 from crossinit_cli.commands.common import read_source, stderr_progress
 from crossinit_cli.evaluating import EvalOptions
@@ -82,7 +82,7 @@ def _snapshot_report(scores: evaluating.SnapshotScores, *, as_json: bool) -> int
         which = "the final vectors" if picked == scores.last else f"the snapshot at step {picked}"
         ui.info(
             f"[bold]{escape(ident.name)}[/] now uses {which} (best trade-off: likeness within "
-            f"{engine.LIKENESS_KEEP:.0%} of the best, then prompt fidelity); undo: crossinit edit "
+            f"{snapshots.LIKENESS_KEEP:.0%} of the best, then prompt fidelity); undo: crossinit edit "
             f"{escape(ident.name)} --use-snapshot final"
         )
     elif unmeasured:
@@ -130,7 +130,7 @@ def verdict(record: dict[str, Any]) -> list[str]:
         else:
             lines = [
                 f"<{name}>: looks like {name} in {same} of {images} images "
-                f"(a face in {faces}; same person by dlib's {engine.SAME_PERSON_DISTANCE} distance)"
+                f"(a face in {faces}; same person by dlib's {likeness.SAME_PERSON_DISTANCE} distance)"
             ]
             if reference.get("kind") == "threshold":
                 lines.append(
@@ -157,7 +157,7 @@ def verdict(record: dict[str, Any]) -> list[str]:
 
 def _read_templates(prompts: str) -> list[str]:
     text = read_source(prompts, "prompts", "one a line, {} where the identity goes")
-    return engine.read_prompts(text, "stdin" if prompts == "-" else prompts)
+    return fidelity.read_prompts(text, "stdin" if prompts == "-" else prompts)
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def _identity_table(record: dict[str, Any]) -> Table:
         if entry.get("crossover"):
             same += f" ({entry['crossover']} crossed)"
         table.add_row(
-            escape(engine.fill(entry["prompt"], record["name"])),
+            escape(fidelity.fill(entry["prompt"], record["name"])),
             faces,
             same,
             _num(entry.get("similarity")),
@@ -230,7 +230,7 @@ def _compare_table(records: list[dict[str, Any]]) -> Table:
     row("reference (ceiling)", [_num(r.get("reference_similarity")) for r in records])
     row("identity cosine", [_num(r["identity"].get("cosine")) for r in records])
     row("dlib distance", [_num(r["identity"].get("distance")) for r in records])
-    row(f"same person (< {engine.SAME_PERSON_DISTANCE})", [_share(r.get("same_person_rate")) for r in records])
+    row(f"same person (< {likeness.SAME_PERSON_DISTANCE})", [_share(r.get("same_person_rate")) for r in records])
     row("prompt fidelity (CLIP)", [_num(r["fidelity"].get("clip_score")) for r in records], end_section=True)
     # A prompt naming several identities is in the records of those it names only.
     prompts = list(dict.fromkeys(p["prompt"] for r in records for p in r["prompts"]))

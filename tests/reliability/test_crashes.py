@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from crossinit_cli.formats import read_embedding_file
-from crossinit_cli.store import LOCK_TIMEOUT_S, Identity, Library
+from crossinit_cli.librarylock import LOCK_TIMEOUT_S
+from crossinit_cli.store import Identity, Library
 from tests.reliability.harness import (
     DATA,
     Timer,
