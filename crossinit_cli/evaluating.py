@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from crossinit_cli import fidelity, sample
-from crossinit_cli import snapshots as snapshot_scores
 from crossinit_cli import scoring as engine
+from crossinit_cli import snapshots as snapshot_scores
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library
 
