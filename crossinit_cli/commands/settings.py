@@ -29,18 +29,16 @@ def show(home: Path, *, as_json: bool) -> int:
 
 
 def set_value(key: str, value: str) -> int:
-    current = config.load_config()
+    config.load_config()  # a broken config file is refused before anything is written
     value = config.normalized(key, value)
-    setattr(current, key, value)
-    path = config.save_config(current)
+    path = config.update_config({key: value})
     ui.info(f"{key} = {escape(value)} (saved in {escape(str(path))})")
     return 0
 
 
 def unset_value(key: str) -> int:
     config.validate_key(key)
-    current = config.load_config()
-    setattr(current, key, getattr(config.Config(), key))
-    config.save_config(current)
-    ui.info(f"{key} reset to {escape(str(getattr(current, key)))}")
+    config.load_config()
+    config.update_config({key: None})
+    ui.info(f"{key} reset to {escape(str(getattr(config.Config(), key)))}")
     return 0
