@@ -135,7 +135,7 @@ def load_config(path: Path | None = None) -> Config:
         return Config()
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise CrossinitError(f"cannot read config {path}: {library_text(exc)}; fix or delete it") from None
     config = Config()
     for key, value in raw.items():
@@ -172,7 +172,7 @@ def update_config(changes: dict[str, str | None], path: Path | None = None) -> P
         text = _read(path) or ""
         try:
             document = tomlkit.parse(text)
-        except tomlkit.exceptions.ParseError as exc:
+        except (tomlkit.exceptions.ParseError, RecursionError) as exc:
             raise CrossinitError(f"cannot read config {path}: {library_text(exc)}; fix or delete it") from None
         for key, value in changes.items():
             validate_key(key)

@@ -228,7 +228,7 @@ def _sdnext(root: Path) -> Tool:
     config_path = base / config_file[0] if config_file else base / "config.json"
     try:
         config = json.loads(untrusted.read_text(config_path, untrusted.SETTINGS_BYTES))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         config = {}  # SD.Next starts with its defaults too when its config file is missing or unreadable
     config = config if isinstance(config, dict) else {}
     models = _sdnext_setting(flags, "--models-dir", "SD_MODELSDIR")
@@ -259,7 +259,7 @@ def comfy_embedding_folders(base: Path, code: Path) -> list[tuple[Path, str]]:
 
     try:
         config = yaml.safe_load(untrusted.read_text(yaml_path, untrusted.SETTINGS_BYTES)) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as exc:
         raise CrossinitError(f"cannot read {yaml_path}: {str(exc).splitlines()[0]}") from None
     for section, conf in config.items() if isinstance(config, dict) else ():
         if not isinstance(conf, dict) or not isinstance(conf.get("embeddings"), str):

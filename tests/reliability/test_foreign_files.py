@@ -242,3 +242,26 @@ def test_a_file_shrunk_while_it_is_imported_is_an_error_not_a_crash(tmp_path: Pa
     reads, refusals = map(int, done.stdout.split())
     assert reads + refusals > 10, done.stdout
     print(f"file shrunk while read: {reads + refusals} reads in 5 s ({reads} whole, {refusals} refused), no signal")
+
+
+def test_settings_nested_past_pythons_recursion_limit_are_one_line(tmp_path: Path) -> None:
+    """A config.json, extra_model_paths.yaml or config.toml of 100,000 nested brackets: the parsers recurse."""
+    from crossinit_cli import config, tools
+    from crossinit_cli.errors import CrossinitError
+
+    sdnext = tmp_path / "sdnext"
+    for name in ("webui.py", "installer.py", "modules/cmd_args.py"):
+        (sdnext / name).parent.mkdir(parents=True, exist_ok=True)
+        (sdnext / name).write_text("")
+    (sdnext / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert tools.detect(sdnext).embeddings == sdnext / "models" / "embeddings"  # unreadable: SD.Next's defaults
+    comfy = _comfy(tmp_path / "comfy")
+    (comfy / "extra_model_paths.yaml").write_text("a: " + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CrossinitError, match="cannot read .*extra_model_paths.yaml"):
+        tools.detect(comfy)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CrossinitError, match="cannot read config"):
+        config.load_config(deep)
+    with pytest.raises(CrossinitError, match="cannot read config"):
+        config.update_config({"device": "cpu"}, deep)
