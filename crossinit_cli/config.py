@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +113,29 @@ def identities_model(chosen: str | None, identities: Iterable[Any]) -> str:
     return next(iter(learned), DEFAULT_MODEL)
 
 
+def _read(path: Path) -> str | None:
+    """The config file's text (None when there is none): a regular file of at most 1 MiB, read without
+    waiting (CROSSINIT_CONFIG naming a FIFO or /dev/zero is refused in one line)."""
+    from crossinit_cli import untrusted
+
+    try:
+        return untrusted.read_text(path, untrusted.CONFIG_BYTES)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CrossinitError(f"cannot read config {path}: {library_text(exc)}; fix or delete it") from None
+    except CrossinitError as exc:
+        raise CrossinitError(f"cannot use config: {exc}; fix it or point CROSSINIT_CONFIG elsewhere") from None
+
+
 def load_config(path: Path | None = None) -> Config:
     path = path or config_path()
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    text = _read(path)
+    if text is None:
         return Config()
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    try:
+        raw = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise CrossinitError(f"cannot read config {path}: {library_text(exc)}; fix or delete it") from None
     config = Config()
     for key, value in raw.items():
@@ -128,33 +144,62 @@ def load_config(path: Path | None = None) -> Config:
     return config
 
 
-def save_config(config: Config, path: Path | None = None) -> Path:
-    import tomli_w
+CONFIG_LOCK_TIMEOUT_S = 30
+
+
+def update_config(changes: dict[str, str | None], path: Path | None = None) -> Path:
+    """Set each key of `changes` to its value (None, or the default value: remove the key) in the config file,
+    keeping everything else in it as written: comments, keys crossinit does not know, tables, order.
+
+    Safe against `config set` runs in parallel: under a lock beside the file (`config.toml.lock`), the file is
+    read again, changed and replaced atomically, so no run's key is lost to another's stale copy."""
+    import tomlkit
+    from filelock import FileLock, Timeout
 
     from crossinit_cli.atomic import write_bytes_atomic
 
     path = path or config_path()
     defaults = Config()
-    changed = {k: v for k, v in asdict(config).items() if v != getattr(defaults, k)}
-    write_bytes_atomic(path, tomli_w.dumps(changed).encode())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.with_name(path.name + ".lock")), timeout=CONFIG_LOCK_TIMEOUT_S)
+        lock.acquire()
+    except Timeout:
+        raise CrossinitError(f"config {path} is being changed by another crossinit; try again") from None
+    except OSError as exc:
+        raise CrossinitError(f"cannot write config {path}: {library_text(exc)}") from None
+    try:
+        text = _read(path) or ""
+        try:
+            document = tomlkit.parse(text)
+        except (tomlkit.exceptions.ParseError, RecursionError) as exc:
+            raise CrossinitError(f"cannot read config {path}: {library_text(exc)}; fix or delete it") from None
+        for key, value in changes.items():
+            validate_key(key)
+            if value is None or value == getattr(defaults, key):
+                document.pop(key, None)
+            else:
+                document[key] = validate(key, value)
+        write_bytes_atomic(path, tomlkit.dumps(document).encode("utf-8"))
+    finally:
+        lock.release()
     return path
 
 
 def set_default(key: str, value: str) -> tuple[str, Path]:
-    """`config set`: `value` checked (a model path made absolute) and saved; the value stored and the file."""
-    current = load_config()
+    """`config set`: `value` checked (a model path made absolute) and saved, the rest of the file kept as
+    written; the value stored and the file."""
+    load_config()  # a broken config file is refused before anything is written
     value = normalized(key, value)
-    setattr(current, key, value)
-    return value, save_config(current)
+    return value, update_config({key: value})
 
 
 def reset_default(key: str) -> str:
-    """`config unset`: `key` back to crossinit's own default, saved; that default."""
+    """`config unset`: `key` back to crossinit's own default (removed from the file); that default."""
     validate_key(key)
-    current = load_config()
-    setattr(current, key, getattr(Config(), key))
-    save_config(current)
-    return str(getattr(current, key))
+    load_config()
+    update_config({key: None})
+    return str(getattr(Config(), key))
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+from crossinit_cli import untrusted
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.families import SizeCondition
 
 SUPPORTED_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 """Suffixes picked up when a folder is given; files named one by one are tried whatever their suffix."""
+
+MAX_PHOTO_BYTES = 512 * 1024 * 1024
+"""The largest photo file read: 50 MP of 16-bit RGBA, uncompressed, is 400 MB."""
 
 MAX_PIXELS = 50_000_000
 """Decompression-bomb guard: the largest image (width x height, from the file header) we agree to decode.
@@ -182,8 +186,13 @@ def load_photo(path: Path) -> Image.Image:
     if path.stat().st_size == 0:
         raise CrossinitError(f"{path}: file is empty (0 bytes)")
     try:
-        with path.open("rb") as fh:
+        # Checked again on the open handle (a FIFO or device swapped in since is refused, not waited on).
+        with untrusted.open_regular(path, MAX_PHOTO_BYTES) as fh:
             return _decode(path, fh)
+    except untrusted.TooLarge as e:
+        raise CrossinitError(f"{path}: file is too large for a photo ({e.size >> 20} MiB)") from None
+    except untrusted.NotRegular:
+        raise CrossinitError(f"{path}: not a file") from None
     except OSError as e:
         # Only reading the file itself gets here: decoding errors are turned into messages in _decode.
         raise CrossinitError(f"{path}: cannot read ({_one_line(e.strerror or e)})") from e

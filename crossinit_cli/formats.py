@@ -16,13 +16,12 @@ from __future__ import annotations
 import io
 import json
 import re
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import families
+from crossinit_cli import families, untrusted
 from crossinit_cli.atomic import write_bytes_atomic
 from crossinit_cli.entries import LEGACY_FAMILIES, MAX_TOKENS, check_vectors
 from crossinit_cli.errors import CrossinitError, library_text
@@ -420,30 +419,23 @@ def read_embedding_file(path: Path, model: str | None = None) -> Imported:
                 return read_embedding_file(path / candidate, model)
         raise CrossinitError(f"{path} is a folder without learned_embeds.safetensors or learned_embeds.bin")
     try:
-        mode = path.stat().st_mode
+        data = untrusted.read_bytes(path, MAX_IMPORT_BYTES)
+    except untrusted.TooLarge as exc:
+        raise CrossinitError(
+            f"{path} is {exc.size >> 20} MiB; an embedding file is a few KiB (is it a model checkpoint?)"
+        ) from None
     except FileNotFoundError:
         raise CrossinitError(f"{path}: no such file") from None
     except OSError as exc:
         raise CrossinitError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(mode):  # opening a FIFO waits for a writer forever; /dev/zero never ends
-        raise CrossinitError(f"{path} is not a regular file (a device, FIFO or socket)")
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(16)
-    except FileNotFoundError:
-        raise CrossinitError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise CrossinitError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if size == 0:
+    if not data:
         raise CrossinitError(f"{path} is empty")
-    if size > MAX_IMPORT_BYTES:
-        raise CrossinitError(f"{path} is {size >> 20} MiB; an embedding file is a few KiB (is it a model checkpoint?)")
+    head = data[:16]
     layout = None
     if head[:2] == b"PK" or head[:1] == b"\x80":
-        state, meta = _load_pickle(path), {}
+        state, meta = _load_pickle(data, path), {}
     elif len(head) >= 9 and head[8:9] == b"{":
-        state, meta = _load_safetensors(path, size, int.from_bytes(head[:8], "little"))
+        state, meta = _load_safetensors(data, path)
     elif head.startswith(PNG_MAGIC):
         state, meta, layout = *_load_png(path), "a1111-png"
     else:
@@ -537,43 +529,56 @@ def _load_png(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return state, meta
 
 
-def _load_safetensors(path: Path, size: int, header_len: int) -> tuple[dict[str, Any], dict[str, str]]:
-    import numpy as np
-    from safetensors import SafetensorError, safe_open
+def _load_safetensors(data: bytes, path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A safetensors file's tensors (numpy) and metadata, from its bytes (read once: nothing is mapped)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
 
-    if header_len > min(size - 8, _SAFETENSORS_MAX_HEADER):
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > min(len(data) - 8, _SAFETENSORS_MAX_HEADER):
         raise CrossinitError(f"{path} is not a valid safetensors file (header length {header_len} > file size)")
     try:
-        with safe_open(str(path), framework="numpy") as handle:
-            meta = handle.metadata() or {}
-            state = {key: np.asarray(handle.get_tensor(key)) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        state = load(data)  # checks the header (offsets, dtypes, shapes, metadata all strings) before any tensor
+        told = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as exc:
         raise CrossinitError(f"{path} is not a valid safetensors file ({library_text(exc)})") from None
+    meta = {str(k): str(v) for k, v in told.items()} if isinstance(told, dict) else {}
     return state, meta
 
 
-def _load_pickle(path: Path) -> dict[str, Any]:
+def _load_pickle(data: bytes, path: Path) -> dict[str, Any]:
+    """A torch file's (zip or legacy) or a bare pickle's dict, from its bytes: each pickle in it is screened
+    (`untrusted.screen_pickle`) before torch's weights-only unpickler reads it."""
     import pickle
     import zipfile
 
     import torch
 
-    if zipfile.is_zipfile(path):
+    if data[:2] == b"PK":
         # torch.load inflates every record in memory: 64 MiB of deflated zeros would be ~64 GiB.
         try:
-            with zipfile.ZipFile(path) as archive:
-                unpacked = sum(entry.file_size for entry in archive.infolist())
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                records = archive.infolist()
+                unpacked = sum(entry.file_size for entry in records)
+                if unpacked > MAX_IMPORT_BYTES:
+                    raise CrossinitError(
+                        f"{path} unpacks to {unpacked >> 20} MiB; an embedding file is a few KiB (refused: a zip bomb?)"
+                    )
+                for entry in records:  # torch unpickles <archive>/data.pkl; every .pkl is screened
+                    if entry.filename.endswith(".pkl"):
+                        untrusted.screen_pickle(archive.read(entry), path)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as exc:
             raise CrossinitError(f"{path} is not a readable torch file ({library_text(exc)})") from None
-        if unpacked > MAX_IMPORT_BYTES:
-            raise CrossinitError(
-                f"{path} unpacks to {unpacked >> 20} MiB; an embedding file is a few KiB (refused: a zip bomb?)"
-            )
+    else:  # torch's legacy format: five pickles one after another (magic, protocol, system, data, storages)
+        try:
+            untrusted.screen_pickle(data, path, pickles=5)
+        except ValueError as exc:
+            raise CrossinitError(f"{path} is not a readable torch file ({library_text(exc)})") from None
     try:
         # Original textual-inversion and older A1111 files pickle string_to_param as a ParameterDict: torch's
         # own allow-list admits that one class (rebuilt from plain data by nn.Module's __setstate__), nothing more.
         with torch.serialization.safe_globals([torch.nn.ParameterDict]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CrossinitError(
             f"{path} was refused: it is a pickle that needs more than plain tensors to load "

@@ -3,11 +3,14 @@
 A name is also a directory name and a prompt token (`<alice>`), so it is NFKC-normalised, limited in length
 and bytes, free of separators and control characters, and not one of Windows' reserved device names. Names
 match case-insensitively (`name_key`), and a new name that would read like a stored one ("аlice" with a
-Cyrillic "а" beside "alice") is refused. Nothing here touches the file system.
+Cyrillic "а" beside "alice", Cherokee "Ꭺlice") is refused: their Unicode TR39 skeletons (confusables) match.
+Invisible characters (Default_Ignorable_Code_Point, such as U+3164 HANGUL FILLER) are refused. Nothing here
+touches the file system.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -19,26 +22,64 @@ MAX_NAME_BYTES = 200
 """A name is also a directory name: file systems allow 255 bytes, and an entry is staged as `<key>~<32 hex>`."""
 _NAME_RE = re.compile(r"^\w[\w.\-]*$")
 _RESERVED = {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
-# Letters of other scripts drawn like Latin ones (from Unicode's confusables, UTS #39), so that "аlice" with
-# a Cyrillic "а" cannot sit beside, and pass for, "alice". Both cases: names match case-insensitively.
-_LOOKALIKES = str.maketrans(
-    dict(
-        pair
-        for pairs in (
-            "АA ВB СC ЕE НH ІI ЈJ КK МM ОO РP ЅS ТT ХX УY "  # Cyrillic capitals
-            "аa еe іi јj оo рp сc уy хx ѕs ԁd һh ӏl ԛq ԝw вb гr кk мm нh тt ьb",  # and small letters
-            "ΑA ΒB ΕE ΖZ ΗH ΙI ΚK ΜM ΝN ΟO ΡP ΤT ΥY ΧX αa ιi κk νv οo ρp υu χx ϲc ϳj",  # Greek
-            "ՕO ՍU ՏS օo սu ցg հh ոn զq",  # Armenian
-            "ıi ɑa ɡg ʟL Ƅb ƅb ǀl ɩi",  # Latin letters drawn like other Latin ones
-        )
-        for pair in pairs.split()
-    )
-)
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): drawn as nothing, or as blank space
+# that is not a space (U+3164 HANGUL FILLER is a letter to Python), so `alice\u3164` would read as `alice`.
+_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)  # fmt: skip
+
+
+def _ignorable(char: str) -> bool:
+    code = ord(char)
+    return any(low <= code <= high for low, high in _IGNORABLE)
+
+
+@functools.lru_cache(maxsize=1)
+def _prototypes() -> dict[str, str]:
+    """Each character of Unicode's confusables (UTS #39 confusables.txt, as the confusable-homoglyphs package
+    ships it: each pair in both directions) mapped to one member of its class: two strings have the same TR39
+    skeleton exactly when their characters map to the same members. Small capitals (`ᴀ`, which the table
+    leaves apart) are added as their letter."""
+    from confusable_homoglyphs.confusables import confusables_data
+
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    pairs = [(char, pair["c"]) for char, found in confusables_data.items() for pair in found]
+    for code in (*range(0x0250, 0x02B0), *range(0x1D00, 0x1D80), *range(0xA720, 0xA800), *range(0xAB30, 0xAB70)):
+        small_capital = re.fullmatch(r"LATIN LETTER SMALL CAPITAL ([A-Z])", unicodedata.name(chr(code), ""))
+        if small_capital:
+            pairs.append((chr(code), small_capital.group(1)))
+    for one, other in pairs:
+        a, b = find(one), find(other)
+        if a != b:
+            parent[max(a, b, key=_rank)] = min(a, b, key=_rank)
+    return {char: find(char) for char in parent}
+
+
+def _rank(text: str) -> tuple[bool, int, str]:
+    """Which member stands for its class: a single ASCII character first, then the shortest."""
+    return (not (len(text) == 1 and text.isascii()), len(text), text)
+
+
+def skeleton(text: str) -> str:
+    """`text`'s TR39 skeleton (characters that look alike mapped to one), case-folded: "Ꭺlice" -> "alice"."""
+    table = _prototypes()
+    decomposed = unicodedata.normalize("NFD", text)
+    return unicodedata.normalize("NFD", "".join(table.get(c, c) for c in decomposed)).casefold()
 
 
 def _skeletons(key: str) -> set[str]:
-    """How a stored key can look on screen, written in Latin where another script's letters look Latin."""
-    return {form.translate(_LOOKALIKES).casefold() for form in (key, key.upper())}
+    """How a stored key can look on screen in either case (names match case-insensitively)."""
+    return {skeleton(form) for form in (key, key.upper())}
 
 
 def validate_name(name: str) -> str:
@@ -51,6 +92,10 @@ def validate_name(name: str) -> str:
         raise CrossinitError(f"identity name is {len(norm)} characters long; the limit is {MAX_NAME}")
     if any(unicodedata.category(c).startswith("C") for c in norm):
         raise CrossinitError(f"identity name {shown!r} contains control or invisible characters")
+    hidden = [c for c in name + norm if _ignorable(c)]
+    if hidden:
+        what = unicodedata.name(hidden[0], f"U+{ord(hidden[0]):04X}")
+        raise CrossinitError(f"identity name {shown!r} contains an invisible character ({what})")
     if "/" in norm or "\\" in norm or ".." in norm:
         raise CrossinitError(f"identity name {shown!r} may not contain '/', '\\' or '..'")
     if not _NAME_RE.match(norm):
@@ -77,7 +122,7 @@ def refuse_lookalike(name: str, keys: Iterable[str]) -> None:
     for other_key in keys:
         if other_key != key and _skeletons(other_key) & mine:
             shown = ascii(name)  # escaped, or the message would show two identical names
-            other = [c for c in name if c.translate(_LOOKALIKES) != c]
+            other = [c for c in name if not c.isascii() and skeleton(c) != c.casefold()]
             which = f" ({unicodedata.name(other[0], '')})" if other else ""
             raise CrossinitError(
                 f"identity name {shown}{which} looks like the existing identity {other_key!r}; "

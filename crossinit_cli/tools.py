@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from crossinit_cli import untrusted
 from crossinit_cli.errors import CrossinitError
 
 
@@ -106,7 +107,7 @@ def _script_args(script: Path, start: list[tuple[str, str]]) -> list[tuple[str, 
     as the shell does: an assignment replaces the value, `$COMMANDLINE_ARGS` / `%COMMANDLINE_ARGS%` in it stands
     for the value before. None when the script does not set it."""
     try:
-        text = script.read_text(encoding="utf-8", errors="replace")
+        text = untrusted.read_text(script, untrusted.SETTINGS_BYTES, errors="replace")
     except OSError:
         return None
     posix = script.suffix == ".sh"
@@ -166,7 +167,7 @@ def _default_under_models(root: Path) -> bool:
     """Whether the install's own modules/cmd_args.py puts `--embeddings-dir` under the models folder (Forge
     Classic/Neo: `os.path.join(models_path, "embeddings")`) rather than the data folder (A1111, Forge)."""
     try:
-        code = (root / "modules" / "cmd_args.py").read_text(encoding="utf-8", errors="replace")
+        code = untrusted.read_text(root / "modules" / "cmd_args.py", untrusted.SETTINGS_BYTES, errors="replace")
     except OSError:
         return False
     found = re.search(r"--embeddings-dir.*?default=os\.path\.join\((\w+)", code)
@@ -226,8 +227,8 @@ def _sdnext(root: Path) -> Tool:
     config_file = _sdnext_setting(flags, "--config", "SD_CONFIG")
     config_path = base / config_file[0] if config_file else base / "config.json"
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = json.loads(untrusted.read_text(config_path, untrusted.SETTINGS_BYTES))
+    except (OSError, ValueError, RecursionError):
         config = {}  # SD.Next starts with its defaults too when its config file is missing or unreadable
     config = config if isinstance(config, dict) else {}
     models = _sdnext_setting(flags, "--models-dir", "SD_MODELSDIR")
@@ -252,13 +253,13 @@ def comfy_embedding_folders(base: Path, code: Path) -> list[tuple[Path, str]]:
     entry of the yaml appended, or put first where its section says `is_default` (utils/extra_config.py)."""
     folders = [(base / "models" / "embeddings", "ComfyUI's default models/embeddings")]
     yaml_path = code / "extra_model_paths.yaml"
-    if not yaml_path.is_file():
+    if not yaml_path.exists():  # a FIFO or a device there is refused by the read, in one line
         return folders
     import yaml
 
     try:
-        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        config = yaml.safe_load(untrusted.read_text(yaml_path, untrusted.SETTINGS_BYTES)) or {}
+    except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as exc:
         raise CrossinitError(f"cannot read {yaml_path}: {str(exc).splitlines()[0]}") from None
     for section, conf in config.items() if isinstance(config, dict) else ():
         if not isinstance(conf, dict) or not isinstance(conf.get("embeddings"), str):

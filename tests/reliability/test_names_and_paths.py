@@ -53,6 +53,9 @@ CONFUSABLES = [
     ("Olga", "\u039flga"),  # Greek capital omicron
     ("paypal", "p\u0430yp\u0430l"),
     ("bob", "\u0184ob"),  # Latin tone six, looks like b
+    ("alice", "\u13aalice"),  # Cherokee letter go (issue 28: UTS #39's table, not a hand list)
+    ("alice", "\ua4eelice"),  # Lisu letter a
+    ("alice", "\u1d00lice"),  # Latin letter small capital a
 ]
 
 
@@ -90,7 +93,10 @@ def _vectors(path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "name",
-    ["con", "NUL", "lpt1.txt", "com0", "Aux.", "alice.", "..", ".lock", "identities/x", "a" * 65, "x\u200by"],
+    [
+        *("con", "NUL", "lpt1.txt", "com0", "Aux.", "alice.", "..", ".lock", "identities/x", "a" * 65, "x\u200by"),
+        *("alice\u3164", "\u3164", "\uffa0bob"),  # Default_Ignorable letters: Hangul fillers (issue 28)
+    ],
 )
 def test_reserved_and_malformed_names_are_refused(name: str, rhome: Path, env: dict[str, str], emb) -> None:
     assert_one_line_error(crossinit("import", emb(1), "--name", name, env=env), "name")
