@@ -9,7 +9,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from crossinit_cli import evaluating, fidelity, likeness, snapshots, ui
+from crossinit_cli import evaluating, likeness, snapshots, ui
+from crossinit_cli import fidelity as prompts_engine
 from crossinit_cli import scoring as engine
 from crossinit_cli.commands.common import read_source, stderr_progress
 from crossinit_cli.evaluating import EvalOptions
@@ -157,7 +158,7 @@ def verdict(record: dict[str, Any]) -> list[str]:
 
 def _read_templates(prompts: str) -> list[str]:
     text = read_source(prompts, "prompts", "one a line, {} where the identity goes")
-    return fidelity.read_prompts(text, "stdin" if prompts == "-" else prompts)
+    return prompts_engine.read_prompts(text, "stdin" if prompts == "-" else prompts)
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def _identity_table(record: dict[str, Any]) -> Table:
         if entry.get("crossover"):
             same += f" ({entry['crossover']} crossed)"
         table.add_row(
-            escape(fidelity.fill(entry["prompt"], record["name"])),
+            escape(prompts_engine.fill(entry["prompt"], record["name"])),
             faces,
             same,
             _num(entry.get("similarity")),
