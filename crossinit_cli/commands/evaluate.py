@@ -45,8 +45,6 @@ def evaluate_command(library: Library, names: list[str], options: EvalOptions) -
     fail_below = options.fail_below
     if fail_below is not None and not fail_below >= 0:
         raise CrossinitError(f"--fail-below must be a likeness of 0 or more, not {fail_below:g}")
-    if options.compare and len(names) < 2:
-        raise CrossinitError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
     templates = engine.DEFAULT_PROMPTS if options.prompts is None else _read_templates(options.prompts)
     for name in names:
         library.get(name)  # an unknown name is an error before anything loads
@@ -102,10 +100,6 @@ def _identity_report(library: Library, results: list[engine.Evaluation], options
 def _snapshot_steps(
     library: Library, names: list[str], templates: list[str], compare: bool, fail_below: float | None
 ) -> list[int]:
-    if len(names) != 1 or compare:
-        raise CrossinitError("--snapshots and --pick-best score the snapshots of one identity; name one")
-    if fail_below is not None:
-        raise CrossinitError("--fail-below gates identities, not snapshots; run it without --snapshots/--pick-best")
     if any(engine.group_names(t) for t in templates):
         raise CrossinitError("--snapshots takes prompts with {} only (not prompts naming several identities)")
     ident = library.get(names[0])

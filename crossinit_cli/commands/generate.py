@@ -213,8 +213,6 @@ def _jobs(
     """One PromptJob per prompt (after `--identity` templating), and every identity the prompts name."""
     default = library.get(identity) if identity else None
     texts = prompt_texts(prompt, prompts)
-    if not texts and default is None:
-        raise CrossinitError("no prompt given; pass a prompt, --prompts FILE (or - for stdin), or --identity NAME")
     texts = [apply_template(t, default) for t in texts] or [apply_template("", default)]
     known = resolve_identities(library, [*texts, negative])
     hint_plain_names(library, texts)
@@ -341,8 +339,6 @@ def prompt_texts(prompt: str | None, prompts: str | None) -> list[str]:
     """The prompts to run: the positional one, or one per line of `--prompts FILE|-`."""
     if prompts is None:
         return [prompt.strip()] if prompt is not None and prompt.strip() else []
-    if prompt is not None and prompt.strip():
-        raise CrossinitError("give either a prompt or --prompts, not both")
     text = read_source(prompts, "prompts", "one a line")
     source = "stdin" if prompts == "-" else prompts
     lines = [line.strip() for line in text.splitlines()]

@@ -95,11 +95,7 @@ def export_identities(
 ) -> int:
     """`export`: one identity as before, several (names, --all, --tag) into a folder, or --to a tool."""
     names, every, tag = selection.names, selection.every, selection.tag
-    if sum((bool(names), every, tag is not None)) != 1:
-        raise CrossinitError("name the identities to export, or pass --all or --tag TAG (one of the three)")
     if to is not None:
-        if output is not None or fmt is not None:
-            raise CrossinitError("--to picks the folder and the format each tool reads; drop -o/--format")
         tool = tools.detect(to)  # before anything is read: a wrong folder is refused at once
         return deliver(library, _chosen(library, names, every, tag), tool, force=force, as_json=as_json)
     if len(names) == 1:
