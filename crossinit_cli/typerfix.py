@@ -9,6 +9,11 @@ typer 0.2x (the releases that vendor click as `typer._click`) does two things cr
    a number out of range) goes on to typer's own conversion, so error messages stay typer's, word for word.
 2. Its rich help gives every option a type column, flags too (`--verbose -v <bool>`), which made a newcomer
    type `crossinit --verbose true list`; a flag gets no type column here, as in click's plain help.
+3. Its help formatter (`typer.rich_utils`) imports rich's Markdown renderer (markdown-it) and its traceback
+   renderer (pygments) at the top, 0.03-0.04 s of every `--help`, though crossinit's help is rich markup, never
+   Markdown, and pretty tracebacks are off (`pretty_exceptions_enable=False`). Before a help page, the module is
+   imported with those two stood in for by empty names, which are then taken away again: a later
+   `import rich.markdown` anywhere gets the real one. (An app with `rich_markup_mode="markdown"` must not do this.)
 
 Older typers (click-based, without pydantic) need neither, and `install()` leaves them alone. `UsageError` is
 the usage-error class of whichever click typer runs on: raised in a command, it exits 2 with the usage line.
@@ -17,6 +22,8 @@ the usage-error class of whichever click typer runs on: raised in a command, it 
 from __future__ import annotations
 
 import re
+import sys
+import types
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -68,6 +75,24 @@ def _convert(annotation: Any, info: Any, value: Any) -> Any:
     return _UNSURE
 
 
+def _import_help_formatter() -> None:
+    """Import typer.rich_utils without rich.markdown and rich.traceback (point 3 of the module docstring)."""
+    if "typer.rich_utils" in sys.modules:
+        return
+    stand_ins = {}
+    for module, name in (("rich.markdown", "Markdown"), ("rich.traceback", "Traceback")):
+        if module not in sys.modules:
+            stand_ins[module] = types.ModuleType(module)
+            setattr(stand_ins[module], name, type(name, (), {}))
+    sys.modules.update(stand_ins)
+    try:
+        import typer.rich_utils  # noqa: F401
+    finally:
+        for module, stand_in in stand_ins.items():
+            if sys.modules.get(module) is stand_in:
+                del sys.modules[module]
+
+
 def install() -> None:
     """Patch typer's parameters as the module docstring says; nothing on a typer that does not need it."""
     try:
@@ -105,6 +130,16 @@ def install() -> None:
     def display_type_rich(self: Any, ctx: Any) -> str | None:
         return None if self.is_flag else typer_display_type(self, ctx)
 
+    def light_help(typer_format_help: Any) -> Any:
+        def format_help(self: Any, ctx: Any, formatter: Any) -> None:
+            if getattr(self, "rich_markup_mode", None) == "rich":
+                _import_help_formatter()
+            return typer_format_help(self, ctx, formatter)
+
+        return format_help
+
+    for cls in (core.TyperCommand, core.TyperGroup):
+        cls.format_help = light_help(cls.format_help)
     core._TyperParameter.get_runtime_param = get_runtime_param
     core.TyperOption.display_type_rich = display_type_rich
     core._crossinit_fixed = True

@@ -54,6 +54,13 @@ USAGE_MISTAKES = [
     (("config", "unset"), "Missing argument"),
     (("list", "--sort", "size"), "--sort"),
     (("list", "--bogus"), "No such option"),
+    (("list", "--limit", "x"), "--limit"),
+    (("list", "--limit", "-1"), "--limit"),
+    (("learn", PHOTO, "--steps", "0"), "--steps"),
+    (("learn", PHOTO, "--lr", "fast"), "--lr"),
+    (("generate", "<alice>", "-n", "1.5"), "-n"),
+    (("generate", "<alice>", "--device", "gpu"), "--device"),
+    (("export", "alice", "--format", "jpeg"), "--format"),
     (("--json", "remove", "alice"), "--json"),
     (("--quiet", "list"), "--quiet"),
     (("--json", "config", "set", "device", "cpu"), "--json"),
@@ -137,3 +144,17 @@ def test_help_shows_flags_as_flags_and_the_global_options(cli, command: list[str
     assert result.exit_code == 0
     assert "<bool>" not in result.stdout
     assert "--verbose" in result.stdout and "--home" in result.stdout
+
+
+def test_option_values_reach_the_command_converted(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """typer's own conversion is bypassed for plain values (crossinit_cli.typerfix): the types still arrive."""
+    from crossinit_cli.commands import generate
+
+    seen = []
+    monkeypatch.setattr(generate, "generate_images", lambda library, text, **kw: seen.append(kw) or 0)
+    args = ["-n", "3", "--seed", "-7", "--guidance", "5.5", "--out", tmp_path, "--device", "cpu", "--clip-skip", "2"]
+    assert cli("generate", "<alice>", "at", "sea", *args).exit_code == 0
+    flags, run = seen[0]["flags"], seen[0]["run"]
+    assert (flags.n, flags.seed, flags.guidance, flags.out, flags.clip_skip) == (3, -7, 5.5, tmp_path, 2)
+    assert type(flags.n) is int and type(flags.guidance) is float and isinstance(flags.out, Path)
+    assert run.device == "cpu" and run.output_dir == str(tmp_path) and seen[0]["prompts"] is None
