@@ -7,8 +7,6 @@ mistakes (a missing argument, options that exclude each other) are `UsageError`s
 with the usage line, as docs/exit-codes.md says. How a command is declared lives in `commandline.py`.
 """
 
-from __future__ import annotations
-
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
