@@ -43,11 +43,11 @@ def cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
-def time_once(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+def time_once(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
     """Wall seconds and CPU seconds (user + system, the operating system's count for the finished child)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True)
     elapsed = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -71,16 +71,16 @@ def main() -> None:
             "COLUMNS": "120",
         }
         roots = {"": ROOT, **({f"{args.vs.name}: ": args.vs} if args.vs else {})}
-        runs = {"python -c pass (floor)": (FLOOR, env)}
-        for label, root in roots.items():
+        runs = {"python -c pass (floor)": (FLOOR, env, ROOT)}
+        for label, root in roots.items():  # run from the checkout: `python -m` puts the current folder first
             for name, command in COMMANDS.items():
-                runs[label + name] = (command, {**env, "PYTHONPATH": str(root)})
+                runs[label + name] = (command, {**env, "PYTHONPATH": str(root)}, root)
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-        for command, command_env in runs.values():  # warm-up: the catalog is built, the .pyc files written
-            time_once(command, command_env)
+        for run in runs.values():  # warm-up: the catalog is built, the .pyc files written
+            time_once(*run)
         for _ in range(args.runs):
-            for name, (command, command_env) in runs.items():
-                times[name].append(time_once(command, command_env))
+            for name, run in runs.items():
+                times[name].append(time_once(*run))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{cpu_model()}; {os.cpu_count()} CPUs; load average {load:.2f}; Python {platform.python_version()}")
     print(f"{'whole process, seconds':48} {'min':>7} {'median':>7} {'max':>7} {'cpu median':>11}   ({args.runs} runs)")
