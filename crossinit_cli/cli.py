@@ -1,19 +1,32 @@
-"""The command-line surface: Typer declarations only. Each command's work lives in `commands/`."""
+"""The command-line surface: Typer declarations only; each command's work lives in `commands/`.
 
-from __future__ import annotations
+Shared option groups are declared once: the global options (`commandline.command` adds --home and --verbose
+to every command, so they work after the command name too), the run options (`ModelOpt`, `DeviceOpt`,
+`DtypeOpt`, merged with the saved config by `run_options`), the sampling options of generate and eval. Usage
+mistakes (a missing argument, options that exclude each other) are `UsageError`s raised here: exit status 2
+with the usage line, as docs/exit-codes.md says. How a command is declared lives in `commandline.py`.
+"""
 
-import functools
-from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
 from crossinit_cli import __version__, catalog, config, families, formats, sample, ui
+from crossinit_cli.commandline import (
+    VERBOSE_HELP,
+    State,
+    UsageError,
+    command,
+    exclusive,
+    handles_errors,
+    open_library,
+    record,
+    run_options,
+    with_globals,
+)
 from crossinit_cli.errors import CrossinitError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 app = typer.Typer(
     name="crossinit",
@@ -35,27 +48,10 @@ config_app = typer.Typer(
 app.add_typer(config_app, name="config")
 
 
-class State:
-    home: Path | None = None
-
-
-def _library() -> Any:
-    from crossinit_cli.store import Library
-
-    return Library(config.library_home(State.home))
-
-
-def _run_options(*, device: Enum | None = None, dtype: Enum | None = None, **flags: Any) -> config.RunOptions:
-    """The flags shared by the commands that run a model, merged once with the saved config (a flag wins)."""
-    return config.RunOptions.merged(
-        config.load_config(), device=device and device.value, dtype=dtype and dtype.value, **flags
-    )
-
-
 def _complete_names(incomplete: str) -> list[str]:
     """Shell completion of identity names, from the library's directory names (no metadata read)."""
     try:
-        keys = sorted(p.name for p in _library().entries.iterdir() if p.name.startswith(incomplete.casefold()))
+        keys = sorted(p.name for p in open_library().entries.iterdir() if p.name.startswith(incomplete.casefold()))
     except OSError:
         return []
     # Names match case-insensitively; keep what was typed so the shell accepts the candidates.
@@ -63,26 +59,6 @@ def _complete_names(incomplete: str) -> list[str]:
 
 
 NameArg = Annotated[str, typer.Argument(help="Identity name (case-insensitive).", autocompletion=_complete_names)]
-
-
-def handles_errors(func: F) -> F:
-    """User mistakes -> one line on stderr and exit 1; Ctrl-C -> exit 130; no traceback either way."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            code = func(*args, **kwargs)
-        except CrossinitError as exc:
-            ui.error(str(exc))
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt as exc:
-            # A command that keeps finished work (generate) says so in the interrupt it re-raises.
-            ui.error(str(exc) or "interrupted; nothing was written")
-            raise typer.Exit(130) from None
-        if code:
-            raise typer.Exit(code)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _version(value: bool) -> None:
@@ -97,14 +73,18 @@ def main_options(
         Path | None,
         typer.Option("--home", envvar="CROSSINIT_HOME", help="Library location (default: your user data dir)."),
     ] = None,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Report how long each phase (model load, training ...) took.")
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or hints (learn, generate, eval).")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout (the commands that have --json).")
     ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    State.home = home
+    State.home, State.quiet, State.as_json = home, quiet, as_json
     ui.Verbosity.on = verbose
 
 
@@ -156,14 +136,13 @@ Sort = Enum("Sort", {name: name for name in catalog.SORTS}, type=str)  # type: i
 def _complete_tags(incomplete: str) -> list[str]:
     """Shell completion of tags in use, from the library's catalog (one query, no folder read)."""
     try:
-        tags = _library().tags(incomplete)
+        tags = open_library().tags(incomplete)
     except (OSError, CrossinitError):
         return []
     return [incomplete + tag[len(incomplete) :] for tag in tags]  # as typed, or the shell drops them
 
 
-@app.command("list")
-@handles_errors
+@command(app, "list")
 def list_cmd(
     tag: Annotated[
         str | None, typer.Option("--tag", help="Only identities with this tag.", autocompletion=_complete_tags)
@@ -189,11 +168,10 @@ def list_cmd(
     from crossinit_cli.commands.library import list_identities
 
     query = Query(tag=tag, family=family, model=model, search=search, sort=sort.value, limit=limit)
-    return list_identities(_library(), as_json=as_json, query=query)
+    return list_identities(open_library(), as_json=as_json, query=query)
 
 
-@app.command()
-@handles_errors
+@command(app)
 def show(name: NameArg, as_json: JsonOpt = False) -> int:
     """Show everything stored about one identity, including its training record.
 
@@ -201,11 +179,10 @@ def show(name: NameArg, as_json: JsonOpt = False) -> int:
     """
     from crossinit_cli.commands.library import show_identity
 
-    return show_identity(_library(), name, as_json=as_json)
+    return show_identity(open_library(), name, as_json=as_json)
 
 
-@app.command()
-@handles_errors
+@command(app)
 def edit(
     name: NameArg,
     rename: Annotated[str | None, typer.Option("--rename", help="New name.")] = None,
@@ -236,11 +213,10 @@ def edit(
     from crossinit_cli.commands.library import Edits, edit_identity
 
     edits = Edits(rename=rename, note=note, tags=tag, untags=untag, strength=strength, use_snapshot=use_snapshot)
-    return edit_identity(_library(), name, edits, as_json=as_json)
+    return edit_identity(open_library(), name, edits, as_json=as_json)
 
 
-@app.command()
-@handles_errors
+@command(app)
 def remove(
     names: Annotated[list[str], typer.Argument(help="Identity names.", autocompletion=_complete_names)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
@@ -251,11 +227,10 @@ def remove(
     """
     from crossinit_cli.commands.library import remove_identities
 
-    return remove_identities(_library(), names, yes=yes)
+    return remove_identities(open_library(), names, yes=yes)
 
 
-@app.command()
-@handles_errors
+@command(app)
 def export(
     names: Annotated[
         list[str] | None, typer.Argument(help="Identity names (or --all, --tag).", autocompletion=_complete_names)
@@ -295,21 +270,19 @@ def export(
 
     Example: crossinit export --all --to ~/ComfyUI    (one file: crossinit export alice -o alice.safetensors)
     """
+    if sum((bool(names), every, tag is not None)) != 1:
+        raise UsageError("name identities to export, or pass --all or --tag TAG (one of the three)")
+    if to is not None and (output is not None or fmt is not None):
+        raise UsageError("--to picks the folder and the format each tool reads; drop -o/--format")
     from crossinit_cli.commands.transfer import Selection, export_identities
 
+    selection = Selection(names or [], every=every, tag=tag)
     return export_identities(
-        _library(),
-        Selection(names or [], every=every, tag=tag),
-        fmt=fmt and fmt.value,
-        output=output,
-        to=to,
-        force=force,
-        as_json=as_json,
+        open_library(), selection, fmt=fmt and fmt.value, output=output, to=to, force=force, as_json=as_json
     )
 
 
-@app.command("import")
-@handles_errors
+@command(app, "import")
 def import_cmd(
     path: Annotated[
         Path,
@@ -329,11 +302,10 @@ def import_cmd(
     from crossinit_cli.commands.transfer import import_identity
 
     model = config.model_reference(model) if model else None
-    return import_identity(_library(), path, name=name, model=model, force=force, as_json=as_json)
+    return import_identity(open_library(), path, name=name, model=model, force=force, as_json=as_json)
 
 
-@app.command()
-@handles_errors
+@command(app)
 def learn(
     photos: Annotated[list[Path] | None, typer.Argument(help="Photos (JPEG/PNG/WebP) or folders of them.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Identity name (default: first photo's stem).")] = None,
@@ -420,19 +392,19 @@ def learn(
 
     Example: crossinit learn alice.jpg --fast    (many: accelerate launch -m crossinit_cli learn --batch people.csv)
     """
-    if fast and full:
-        raise CrossinitError("choose one of --fast and --full")
+    exclusive(fast=fast, full=full)
+    given, mode = locals(), "fast" if fast else "full"
     if resume is not None:
         if photos or name or batch or clip_skip != 1:
-            raise CrossinitError("--resume continues a run with its own photos, name and settings; give only the name")
+            raise UsageError("--resume reuses the run's photos, name and settings; give only the name")
         from crossinit_cli.commands.learn import resume_identity
 
-        configured = _run_options().configured_model  # the next: hint names --model only if this would win
+        configured = run_options({}).configured_model  # the next: hint names --model only if this would win
         return resume_identity(
-            _library(), resume, quiet=quiet, as_json=as_json, configured_model=configured, micro_batch=micro_batch
+            open_library(), resume, quiet=quiet, as_json=as_json, configured_model=configured, micro_batch=micro_batch
         )
     settings = {  # learning.Settings' fields: the same for one identity and a batch's defaults
-        "mode": "fast" if fast else "full",
+        "mode": mode,
         "steps": steps,
         "lr": lr,
         "batch_size": batch_size,
@@ -443,26 +415,27 @@ def learn(
         "micro_batch": micro_batch,
     }
     if batch is not None and (photos or name):
-        raise CrossinitError("--batch takes its photos and names from the manifest; drop the photos and --name")
+        raise UsageError("--batch takes its photos and names from the manifest; drop the photos and --name")
     if batch is None and not photos:
-        raise CrossinitError("give one or more photos (or a folder), or --batch MANIFEST")
-    run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
+        raise UsageError("give one or more photos (or a folder), or --batch MANIFEST")
+    run = run_options(given)
     where = {"model": run.model, "device": run.device, "dtype": run.dtype, "force": force, "strict": strict}
     if batch is not None:
         from crossinit_cli.batches import BatchEntry, BatchRequest
         from crossinit_cli.commands.batch import learn_batch
 
         request = BatchRequest(batch, BatchEntry(**settings), **where)
-        return learn_batch(_library(), request, quiet=quiet, as_json=as_json)
+        return learn_batch(open_library(), request, quiet=run.quiet, as_json=run.as_json)
     from crossinit_cli.commands.learn import learn
     from crossinit_cli.learning import LearnRequest
 
     request = LearnRequest(name=name, resolution=resolution, snapshot_every=snapshot_every, **where, **settings)
-    return learn(_library(), photos, request, quiet=quiet, as_json=as_json, configured_model=run.configured_model)
+    return learn(
+        open_library(), photos, request, quiet=run.quiet, as_json=run.as_json, configured_model=run.configured_model
+    )
 
 
-@app.command()
-@handles_errors
+@command(app)
 def generate(
     prompt: Annotated[list[str] | None, typer.Argument(help="Prompt; name identities as <alice>.")] = None,
     identity: Annotated[
@@ -529,37 +502,30 @@ def generate(
     Example: crossinit generate "<alice> as an astronaut, oil painting" -n 4 --seed 7
     (scripts: crossinit generate --manifest jobs.jsonl | jq -r .path)
     """
+    text = " ".join(prompt).strip() if prompt else ""
+    if manifest is not None and (text or prompts is not None):
+        raise UsageError("give prompts in the manifest, or as arguments/--prompts, not both")
+    if manifest is not None and grid:
+        raise UsageError("--grid is not available with --manifest")
+    if text and prompts is not None:
+        raise UsageError("give either a prompt or --prompts, not both")
+    if manifest is None and not text and prompts is None and identity is None:
+        raise UsageError("no prompt given; pass a prompt, --prompts FILE (or - for stdin), or --identity NAME")
     from crossinit_cli.commands.generate import SamplingFlags
 
-    flags = SamplingFlags(
-        n=n,
-        seed=seed,
-        size=size,
-        steps=steps,
-        guidance=guidance,
-        negative=negative,
-        scheduler=scheduler,
-        out=out,
-        identity=identity,
-        clip_skip=clip_skip,
-    )
-    run = _run_options(model=model, device=device, dtype=dtype, output_dir=out, quiet=quiet, as_json=as_json)
+    flags = record(SamplingFlags, locals())
+    run = run_options(locals(), output_dir=out)
     if manifest is not None:
-        if prompt or prompts is not None:
-            raise CrossinitError("give prompts in the manifest, or as arguments/--prompts, not both")
-        if grid:
-            raise CrossinitError("--grid is not available with --manifest")
         from crossinit_cli.commands.manifest import generate_manifest
 
-        return generate_manifest(_library(), manifest, defaults=flags, run=run, on_error=on_error.value)
+        return generate_manifest(open_library(), manifest, defaults=flags, run=run, on_error=on_error.value)
     from crossinit_cli.commands.generate import generate_images
 
     text = " ".join(prompt) if prompt else None
-    return generate_images(_library(), text, prompts=prompts, flags=flags, run=run, grid=grid)
+    return generate_images(open_library(), text, prompts=prompts, flags=flags, run=run, grid=grid)
 
 
-@app.command("eval")
-@handles_errors
+@command(app, "eval")
 def eval_cmd(
     names: Annotated[list[str], typer.Argument(help="Identity name(s).", autocompletion=_complete_names)],
     compare: Annotated[
@@ -615,28 +581,19 @@ def eval_cmd(
     """
     from crossinit_cli.commands.evaluate import EvalOptions, evaluate_command
 
-    run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
-    options = EvalOptions(
-        compare=compare,
-        prompts=prompts,
-        n=n,
-        seed=seed,
-        steps=steps,
-        model=run.chosen_model,
-        device=run.device,
-        dtype=run.dtype,
-        clip_model=clip_model,
-        snapshots=snapshots or pick_best,
-        pick_best=pick_best,
-        fail_below=fail_below,
-        quiet=quiet,
-        as_json=as_json,
-    )
-    return evaluate_command(_library(), names, options)
+    if compare and len(names) < 2:
+        raise UsageError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
+    if (snapshots or pick_best) and (len(names) != 1 or compare):
+        raise UsageError("--snapshots and --pick-best score the snapshots of one identity; name one")
+    if (snapshots or pick_best) and fail_below is not None:
+        raise UsageError("--fail-below gates identities, not snapshots; run it without --snapshots/--pick-best")
+    run = run_options(locals())
+    where = {"model": run.chosen_model, "device": run.device, "dtype": run.dtype}
+    options = record(EvalOptions, locals(), **where, snapshots=snapshots or pick_best)
+    return evaluate_command(open_library(), names, options)
 
 
-@app.command()
-@handles_errors
+@command(app)
 def doctor(
     self_test: Annotated[
         bool,
@@ -656,14 +613,12 @@ def doctor(
     if self_test:
         from crossinit_cli.commands.selftest import self_test as run_self_test
 
-        return run_self_test(_run_options(as_json=as_json))
+        return run_self_test(run_options(locals()))
     from crossinit_cli.commands.doctor import doctor as run_doctor
 
-    return run_doctor(config.library_home(State.home), _run_options(as_json=as_json))
+    return run_doctor(config.library_home(State.home), run_options(locals()))
 
 
-@config_app.callback()
-@handles_errors
 def config_show(ctx: typer.Context, as_json: JsonOpt = False) -> int:
     """Show the settings and the paths of the library and the config file."""
     if ctx.invoked_subcommand is not None:
@@ -673,8 +628,10 @@ def config_show(ctx: typer.Context, as_json: JsonOpt = False) -> int:
     return show(config.library_home(State.home), as_json=as_json)
 
 
-@config_app.command("set")
-@handles_errors
+config_app.callback()(with_globals(handles_errors(config_show)))
+
+
+@command(config_app, "set")
 def config_set(
     key: Annotated[str, typer.Argument(help="model, device, dtype or output_dir.")],
     value: Annotated[str, typer.Argument(help="New value.")],
@@ -685,8 +642,7 @@ def config_set(
     return set_value(key, value)
 
 
-@config_app.command("unset")
-@handles_errors
+@command(config_app, "unset")
 def config_unset(key: Annotated[str, typer.Argument(help="model, device, dtype or output_dir.")]) -> int:
     """Reset a default. Example: crossinit config unset device"""
     from crossinit_cli.commands.settings import unset_value

@@ -89,7 +89,7 @@ def test_batch_in_one_process_learns_skips_and_reports(cli, tiny_model: Path, li
 
 def test_batch_refuses_photos_beside_it(cli, tmp_path: Path) -> None:
     result = cli("learn", "photo.jpg", "--batch", tmp_path)
-    assert result.exit_code == 1 and "--batch takes its photos" in result.stderr
+    assert result.exit_code == 2 and "--batch takes its photos" in result.stderr  # a usage mistake
 
 
 @pytest.mark.slow

@@ -200,7 +200,7 @@ def test_export_of_several_names_a_tag_or_all_into_a_folder(cli, stocked: Librar
     assert cli("export", "--all", "-o", tmp_path / "tagged", "--force").exit_code == 0
     assert cli("export", "--tag", "nobody").stderr.strip() == "error: no identities with tag 'nobody'"
     both = cli("export", "alice", "--all")
-    assert both.exit_code == 1 and "one of the three" in both.stderr
+    assert both.exit_code == 2 and "one of the three" in both.stderr  # a usage mistake
     assert "drop -o/--format" in cli("export", "--all", "--to", tmp_path, "-f", "a1111").stderr
 
 

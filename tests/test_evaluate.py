@@ -233,7 +233,6 @@ def test_identities_of_different_base_models_load_one_pipeline_each(
     ("args", "message"),
     [
         (("eval", "nobody"), "no identity named 'nobody'"),
-        (("eval", "alice", "--compare"), "--compare needs at least two identities"),
         (("eval", "alice", "alice", "--compare"), "named twice"),
         (("eval", "alice", "--prompts", "/no/such/prompts.txt"), "cannot read prompts"),
     ],

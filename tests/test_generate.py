@@ -210,7 +210,6 @@ def test_ctrl_c_keeps_finished_files_and_leaves_no_partial_one(
         ("size", "--size '100x7'"),
         ("size-abc", "--size 'abc' is not WIDTHxHEIGHT"),
         ("out-under-file", "cannot write images to"),
-        ("no-prompt", "no prompt given"),
         ("empty-prompts", "no prompts in stdin"),
         ("scheduler", "unknown scheduler 'lms'"),
     ],
@@ -243,8 +242,6 @@ def test_user_errors_exit_1_with_one_line_and_no_file(
     elif case == "out-under-file":
         (tmp_path / "regular").write_text("x")
         out = tmp_path / "regular" / "out"
-    elif case == "no-prompt":
-        args = []
     elif case == "empty-prompts":
         args, stdin = ["--prompts", "-"], "\n# only a comment\n"
     elif case == "scheduler":
@@ -264,7 +261,7 @@ def test_prompt_and_prompts_file_together_is_an_error(gen, tmp_path: Path) -> No
     listing = tmp_path / "prompts.txt"
     listing.write_text("a\n")
     result = gen("a prompt", "--prompts", str(listing))
-    assert result.exit_code == 1 and "not both" in result.stderr
+    assert result.exit_code == 2 and "not both" in result.stderr  # a usage mistake
 
 
 def test_file_slug() -> None:

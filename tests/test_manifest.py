@@ -131,7 +131,7 @@ def test_on_error_stop_ends_the_run_at_the_bad_line_before_the_model_loads(
 def test_manifest_usage_errors(cli, stocked: Library, tiny_model: Path, tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, {"prompt": "<alice>"})
     both = cli("generate", "<alice>", "--manifest", manifest, "--model", tiny_model)
-    assert both.exit_code == 1 and "not both" in both.stderr
+    assert both.exit_code == 2 and "not both" in both.stderr  # a usage mistake
     empty = _manifest(tmp_path, "# nothing", "")
     assert "no lines in manifest" in cli("generate", "--manifest", empty, "--model", tiny_model).stderr
     missing = cli("generate", "--manifest", tmp_path / "nope.jsonl", "--model", tiny_model)

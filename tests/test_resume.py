@@ -113,7 +113,7 @@ def test_remove_clears_an_unfinished_run_and_resume_needs_one(cli, library: Libr
         "error: no unfinished run of 'bob'; `crossinit list` shows unfinished runs"
     )
     both = cli("learn", ASTRONAUT, "--resume", "bob")
-    assert both.exit_code == 1 and "give only the name" in both.stderr
+    assert both.exit_code == 2 and "give only the name" in both.stderr  # a usage mistake
 
 
 def test_the_checkpoint_holds_the_whole_run_state(library: Library, home: Path, tiny_model: Path) -> None:

@@ -129,13 +129,8 @@ def test_eval_snapshots_scores_each_and_pick_best_makes_one_active(
 def test_snapshot_eval_mistakes_are_one_line(cli, library: Library, tiny_model: Path, snapped: str) -> None:
     assert cli("learn", ASTRONAUT, "--name", "plain", "--fast", "--steps", "2", "--batch-size", "1",
                "--model", tiny_model, "--quiet").exit_code == 0  # fmt: skip
-    for args, message in (
-        (("eval", "plain", "--snapshots"), "kept no snapshots"),
-        (("eval", "astro", "plain", "--snapshots"), "one identity"),
-        (("eval", "astro", "--snapshots", "--fail-below", "0.5"), "--fail-below gates identities"),
-    ):
-        result = cli(*args, *EVAL)
-        assert result.exit_code == 1 and message in result.stderr and result.stderr.count("\n") == 1, args
+    result = cli("eval", "plain", "--snapshots", *EVAL)  # the usage mistakes: tests/test_usage.py
+    assert result.exit_code == 1 and "kept no snapshots" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_sdxl_snapshots_and_resume_keep_each_encoders_rows(
