@@ -292,6 +292,7 @@ class Slot:
     spec: EncoderSpec
     tokenizer: Any
     text_encoder: Any
+    loader: str = ""  # how the model was loaded (devices.TrainingModel.loader): part of the cross init's cache key
 
     @property
     def width(self) -> int:
@@ -301,7 +302,8 @@ class Slot:
 def slots(pipe: Any, family: Family | None = None) -> list[Slot]:
     """The pipeline's text encoders and tokenizers in the family's order."""
     family = family or of_pipeline(pipe)
-    return [Slot(s, getattr(pipe, s.tokenizer), getattr(pipe, s.text_encoder)) for s in family.encoders]
+    loader = str(getattr(pipe, "loader", "") or "")
+    return [Slot(s, getattr(pipe, s.tokenizer), getattr(pipe, s.text_encoder), loader) for s in family.encoders]
 
 
 def widths(pipe: Any) -> tuple[int, ...]:

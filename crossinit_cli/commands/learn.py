@@ -19,6 +19,7 @@ from crossinit_cli import ui
 from crossinit_cli.commands.common import stderr_progress
 from crossinit_cli.config import model_reference
 from crossinit_cli.devices import check_model_reference
+from crossinit_cli.devices import precision as part_precision
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
 
@@ -558,6 +559,7 @@ def _identity(
             "device": result.device,
             "dtype": result.dtype,
             "dtype_reason": trainer.placement.dtype_reason,
+            "precision": {**part_precision(trainer.placement), "loader": getattr(trainer.pipe, "loader", "")},
             "photos": [p.name for p in job.paths],
             "resolution": result.resolution,
             "aligned": job.align,
