@@ -28,6 +28,8 @@ def identity_record(library: Library, ident: Identity, *, detail: bool = False) 
     if detail:  # metadata and vectors from one write, even while a --force replace runs
         ident, vectors = library.read(ident.name)
     record = ident.to_dict()
+    if not record.pop("clip_skip_known", True):
+        record["clip_skip"] = None  # unknown: imported from a file that cannot record it
     record["token"] = ident.token
     # A stored name is already normalised: its key is its case-folded form (no validation per listed entry).
     record["path"] = str(library.entries / ident.name.casefold())
@@ -189,6 +191,8 @@ def show_identity(library: Library, name: str, *, as_json: bool) -> int:
     for key, value in record.items():
         if key == "snapshots":
             table.add_row(key, escape(_snapshot_summary(value, ident.active_step)))
+        elif key == "clip_skip" and value is None:
+            table.add_row(key, "unknown (imported from a file that cannot record it)")
         elif isinstance(value, dict):
             for sub, subvalue in value.items():
                 table.add_row(f"{key}.{sub}", escape(_nested(subvalue)))

@@ -47,8 +47,9 @@ def export_identity(
     vectors = parts[0]
     formats.export_vectors(export, fmt, path)
     hint = formats.REGISTRY[fmt].usage(path, ident.name, _file_stem(path), len(parts))
-    fits = families.get(ident.family).checkpoints if ident.family in families.FAMILIES else None
-    layer_hint = formats.clip_skip_hint(ident.family, ident.clip_skip)
+    facts = formats.export_facts(fmt, ident.family, formats.identity_clip_skip(ident))
+    fits = facts["fits"]
+    layer_hint = formats.clip_skip_hint(ident.family, facts["clip_skip"], facts["read_by"])
     if as_json:
         ui.print_json(
             {
@@ -58,9 +59,8 @@ def export_identity(
                 "shape": list(vectors.shape),
                 "shapes": {k: list(v.shape) for k, v in zip(_keys(ident.family, len(parts)), parts)},
                 "family": ident.family,
-                "fits": fits,
+                **facts,
                 "strength": ident.strength,
-                "clip_skip": ident.clip_skip,
                 "usage": hint,
             }
         )
@@ -135,7 +135,8 @@ def _export_of(library: Library, ident: Identity, fmt: str) -> formats.Export:
     parts = [np.ascontiguousarray(p, dtype=np.float32) for p in library.effective_parts(ident.name)]
     steps = int(ident.training.get("steps", 0) or 0)
     picture = _picture(library, ident.name, fmt)
-    return formats.Export(parts, ident.name, ident.base_model, steps, ident.family, picture, ident.clip_skip)
+    clip_skip = formats.identity_clip_skip(ident)
+    return formats.Export(parts, ident.name, ident.base_model, steps, ident.family, picture, clip_skip)
 
 
 def _picture(library: Library, name: str, fmt: str) -> Path | None:
@@ -169,6 +170,7 @@ def deliver(library: Library, chosen: list[Identity], tool: tools.Tool, *, force
     records, failed = [], 0
     for ident in chosen:
         record: dict[str, Any] = {"name": ident.name, "tool": tool.key, "path": None, "setting": tool.setting}
+        record["clip_skip"] = formats.identity_clip_skip(ident)
         try:
             fmt = formats.format_for_tool(tool.key, ident.family)
             path = tool.embeddings / formats.default_filename(ident.name, fmt)
@@ -186,7 +188,7 @@ def deliver(library: Library, chosen: list[Identity], tool: tools.Tool, *, force
             stem = _file_stem(path)
             how = tool.hint.format(stem=stem)
             ui.info(f"{record['status']:>9} [bold]{escape(ident.name)}[/] -> {escape(path.name)} ({escape(how)})")
-            layer_hint = formats.clip_skip_hint(ident.family, ident.clip_skip)
+            layer_hint = formats.clip_skip_hint(ident.family, record["clip_skip"], [tool.key])
             if layer_hint:
                 ui.info(escape(f"{' ' * 10}{layer_hint}"))
     counts = {s: sum(r["status"] == s for r in records) for s in ("written", "unchanged", "skipped")}
@@ -194,7 +196,7 @@ def deliver(library: Library, chosen: list[Identity], tool: tools.Tool, *, force
         ui.print_json(records)
     else:
         ui.info(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do")
-    if tool.step and counts["written"]:  # the tool picks nothing up by itself: the one step, even with --json
+    if tool.step and (counts["written"] or counts["unchanged"]):  # it picks nothing up by itself: even with --json
         ui.info(escape(f"next: {tool.step}"))
     return 1 if failed else 0
 
@@ -354,6 +356,11 @@ def _store(
         base_model=model or loaded.base_model or "",
         source=f"import:{loaded.layout}:{path.resolve()}",
         training={"steps": loaded.steps} if loaded.steps else {},
-        clip_skip=loaded.clip_skip,
+        clip_skip=loaded.clip_skip or 1,
+        clip_skip_known=loaded.clip_skip is not None,
     )
-    return library.add(ident, loaded.parts or loaded.vectors, force=force)
+    target = library.add(ident, loaded.parts or loaded.vectors, force=force)
+    note = formats.import_note(loaded, path)
+    if note:
+        ui.warn(note)
+    return target
