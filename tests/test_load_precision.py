@@ -85,3 +85,18 @@ def test_the_record_states_each_parts_precision() -> None:
         "unet": "bf16",
         "vae": "bf16",
     }
+
+
+def test_a_learned_identitys_record_states_each_parts_precision_and_the_load_path(
+    cli, library, tiny_model: Path
+) -> None:
+    import json
+
+    from tests.conftest import DATA
+
+    args = ("--steps", "1", "--batch-size", "1", "--model", tiny_model, "--dtype", "fp32", "--json")
+    result = cli("learn", DATA / "astronaut.png", "--name", "alice", *args)
+    assert result.exit_code == 0, result.stderr
+    expected = {"text_encoders": "fp32", "unet": "fp32", "vae": "fp32", "loader": "folder"}
+    assert json.loads(result.stdout)["training"]["precision"] == expected
+    assert library.get("alice").training["precision"] == expected
