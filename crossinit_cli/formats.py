@@ -227,7 +227,7 @@ REGISTRY: dict[str, Format] = {
         Format(
             "diffusers",
             ".diffusers.safetensors",
-            'safetensors {"<name>": [k, width]}: load_textual_inversion',
+            'safetensors {"<name>": [k, width]}: load_textual_inversion (not InvokeAI: use invokeai there)',
             _safetensors(lambda name: f"<{name}>"),
             'pipe.load_textual_inversion("{path}", token="<{name}>"), then write <{name}> in a prompt',
             sdxl_hint=_SDXL_DIFFUSERS_HINT,
@@ -399,8 +399,8 @@ def format_help() -> str:
 
 
 def identity_clip_skip(ident: Any) -> int | None:
-    """A library identity's clip skip, None where it is unknown (store.Identity.clip_skip_known)."""
-    return ident.clip_skip if getattr(ident, "clip_skip_known", True) else None
+    """A library identity's clip skip, None where it is unknown (store.Identity.clip_skip_unknown)."""
+    return None if getattr(ident, "clip_skip_unknown", None) else ident.clip_skip
 
 
 def export_facts(fmt: str, family: str, clip_skip: int | None) -> dict[str, Any]:

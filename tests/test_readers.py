@@ -244,7 +244,7 @@ def test_a_pickle_import_records_clip_skip_as_unknown_and_says_so(
     human = cli("export", "bob", "-o", tmp_path / "bob2.safetensors")
     assert "clip skip unknown" in human.stderr
     again = cli("import", tmp_path / "bob.safetensors", "--name", "bob3")  # and the unknown round-trips
-    assert again.exit_code == 0 and library.get("bob3").clip_skip_known is False
+    assert again.exit_code == 0 and library.get("bob3").clip_skip_unknown is True
 
 
 def test_the_forge_hint_no_longer_says_forge_ignores_sd2_clip_skip() -> None:
@@ -253,3 +253,23 @@ def test_the_forge_hint_no_longer_says_forge_ignores_sd2_clip_skip() -> None:
     assert "SD.Next: Settings > Pipeline Modifiers > CLiP skip enabled, then Advanced > CLiP skip 2" in hint
     assert "InvokeAI: Generate > Advanced > CLIP Skip 1" in hint and "ComfyUI: CLIP Set Last Layer -3" in hint
     assert formats.clip_skip_hint("sd1", 1) is None
+
+
+def test_generating_with_an_unknown_clip_skip_claims_no_layer_it_was_learned_at(capsys: pytest.CaptureFixture) -> None:
+    from crossinit_cli.commands.generate import choose_clip_skip
+
+    unknown = Identity(name="bob", tokens=2, width=768, family="sd1", clip_skip_unknown=True)
+    known = Identity(name="ann", tokens=2, width=768, family="sd1", clip_skip=2)
+    assert choose_clip_skip(2, [unknown]) == 2
+    assert choose_clip_skip(None, [unknown, known]) == 2  # the known one's, with no word about bob
+    err = capsys.readouterr().err
+    assert "bob" not in err and "learned at clip skip 1" not in err
+    assert choose_clip_skip(1, [known]) == 1 and "'ann' was learned at clip skip 2" in capsys.readouterr().err
+
+
+def test_several_identities_exported_with_json_carry_their_clip_skip(cli, add_identity, tmp_path: Path) -> None:
+    add_identity("ann", width=768, family="sd1", clip_skip=2)
+    add_identity("bob", width=768, family="sd1")
+    result = cli("export", "--all", "-o", f"{tmp_path}/", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert {r["name"]: r["clip_skip"] for r in json.loads(result.stdout)} == {"ann": 2, "bob": 1}

@@ -120,7 +120,8 @@ def export_identities(
     records = []
     for ident in chosen:
         formats.export_vectors(_export_of(library, ident, fmt), fmt, paths[ident.name])
-        records.append({"name": ident.name, "format": fmt, "path": str(paths[ident.name]), "status": "written"})
+        record = {"name": ident.name, "format": fmt, "path": str(paths[ident.name]), "status": "written"}
+        records.append({**record, "clip_skip": formats.identity_clip_skip(ident)})
         if not as_json:
             ui.info(f"exported [bold]{escape(ident.name)}[/] ({fmt}) to {escape(str(paths[ident.name]))}")
     if as_json:
@@ -357,7 +358,7 @@ def _store(
         source=f"import:{loaded.layout}:{path.resolve()}",
         training={"steps": loaded.steps} if loaded.steps else {},
         clip_skip=loaded.clip_skip or 1,
-        clip_skip_known=loaded.clip_skip is not None,
+        clip_skip_unknown=True if loaded.clip_skip is None else None,
     )
     target = library.add(ident, loaded.parts or loaded.vectors, force=force)
     note = formats.import_note(loaded, path)
