@@ -241,9 +241,7 @@ def export(
     ] = None,
     fmt: Annotated[
         Format | None,
-        typer.Option(
-            "--format", "-f", help="File layout (see docs/formats.md; default: what -o's suffix names, else a1111)."
-        ),
+        typer.Option("--format", "-f", help=formats.format_help()),
     ] = None,
     output: Annotated[
         str | None,

@@ -14,7 +14,8 @@ SDXL has two text encoders: `cross_init_slots` runs steps 1-2 once per encoder, 
 tokenizer and token table, and takes the hidden state that encoder's UNet input is made of (SDXL:
 `hidden_states[-2]`, see families.py); with a clip skip N (SD 1.x/2.x) it takes layer -N's output through
 the final layer norm, the layer the UNet then reads. The result depends only on the base model (and the
-clip skip), so `cross_init` caches it per model, encoder and clip skip under the library's `.cache/init/`.
+clip skip), so `cross_init` caches it per model, encoder, clip skip, dtype and load path under the library's
+`.cache/init/`.
 Nothing here trains; `train.py` does. Heavy imports stay inside the functions.
 """
 
@@ -133,18 +134,27 @@ def encoder_fingerprint(text_encoder: Any) -> str:
 
 
 def _cache_key(
-    tokenizer: Any, text_encoder: Any, fingerprint: str, penultimate: bool = False, clip_skip: int = 1
+    tokenizer: Any,
+    text_encoder: Any,
+    fingerprint: str,
+    penultimate: bool = False,
+    clip_skip: int = 1,
+    loader: str = "",
 ) -> str:
-    """What the init depends on: the token table (fingerprint), the names' token ids, and the encoder.
+    """What the init depends on: the token table (fingerprint), the names' token ids, the encoder, the dtype
+    it computes in and how it was loaded (`loader`, devices.TrainingModel.loader).
 
     A fine-tune may keep the token table and change the layers after it, which changes step 2's output;
-    a strided sample of every parameter catches that without hashing a gigabyte.
+    a strided sample of every parameter catches that without hashing a gigabyte. The dtype: an fp16 encoder's
+    start is ~2e-3 off the fp32 one, so it must never be read back for an fp32 load (nor the other way).
     """
 
     digest = hashlib.sha256(f"v{CACHE_VERSION}:{fingerprint}".encode())
-    if penultimate:  # SD 1.x/2.x keys stay what they were, so their cached inits are still found
+    dtype = str(text_encoder.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    digest.update(f"dtype={dtype};loader={loader}".encode())
+    if penultimate:
         digest.update(b"hidden_states[-2]")
-    if clip_skip > 1:  # and clip skip 1 keeps them too
+    if clip_skip > 1:
         digest.update(f"clip_skip={clip_skip}".encode())
     encoded = tokenizer(list(resources.celeb_names()), padding="do_not_pad").input_ids
     digest.update(repr([ids[1:3] for ids in encoded]).encode())
@@ -175,12 +185,13 @@ def cross_init(
     penultimate: bool = False,
     clip_skip: int = 1,
     fingerprint: str | None = None,
+    loader: str = "",
 ) -> torch.Tensor:
     """Steps 1 and 2: the [2, width] float32 start of the two new tokens, cached per model (and clip skip)
     in `cache_dir`.
 
     `fingerprint` is the encoder's `encoder_fingerprint` when the caller has it already (hashing SD 2.x's
-    table reads 200 MB)."""
+    table reads 200 MB); `loader` how the model was loaded (part of the cache key, with the encoder's dtype)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
@@ -188,7 +199,7 @@ def cross_init(
     path = None
     if cache_dir is not None:
         fingerprint = fingerprint or encoder_fingerprint(text_encoder)
-        key = _cache_key(tokenizer, text_encoder, fingerprint, penultimate, clip_skip)
+        key = _cache_key(tokenizer, text_encoder, fingerprint, penultimate, clip_skip, loader)
         path = Path(cache_dir) / f"{key}.safetensors"
         try:
             cached = load_file(str(path))["init"]
@@ -219,7 +230,13 @@ def cross_init_slots(
     prints = list(fingerprints) if fingerprints is not None else [None] * len(slots)
     return [
         cross_init(
-            s.tokenizer, s.text_encoder, cache_dir, penultimate=s.spec.penultimate, clip_skip=clip_skip, fingerprint=f
+            s.tokenizer,
+            s.text_encoder,
+            cache_dir,
+            penultimate=s.spec.penultimate,
+            clip_skip=clip_skip,
+            fingerprint=f,
+            loader=s.loader,
         )
         for s, f in zip(slots, prints)
     ]

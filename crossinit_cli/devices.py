@@ -238,6 +238,14 @@ def check_width(identity_name: str, identity_width: int, model: str, width: int)
         )
 
 
+LOAD_FOLDER = "folder"
+"""`load_for_training`'s part-by-part load of a diffusers folder (or a cached hub snapshot)."""
+LOAD_PIPELINE = "pipeline"
+"""`load_for_training`'s load through `load_pipeline` (a single-file checkpoint, a hub id not fully cached)."""
+TEXT_ENCODER_DTYPE = "fp32"
+"""What every text encoder trains in, on every load path: the learned rows and the cross init are fp32."""
+
+
 @dataclass
 class TrainingModel:
     """What `learn` trains with (`load_for_training`): a pipeline's parts by the pipeline's own names."""
@@ -250,6 +258,23 @@ class TrainingModel:
     scheduler: Any
     tokenizer_2: Any = None
     text_encoder_2: Any = None
+    loader: str = LOAD_FOLDER  # how it was loaded (LOAD_FOLDER, LOAD_PIPELINE): part of the cross init's cache key
+
+
+def precision(placement: Placement) -> dict[str, str]:
+    """Each part's precision in a training run on `placement`, as the identity's record states it: the text
+    encoders (and so the cross init and the learned rows) in fp32, the frozen UNet in the compute dtype, the
+    VAE in the dtype it encodes the crops in (train.encode_dtype)."""
+    import torch
+
+    from crossinit_cli import train
+
+    names = {getattr(torch, v): k for k, v in _DTYPE_NAMES.items()}
+    return {
+        "text_encoders": TEXT_ENCODER_DTYPE,
+        "unet": placement.dtype,
+        "vae": names[train.encode_dtype(placement)],
+    }
 
 
 def import_for_training() -> None:
@@ -268,7 +293,9 @@ def load_for_training(model: str, placement: Placement) -> TrainingModel:
     text encoders in fp32 (the learned rows and the cross init stay fp32), the frozen UNet straight in
     the compute dtype when training in bf16/fp16 (no fp32 copy to cast), the VAE (its decoder dropped
     before anything moves or casts), no safety checker or feature extractor. Anything else (a single-file
-    checkpoint, a hub id to download) loads as a pipeline (`load_pipeline`) and is trimmed the same way.
+    checkpoint, a hub id to download) loads as a pipeline (`load_pipeline`) in fp32, whatever dtype its
+    weights were saved in (transformers 5 keeps the saved dtype unless told), its UNet then cast to the
+    compute dtype: the same precisions on both paths (`precision`).
     """
     from crossinit_cli import families, hf
 
@@ -287,9 +314,24 @@ def load_for_training(model: str, placement: Placement) -> TrainingModel:
         else:
             families.pool_at_eos(parts, peeked.family)
     if parts is None:
-        pipe = load_pipeline(model)
-        parts = _training_parts(pipe, families.of_pipeline(pipe))
+        parts = _pipeline_parts(model, placement)
     free_vae_decoder(parts.vae)  # before anything moves or casts
+    return parts
+
+
+def _pipeline_parts(model: str, placement: Placement) -> TrainingModel:
+    """The training parts of `model` loaded whole through `load_pipeline`, in fp32 (a checkpoint saved in fp16
+    would otherwise keep fp16 text encoders), the UNet then in the compute dtype as on the folder path."""
+    import torch
+
+    from crossinit_cli import families
+
+    pipe = load_pipeline(model, torch_dtype=torch.float32)
+    parts = _training_parts(pipe, families.of_pipeline(pipe))
+    for spec in parts.family.encoders:
+        getattr(parts, spec.text_encoder).to(dtype=torch.float32)
+    if placement.dtype != "fp32":
+        parts.unet.to(dtype=placement.torch_dtype)
     return parts
 
 
@@ -303,6 +345,7 @@ def _training_parts(pipe: Any, family: Any) -> TrainingModel:
         pipe.scheduler,
         getattr(pipe, "tokenizer_2", None),
         getattr(pipe, "text_encoder_2", None),
+        loader=LOAD_PIPELINE,
     )
 
 

@@ -31,6 +31,8 @@ def identity_record(library: Library, ident: Identity, *, detail: bool = False) 
     if detail:  # metadata and vectors from one write, even while a --force replace runs
         ident, vectors = library.read(ident.name)
     record = ident.to_dict()
+    if record.pop("clip_skip_unknown", None):
+        record["clip_skip"] = None  # unknown: imported from a file that cannot record it
     record["token"] = ident.token
     # A stored name is already normalised: its key is its case-folded form (no validation per listed entry).
     record["path"] = str(library.entries / ident.name.casefold())

@@ -71,6 +71,7 @@ class Identity:
     snapshots: list[dict[str, Any]] = field(default_factory=list)  # [{"step": 40, "loss": ...}, ...]
     active_step: int = 0  # the snapshot prompts use; 0: the final vectors
     clip_skip: int = 1  # the text-encoder layer it was learned at (A1111's Clip skip); older entries: 1
+    clip_skip_unknown: bool | None = None  # True: imported from a file that cannot record it (None: known)
     schema: int = 1
 
     @property

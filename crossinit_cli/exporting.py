@@ -90,6 +90,7 @@ class ExportedFile:
     shapes: dict[str, list[int]] = field(default_factory=dict)  # each encoder's rows by its export key
     usage: str = ""  # how to use the file (one file only)
     layer_hint: str | None = None  # the clip skip to set in the tool, if the identity has one
+    clip_skip: int | None = None  # the identity's clip skip (None: unknown, imported from a pickle)
 
 
 @dataclass(frozen=True)
@@ -220,11 +221,13 @@ def export_of(library: Library, ident: Identity, fmt: str) -> formats.Export:
     steps = int(ident.training.get("steps", 0) or 0)
     crops = library.crops(ident.name) if formats.REGISTRY[fmt].picture else []
     picture = crops[0] if crops else None  # a picture format is drawn on the identity's first face crop
-    return formats.Export(parts, ident.name, ident.base_model, steps, ident.family, picture, ident.clip_skip)
+    clip_skip = formats.identity_clip_skip(ident)
+    return formats.Export(parts, ident.name, ident.base_model, steps, ident.family, picture, clip_skip)
 
 
 def _to_file(library: Library, ident: Identity, fmt: str, path: Path, *, usage: bool) -> ExportedFile:
     export = export_of(library, ident, fmt)
+    clip_skip = export.clip_skip
     formats.export_vectors(export, fmt, path)
     parts = export.parts
     hint = formats.REGISTRY[fmt].usage(path, ident.name, file_stem(path), len(parts)) if usage else ""
@@ -236,7 +239,8 @@ def _to_file(library: Library, ident: Identity, fmt: str, path: Path, *, usage: 
         ident,
         shapes={k: list(v.shape) for k, v in zip(_keys(ident.family, len(parts)), parts)},
         usage=hint,
-        layer_hint=formats.clip_skip_hint(ident.family, ident.clip_skip),
+        layer_hint=formats.clip_skip_hint(ident.family, clip_skip, formats.read_by(fmt, ident.family)),
+        clip_skip=clip_skip,
     )
 
 
@@ -256,15 +260,16 @@ def _delivery(library: Library, tool: tools.Tool, *, force: bool) -> Callable[[I
     def deliver(ident: Identity) -> ExportedFile:
         fmt: str | None = None
         path: Path | None = None
+        clip_skip = formats.identity_clip_skip(ident)
         try:
             fmt = formats.format_for_tool(tool.key, ident.family)
             path = tool.embeddings / formats.default_filename(ident.name, fmt)
             data = formats.encode_export(export_of(library, ident, fmt), fmt)
             status = _put(path, data, ident.name, force=force)
         except CrossinitError as exc:
-            return ExportedFile(ident.name, fmt, path, "skipped", ident, reason=str(exc))
-        hint = formats.clip_skip_hint(ident.family, ident.clip_skip)
-        return ExportedFile(ident.name, fmt, path, status, ident, layer_hint=hint)
+            return ExportedFile(ident.name, fmt, path, "skipped", ident, reason=str(exc), clip_skip=clip_skip)
+        hint = formats.clip_skip_hint(ident.family, clip_skip, [tool.key])  # the one tool's setting
+        return ExportedFile(ident.name, fmt, path, status, ident, layer_hint=hint, clip_skip=clip_skip)
 
     return deliver
 
@@ -339,6 +344,7 @@ class ImportedFile:
     target: Path | None = None
     embedding: formats.Imported | None = None
     reason: str | None = None
+    note: str | None = None  # what the file could not tell (formats.import_note), one line
 
 
 @dataclass(frozen=True)
@@ -394,7 +400,7 @@ def import_(
             raise
         raise CrossinitError(f"{exc}; pass --name to choose a name") from None
     stored = _store(library, loaded, chosen, path, model=model, force=force)
-    return Imports([ImportedFile(path, chosen, stored, loaded)], folder=False)
+    return Imports([ImportedFile(path, chosen, stored, loaded, note=formats.import_note(loaded, path))], folder=False)
 
 
 def _import_folder(
@@ -435,7 +441,7 @@ def _import_one(library: Library, path: Path, *, model: str | None, force: bool)
         stored = _store(library, loaded, chosen, path, model=model, force=force)
     except CrossinitError as exc:
         return ImportedFile(path, reason=str(exc).replace(str(path), path.name))
-    return ImportedFile(path, chosen, stored, loaded)
+    return ImportedFile(path, chosen, stored, loaded, note=formats.import_note(loaded, path))
 
 
 def _store(
@@ -451,6 +457,7 @@ def _store(
         base_model=model or loaded.base_model or "",
         source=f"import:{loaded.layout}:{path.resolve()}",
         training={"steps": loaded.steps} if loaded.steps else {},
-        clip_skip=loaded.clip_skip,
+        clip_skip=loaded.clip_skip or 1,
+        clip_skip_unknown=True if loaded.clip_skip is None else None,
     )
     return library.add(ident, loaded.parts or loaded.vectors, force=force)

@@ -51,7 +51,7 @@ class Family:
     native: int  # the released models' image size (a loaded model's own config decides: train.model_resolution)
     time_ids: bool  # the UNet takes encoder 2's pooled embedding and size/crop time ids (SDXL)
     checkpointing: bool  # train with the UNet's gradient checkpointing (batch 8 at native size in 24 GB)
-    checkpoints: str  # what an export fits, in words
+    checkpoints: str  # what an export fits, in words (formats.fits adds the tools that read the file)
 
     @property
     def multi(self) -> bool:
@@ -75,7 +75,7 @@ FAMILIES: dict[str, Family] = {
         512,
         False,
         False,
-        "SD 1.x checkpoints (SD 1.5 and its fine-tunes) in A1111, Forge, ComfyUI, InvokeAI and diffusers",
+        "SD 1.x checkpoints (SD 1.5 and its fine-tunes)",
     ),
     "sd2": Family(
         "sd2",
@@ -86,7 +86,7 @@ FAMILIES: dict[str, Family] = {
         512,
         False,
         False,
-        "SD 2.x checkpoints (SD 2.1 and its fine-tunes) in A1111, Forge, ComfyUI, InvokeAI and diffusers",
+        "SD 2.x checkpoints (SD 2.1 and its fine-tunes)",
     ),
     "sdxl": Family(
         "sdxl",
@@ -97,8 +97,7 @@ FAMILIES: dict[str, Family] = {
         1024,
         True,
         True,
-        "SDXL checkpoints (SDXL base, Pony, Illustrious and other SDXL fine-tunes) in A1111, Forge, ComfyUI, "
-        "InvokeAI and diffusers",
+        "SDXL checkpoints (SDXL base, Pony, Illustrious and other SDXL fine-tunes)",
     ),
 }
 _SD_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
@@ -292,6 +291,7 @@ class Slot:
     spec: EncoderSpec
     tokenizer: Any
     text_encoder: Any
+    loader: str = ""  # how the model was loaded (devices.TrainingModel.loader): part of the cross init's cache key
 
     @property
     def width(self) -> int:
@@ -301,7 +301,8 @@ class Slot:
 def slots(pipe: Any, family: Family | None = None) -> list[Slot]:
     """The pipeline's text encoders and tokenizers in the family's order."""
     family = family or of_pipeline(pipe)
-    return [Slot(s, getattr(pipe, s.tokenizer), getattr(pipe, s.text_encoder)) for s in family.encoders]
+    loader = str(getattr(pipe, "loader", "") or "")
+    return [Slot(s, getattr(pipe, s.tokenizer), getattr(pipe, s.text_encoder), loader) for s in family.encoders]
 
 
 def widths(pipe: Any) -> tuple[int, ...]:

@@ -201,7 +201,7 @@ def choose_clip_skip(
 
     One warning per identity learned at another clip skip than the chosen one: its vectors were fitted to
     another layer's outputs, so it looks less like its person there."""
-    identities = list(identities)
+    identities = [i for i in identities if not i.clip_skip_unknown]  # unknown: nothing to warn about
     own = {ident.clip_skip for ident in identities}
     chosen = given if given is not None else (own.pop() if len(own) == 1 else 1)
     if model is not None:  # a clip skip the model cannot take is the one error, without warnings before it

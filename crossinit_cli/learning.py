@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from crossinit_cli.config import DEFAULT_MODEL, model_reference
 from crossinit_cli.devices import check_model_reference
+from crossinit_cli.devices import precision as part_precision
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
 
@@ -603,6 +604,7 @@ def _identity(
             "device": result.device,
             "dtype": result.dtype,
             "dtype_reason": trainer.placement.dtype_reason,
+            "precision": {**part_precision(trainer.placement), "loader": getattr(trainer.pipe, "loader", "")},
             "photos": [p.name for p in job.paths],
             "resolution": result.resolution,
             "aligned": job.align,

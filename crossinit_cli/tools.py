@@ -56,7 +56,7 @@ class Layout:
 _ENV = "the COMMANDLINE_ARGS environment variable"
 # The flags of modules/paths_internal.py and modules/cmd_args.py that move the embeddings folder.
 _PATH_FLAGS = ("--embeddings-dir", "--data-dir", "--models-dir", "--model-ref", "--config", "--forge-ref-a1111-home")
-_WEBUI_DEFAULT = "the default in its modules/cmd_args.py; no folder set in COMMANDLINE_ARGS, webui-user.sh or .bat"
+_WEBUI_DEFAULT = "the default in its modules/cmd_args.py"
 
 
 def _sh_assignments(text: str) -> list[str]:
@@ -163,18 +163,37 @@ def webui_flags(root: Path) -> dict[str, tuple[str, str]]:
     return flags
 
 
-def _default_under_models(root: Path) -> bool:
-    """Whether the install's own modules/cmd_args.py puts `--embeddings-dir` under the models folder (Forge
-    Classic/Neo: `os.path.join(models_path, "embeddings")`) rather than the data folder (A1111, Forge)."""
+def _read_code(root: Path, name: str) -> str | None:
+    """The text of the install's `modules/<name>`, None where it cannot be read."""
     try:
-        code = untrusted.read_text(root / "modules" / "cmd_args.py", untrusted.SETTINGS_BYTES, errors="replace")
+        return untrusted.read_text(root / "modules" / name, untrusted.SETTINGS_BYTES, errors="replace")
     except OSError:
-        return False
-    found = re.search(r"--embeddings-dir.*?default=os\.path\.join\((\w+)", code)
-    return bool(found) and found.group(1) == "models_path"
+        return None
 
 
-def _webui_folder(root: Path, flags: dict[str, tuple[str, str]], under_models: bool) -> tuple[Path, str]:
+def _default_under_models(root: Path) -> tuple[bool, str]:
+    """Whether the install puts `--embeddings-dir` under the models folder by default (Forge Classic/Neo:
+    `os.path.join(models_path, "embeddings")`) rather than the data folder (A1111, Forge), and what that was read
+    from: its modules/cmd_args.py; without one, its modules/paths_internal.py (Classic/Neo's declares
+    `--model-ref`, A1111's and Forge's `--models-dir` or none); without either, which of `models/embeddings/`
+    and `embeddings/` exists. The second value names only what was read."""
+    code = _read_code(root, "cmd_args.py")
+    if code is not None:
+        found = re.search(r"--embeddings-dir.*?default=os\.path\.join\((\w+)", code)
+        return bool(found) and found.group(1) == "models_path", "the default in its modules/cmd_args.py"
+    code = _read_code(root, "paths_internal.py")
+    if code is not None and ("--model-ref" in code or "--models-dir" in code):
+        classic = "--model-ref" in code
+        where = "models/embeddings (Forge Classic/Neo: it declares --model-ref)" if classic else "embeddings"
+        return classic, f"the layout's default {where} per its modules/paths_internal.py; it has no modules/cmd_args.py"
+    classic = (root / "models" / "embeddings").is_dir() and not (root / "embeddings").is_dir()
+    where = "models/embeddings/ is there, embeddings/ is not" if classic else "embeddings/"
+    return classic, f"the layout's default ({where}); it has no modules/cmd_args.py or paths_internal.py to read"
+
+
+def _webui_folder(
+    root: Path, flags: dict[str, tuple[str, str]], under_models: bool, default: str = ""
+) -> tuple[Path, str]:
     """The embeddings folder as the webui resolves it, first match wins: `--embeddings-dir`; Forge's
     `--forge-ref-a1111-home X` (launch_utils.configure_forge_reference_checkout adds `--embeddings-dir
     X/embeddings`, Classic/Neo `X/models/embeddings`, where that folder exists); then the default of
@@ -193,16 +212,22 @@ def _webui_folder(root: Path, flags: dict[str, tuple[str, str]], under_models: b
     if "--data-dir" in flags:
         value, where = flags["--data-dir"]
         return (root / value).joinpath(*rest), f"--data-dir in {where} + {'/'.join(rest)}"
-    return root.joinpath(*rest), _WEBUI_DEFAULT
+    return root.joinpath(*rest), f"{default or _WEBUI_DEFAULT}; {_no_flags(root)}"
+
+
+def _no_flags(root: Path) -> str:
+    """That no folder was set where COMMANDLINE_ARGS was looked for, naming only the scripts that exist."""
+    scripts = [name for name in ("webui-user.sh", "webui-user.bat") if (root / name).is_file()]
+    return "no folder set in " + " or ".join(["COMMANDLINE_ARGS", *scripts])
 
 
 def _webui(root: Path) -> Tool:
-    under_models = _default_under_models(root)
+    under_models, default = _default_under_models(root)
     if (root / "modules_forge").is_dir():
         key, label = "forge", ("Forge Classic/Neo" if under_models else "Forge")
     else:
         key, label = "a1111", "AUTOMATIC1111"
-    folder, setting = _webui_folder(root, webui_flags(root), under_models)
+    folder, setting = _webui_folder(root, webui_flags(root), under_models, default)
     return Tool(key, label, root, folder, setting, "write `{stem}` in a prompt", reads=(folder,))
 
 

@@ -249,8 +249,12 @@ def test_exports_carry_the_clip_skip_and_import_reads_it_back(
     path = tmp_path / f"alice{SUFFIXES[fmt]}"
     result = cli("export", "alice", "--format", fmt, "-o", path)
     assert result.exit_code == 0, result.stderr
-    assert "learned at clip skip 2: A1111/Forge: Settings > Stable Diffusion > Clip skip 2" in result.stderr
-    assert "ComfyUI: CLIP Set Last Layer -2" in result.stderr
+    assert "learned at clip skip 2: A1111: Settings > Stable Diffusion > Clip skip 2" in result.stderr
+    assert "Forge: Clip skip slider 2" in result.stderr
+    if fmt != "a1111-png":  # ComfyUI and SD.Next do not read PNG embeddings: no setting for them
+        assert "ComfyUI: CLIP Set Last Layer -2" in result.stderr and "SD.Next:" in result.stderr
+    else:
+        assert "ComfyUI" not in result.stderr.split("learned at")[1] and "SD.Next" not in result.stderr
     if fmt == "a1111-png":
         assert json.loads(Image.open(path).text["crossinit"])["clip_skip"] == "2"
     else:
@@ -269,7 +273,11 @@ def test_an_sd2_export_tells_comfyuis_count_and_a_file_without_it_imports_as_1(
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["clip_skip"] == 2
     human = cli("export", "alice", "-o", tmp_path / "again.safetensors")
-    assert "ComfyUI: CLIP Set Last Layer -3" in human.stderr and "A1111/Forge apply no clip skip" in human.stderr
+    assert "ComfyUI: CLIP Set Last Layer -3" in human.stderr and "A1111 applies no clip skip to SD 2.x" in human.stderr
+    # Forge applies it to SD 2.x (hidden_states[-N] through the final layer norm), as SD.Next does; InvokeAI
+    # removes N - 1 layers
+    assert "Forge: Clip skip slider 2" in human.stderr and "InvokeAI: Generate > Advanced > CLIP Skip 1" in human.stderr
+    assert "Forge apply no" not in human.stderr and "SD.Next: Settings > Pipeline Modifiers" in human.stderr
     from safetensors.numpy import save_file
 
     save_file({"emb_params": np.ones((2, 1024), np.float32)}, str(tmp_path / "plain.safetensors"))

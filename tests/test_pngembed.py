@@ -195,9 +195,12 @@ def test_a1111_reads_the_png_export_with_its_own_decoding(cli, alice, tmp_path: 
 
 def test_the_png_export_is_the_face_crop_with_the_name_on_it(cli, alice, library: Library, tmp_path: Path) -> None:
     assert cli("export", "alice", "-o", tmp_path / "alice.png").exit_code == 0
-    picture = np.asarray(Image.open(tmp_path / "alice.png").convert("RGB"))
+    framed = np.asarray(Image.open(tmp_path / "alice.png").convert("RGB"))
     crop = np.asarray(Image.open(library.crops("alice")[0]).convert("RGB"))
-    assert picture.shape == crop.shape
+    edge = (framed.shape[1] - crop.shape[1] - 2) // 2  # the coded blocks, one each side, then a black column
+    assert edge >= 1 and framed.shape == (crop.shape[0], crop.shape[1] + 2 * edge + 2, 3)
+    assert not framed[:, edge].any() and not framed[:, -edge - 1].any()
+    picture = framed[:, edge + 1 : edge + 1 + crop.shape[1]]
     band = picture.shape[0] - max(12, picture.shape[0] // 12) * 2  # the name's band is at the bottom
     np.testing.assert_array_equal(picture[:band], crop[:band])  # the face, untouched above it
     assert (picture[band:] != crop[band:]).any()
@@ -237,6 +240,85 @@ def test_an_sdxl_png_holds_clip_l_and_clip_g_as_a1111_reads_them(cli, library: L
     assert library.get("xl2").family == "sdxl"
     for key, stored in zip(parts, library.effective_parts("xl2")):
         np.testing.assert_array_equal(stored, parts[key])
+
+
+def _stripped(path: Path, out: Path) -> Path:
+    """`path`'s pixels saved again without any text chunk, as an image host or an editor may hand it on."""
+    with Image.open(path) as image:
+        Image.fromarray(np.asarray(image.convert("RGB"))).save(out)
+    assert not Image.open(out).text
+    return out
+
+
+def test_the_png_export_carries_the_embedding_in_its_edges_too(cli, alice, library: Library, tmp_path: Path) -> None:
+    """A1111's own decoder reads the text chunk and the coded edges to the same vectors, also once the text
+    chunks are gone; so does crossinit's import."""
+    rng = np.random.default_rng(4)
+    parts = {"clip_l": rng.standard_normal((3, 768)), "clip_g": rng.standard_normal((3, 1280))}
+    parts = {k: v.astype(np.float32) for k, v in parts.items()}
+    library.add(Identity(name="xl", tokens=3, width=768, family="sdxl", base_model="sdxl"), parts, crops=[_face()])
+    for name, expected in (("alice", {"": alice}), ("xl", parts)):
+        path = tmp_path / f"{name}.png"
+        assert cli("export", name, "-o", path).exit_code == 0
+        with Image.open(path) as image:
+            from_text = embedding_from_b64(image.text["sd-ti-embedding"])
+            from_edges = extract_image_data_embed(image)  # A1111's function, on the picture as exported
+        assert json.dumps(from_text, cls=EmbeddingEncoder) == json.dumps(from_edges, cls=EmbeddingEncoder)
+        bare = _stripped(path, tmp_path / f"{name}-bare.png")
+        loaded_name, vec, _ = a1111_load_png(bare)  # no text chunk: A1111 falls back to the edges
+        assert loaded_name == ("alice" if name == "alice" else "xl-bare")
+        for key, rows in expected.items():
+            np.testing.assert_array_equal((vec[key] if key else vec).numpy(), rows)
+        assert cli("import", bare, "--name", f"{name}2").exit_code == 0
+        for key, stored in zip(expected, library.effective_parts(f"{name}2")):
+            np.testing.assert_array_equal(stored, expected[key])
+
+
+MEASURE = """
+import resource, sys, time
+from pathlib import Path
+from crossinit_cli import pngembed
+from crossinit_cli.errors import CrossinitError
+start = time.perf_counter()
+try:
+    pngembed.read(Path(sys.argv[1]))
+    said = "read"
+except CrossinitError as exc:
+    said = str(exc)
+seconds = time.perf_counter() - start
+try:  # this process's own peak: ru_maxrss also counts the RSS of the (pytest) process it was forked from
+    status = Path("/proc/self/status").read_text()
+    peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(seconds, peak, said, sep="\\n")
+"""
+
+
+@pytest.mark.parametrize("columns", [1, 2])
+def test_a_6300px_mostly_empty_png_is_decoded_in_bounded_memory_and_quickly(columns: int, tmp_path: Path) -> None:
+    """issue 28: a 131 KB PNG, 6300 x 6300, white but for a dark column, no text chunk: the edges' decoding
+    stays under 768 MiB (it took 1.7 GB) and refuses it in seconds."""
+    import subprocess
+    import sys
+
+    pixels = np.full((6300, 6300, 3), 255, dtype=np.uint8)
+    pixels[:, 3149 : 3149 + columns] = 0  # two dark columns: equal blocks either side, of 56 MiB each
+    path = tmp_path / "big.png"
+    Image.fromarray(pixels).save(path)
+    del pixels
+    assert path.stat().st_size < 200_000
+    root = Path(__file__).parent.parent
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    seconds, peak_kib, said = done.stdout.strip().split("\n")
+    assert int(peak_kib) < 768 * 1024, f"{int(peak_kib) >> 10} MiB"
+    assert float(seconds) < 15
+    if columns == 1:
+        assert "a picture without an embedding" in said
+    else:
+        assert "the data blocks in its edges hold" in said and "not an embedding's" in said
 
 
 def test_a1111s_pixel_coded_png_imports(cli, library: Library, tmp_path: Path) -> None:

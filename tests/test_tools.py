@@ -273,6 +273,34 @@ def test_forge_classic_ignores_an_embeddings_folder_the_user_made(cli, alice, tm
     assert "--model-ref in webui-user.sh COMMANDLINE_ARGS" in said
 
 
+CLASSIC_PATHS_INTERNAL = (  # Haoming02/sd-webui-forge-classic modules/paths_internal.py (its parser_pre)
+    'parser_pre.add_argument("--data-dir", type=str, default=os.path.dirname(modules_path))\n'
+    'parser_pre.add_argument("--model-ref", type=str, default=None, help="base path for all models")\n'
+    'models_path = cmd_opts_pre.model_ref or os.path.join(data_path, "models")\n'
+)
+
+
+def test_forge_classic_without_cmd_args_py_gets_its_layouts_default_and_cites_what_was_read(
+    cli, alice, tmp_path: Path
+) -> None:
+    root = install(tmp_path / "classic", "forge-classic", **{"modules/paths_internal.py": CLASSIC_PATHS_INTERNAL})
+    (root / "modules" / "cmd_args.py").unlink()
+    (root / "webui-user.bat").unlink()
+    path, said = deliver(cli, root)
+    assert path == root / "models" / "embeddings" / "alice.safetensors"
+    assert "per its modules/paths_internal.py; it has no modules/cmd_args.py" in said
+    assert "no folder set in COMMANDLINE_ARGS or webui-user.sh" in said
+    assert "the default in its modules/cmd_args.py" not in said and "webui-user.bat" not in said  # neither was read
+    assert "Forge Classic/Neo at" in cli("export", "alice", "--to", root).stderr
+    (root / "modules" / "paths_internal.py").unlink()  # nothing to read: the folder the layout has
+    path, said = deliver(cli, root)
+    assert path == root / "models" / "embeddings" / "alice.safetensors"
+    assert (
+        "models/embeddings/ is there, embeddings/ is not" in said
+        and "no modules/cmd_args.py or paths_internal.py to read" in said
+    )
+
+
 def test_sdnext_reads_embeddings_dir_from_config_json_not_an_old_embeddings_folder(cli, alice, tmp_path: Path) -> None:
     root = install(tmp_path / "sdnext", "sdnext", **{"embeddings/old.pt": ""})
     assert deliver(cli, root)[0] == root / "models" / "embeddings" / "alice.safetensors"
@@ -362,7 +390,11 @@ def test_invokeai_gets_a_named_folder_and_the_one_step_to_take(cli, alice, tmp_p
     path, said = deliver(cli, root)
     assert path == root / "crossinit-embeddings" / "alice.safetensors"
     assert f"next: in InvokeAI's Model Manager: Add Models > Scan Folder, paste {path.parent}" in said
-    assert "next:" not in cli("export", "alice", "--to", root).stderr  # nothing new, nothing to add
+    again = cli("export", "alice", "--to", root).stderr  # nothing new: the step is still the one to take
+    assert (
+        "unchanged" in again
+        and f"next: in InvokeAI's Model Manager: Add Models > Scan Folder, paste {path.parent}" in again
+    )
     assert not (root / "autoimport").exists()
 
 

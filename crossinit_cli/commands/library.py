@@ -156,6 +156,8 @@ def show_identity(library: Library, name: str, *, as_json: bool) -> int:
     for key, value in record.items():
         if key == "snapshots":
             table.add_row(key, escape(_snapshot_summary(value, ident.active_step)))
+        elif key == "clip_skip" and value is None:
+            table.add_row(key, "unknown (imported from a file that cannot record it)")
         elif isinstance(value, dict):
             for sub, subvalue in value.items():
                 table.add_row(f"{key}.{sub}", escape(_nested(subvalue)))

@@ -8,7 +8,7 @@ from typing import Any
 from rich.markup import escape
 
 from crossinit_cli import exporting as engine
-from crossinit_cli import families, tools, ui
+from crossinit_cli import families, formats, tools, ui
 from crossinit_cli.editing import identity_record
 from crossinit_cli.exporting import Selection
 from crossinit_cli.store import Library
@@ -45,14 +45,16 @@ def export_identities(
 
     files = engine.write(library, plan, written)
     if as_json:
-        ui.print_json([{"name": f.name, "format": f.format, "path": str(f.path), "status": f.status} for f in files])
+        records = [{"name": f.name, "format": f.format, "path": str(f.path), "status": f.status} for f in files]
+        ui.print_json([{**r, "clip_skip": f.clip_skip} for r, f in zip(records, files)])
     return 0
 
 
 def _report_one(exported: engine.ExportedFile, *, as_json: bool) -> None:
     """One identity's file: where it went, what it fits and how a tool uses it."""
     ident = exported.identity
-    fits = families.get(ident.family).checkpoints if ident.family in families.FAMILIES else None
+    facts = formats.export_facts(exported.format or "", ident.family, exported.clip_skip)
+    fits = facts["fits"]
     if as_json:
         ui.print_json(
             {
@@ -62,9 +64,8 @@ def _report_one(exported: engine.ExportedFile, *, as_json: bool) -> None:
                 "shape": next(iter(exported.shapes.values())),
                 "shapes": exported.shapes,
                 "family": ident.family,
-                "fits": fits,
+                **facts,
                 "strength": ident.strength,
-                "clip_skip": ident.clip_skip,
                 "usage": exported.usage,
             }
         )
@@ -99,7 +100,7 @@ def _deliver(library: Library, plan: engine.Plan, tool: tools.Tool, *, as_json: 
         ui.print_json([_delivery_record(f, tool) for f in files])
     else:
         ui.info(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do")
-    if tool.step and counts["written"]:  # the tool picks nothing up by itself: the one step, even with --json
+    if tool.step and (counts["written"] or counts["unchanged"]):  # it picks nothing up by itself: even with --json
         ui.info(escape(f"next: {tool.step}"))
     return 1 if counts["skipped"] else 0
 
@@ -108,6 +109,7 @@ def _delivery_record(exported: engine.ExportedFile, tool: tools.Tool) -> dict[st
     """`export --to --json`'s record of one identity (a format and path once they were decided)."""
     path = None if exported.path is None else str(exported.path)
     record: dict[str, Any] = {"name": exported.name, "tool": tool.key, "path": path, "setting": tool.setting}
+    record["clip_skip"] = exported.clip_skip
     if exported.format is not None:
         record["format"] = exported.format
     record["status"] = exported.status
@@ -124,6 +126,9 @@ def import_identity(
     def each(file: engine.ImportedFile) -> None:
         if file.name is None:
             ui.warn(f"skipped {file.file.name}: {file.reason}")
+            return
+        if file.note:
+            ui.warn(file.note)
         elif not as_json:
             ui.info(f"imported [bold]{escape(file.name)}[/] from {escape(file.file.name)}")
 
