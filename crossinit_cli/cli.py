@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from crossinit_cli import __version__, catalog, config, families, formats, sample, ui
+from crossinit_cli import __version__, catalog, config, families, formats, readers, sample, ui
 from crossinit_cli.commandline import (
     VERBOSE_HELP,
     State,
@@ -241,7 +241,7 @@ def export(
     ] = None,
     fmt: Annotated[
         Format | None,
-        typer.Option("--format", "-f", help=formats.format_help()),
+        typer.Option("--format", "-f", help=readers.format_help()),
     ] = None,
     output: Annotated[
         str | None,

@@ -21,7 +21,7 @@ from crossinit_cli.errors import CrossinitError, library_text
 if TYPE_CHECKING:
     import torch
 
-_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 CPUINFO = Path("/proc/cpuinfo")
 """Where the CPU's feature flags are read (Linux); elsewhere the CPU computes in fp32 unless told otherwise."""
@@ -46,7 +46,7 @@ class Placement:
     def torch_dtype(self) -> torch.dtype:
         import torch
 
-        return getattr(torch, _DTYPE_NAMES[self.dtype])
+        return getattr(torch, DTYPE_NAMES[self.dtype])
 
 
 def resolve_device(requested: str = "auto") -> tuple[str, str]:
@@ -78,7 +78,7 @@ def resolve(requested_device: str = "auto", requested_dtype: str = "auto", *, tr
     """The device and the compute precision for a job, each with the reason it was chosen."""
     device, reason = resolve_device(requested_device)
     if requested_dtype != "auto":
-        if requested_dtype not in _DTYPE_NAMES:
+        if requested_dtype not in DTYPE_NAMES:
             raise CrossinitError(f"unknown dtype {requested_dtype!r}; use auto, fp32, fp16 or bf16")
         if device == "cpu" and requested_dtype == "fp16":
             raise CrossinitError("fp16 is not supported on the CPU; use fp32 or bf16")
@@ -259,22 +259,6 @@ class TrainingModel:
     tokenizer_2: Any = None
     text_encoder_2: Any = None
     loader: str = LOAD_FOLDER  # how it was loaded (LOAD_FOLDER, LOAD_PIPELINE): part of the cross init's cache key
-
-
-def precision(placement: Placement) -> dict[str, str]:
-    """Each part's precision in a training run on `placement`, as the identity's record states it: the text
-    encoders (and so the cross init and the learned rows) in fp32, the frozen UNet in the compute dtype, the
-    VAE in the dtype it encodes the crops in (train.encode_dtype)."""
-    import torch
-
-    from crossinit_cli import train
-
-    names = {getattr(torch, v): k for k, v in _DTYPE_NAMES.items()}
-    return {
-        "text_encoders": TEXT_ENCODER_DTYPE,
-        "unet": placement.dtype,
-        "vae": names[train.encode_dtype(placement)],
-    }
 
 
 def import_for_training() -> None:

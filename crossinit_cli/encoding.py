@@ -120,3 +120,17 @@ def photo_time_ids(sizes: Sequence[SizeCondition] | None, photos: int, size: int
     conditions = list(sizes) if sizes is not None else [SizeCondition.native(size)] * photos
     each = [c.time_ids(size) for c in conditions]
     return each + each
+
+
+def precision(placement: Placement) -> dict[str, str]:
+    """Each part's precision in a training run on `placement`, as the identity's record states it: the text
+    encoders (and so the cross init and the learned rows) in fp32, the frozen UNet in the compute dtype, the
+    VAE in the dtype it encodes the crops in (encode_dtype)."""
+    import torch
+
+    names = {getattr(torch, v): k for k, v in devices.DTYPE_NAMES.items()}
+    return {
+        "text_encoders": devices.TEXT_ENCODER_DTYPE,
+        "unet": placement.dtype,
+        "vae": names[encode_dtype(placement)],
+    }

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossinit_cli import families, formats, tools
+from crossinit_cli import families, formats, readers, tools
 from crossinit_cli.atomic import remove_stale_temps, shared_mode, write_bytes_atomic
 from crossinit_cli.catalog import Query
 from crossinit_cli.errors import CrossinitError
@@ -221,7 +221,7 @@ def export_of(library: Library, ident: Identity, fmt: str) -> formats.Export:
     steps = int(ident.training.get("steps", 0) or 0)
     crops = library.crops(ident.name) if formats.REGISTRY[fmt].picture else []
     picture = crops[0] if crops else None  # a picture format is drawn on the identity's first face crop
-    clip_skip = formats.identity_clip_skip(ident)
+    clip_skip = readers.identity_clip_skip(ident)
     return formats.Export(parts, ident.name, ident.base_model, steps, ident.family, picture, clip_skip)
 
 
@@ -239,7 +239,7 @@ def _to_file(library: Library, ident: Identity, fmt: str, path: Path, *, usage: 
         ident,
         shapes={k: list(v.shape) for k, v in zip(_keys(ident.family, len(parts)), parts)},
         usage=hint,
-        layer_hint=formats.clip_skip_hint(ident.family, clip_skip, formats.read_by(fmt, ident.family)),
+        layer_hint=readers.clip_skip_hint(ident.family, clip_skip, readers.read_by(fmt, ident.family)),
         clip_skip=clip_skip,
     )
 
@@ -260,7 +260,7 @@ def _delivery(library: Library, tool: tools.Tool, *, force: bool) -> Callable[[I
     def deliver(ident: Identity) -> ExportedFile:
         fmt: str | None = None
         path: Path | None = None
-        clip_skip = formats.identity_clip_skip(ident)
+        clip_skip = readers.identity_clip_skip(ident)
         try:
             fmt = formats.format_for_tool(tool.key, ident.family)
             path = tool.embeddings / formats.default_filename(ident.name, fmt)
@@ -268,7 +268,7 @@ def _delivery(library: Library, tool: tools.Tool, *, force: bool) -> Callable[[I
             status = _put(path, data, ident.name, force=force)
         except CrossinitError as exc:
             return ExportedFile(ident.name, fmt, path, "skipped", ident, reason=str(exc), clip_skip=clip_skip)
-        hint = formats.clip_skip_hint(ident.family, clip_skip, [tool.key])  # the one tool's setting
+        hint = readers.clip_skip_hint(ident.family, clip_skip, [tool.key])  # the one tool's setting
         return ExportedFile(ident.name, fmt, path, status, ident, layer_hint=hint, clip_skip=clip_skip)
 
     return deliver
@@ -344,7 +344,7 @@ class ImportedFile:
     target: Path | None = None
     embedding: formats.Imported | None = None
     reason: str | None = None
-    note: str | None = None  # what the file could not tell (formats.import_note), one line
+    note: str | None = None  # what the file could not tell (readers.import_note), one line
 
 
 @dataclass(frozen=True)
@@ -400,7 +400,7 @@ def import_(
             raise
         raise CrossinitError(f"{exc}; pass --name to choose a name") from None
     stored = _store(library, loaded, chosen, path, model=model, force=force)
-    return Imports([ImportedFile(path, chosen, stored, loaded, note=formats.import_note(loaded, path))], folder=False)
+    return Imports([ImportedFile(path, chosen, stored, loaded, note=readers.import_note(loaded, path))], folder=False)
 
 
 def _import_folder(
@@ -441,7 +441,7 @@ def _import_one(library: Library, path: Path, *, model: str | None, force: bool)
         stored = _store(library, loaded, chosen, path, model=model, force=force)
     except CrossinitError as exc:
         return ImportedFile(path, reason=str(exc).replace(str(path), path.name))
-    return ImportedFile(path, chosen, stored, loaded, note=formats.import_note(loaded, path))
+    return ImportedFile(path, chosen, stored, loaded, note=readers.import_note(loaded, path))
 
 
 def _store(

@@ -51,7 +51,7 @@ class Family:
     native: int  # the released models' image size (a loaded model's own config decides: train.model_resolution)
     time_ids: bool  # the UNet takes encoder 2's pooled embedding and size/crop time ids (SDXL)
     checkpointing: bool  # train with the UNet's gradient checkpointing (batch 8 at native size in 24 GB)
-    checkpoints: str  # what an export fits, in words (formats.fits adds the tools that read the file)
+    checkpoints: str  # what an export fits, in words (readers.fits adds the tools that read the file)
 
     @property
     def multi(self) -> bool:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from crossinit_cli.config import DEFAULT_MODEL, model_reference
 from crossinit_cli.devices import check_model_reference
-from crossinit_cli.devices import precision as part_precision
+from crossinit_cli.encoding import precision as part_precision
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library, validate_name
 

@@ -73,14 +73,14 @@ def test_the_init_cache_keeps_apart_encoder_dtypes_and_load_paths(tiny_model: Pa
 
 
 def test_the_record_states_each_parts_precision() -> None:
-    from crossinit_cli import devices
+    from crossinit_cli import devices, encoding
 
-    assert devices.precision(devices.Placement("cpu", "fp32", "t")) == {
+    assert encoding.precision(devices.Placement("cpu", "fp32", "t")) == {
         "text_encoders": "fp32",
         "unet": "fp32",
         "vae": "fp32",
     }
-    assert devices.precision(devices.Placement("cuda", "bf16", "t")) == {
+    assert encoding.precision(devices.Placement("cuda", "bf16", "t")) == {
         "text_encoders": "fp32",
         "unet": "bf16",
         "vae": "bf16",

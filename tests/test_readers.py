@@ -1,5 +1,5 @@
-"""One table of readers per format (formats.READERS) and one of clip-skip settings per tool
-(formats.CLIP_SKIP_SETTINGS): checked here against each tool's own loader, transcribed from its code, and the
+"""One table of readers per format (readers.READERS) and one of clip-skip settings per tool
+(readers.CLIP_SKIP_SETTINGS): checked here against each tool's own loader, transcribed from its code, and the
 messages, `--help`, `export --json` and docs/formats.md that come from them."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from crossinit_cli import formats
+from crossinit_cli import formats, readers
 from crossinit_cli.store import Identity, Library
 
 DOCS = Path(__file__).parent.parent / "docs" / "formats.md"
@@ -121,8 +121,8 @@ def _reads(tool: str, path: Path, parts: list[np.ndarray]) -> str:
         for got_part in got:
             match = [p for p in parts if p.shape == tuple(got_part.shape)]
             assert np.allclose(got_part.float().numpy(), match[0], atol=1e-6)
-        return formats.FULL
-    return formats.PARTIAL
+        return readers.FULL
+    return readers.PARTIAL
 
 
 def _identity(library: Library, family: str) -> list[np.ndarray]:
@@ -149,7 +149,7 @@ def test_the_readers_table_is_what_each_tools_own_loader_does(family: str, libra
         ident = library.get("alice")
         export = formats.Export(parts, "alice", "", 0, family, None, 1)
         formats.export_vectors(export, fmt, path)
-        table = {r.tool: r.level for r in formats.readers(fmt, family)}
+        table = {r.tool: r.level for r in readers.readers(fmt, family)}
         for tool in LOADERS:
             assert _reads(tool, path, parts) == table.get(tool, "no"), (fmt, family, tool, ident.name)
 
@@ -188,8 +188,8 @@ def test_the_diffusers_format_says_invokeai_refuses_it_and_names_the_one_it_read
 
 def test_docs_formats_md_holds_the_tables_the_code_has() -> None:
     text = DOCS.read_text(encoding="utf-8")
-    assert formats.readers_table() in text
-    assert formats.clip_skip_table() in text
+    assert readers.readers_table() in text
+    assert readers.clip_skip_table() in text
 
 
 # --- clip skip: every tool's setting, exports with and without --to, imports that cannot carry it ---------------
@@ -248,23 +248,23 @@ def test_a_pickle_import_records_clip_skip_as_unknown_and_says_so(
 
 
 def test_the_forge_hint_no_longer_says_forge_ignores_sd2_clip_skip() -> None:
-    hint = formats.clip_skip_hint("sd2", 2)
+    hint = readers.clip_skip_hint("sd2", 2)
     assert hint is not None and "Forge: Clip skip slider 2" in hint and "A1111 applies no clip skip" in hint
     assert "SD.Next: Settings > Pipeline Modifiers > CLiP skip enabled, then Advanced > CLiP skip 2" in hint
     assert "InvokeAI: Generate > Advanced > CLIP Skip 1" in hint and "ComfyUI: CLIP Set Last Layer -3" in hint
-    assert formats.clip_skip_hint("sd1", 1) is None
+    assert readers.clip_skip_hint("sd1", 1) is None
 
 
-def test_generating_with_an_unknown_clip_skip_claims_no_layer_it_was_learned_at(capsys: pytest.CaptureFixture) -> None:
-    from crossinit_cli.commands.generate import choose_clip_skip
+def test_generating_with_an_unknown_clip_skip_claims_no_layer_it_was_learned_at() -> None:
+    from crossinit_cli.generation import choose_clip_skip
 
     unknown = Identity(name="bob", tokens=2, width=768, family="sd1", clip_skip_unknown=True)
     known = Identity(name="ann", tokens=2, width=768, family="sd1", clip_skip=2)
-    assert choose_clip_skip(2, [unknown]) == 2
-    assert choose_clip_skip(None, [unknown, known]) == 2  # the known one's, with no word about bob
-    err = capsys.readouterr().err
-    assert "bob" not in err and "learned at clip skip 1" not in err
-    assert choose_clip_skip(1, [known]) == 1 and "'ann' was learned at clip skip 2" in capsys.readouterr().err
+    said: list[str] = []
+    assert choose_clip_skip(2, [unknown], warn=said.append) == 2
+    assert choose_clip_skip(None, [unknown, known], warn=said.append) == 2  # the known one's, no word about bob
+    assert not any("bob" in line or "learned at clip skip 1" in line for line in said), said
+    assert choose_clip_skip(1, [known], warn=said.append) == 1 and "'ann' was learned at clip skip 2" in said[-1]
 
 
 def test_several_identities_exported_with_json_carry_their_clip_skip(cli, add_identity, tmp_path: Path) -> None:

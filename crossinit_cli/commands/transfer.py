@@ -8,7 +8,7 @@ from typing import Any
 from rich.markup import escape
 
 from crossinit_cli import exporting as engine
-from crossinit_cli import families, formats, tools, ui
+from crossinit_cli import families, readers, tools, ui
 from crossinit_cli.editing import identity_record
 from crossinit_cli.exporting import Selection
 from crossinit_cli.store import Library
@@ -53,7 +53,7 @@ def export_identities(
 def _report_one(exported: engine.ExportedFile, *, as_json: bool) -> None:
     """One identity's file: where it went, what it fits and how a tool uses it."""
     ident = exported.identity
-    facts = formats.export_facts(exported.format or "", ident.family, exported.clip_skip)
+    facts = readers.export_facts(exported.format or "", ident.family, exported.clip_skip)
     fits = facts["fits"]
     if as_json:
         ui.print_json(
@@ -146,6 +146,8 @@ def import_identity(
 
 def _report_file(library: Library, file: engine.ImportedFile, *, as_json: bool) -> None:
     assert file.name is not None and file.embedding is not None
+    if file.note:
+        ui.warn(file.note)
     if as_json:
         ui.print_json(identity_record(library, library.get(file.name)))
         return
