@@ -40,10 +40,10 @@ PathLike = str | Path
 class Progress:
     """One thing a running call says; handed to the `progress` callback.
 
-    `phase` is what is happening: "model load", "training", "sampling", another phase's name as it starts
-    ("face detection and alignment", "cross initialization", "library write", ...), or "warning" / "hint"
-    with the text in `message`. During "training" and "sampling", `step` of `total` is done (`loss`: the
-    training step's loss)."""
+    `phase` is what is happening: a phase of `learn` as it starts ("face detection and alignment", "model
+    load", "cross initialization", "library write", ...), "start" (training begins), "training" (after
+    each step: `step` of `total` done, `loss`), "model load" and "sampling" (`generate`: `step` of `total`
+    denoising steps), or "warning" / "hint" with the text in `message`."""
 
     phase: str
     step: int | None = None
@@ -406,7 +406,7 @@ def _learn_hooks(progress: ProgressCallback | None) -> Any:
         on_progress=lambda step, total, loss: progress(Progress("training", step, total, float(loss))),
         on_warning=lambda message: progress(Progress("warning", message=message)),
         on_start=started,
-        on_phase_start=lambda name: progress(Progress(name)),
+        on_phase_start=lambda name: None if name == "training" else progress(Progress(name)),
     )
 
 
