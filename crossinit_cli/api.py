@@ -272,7 +272,7 @@ class Library:
         flags = SamplingFlags(n, seed, size, steps, guidance, negative, scheduler, None, identity, clip_skip)
         run = _run_options(model=model, device=device, dtype=dtype, output_dir=None if out is None else Path(out))
         hooks = _generate_hooks(progress, list(prompts) if prompts is not None else None)
-        source = None if prompts is None else "prompts"
+        source = None if prompts is None else "the prompts given"
         if prompts is not None and prompt is not None:
             raise CrossinitError("give either a prompt or prompts, not both")
         with _quiet():

@@ -145,6 +145,8 @@ def test_mistakes_are_crossinit_errors_and_print_nothing(
         lambda: lib.learn([]),
         lambda: lib.generate("<nobody> on a beach"),
         lambda: lib.generate("<alice>", n=0),
+        lambda: lib.generate(prompts=[]),
+        lambda: lib.generate("<alice>", prompts=["<alice>"]),
         lambda: lib.export("alice", format="nope"),
         lambda: lib.import_(tmp_path / "missing.safetensors"),
         lambda: lib.remove("nobody"),
