@@ -221,8 +221,7 @@ class Library:
             snapshot_every=snapshot_every,
             strict=strict,
         )
-        with _quiet():
-            learned = learning.learn_identity(self._store(), paths, request, _learn_hooks(progress))
+        learned = learning.learn_identity(self._store(), paths, request, _learn_hooks(progress))
         return self._entry(learned.identity)
 
     def resume(
@@ -232,8 +231,7 @@ class Library:
         from crossinit_cli import learning
 
         _at_least("micro_batch", micro_batch, 1)
-        with _quiet():
-            learned = learning.resume(self._store(), name, micro_batch=micro_batch, hooks=_learn_hooks(progress))
+        learned = learning.resume(self._store(), name, micro_batch=micro_batch, hooks=_learn_hooks(progress))
         return self._entry(learned.identity)
 
     # ---- generating ---------------------------------------------------------------------------------
@@ -275,13 +273,12 @@ class Library:
         source = None if prompts is None else "the prompts given"
         if prompts is not None and prompt is not None:
             raise CrossinitError("give either a prompt or prompts, not both")
-        with _quiet():
-            plan = generation.plan_run(self._store(), prompt, source, flags, run, hooks, write=out is not None)
-            loaded = generation.load_plan(plan, hooks)
-            images = [image for job in plan.jobs for image in loaded.images(job, plan.choices, hooks)]
-            for image in images:
-                if plan.out_dir is not None:
-                    generation.write_image(image, plan.out_dir)
+        plan = generation.plan_run(self._store(), prompt, source, flags, run, hooks, write=out is not None)
+        loaded = generation.load_plan(plan, hooks)
+        images = [image for job in plan.jobs for image in loaded.images(job, plan.choices, hooks)]
+        for image in images:
+            if plan.out_dir is not None:
+                generation.write_image(image, plan.out_dir)
         return [_with_info(image) for image in images]
 
     # ---- files in and out ---------------------------------------------------------------------------
@@ -382,15 +379,6 @@ def _at_least(keyword: str, value: int | None, low: int) -> None:
 
 def _strings(value: str | Sequence[str] | None) -> list[str] | None:
     return None if value is None else [value] if isinstance(value, str) else list(value)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """diffusers' and transformers' own warnings and progress bars off for a call that loads a model."""
-    from crossinit_cli import hf
-
-    with hf.quiet_libraries():
-        yield
 
 
 def _learn_hooks(progress: ProgressCallback | None) -> Any:

@@ -222,3 +222,21 @@ def test_a_fresh_interpreter_learning_and_generating_prints_nothing(tmp_path: Pa
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (done.stdout, done.stderr) == ("", "")
+
+
+def test_a_mistake_is_found_before_torch_is_imported(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from crossinit_cli import api\n"
+        f"lib = api.Library({str(tmp_path / 'lib')!r})\n"
+        "for call in (lambda: lib.learn([" + repr(str(GRACE)) + "], model='/nonexistent/sd21'),\n"
+        "             lambda: lib.generate('a cat', model='./missing-model')):\n"
+        "    try:\n        call()\n    except api.CrossinitError as exc:\n        print('error:', exc)\n"
+        "print('torch' in sys.modules, 'diffusers' in sys.modules)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("CROSSINIT_")}
+    env.update(CROSSINIT_CONFIG=str(tmp_path / "config.toml"), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    lines = done.stdout.splitlines()
+    assert [line.startswith("error: ") for line in lines[:2]] == [True, True], done.stdout + done.stderr
+    assert lines[2:] == ["False False"] and done.stderr == ""
