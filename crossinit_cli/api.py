@@ -275,11 +275,13 @@ class Library:
             raise CrossinitError("give either a prompt or prompts, not both")
         plan = generation.plan_run(self._store(), prompt, source, flags, run, hooks, write=out is not None)
         loaded = generation.load_plan(plan, hooks)
-        images = [image for job in plan.jobs for image in loaded.images(job, plan.choices, hooks)]
-        for image in images:
-            if plan.out_dir is not None:
-                generation.write_image(image, plan.out_dir)
-        return [_with_info(image) for image in images]
+        images = []
+        for job in plan.jobs:
+            for image in loaded.images(job, plan.choices, hooks):
+                if plan.out_dir is not None:  # each as it is sampled, as the CLI writes them
+                    generation.write_image(image, plan.out_dir)
+                images.append(_with_info(image))
+        return images
 
     # ---- files in and out ---------------------------------------------------------------------------
 
