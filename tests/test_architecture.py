@@ -19,17 +19,20 @@ def _functions() -> list[tuple[str, ast.FunctionDef]]:
     return found
 
 
-def _params(node: ast.FunctionDef) -> int:
+def _params(node: ast.FunctionDef, where: str = "") -> int:
+    """Its parameters; in api.py only the positional ones (its keyword-only ones are the CLI's flags, by
+    name: tests/test_api.py checks each is one)."""
     args = node.args
-    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+    names = [a.arg for a in args.posonlyargs + args.args + ([] if where == "api.py" else args.kwonlyargs)]
     return len([n for n in names if n not in ("self", "cls")])
 
 
 def test_no_function_outside_the_typer_declarations_is_long_or_takes_many_parameters() -> None:
     over = [
-        f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines, {_params(node)} parameters)"
+        f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines, "
+        f"{_params(node, where)} parameters)"
         for where, node in _functions()
-        if where != "cli.py" and (node.end_lineno - node.lineno + 1 > MAX_LINES or _params(node) > MAX_PARAMS)
+        if where != "cli.py" and (node.end_lineno - node.lineno + 1 > MAX_LINES or _params(node, where) > MAX_PARAMS)
     ]
     assert not over, "split into named phases or pass a record: " + "; ".join(over)
 
@@ -131,3 +134,34 @@ def test_no_module_is_over_700_lines() -> None:
         if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
     ]
     assert not over, f"split along its ideas (at most {MAX_MODULE_LINES} lines a module): " + "; ".join(over)
+
+
+MAX_COMMAND_LINES = 450
+
+
+def test_no_command_module_is_over_450_lines() -> None:
+    over = [
+        f"commands/{path.name} ({n} lines)"
+        for path in sorted((PACKAGE / "commands").glob("*.py"))
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_COMMAND_LINES
+    ]
+    assert not over, f"a command module only presents (at most {MAX_COMMAND_LINES} lines): " + "; ".join(over)
+
+
+def test_no_command_module_imports_another_but_common() -> None:
+    """Commands only present the engines: what two of them share lives in an engine or in commands/common.py."""
+    offenders = []
+    for path in sorted((PACKAGE / "commands").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+                if node.module == "crossinit_cli.commands":
+                    modules = [f"crossinit_cli.commands.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                if module.startswith("crossinit_cli.commands.") and module != "crossinit_cli.commands.common":
+                    offenders.append(f"commands/{path.name}:{node.lineno} imports {module}")
+    assert not offenders, "; ".join(offenders)

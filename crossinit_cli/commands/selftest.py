@@ -1,8 +1,8 @@
 """`doctor --self-test`: a photo's whole way through crossinit, on a tiny random model, offline.
 
-detect -> learn -> generate -> export -> import -> remove, each step through the very functions its
-command calls (`faces.align_faces`, `learning.learn_identity`, `generate.generate_images`,
-`transfer.export_identities`, `transfer.import_identity`, `library.remove_identities`), on the face photo
+detect -> learn -> generate -> export -> import -> remove, each step through the engines the commands
+call (`faces.align_faces`, then the Python API, `crossinit_cli.api`: `learn`, `generate`, `export`,
+`import_` and `remove`, built on learning.py, generation.py, exporting.py and editing.py), on the face photo
 shipped with the package (`resources.sample_photo`). A tiny random Stable Diffusion model built on the
 spot (`synthetic.build_tiny_sd`) stands in for the weights, so nothing is downloaded and no network is
 used; the library and the images live in a temporary folder that is deleted afterwards, so the user's
@@ -17,12 +17,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.markup import escape
 
-from crossinit_cli import __version__, resources, ui
+from crossinit_cli import __version__, api, resources, ui
 from crossinit_cli.config import RunOptions
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
@@ -54,9 +54,14 @@ class _Workspace:
     model: Path | None = None
     exported: Path | None = None
 
-    def run_options(self) -> RunOptions:
-        """The shared flags as the commands get them: the tiny model, the user's device and precision."""
-        return replace(self.run, model=str(self.model), explicit_model=str(self.model), quiet=True, as_json=False)
+    @property
+    def api(self) -> api.Library:
+        """The throw-away library through the Python API, which drives the same engines as the commands."""
+        return api.Library(self.library.home)
+
+    def where(self) -> dict[str, str]:
+        """The model, device and precision keywords: the tiny model, the user's device and precision."""
+        return {"model": str(self.model), "device": self.run.device, "dtype": self.run.dtype}
 
 
 def self_test(run: RunOptions) -> int:
@@ -153,15 +158,8 @@ def _detect(work: _Workspace) -> str:
 def _learn(work: _Workspace) -> str:
     import numpy as np
 
-    from crossinit_cli.learning import LearnRequest, learn_identity
-
-    run = work.run_options()
-    request = LearnRequest(
-        name=NAME, mode="fast", steps=LEARN_STEPS, seed=0, model=run.model, device=run.device, dtype=run.dtype
-    )
-    ident = learn_identity(work.library, [work.photo], request).identity
-    vectors = work.library.effective_vectors(NAME)
-    if not np.isfinite(vectors).all():
+    ident = work.api.learn([work.photo], name=NAME, fast=True, steps=LEARN_STEPS, seed=0, **work.where())
+    if not all(np.isfinite(rows).all() for rows in ident.vectors.values()):
         raise CrossinitError("the learned vectors are not finite")
     training = ident.training
     return (
@@ -173,12 +171,8 @@ def _learn(work: _Workspace) -> str:
 def _generate(work: _Workspace) -> str:
     from PIL import Image
 
-    from crossinit_cli.commands.generate import SamplingFlags, generate_images
-
     out = work.root / "images"
-    flags = SamplingFlags(n=1, seed=0, steps=2, out=out)
-    run = replace(work.run_options(), output_dir=str(out))
-    generate_images(work.library, f"a photo of <{NAME}>", prompts=None, flags=flags, run=run, grid=False)
+    work.api.generate(f"a photo of <{NAME}>", n=1, seed=0, steps=2, out=out, **work.where())
     images = sorted(out.glob("*.png"))
     if len(images) != 1:
         raise CrossinitError(f"expected one image in {out}, found {len(images)}")
@@ -192,12 +186,8 @@ def _generate(work: _Workspace) -> str:
 
 
 def _export(work: _Workspace) -> str:
-    from crossinit_cli.commands.transfer import Selection, export_identities
-
     folder = work.root / "export"
-    export_identities(
-        work.library, Selection([NAME]), fmt="a1111", output=f"{folder}/", to=None, force=False, as_json=False
-    )
+    work.api.export(NAME, format="a1111", output=f"{folder}/")
     work.exported = folder / f"{NAME}.safetensors"
     if not work.exported.is_file():
         raise CrossinitError(f"{work.exported.name} was not written")
@@ -207,10 +197,8 @@ def _export(work: _Workspace) -> str:
 def _import(work: _Workspace) -> str:
     import numpy as np
 
-    from crossinit_cli.commands.transfer import import_identity
-
     assert work.exported is not None
-    import_identity(work.library, work.exported, name=IMPORTED, model=str(work.model), force=False, as_json=False)
+    work.api.import_(work.exported, name=IMPORTED, model=str(work.model))
     learned = work.library.effective_vectors(NAME)
     back = work.library.effective_vectors(IMPORTED)
     if not np.array_equal(learned, back):
@@ -219,9 +207,7 @@ def _import(work: _Workspace) -> str:
 
 
 def _remove(work: _Workspace) -> str:
-    from crossinit_cli.commands.library import remove_identities
-
-    remove_identities(work.library, [NAME, IMPORTED], yes=True)
+    work.api.remove(NAME, IMPORTED)
     left = work.library.list()
     if left:
         raise CrossinitError(f"{len(left)} entr{'y' if len(left) == 1 else 'ies'} left in the library")
