@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from crossinit_cli._version import __version__
+
 __all__ = ["CrossinitError", "Library", "__version__", "api"]
 
 if TYPE_CHECKING:

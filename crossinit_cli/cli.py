@@ -13,7 +13,8 @@ from typing import Annotated
 
 import typer
 
-from crossinit_cli import __version__, catalog, config, families, formats, readers, sample, ui
+from crossinit_cli import catalog, config, families, formats, readers, sample, ui
+from crossinit_cli._version import __version__
 from crossinit_cli.commandline import (
     VERBOSE_HELP,
     State,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import __version__
+from crossinit_cli._version import __version__
 from crossinit_cli.entries import now
 from crossinit_cli.fidelity import group_names
 from crossinit_cli.likeness import FACE_METRIC, FaceMatch, Reference, identity_summary, likeness_of, mean_of

@@ -13,7 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossinit_cli import __version__, config
+from crossinit_cli import config
+from crossinit_cli._version import __version__
 from crossinit_cli.config import RunOptions
 from crossinit_cli.errors import CrossinitError, library_text
 

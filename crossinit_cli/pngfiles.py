@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import __version__, devices, sample
+from crossinit_cli import devices, sample
+from crossinit_cli._version import __version__
 from crossinit_cli.atomic import TEMP_PREFIX, shared_mode
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, name_key

@@ -172,6 +172,9 @@ NOT_KEYWORDS = {
     },
     "export": {"json": "presentation"},
 }
+GLOBAL = {"home": "api.Library(home)", "verbose": "presentation (phase times come to the progress callback)"}
+for _skipped in NOT_KEYWORDS.values():
+    _skipped.update(GLOBAL)
 API_OF = {"learn": api.Library.learn, "generate": api.Library.generate, "export": api.Library.export}
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from crossinit_cli import __version__, api, resources, ui
+from crossinit_cli import api, resources, ui
+from crossinit_cli._version import __version__
 from crossinit_cli.config import RunOptions
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Library
