@@ -332,9 +332,26 @@ def import_cmd(
     return import_identity(_library(), path, name=name, model=model, force=force, as_json=as_json)
 
 
+_RESUME_TAKES = {"resume", "steps", "micro_batch", "quiet", "as_json", "photos", "name", "batch"}
+
+
+def _refuse_with_resume(ctx: typer.Context) -> None:
+    """`learn --resume` keeps the run's own settings: any other training option given with it is refused."""
+    for param in ctx.command.params:
+        if param.name in _RESUME_TAKES or param.param_type_name != "option":
+            continue
+        source = ctx.get_parameter_source(param.name)  # type: ignore[arg-type]
+        if source is not None and source.name != "DEFAULT":
+            raise CrossinitError(
+                f"{max(param.opts, key=len)} cannot change a resumed run (it keeps its own settings); only --steps, "
+                "--micro-batch, --quiet and --json go with --resume"
+            )
+
+
 @app.command()
 @handles_errors
 def learn(
+    ctx: typer.Context,
     photos: Annotated[list[Path] | None, typer.Argument(help="Photos (JPEG/PNG/WebP) or folders of them.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Identity name (default: first photo's stem).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="The paper's fast mode (few dozen steps).")] = False,
@@ -401,7 +418,8 @@ def learn(
         str | None,
         typer.Option(
             "--resume",
-            help="Continue NAME's interrupted run from its checkpoint (same settings; `list` shows unfinished runs).",
+            help="Continue NAME's interrupted run from its checkpoint with its own settings (`list` shows unfinished "
+            "runs); only --steps (a new total, at least the steps done), --micro-batch, --quiet and --json go with it.",
             autocompletion=_complete_names,
         ),
     ] = None,
@@ -423,13 +441,20 @@ def learn(
     if fast and full:
         raise CrossinitError("choose one of --fast and --full")
     if resume is not None:
-        if photos or name or batch or clip_skip != 1:
+        if photos or name or batch:
             raise CrossinitError("--resume continues a run with its own photos, name and settings; give only the name")
+        _refuse_with_resume(ctx)
         from crossinit_cli.commands.learn import resume_identity
 
         configured = _run_options().configured_model  # the next: hint names --model only if this would win
         return resume_identity(
-            _library(), resume, quiet=quiet, as_json=as_json, configured_model=configured, micro_batch=micro_batch
+            _library(),
+            resume,
+            quiet=quiet,
+            as_json=as_json,
+            configured_model=configured,
+            micro_batch=micro_batch,
+            steps=steps,
         )
     settings = {  # learning.Settings' fields: the same for one identity and a batch's defaults
         "mode": "fast" if fast else "full",

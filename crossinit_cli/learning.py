@@ -187,9 +187,17 @@ def learn_identity(library: Library, photos: list[Path], request: LearnRequest, 
     return replace(learned, identity=library.get(name))
 
 
-def resume(library: Library, name: str, *, micro_batch: int | None = None, hooks: LearnHooks = SILENT) -> Learned:
+def resume(
+    library: Library,
+    name: str,
+    *,
+    micro_batch: int | None = None,
+    steps: int | None = None,
+    hooks: LearnHooks = SILENT,
+) -> Learned:
     """Continue an interrupted run from its checkpoint, with its own settings (the micro-batch is chosen
-    again: it changes how much memory a step takes, not the result)."""
+    again: it changes how much memory a step takes, not the result). `steps` is a new total, at least the
+    steps already done (the schedule is constant, so the steps before are the same either way)."""
     from crossinit_cli import checkpoint, devices
     from crossinit_cli.train import TrainConfig
 
@@ -201,6 +209,14 @@ def resume(library: Library, name: str, *, micro_batch: int | None = None, hooks
     if library.exists(name) and not saved.get("force"):
         raise CrossinitError(f"identity {name!r} already exists; `crossinit remove {name}` first, or learn --force")
     state = run.load_state()
+    if steps is not None and steps != run.steps:
+        done = int(state["step"]) if state else 0
+        if steps < done:
+            raise CrossinitError(
+                f"--steps {steps} is fewer than the {done} steps {name!r} has done; give at least {done} "
+                f"(the run's total is {run.steps})"
+            )
+        run.set_steps(steps)
     crops = run.crops()
     model_id = saved["model"]
     check_model_reference(model_id)
