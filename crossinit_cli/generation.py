@@ -223,13 +223,14 @@ def _jobs(
     texts = prompt_texts(prompt, prompts, hooks.read)
     if not texts and default is None:
         raise CrossinitError("no prompt given; pass a prompt, --prompts FILE (or - for stdin), or --identity NAME")
-    texts = [apply_template(t, default) for t in texts] or [apply_template("", default)]
+    written = texts or [""]
+    texts = [apply_template(t, default) for t in written]
     known = resolve_identities(library, [*texts, negative])
     hint_plain_names(library, texts, hooks.hint)
     jobs = []
-    for text in texts:
+    for text, own in zip(texts, written):
         named = [known[sample.ref_key(r)] for r in sample.identity_refs(text)]
-        jobs.append(PromptJob(text, named, pngfiles.file_slug(text, named)))
+        jobs.append(PromptJob(text, named, pngfiles.file_slug(own, named)))  # named by the user's words
     return jobs, known
 
 
