@@ -639,6 +639,7 @@ def eval_cmd(
     Example: crossinit eval alice fast-alice --compare -n 8
     """
     from crossinit_cli.commands.evaluate import EvalOptions, evaluate_command
+    from crossinit_cli.generation import model_origin
 
     run = _run_options(model=model, device=device, dtype=dtype, quiet=quiet, as_json=as_json)
     options = EvalOptions(
@@ -648,6 +649,7 @@ def eval_cmd(
         seed=seed,
         steps=steps,
         model=run.chosen_model,
+        model_origin=model_origin(run) if run.chosen_model else "",
         device=run.device,
         dtype=run.dtype,
         clip_model=clip_model,

@@ -15,6 +15,7 @@ from typing import Any
 from crossinit_cli import sample
 from crossinit_cli import scoring as engine
 from crossinit_cli.errors import CrossinitError
+from crossinit_cli.generation import naming_origin
 from crossinit_cli.store import Identity, Library
 
 
@@ -39,6 +40,19 @@ class EvalOptions:
     pick_best: bool = False
     quiet: bool = False
     as_json: bool = False
+    model_origin: str = ""  # where `model` came from (generation.model_origin); "" when it is the identities' own
+
+
+def model_origin(library: Library, names: list[str], options: EvalOptions) -> str:
+    """Where the model an error is about came from, and how to change it: the flag or the config
+    (options.model_origin), else the identities' records."""
+    if options.model_origin or options.model:
+        return options.model_origin
+    from crossinit_cli.config import RunOptions
+    from crossinit_cli.generation import model_origin as origin_of
+
+    none = RunOptions(model="", device="auto", dtype="auto", output_dir="")
+    return origin_of(none, [library.get(name) for name in names])
 
 
 def check_options(names: list[str], options: EvalOptions) -> None:
@@ -107,10 +121,17 @@ class Scored:
 
 
 def identities(
-    library: Library, names: list[str], req: engine.EvalRequest, hooks: engine.EvalHooks = engine.EvalHooks()
+    library: Library,
+    names: list[str],
+    req: engine.EvalRequest,
+    hooks: engine.EvalHooks = engine.EvalHooks(),
+    *,
+    model_origin: str = "",
 ) -> list[Scored]:
-    """Score the identities and store each evaluation and contact sheet with its identity."""
-    results = engine.evaluate(library, names, req, hooks)
+    """Score the identities and store each evaluation and contact sheet with its identity (an error about
+    the model ends with `model_origin`, evaluating.model_origin)."""
+    with naming_origin(model_origin):
+        results = engine.evaluate(library, names, req, hooks)
     scored = []
     for result in results:
         sheet = engine.save(library, result)
@@ -148,10 +169,12 @@ def snapshots(
     hooks: engine.EvalHooks = engine.EvalHooks(),
     *,
     pick_best: bool = False,
+    model_origin: str = "",
 ) -> SnapshotScores:
     """Score one identity's snapshots (`req.snapshot_steps`), store the scores, and with `pick_best` make the
     best likeness / prompt-fidelity trade-off the active vectors."""
-    results = engine.evaluate(library, [name], req, hooks)
+    with naming_origin(model_origin):
+        results = engine.evaluate(library, [name], req, hooks)
     records = [{"step": r.step, **r.calibrated()} for r in results]
     picked = engine.pick_best(records) if pick_best else None
     unmeasured = engine.nothing_measured(records) if pick_best and picked is None else None

@@ -210,13 +210,7 @@ def resume(
         raise CrossinitError(f"identity {name!r} already exists; `crossinit remove {name}` first, or learn --force")
     state = run.load_state()
     if steps is not None and steps != run.steps:
-        done = int(state["step"]) if state else 0
-        if steps < done:
-            raise CrossinitError(
-                f"--steps {steps} is fewer than the {done} steps {name!r} has done; give at least {done} "
-                f"(the run's total is {run.steps})"
-            )
-        run.set_steps(steps)
+        _set_total(run, state, steps)
     crops = run.crops()
     model_id = saved["model"]
     check_model_reference(model_id)
@@ -248,6 +242,17 @@ def resume(
     )
     learned = train_and_store(library, trainer, job, hooks)
     return replace(learned, identity=library.get(name))
+
+
+def _set_total(run: Any, state: dict[str, Any] | None, steps: int) -> None:
+    """`learn --resume --steps`: a new total for the run, kept in its checkpoint; at least the steps done."""
+    done = int(state["step"]) if state else 0
+    if steps < done:
+        raise CrossinitError(
+            f"--steps {steps} is fewer than the {done} steps {run.name!r} has done; give at least {done} "
+            f"(the run's total is {run.steps})"
+        )
+    run.set_steps(steps)
 
 
 def check_peeked_clip_skip(model_id: str, clip_skip: int) -> None:

@@ -263,3 +263,20 @@ def test_an_evaluation_is_not_stored_on_an_identity_relearned_meanwhile(
         engine.save(library, stale)
     assert library.get("alice").evaluation == {}
     assert not (library.path_of("alice") / "eval").exists()
+
+
+def test_a_model_of_another_family_is_refused_naming_where_it_came_from(
+    cli, library: Library, tiny_model: Path, tiny_sdxl: Path, prompts_file: Path, no_clip: str
+) -> None:
+    from crossinit_cli.store import Identity
+
+    rng = np.random.default_rng(0)
+    parts = {"clip_l": rng.standard_normal((2, 32)), "clip_g": rng.standard_normal((2, 64))}
+    library.add(Identity(name="xl", tokens=2, width=32, family="sdxl", base_model=str(tiny_sdxl)), parts)
+    assert cli("config", "set", "model", tiny_model).exit_code == 0
+    configured = cli("eval", "xl", "--prompts", prompts_file, *FAST)
+    assert configured.exit_code == 1 and len(configured.stderr.strip().splitlines()) == 1, configured.stderr
+    assert "the model comes from your config (`crossinit config set model ...`" in configured.stderr
+    assert "pass --model to override" in configured.stderr
+    flag = cli("eval", "xl", "--model", tiny_model, "--prompts", prompts_file, *FAST)
+    assert flag.exit_code == 1 and "the model comes from --model" in flag.stderr

@@ -332,3 +332,32 @@ def test_an_unknown_name_in_brackets_suggests_the_closest_stored_ones(cli, add_i
     )
     far = cli("generate", "<2801> on a beach", "--model", "nowhere")
     assert far.stderr == 'error: no identity named <2801> (in prompt "<2801> on a beach"); see `crossinit list`\n'
+
+
+def test_model_errors_name_where_the_model_came_from_and_families_do_not_mix(
+    cli, library: Library, tiny_model: Path, tiny_sdxl: Path, tmp_path: Path, loads: list[Any]
+) -> None:
+    from crossinit_cli import families
+    from crossinit_cli.store import Identity
+
+    rng = np.random.default_rng(0)
+    parts = {"clip_l": rng.standard_normal((2, 32)), "clip_g": rng.standard_normal((2, 64))}
+    library.add(Identity(name="xl", tokens=2, width=32, family="sdxl", base_model=str(tiny_sdxl)), parts)
+    family = families.peek(str(tiny_model)).family.name
+    library.add(Identity(name="ann", tokens=2, width=32, family=family, base_model=str(tiny_model)), parts["clip_l"])
+    out = ("--out", tmp_path / "out")
+
+    assert cli("config", "set", "model", tiny_model).exit_code == 0
+    configured = cli("generate", "<xl>", *out)
+    assert configured.exit_code == 1 and len(configured.stderr.strip().splitlines()) == 1, configured.stderr
+    assert "the model comes from your config (`crossinit config set model ...`" in configured.stderr
+    assert "pass --model to override" in configured.stderr
+    flag = cli("generate", "<xl>", "--model", tiny_model, *out)
+    assert flag.exit_code == 1 and "the model comes from --model" in flag.stderr
+
+    assert cli("config", "unset", "model").exit_code == 0
+    mixed = cli("generate", "<xl> and <ann>", *out)
+    assert mixed.exit_code == 1 and len(mixed.stderr.strip().splitlines()) == 1, mixed.stderr
+    assert "cannot be combined" in mixed.stderr and "pass --model" not in mixed.stderr
+    assert f"SDXL: xl; {families.get(family).title}: ann" in mixed.stderr
+    assert loads == []

@@ -24,12 +24,15 @@ def evaluate_command(library: Library, names: list[str], options: EvalOptions) -
     templates = None if options.prompts is None else _read_templates(options.prompts)
     request = evaluating.request(library, names, options, templates)
     total = evaluating.image_count(names, request)
+    origin = evaluating.model_origin(library, names, options)
     if request.snapshot_steps is not None:
         with _progress(options.quiet, total) as bar:
-            scores = evaluating.snapshots(library, names[0], request, bar.hooks(), pick_best=options.pick_best)
+            scores = evaluating.snapshots(
+                library, names[0], request, bar.hooks(), pick_best=options.pick_best, model_origin=origin
+            )
         return _snapshot_report(scores, as_json=options.as_json)
     with _progress(options.quiet, total) as bar:
-        scored = evaluating.identities(library, names, request, bar.hooks())
+        scored = evaluating.identities(library, names, request, bar.hooks(), model_origin=origin)
     return _identity_report([s.record for s in scored], options)
 
 
