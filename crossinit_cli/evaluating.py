@@ -173,8 +173,13 @@ def snapshots(
 ) -> SnapshotScores:
     """Score one identity's snapshots (`req.snapshot_steps`), store the scores, and with `pick_best` make the
     best likeness / prompt-fidelity trade-off the active vectors."""
+    if pick_best:  # likeness is what it picks on: known before anything is generated
+        why = unmeasurable_likeness(library, name)
+        if why is not None:
+            raise CrossinitError(f"{why}, so likeness cannot be measured and --pick-best has nothing to pick on")
     with naming_origin(model_origin):
         results = engine.evaluate(library, [name], req, hooks)
+    _refuse_nothing_measured(results)
     records = [{"step": r.step, **r.calibrated()} for r in results]
     picked = engine.pick_best(records) if pick_best else None
     unmeasured = engine.nothing_measured(records) if pick_best and picked is None else None
@@ -186,3 +191,46 @@ def snapshots(
         record["loss"] = losses.get(record["step"])
         record["active"] = record["step"] == active
     return SnapshotScores(ident, records, picked, unmeasured, last, active)
+
+
+# ---- what can be measured ---------------------------------------------------------------------------------
+
+
+def unmeasurable_likeness(library: Library, name: str) -> str | None:
+    """Why likeness cannot be measured for `name` (no stored crops, or no face the detector finds in them,
+    faces.no_face_reason); None when it can. Reads the crops and runs the face detector, nothing else."""
+    from PIL import Image
+
+    ident = library.get(name)
+    paths = library.crops(ident.name)
+    if not paths:
+        return f"identity {ident.name!r} has no stored face crops (imported?)"
+    crops = []
+    for path in paths:
+        with Image.open(path) as image:
+            crops.append(image.convert("RGB"))
+    if engine.reference_descriptors(crops):
+        return None
+    from crossinit_cli.faces import no_face_reason
+
+    return no_face_reason(ident.name, [c.size for c in crops], ident.training.get("aligned"))
+
+
+def nothing_measured(records: Sequence[dict[str, Any]]) -> str | None:
+    """Why nothing could be measured in the stored evaluations `records` (neither likeness nor prompt
+    fidelity for any identity: `eval` then exits 1 after its report); None when something was."""
+    if not records or any(r["identity"]["available"] or r["fidelity"]["available"] for r in records):
+        return None
+    first = records[0]
+    return f"nothing could be measured: {first['identity']['reason']}; {first['fidelity']['reason']}"
+
+
+def _refuse_nothing_measured(results: Sequence[engine.Evaluation]) -> None:
+    """An evaluation in which nothing was measured (no likeness, no prompt fidelity) is an error, with why."""
+    measured = [r for r in results if (r.has_identity and r.reference is not None) or r.has_fidelity]
+    if results and not measured:
+        first = results[0]
+        raise CrossinitError(
+            f"nothing could be measured: {first.identity_note or 'no likeness'}; "
+            f"{first.fidelity_note or 'no prompt fidelity'}"
+        )

@@ -284,6 +284,27 @@ def odd_ones_out(described: list[tuple[Path, np.ndarray]]) -> list[OddFace]:
     return odd
 
 
+MEASURABLE_CROP = 128
+"""An aligned crop smaller than this (px) holds a face too small for the detector to find reliably (HOG's
+faces of about 80 px, 40 px after its one upsampling; FFHQ's crop is about twice the face)."""
+
+
+def no_face_reason(name: str, sizes: list[tuple[int, int]], aligned: bool | None) -> str:
+    """Why no face was found in an identity's stored crops (`sizes`), as one phrase: crops too small for
+    the detector, photos used as they are (`--no-align`: `aligned` False), or no face in them."""
+    count = len(sizes)
+    if aligned is not False and sizes and min(min(size) for size in sizes) < MEASURABLE_CROP:
+        width, height = min(sizes)
+        return (
+            f"the face detector finds no face in the {count} stored crop(s) of {name!r}: at {width}x{height} px "
+            f"the face is too small for it (crops of {MEASURABLE_CROP} px and up are measured reliably; learn at "
+            "a larger --resolution)"
+        )
+    if aligned is False:
+        return f"no face found in the {count} stored crop(s) of {name!r} (learned with --no-align: photos as they are)"
+    return f"no face found in the {count} stored crop(s) of {name!r}"
+
+
 def face_descriptor(image: Image.Image) -> np.ndarray | None:
     """The 128-d dlib ResNet descriptor of the largest face in `image`, or None when there is no face.
 

@@ -33,7 +33,13 @@ def evaluate_command(library: Library, names: list[str], options: EvalOptions) -
         return _snapshot_report(scores, as_json=options.as_json)
     with _progress(options.quiet, total) as bar:
         scored = evaluating.identities(library, names, request, bar.hooks(), model_origin=origin)
-    return _identity_report([s.record for s in scored], options)
+    records = [s.record for s in scored]
+    code = _identity_report(records, options)
+    unmeasured = evaluating.nothing_measured(records)
+    if code == 0 and unmeasured is not None:  # the report is printed; a script still learns nothing was measured
+        ui.error(unmeasured)
+        return 1
+    return code
 
 
 def _identity_report(records: list[dict[str, Any]], options: EvalOptions) -> int:
