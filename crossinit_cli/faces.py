@@ -18,7 +18,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +112,7 @@ class Gathered:
 
     photos: list[Path]
     skipped: list[tuple[Path, str]]
+    named: list[Path] = field(default_factory=list)  # photos given by name (not found in a folder): never skipped
 
 
 def collect_photos(inputs: list[Path]) -> list[Path]:
@@ -128,6 +129,7 @@ def gather_photos(inputs: list[Path]) -> Gathered:
     """
     photos: list[Path] = []
     skipped: list[tuple[Path, str]] = []
+    named: list[Path] = []
     for given in inputs:
         path = Path(given)
         if not path.exists():
@@ -146,6 +148,7 @@ def gather_photos(inputs: list[Path]) -> Gathered:
             photos.extend(found)
         else:
             photos.append(path)
+            named.append(path)
     unique: dict[Path, Path] = {}
     for photo in photos:
         if photo.resolve() in unique:
@@ -153,7 +156,7 @@ def gather_photos(inputs: list[Path]) -> Gathered:
         unique.setdefault(photo.resolve(), photo)
     if not unique:
         raise CrossinitError("no photos given")
-    return Gathered(list(unique.values()), skipped)
+    return Gathered(list(unique.values()), skipped, named)
 
 
 def _left_out(item: Path) -> str | None:
@@ -242,6 +245,46 @@ def align_faces(
             warn(f"{path}: {crop.faces_found} faces found, using the largest")
         crops.append(crop)
     return crops
+
+
+def align_gathered(
+    gathered: Gathered,
+    size: int = 512,
+    *,
+    align: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[list[FaceCrop], Gathered]:
+    """align_faces for gathered photos, where a photo found in a folder that is not usable (not an image,
+    no face) is skipped, with why, as long as one usable photo remains; a photo given by name still fails
+    loudly. The crops, and the photos as used (the unusable ones moved to `skipped`)."""
+    named = {p.resolve() for p in gathered.named}
+    crops: list[FaceCrop] = []
+    unusable: list[tuple[Path, str]] = []
+    first: CrossinitError | None = None
+    for path in gathered.photos:
+        try:
+            (crop,) = align_faces([path], size, align=align, warn=warn)
+        except CrossinitError as exc:
+            if path.resolve() in named:
+                raise
+            first = first or exc
+            unusable.append((path, _unusable_reason(path, exc)))
+            continue
+        crops.append(crop)
+    if not crops:
+        assert first is not None
+        if len(unusable) == 1:
+            raise first
+        listed = "; ".join(f"{p.name}: {why}" for p, why in unusable[:5])
+        raise CrossinitError(f"none of the {len(unusable)} photos is usable ({listed})")
+    used = [crop.source for crop in crops]
+    return crops, Gathered(used, [*gathered.skipped, *unusable], gathered.named)
+
+
+def _unusable_reason(path: Path, exc: CrossinitError) -> str:
+    """A photo's error as a short reason beside its name: without the path, and without the advice."""
+    text = str(exc).replace(f"{path}: ", "").replace(f" in {path}", "").replace(str(path), path.name)
+    return text.split("; ")[0]
 
 
 SAME_PERSON_DISTANCE = 0.6

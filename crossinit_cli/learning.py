@@ -162,9 +162,9 @@ def learn_identity(library: Library, photos: list[Path], request: LearnRequest, 
     train_config = _train_config(request)
     model_id = request.model
     gathered = faces.gather_photos(photos)
+    with hooks.phase("face detection and alignment"):  # a folder's unusable files are skipped, with why
+        crops, gathered = faces.align_gathered(gathered, ALIGN_SIZE, align=request.align, warn=hooks.warn)
     paths = gathered.photos
-    with hooks.phase("face detection and alignment"):
-        crops = faces.align_faces(paths, ALIGN_SIZE, align=request.align, warn=hooks.warn)
     odd_faces = check_photos(crops, align=request.align, strict=request.strict, hooks=hooks)
     # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
     check_model_reference(model_id)

@@ -339,3 +339,20 @@ def test_a_two_face_photo_keeps_its_warning_and_no_align_compares_nothing(
 
     mixed = cli("learn", ASTRONAUT, GRACE, "--name", "asis", "--no-align", "--model", tiny_sd1, *CHEAP, "-q")
     assert mixed.exit_code == 0 and "warning" not in mixed.stderr  # --no-align: no faces, nothing to compare
+
+
+def test_learn_a_folder_skips_what_is_not_usable_in_one_note(cli, library: Library, tmp_path: Path, tiny_sd1: Path):
+    folder = tmp_path / "me"
+    folder.mkdir()
+    Image.open(ASTRONAUT).convert("RGB").save(folder / "eileen.png")
+    Image.new("RGB", (200, 200), "grey").save(folder / "wall.png")
+    (folder / "broken.jpg").write_bytes(b"not a picture at all")
+    (folder / "notes.txt").write_text("not a photo")
+    result = cli("learn", folder, "--name", "me", "--model", tiny_sd1, *CHEAP)
+    assert result.exit_code == 0, result.stderr
+    [note] = [line for line in result.stderr.splitlines() if line.startswith("skipped")]
+    assert note.startswith(f"skipped 3 files: {folder / 'notes.txt'} (not a photo: .txt), {folder / 'broken.jpg'} (")
+    assert note.endswith(f"{folder / 'wall.png'} (no face found)")
+    assert library.get("me").training["photos"] == ["eileen.png"]
+    named = cli("learn", folder / "eileen.png", folder / "wall.png", "--name", "two", "--model", tiny_sd1, *CHEAP)
+    assert named.exit_code == 1 and f"no face found in {folder / 'wall.png'}" in named.stderr
