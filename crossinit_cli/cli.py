@@ -204,13 +204,24 @@ def show(name: NameArg, as_json: JsonOpt = False) -> int:
     return show_identity(_library(), name, as_json=as_json)
 
 
-@app.command()
+class _KeepsArgs(typer.core.TyperCommand):
+    """A command that keeps its raw arguments (ctx.meta["args"]), for options whose order matters."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        ctx.meta["args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+@app.command(cls=_KeepsArgs)
 @handles_errors
 def edit(
+    ctx: typer.Context,
     name: NameArg,
     rename: Annotated[str | None, typer.Option("--rename", help="New name.")] = None,
     note: Annotated[str | None, typer.Option("--note", help="Replace the notes ('' clears them).")] = None,
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="Add a tag (repeatable).")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Add a tag (repeatable; with --untag, in command-line order).")
+    ] = None,
     untag: Annotated[list[str] | None, typer.Option("--untag", help="Remove a tag (repeatable).")] = None,
     strength: Annotated[
         float | None,
@@ -234,8 +245,12 @@ def edit(
     Example: crossinit edit alice --tag family --strength 0.8
     """
     from crossinit_cli.commands.library import Edits, edit_identity
+    from crossinit_cli.editing import tag_order
 
-    edits = Edits(rename=rename, note=note, tags=tag, untags=untag, strength=strength, use_snapshot=use_snapshot)
+    order = tag_order(ctx.meta.get("args", [])) or None
+    edits = Edits(
+        rename=rename, note=note, tags=tag, untags=untag, strength=strength, use_snapshot=use_snapshot, tag_order=order
+    )
     return edit_identity(_library(), name, edits, as_json=as_json)
 
 
