@@ -392,7 +392,7 @@ def learn(
         typer.Option(
             "--resolution",
             help="Training image size in px (default: the model's own, 1024 for SDXL); smaller is faster, less "
-            "alike. A multiple of 64, at least 256.",
+            "alike. A multiple of 64, at least half the model's own size (256 for SD 1.x and 2.x-base).",
         ),
     ] = None,
     device: Annotated[Device | None, typer.Option("--device", help="Where to train (default: auto).")] = None,

@@ -457,6 +457,8 @@ class LearnJob:
 def train_and_store(library: Library, trainer: Trainer, job: LearnJob, hooks: LearnHooks = SILENT) -> Learned:
     """Train one identity on a loaded model and store it: the library is written once, atomically."""
     trainer = trainer.at(job.train_config.clip_skip)  # its start at the job's clip skip
+    if job.resume is None:
+        check_model_resolution(job.train_config.resolution, trainer.resolution)
     images = _training_images(trainer, job)
     run, state = job.resume if job.resume is not None else (None, None)
     if hooks.on_start is not None:
@@ -472,6 +474,21 @@ def train_and_store(library: Library, trainer: Trainer, job: LearnJob, hooks: Le
     if run is not None:
         run.discard()  # after the write: killed in between, the run is still there and the entry is whole
     return Learned(identity, result, target, trainer.model_id)
+
+
+def min_resolution(native: int) -> int:
+    """The least `--resolution` a model takes: half its own size, in multiples of 64 (256 for SD 1.x and
+    2.x-base, 384 for SD 2.x-768, 512 for SDXL, 64 for the tiny test models)."""
+    return max(64, native // 2 // 64 * 64)
+
+
+def check_model_resolution(resolution: int | None, native: int) -> None:
+    """Refuse, in one line, a `--resolution` below what the loaded model takes (min_resolution)."""
+    least = min_resolution(native)
+    if resolution is not None and resolution < least:
+        raise CrossinitError(
+            f"--resolution {resolution} is too small for this model: at least {least} (half its own {native} px)"
+        )
 
 
 def _start(trainer: Trainer, job: LearnJob, photos: int, state: dict[str, Any] | None) -> Start:

@@ -356,3 +356,19 @@ def test_learn_a_folder_skips_what_is_not_usable_in_one_note(cli, library: Libra
     assert library.get("me").training["photos"] == ["eileen.png"]
     named = cli("learn", folder / "eileen.png", folder / "wall.png", "--name", "two", "--model", tiny_sd1, *CHEAP)
     assert named.exit_code == 1 and f"no face found in {folder / 'wall.png'}" in named.stderr
+
+
+def test_the_least_resolution_comes_from_the_model(
+    cli, library: Library, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = cli("learn", ASTRONAUT, "--name", "small", "--model", tiny_model, "--resolution", "64", *CHEAP, "--quiet")
+    assert small.exit_code == 0, small.stderr  # the tiny model is 64 px: 64 is its size, not below a fixed 256
+    assert library.get("small").training["resolution"] == 64
+    from crossinit_cli import train
+
+    monkeypatch.setattr(train, "model_resolution", lambda unet, vae: 1024)  # a model of SDXL's size
+    big = cli("learn", ASTRONAUT, "--name", "big", "--model", tiny_model, "--resolution", "256", *CHEAP)
+    assert big.exit_code == 1 and big.stderr.strip().splitlines()[-1] == (
+        "error: --resolution 256 is too small for this model: at least 512 (half its own 1024 px)"
+    )
+    assert not library.exists("big")
