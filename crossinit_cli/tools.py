@@ -192,6 +192,8 @@ def _webui_folder(root: Path, flags: dict[str, tuple[str, str]], under_models: b
     if "--data-dir" in flags:
         value, where = flags["--data-dir"]
         return (root / value).joinpath(*rest), f"--data-dir in {where} + {'/'.join(rest)}"
+    if not (root / "modules" / "cmd_args.py").is_file():  # cite only a file that was read
+        return root.joinpath(*rest), _WEBUI_DEFAULT.replace("the default in its modules/cmd_args.py", "the default")
     return root.joinpath(*rest), _WEBUI_DEFAULT
 
 
