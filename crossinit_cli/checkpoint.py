@@ -53,6 +53,11 @@ class Run:
     def steps(self) -> int:
         return int(self.settings["train"]["steps"])
 
+    def set_steps(self, steps: int) -> None:
+        """A new total of steps (`learn --resume --steps`), kept in run.json so a later resume goes on to it."""
+        self.settings["train"]["steps"] = int(steps)
+        _write_json(self.path / RUN, self.settings)
+
     def save(self, state: dict[str, Any]) -> None:
         """Keep the run's state (train.SaveState); then record its step in run.json."""
         import torch

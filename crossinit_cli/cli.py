@@ -183,12 +183,23 @@ def show(name: NameArg, as_json: JsonOpt = False) -> int:
     return show_identity(open_library(), name, as_json=as_json)
 
 
-@command(app)
+class _KeepsArgs(typer.core.TyperCommand):
+    """A command that keeps its raw arguments (ctx.meta["args"]), for options whose order matters."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        ctx.meta["args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+@command(app, cls=_KeepsArgs)
 def edit(
+    ctx: typer.Context,
     name: NameArg,
     rename: Annotated[str | None, typer.Option("--rename", help="New name.")] = None,
     note: Annotated[str | None, typer.Option("--note", help="Replace the notes ('' clears them).")] = None,
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="Add a tag (repeatable).")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Add a tag (repeatable; with --untag, in command-line order).")
+    ] = None,
     untag: Annotated[list[str] | None, typer.Option("--untag", help="Remove a tag (repeatable).")] = None,
     strength: Annotated[
         float | None,
@@ -212,8 +223,12 @@ def edit(
     Example: crossinit edit alice --tag family --strength 0.8
     """
     from crossinit_cli.commands.library import Edits, edit_identity
+    from crossinit_cli.editing import tag_order
 
-    edits = Edits(rename=rename, note=note, tags=tag, untags=untag, strength=strength, use_snapshot=use_snapshot)
+    order = tag_order(ctx.meta.get("args", [])) or None
+    edits = Edits(
+        rename=rename, note=note, tags=tag, untags=untag, strength=strength, use_snapshot=use_snapshot, tag_order=order
+    )
     return edit_identity(open_library(), name, edits, as_json=as_json)
 
 
@@ -304,8 +319,25 @@ def import_cmd(
     return import_identity(open_library(), path, name=name, model=model, force=force, as_json=as_json)
 
 
+_RESUME_TAKES = {"resume", "steps", "micro_batch", "quiet", "as_json", "photos", "name", "batch", "home", "verbose"}
+
+
+def _refuse_with_resume(ctx: typer.Context) -> None:
+    """`learn --resume` keeps the run's own settings: any other training option given with it is refused."""
+    for param in ctx.command.params:
+        if param.name in _RESUME_TAKES or param.param_type_name != "option":
+            continue
+        source = ctx.get_parameter_source(param.name)  # type: ignore[arg-type]
+        if source is not None and source.name != "DEFAULT":
+            raise UsageError(
+                f"{max(param.opts, key=len)} cannot change a resumed run (it keeps its own settings); only --steps, "
+                "--micro-batch, --quiet and --json go with --resume"
+            )
+
+
 @command(app)
 def learn(
+    ctx: typer.Context,
     photos: Annotated[list[Path] | None, typer.Argument(help="Photos (JPEG/PNG/WebP) or folders of them.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Identity name (default: first photo's stem).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="The paper's fast mode (few dozen steps).")] = False,
@@ -331,7 +363,7 @@ def learn(
         typer.Option(
             "--resolution",
             help="Training image size in px (default: the model's own, 1024 for SDXL); smaller is faster, less "
-            "alike. A multiple of 64, at least 256.",
+            "alike. A multiple of 64, at least half the model's own size (256 for SD 1.x and 2.x-base).",
         ),
     ] = None,
     device: Annotated[Device | None, typer.Option("--device", help="Where to train (default: auto).")] = None,
@@ -372,7 +404,8 @@ def learn(
         str | None,
         typer.Option(
             "--resume",
-            help="Continue NAME's interrupted run from its checkpoint (same settings; `list` shows unfinished runs).",
+            help="Continue NAME's interrupted run from its checkpoint with its own settings (`list` shows unfinished "
+            "runs); only --steps (a new total, at least the steps done), --micro-batch, --quiet and --json go with it.",
             autocompletion=_complete_names,
         ),
     ] = None,
@@ -394,13 +427,20 @@ def learn(
     exclusive(fast=fast, full=full)
     given, mode = locals(), "fast" if fast else "full"
     if resume is not None:
-        if photos or name or batch or clip_skip != 1:
+        if photos or name or batch:
             raise UsageError("--resume reuses the run's photos, name and settings; give only the name")
+        _refuse_with_resume(ctx)
         from crossinit_cli.commands.learn import resume_identity
 
         configured = run_options({}).configured_model  # the next: hint names --model only if this would win
         return resume_identity(
-            open_library(), resume, quiet=quiet, as_json=as_json, configured_model=configured, micro_batch=micro_batch
+            open_library(),
+            resume,
+            quiet=quiet,
+            as_json=as_json,
+            configured_model=configured,
+            micro_batch=micro_batch,
+            steps=steps,
         )
     settings = {  # learning.Settings' fields: the same for one identity and a batch's defaults
         "mode": mode,
@@ -579,6 +619,7 @@ def eval_cmd(
     Example: crossinit eval alice fast-alice --compare -n 8
     """
     from crossinit_cli.commands.evaluate import EvalOptions, evaluate_command
+    from crossinit_cli.generation import model_origin
 
     if compare and len(names) < 2:
         raise UsageError("--compare needs at least two identities, e.g. crossinit eval alice bob --compare")
@@ -588,7 +629,8 @@ def eval_cmd(
         raise UsageError("--fail-below gates identities, not snapshots; run it without --snapshots/--pick-best")
     run = run_options(locals())
     where = {"model": run.chosen_model, "device": run.device, "dtype": run.dtype}
-    options = record(EvalOptions, locals(), **where, snapshots=snapshots or pick_best)
+    origin = model_origin(run) if run.chosen_model else ""
+    options = record(EvalOptions, locals(), **where, model_origin=origin, snapshots=snapshots or pick_best)
     return evaluate_command(open_library(), names, options)
 
 

@@ -118,11 +118,12 @@ def with_globals(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def command(group: typer.Typer, name: str | None = None) -> Callable[[F], F]:
-    """Declare a command of `group`: its errors handled (`handles_errors`), the global options added."""
+def command(group: typer.Typer, name: str | None = None, **settings: Any) -> Callable[[F], F]:
+    """Declare a command of `group`: its errors handled (`handles_errors`), the global options added;
+    `settings` go to typer's `command` (`cls=` for a command class of its own)."""
 
     def register(func: F) -> F:
-        group.command(name)(with_globals(handles_errors(func)))
+        group.command(name, **settings)(with_globals(handles_errors(func)))
         return func
 
     return register

@@ -75,6 +75,7 @@ class Edits:
     untags: list[str] | None = None
     strength: float | None = None
     use_snapshot: str | None = None
+    tag_order: list[tuple[str, str]] | None = None  # ("tag"|"untag", tag) as given on the command line
 
     def none(self) -> bool:
         return (
@@ -85,6 +86,23 @@ class Edits:
             and self.strength is None
             and self.use_snapshot is None
         )
+
+
+def tag_order(args: list[str]) -> list[tuple[str, str]]:
+    """The `--tag`/`--untag` values of a command line, in the order given (`--tag x`, `--tag=x`)."""
+    order: list[tuple[str, str]] = []
+    tokens = iter(args)
+    for token in tokens:
+        if token == "--":
+            break
+        for op in ("tag", "untag"):
+            if token == f"--{op}":
+                value = next(tokens, None)
+                if value is not None:
+                    order.append((op, value))
+            elif token.startswith(f"--{op}="):
+                order.append((op, token.split("=", 1)[1]))
+    return order
 
 
 def edit(library: Library, name: str, edits: Edits) -> Identity:
@@ -106,8 +124,15 @@ def edit(library: Library, name: str, edits: Edits) -> Identity:
         # Runs under the library lock on the latest metadata: tags from other processes are kept.
         if edits.note is not None:
             current.notes = edits.note
-        current.tags = [t for t in current.tags if t not in (edits.untags or [])]
-        current.tags += [t for t in dict.fromkeys(edits.tags or []) if t not in current.tags]
+        if edits.tag_order:  # in command-line order: `--tag x --untag x` ends without x, `--untag x --tag x` with
+            for op, tag in edits.tag_order:
+                if op == "untag":
+                    current.tags = [t for t in current.tags if t != tag]
+                elif tag not in current.tags:
+                    current.tags.append(tag)
+        else:
+            current.tags = [t for t in current.tags if t not in (edits.untags or [])]
+            current.tags += [t for t in dict.fromkeys(edits.tags or []) if t not in current.tags]
         if strength is not None:
             current.strength = strength
         if step is not None:
@@ -151,7 +176,21 @@ def edit_in_editor(library: Library, name: str, editor: str | None = None) -> Id
         if done.returncode != 0:
             raise CrossinitError(f"editor {editor!r} exited with status {done.returncode}; nothing changed")
         edited = path.read_text(encoding="utf-8")
-    return None if edited == text else edit_text(library, ident, edited)
+    if edited == text:
+        return None
+    try:
+        return edit_text(library, ident, edited)
+    except CrossinitError as exc:  # the user's edits are not thrown away: kept where the error says
+        kept = _keep_edit(ident.name, edited)
+        raise CrossinitError(f"{exc}; your edit is kept in {kept}") from None
+
+
+def _keep_edit(name: str, edited: str) -> Path:
+    """A refused $EDITOR result, kept in a file of its own (fix it, then paste it back with `crossinit edit`)."""
+    fd, kept = tempfile.mkstemp(prefix=f"crossinit-edit-{name}-", suffix=".toml")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(edited)
+    return Path(kept)
 
 
 def edit_text(library: Library, ident: Identity, edited: str) -> Identity:

@@ -16,6 +16,7 @@ from crossinit_cli import fidelity, sample
 from crossinit_cli import scoring as engine
 from crossinit_cli import snapshots as snapshot_scores
 from crossinit_cli.errors import CrossinitError
+from crossinit_cli.generation import naming_origin
 from crossinit_cli.store import Identity, Library
 
 
@@ -40,6 +41,19 @@ class EvalOptions:
     pick_best: bool = False
     quiet: bool = False
     as_json: bool = False
+    model_origin: str = ""  # where `model` came from (generation.model_origin); "" when it is the identities' own
+
+
+def model_origin(library: Library, names: list[str], options: EvalOptions) -> str:
+    """Where the model an error is about came from, and how to change it: the flag or the config
+    (options.model_origin), else the identities' records."""
+    if options.model_origin or options.model:
+        return options.model_origin
+    from crossinit_cli.config import RunOptions
+    from crossinit_cli.generation import model_origin as origin_of
+
+    none = RunOptions(model="", device="auto", dtype="auto", output_dir="")
+    return origin_of(none, [library.get(name) for name in names])
 
 
 def check_options(names: list[str], options: EvalOptions) -> None:
@@ -108,10 +122,17 @@ class Scored:
 
 
 def identities(
-    library: Library, names: list[str], req: engine.EvalRequest, hooks: engine.EvalHooks = engine.EvalHooks()
+    library: Library,
+    names: list[str],
+    req: engine.EvalRequest,
+    hooks: engine.EvalHooks = engine.EvalHooks(),
+    *,
+    model_origin: str = "",
 ) -> list[Scored]:
-    """Score the identities and store each evaluation and contact sheet with its identity."""
-    results = engine.evaluate(library, names, req, hooks)
+    """Score the identities and store each evaluation and contact sheet with its identity (an error about
+    the model ends with `model_origin`, evaluating.model_origin)."""
+    with naming_origin(model_origin):
+        results = engine.evaluate(library, names, req, hooks)
     scored = []
     for result in results:
         sheet = engine.save(library, result)
@@ -149,10 +170,17 @@ def snapshots(
     hooks: engine.EvalHooks = engine.EvalHooks(),
     *,
     pick_best: bool = False,
+    model_origin: str = "",
 ) -> SnapshotScores:
     """Score one identity's snapshots (`req.snapshot_steps`), store the scores, and with `pick_best` make the
     best likeness / prompt-fidelity trade-off the active vectors."""
-    results = engine.evaluate(library, [name], req, hooks)
+    if pick_best:  # likeness is what it picks on: known before anything is generated
+        why = unmeasurable_likeness(library, name)
+        if why is not None:
+            raise CrossinitError(f"{why}, so likeness cannot be measured and --pick-best has nothing to pick on")
+    with naming_origin(model_origin):
+        results = engine.evaluate(library, [name], req, hooks)
+    _refuse_nothing_measured(results)
     records = [{"step": r.step, **r.calibrated()} for r in results]
     picked = snapshot_scores.pick_best(records) if pick_best else None
     unmeasured = snapshot_scores.nothing_measured(records) if pick_best and picked is None else None
@@ -164,3 +192,46 @@ def snapshots(
         record["loss"] = losses.get(record["step"])
         record["active"] = record["step"] == active
     return SnapshotScores(ident, records, picked, unmeasured, last, active)
+
+
+# ---- what can be measured ---------------------------------------------------------------------------------
+
+
+def unmeasurable_likeness(library: Library, name: str) -> str | None:
+    """Why likeness cannot be measured for `name` (no stored crops, or no face the detector finds in them,
+    faces.no_face_reason); None when it can. Reads the crops and runs the face detector, nothing else."""
+    from PIL import Image
+
+    ident = library.get(name)
+    paths = library.crops(ident.name)
+    if not paths:
+        return f"identity {ident.name!r} has no stored face crops (imported?)"
+    crops = []
+    for path in paths:
+        with Image.open(path) as image:
+            crops.append(image.convert("RGB"))
+    if engine.reference_descriptors(crops):
+        return None
+    from crossinit_cli.faces import no_face_reason
+
+    return no_face_reason(ident.name, [c.size for c in crops], ident.training.get("aligned"))
+
+
+def nothing_measured(records: Sequence[dict[str, Any]]) -> str | None:
+    """Why nothing could be measured in the stored evaluations `records` (neither likeness nor prompt
+    fidelity for any identity: `eval` then exits 1 after its report); None when something was."""
+    if not records or any(r["identity"]["available"] or r["fidelity"]["available"] for r in records):
+        return None
+    first = records[0]
+    return f"nothing could be measured: {first['identity']['reason']}; {first['fidelity']['reason']}"
+
+
+def _refuse_nothing_measured(results: Sequence[engine.Evaluation]) -> None:
+    """An evaluation in which nothing was measured (no likeness, no prompt fidelity) is an error, with why."""
+    measured = [r for r in results if (r.has_identity and r.reference is not None) or r.has_fidelity]
+    if results and not measured:
+        first = results[0]
+        raise CrossinitError(
+            f"nothing could be measured: {first.identity_note or 'no likeness'}; "
+            f"{first.fidelity_note or 'no prompt fidelity'}"
+        )

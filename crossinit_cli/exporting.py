@@ -345,6 +345,7 @@ class ImportedFile:
     embedding: formats.Imported | None = None
     reason: str | None = None
     note: str | None = None  # what the file could not tell (readers.import_note), one line
+    family_inferred: bool = False  # the family was told from the vectors' widths alone (no --model, no metadata)
 
 
 @dataclass(frozen=True)
@@ -399,8 +400,12 @@ def import_(
         if name is not None:
             raise
         raise CrossinitError(f"{exc}; pass --name to choose a name") from None
+    loaded, inferred = checked_family(loaded, path, model)
     stored = _store(library, loaded, chosen, path, model=model, force=force)
-    return Imports([ImportedFile(path, chosen, stored, loaded, note=readers.import_note(loaded, path))], folder=False)
+    return Imports(
+        [ImportedFile(path, chosen, stored, loaded, note=readers.import_note(loaded, path), family_inferred=inferred)],
+        folder=False,
+    )
 
 
 def _import_folder(
@@ -434,6 +439,7 @@ def _import_one(library: Library, path: Path, *, model: str | None, force: bool)
         return ImportedFile(path, reason="a preview picture (A1111 shows it beside the embedding of that name)")
     try:
         loaded = formats.read_embedding_file(path, model)
+        loaded, inferred = checked_family(loaded, path, model)
         try:
             chosen = validate_name(loaded.suggested_name or file_stem(path))
         except CrossinitError:
@@ -441,7 +447,32 @@ def _import_one(library: Library, path: Path, *, model: str | None, force: bool)
         stored = _store(library, loaded, chosen, path, model=model, force=force)
     except CrossinitError as exc:
         return ImportedFile(path, reason=str(exc).replace(str(path), path.name))
-    return ImportedFile(path, chosen, stored, loaded, note=readers.import_note(loaded, path))
+    note = readers.import_note(loaded, path)
+    return ImportedFile(path, chosen, stored, loaded, note=note, family_inferred=inferred)
+
+
+def checked_family(loaded: formats.Imported, path: Path, model: str | None) -> tuple[formats.Imported, bool]:
+    """The embedding with its family: `model`'s, once its text encoders' widths are checked against the
+    vectors' (a mismatch is refused in one line); else what the file tells (its metadata, its layout, or,
+    where unambiguous, its width: 768 SD 1.x, 1024 SD 2.x; True when only the width told). A model whose
+    configs cannot be read without loading (a hub id not in the cache) is recorded as given, unchecked."""
+    from dataclasses import replace
+
+    widths = tuple(loaded.widths)
+    if model:
+        peeked = families.peek(model)
+        if peeked is None:
+            return loaded, False
+        theirs = tuple(peeked.widths or ())
+        if (theirs and theirs != widths) or (not theirs and len(widths) != len(peeked.family.encoders)):
+            shown = "+".join(map(str, theirs)) if theirs else f"{len(peeked.family.encoders)} encoder(s)"
+            own = f" ({families.get(loaded.family).title})" if loaded.family in families.FAMILIES else ""
+            raise CrossinitError(
+                f"{path} holds vectors of width {'+'.join(map(str, widths))}{own}, but --model {model} is "
+                f"{peeked.family.title} (text width {shown}); give the model it was learned on, or leave out --model"
+            )
+        return replace(loaded, family=peeked.family.name, family_inferred=False), False
+    return loaded, loaded.family_inferred
 
 
 def _store(

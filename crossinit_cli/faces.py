@@ -18,7 +18,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +116,7 @@ class Gathered:
 
     photos: list[Path]
     skipped: list[tuple[Path, str]]
+    named: list[Path] = field(default_factory=list)  # photos given by name (not found in a folder): never skipped
 
 
 def collect_photos(inputs: list[Path]) -> list[Path]:
@@ -132,6 +133,7 @@ def gather_photos(inputs: list[Path]) -> Gathered:
     """
     photos: list[Path] = []
     skipped: list[tuple[Path, str]] = []
+    named: list[Path] = []
     for given in inputs:
         path = Path(given)
         if not path.exists():
@@ -150,6 +152,7 @@ def gather_photos(inputs: list[Path]) -> Gathered:
             photos.extend(found)
         else:
             photos.append(path)
+            named.append(path)
     unique: dict[Path, Path] = {}
     for photo in photos:
         if photo.resolve() in unique:
@@ -157,7 +160,7 @@ def gather_photos(inputs: list[Path]) -> Gathered:
         unique.setdefault(photo.resolve(), photo)
     if not unique:
         raise CrossinitError("no photos given")
-    return Gathered(list(unique.values()), skipped)
+    return Gathered(list(unique.values()), skipped, named)
 
 
 def _left_out(item: Path) -> str | None:
@@ -253,6 +256,46 @@ def align_faces(
     return crops
 
 
+def align_gathered(
+    gathered: Gathered,
+    size: int = 512,
+    *,
+    align: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[list[FaceCrop], Gathered]:
+    """align_faces for gathered photos, where a photo found in a folder that is not usable (not an image,
+    no face) is skipped, with why, as long as one usable photo remains; a photo given by name still fails
+    loudly. The crops, and the photos as used (the unusable ones moved to `skipped`)."""
+    named = {p.resolve() for p in gathered.named}
+    crops: list[FaceCrop] = []
+    unusable: list[tuple[Path, str]] = []
+    first: CrossinitError | None = None
+    for path in gathered.photos:
+        try:
+            (crop,) = align_faces([path], size, align=align, warn=warn)
+        except CrossinitError as exc:
+            if path.resolve() in named:
+                raise
+            first = first or exc
+            unusable.append((path, _unusable_reason(path, exc)))
+            continue
+        crops.append(crop)
+    if not crops:
+        assert first is not None
+        if len(unusable) == 1:
+            raise first
+        listed = "; ".join(f"{p.name}: {why}" for p, why in unusable[:5])
+        raise CrossinitError(f"none of the {len(unusable)} photos is usable ({listed})")
+    used = [crop.source for crop in crops]
+    return crops, Gathered(used, [*gathered.skipped, *unusable], gathered.named)
+
+
+def _unusable_reason(path: Path, exc: CrossinitError) -> str:
+    """A photo's error as a short reason beside its name: without the path, and without the advice."""
+    text = str(exc).replace(f"{path}: ", "").replace(f" in {path}", "").replace(str(path), path.name)
+    return text.split("; ")[0]
+
+
 SAME_PERSON_DISTANCE = 0.6
 """dlib's own decision threshold: two faces closer than this are the same person (99.38% on LFW)."""
 
@@ -291,6 +334,27 @@ def odd_ones_out(described: list[tuple[Path, np.ndarray]]) -> list[OddFace]:
         if median >= SAME_PERSON_DISTANCE:
             odd.append(OddFace(path, median))
     return odd
+
+
+MEASURABLE_CROP = 128
+"""An aligned crop smaller than this (px) holds a face too small for the detector to find reliably (HOG's
+faces of about 80 px, 40 px after its one upsampling; FFHQ's crop is about twice the face)."""
+
+
+def no_face_reason(name: str, sizes: list[tuple[int, int]], aligned: bool | None) -> str:
+    """Why no face was found in an identity's stored crops (`sizes`), as one phrase: crops too small for
+    the detector, photos used as they are (`--no-align`: `aligned` False), or no face in them."""
+    count = len(sizes)
+    if aligned is not False and sizes and min(min(size) for size in sizes) < MEASURABLE_CROP:
+        width, height = min(sizes)
+        return (
+            f"the face detector finds no face in the {count} stored crop(s) of {name!r}: at {width}x{height} px "
+            f"the face is too small for it (crops of {MEASURABLE_CROP} px and up are measured reliably; learn at "
+            "a larger --resolution)"
+        )
+    if aligned is False:
+        return f"no face found in the {count} stored crop(s) of {name!r} (learned with --no-align: photos as they are)"
+    return f"no face found in the {count} stored crop(s) of {name!r}"
 
 
 def face_descriptor(image: Image.Image) -> np.ndarray | None:

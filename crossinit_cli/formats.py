@@ -377,6 +377,7 @@ class Imported:
     family: str = ""  # from the file's metadata or layout; "" when it cannot be told
     parts: dict[str, np.ndarray] | None = None  # SDXL: {"clip_l": ..., "clip_g": ...}
     clip_skip: int | None = 1  # from crossinit's metadata; other tools' safetensors read as 1; a pickle: None
+    family_inferred: bool = False  # told from the width alone (768 SD 1.x, 1024 SD 2.x): no metadata, no model
 
     @property
     def widths(self) -> list[int]:
@@ -430,6 +431,7 @@ def read_embedding_file(path: Path, model: str | None = None) -> Imported:
     found.layout = layout or found.layout
     if not found.family:
         found.family = _family_of(found, meta, model)
+        found.family_inferred = bool(found.family) and meta.get("family") != found.family and _peek(model) is None
     found.clip_skip = _clip_skip_of(meta, found.family, path)
     return found
 

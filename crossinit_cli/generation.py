@@ -15,7 +15,7 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,6 +116,7 @@ class Plan:
     placement: devices.Placement
     out_dir: Path | None  # None: nothing will be written
     model: str  # --model, else the configured model, else the identities' own (config.identities_model)
+    model_origin: str = ""  # where `model` came from and how to change it (model_origin), for errors about it
 
 
 @dataclass
@@ -167,18 +168,72 @@ def plan_run(
     negative = flags.negative or ""
     jobs, known = _jobs(library, prompt, prompts, flags.identity, negative, hooks)
     seeds, steps, scheduler, size = _sampling_choices(flags)
+    check_one_family(known.values())
     model = run.model_for(known.values())
-    devices.check_model_reference(model)
+    origin = model_origin(run, known.values())
+    with naming_origin(origin):
+        devices.check_model_reference(model)
     placement = devices.resolve(run.device, run.dtype)
-    sample.check_model(model, known.values())
-    clip_skip = choose_clip_skip(flags.clip_skip, known.values(), model=model, warn=hooks.warn)
+    with naming_origin(origin):
+        sample.check_model(model, known.values())
+        clip_skip = choose_clip_skip(flags.clip_skip, known.values(), model=model, warn=hooks.warn)
     vectors = {ident.name: library.effective_parts(ident.name) for ident in known.values()}
     # Last of the checks, so that a mistake found above leaves no new folder behind.
     out_dir = pngfiles.prepare_out_dir(Path(run.output_dir)) if write else None
     warn_other_model(known.values(), model, hooks.warn)
     guidance = sample.DEFAULT_GUIDANCE if flags.guidance is None else flags.guidance
     choices = Choices(seeds, steps, guidance, negative, scheduler, size, clip_skip)
-    return Plan(jobs, list(known.values()), vectors, choices, placement, out_dir, model)
+    return Plan(jobs, list(known.values()), vectors, choices, placement, out_dir, model, origin)
+
+
+def check_one_family(identities: Iterable[Identity]) -> None:
+    """Identities of different model families (SD 1.x, SD 2.x, SDXL) cannot share a run: no model takes
+    both widths. One line listing which identity is which family."""
+    from crossinit_cli import families
+
+    by_family: dict[str, list[str]] = {}
+    for ident in identities:
+        if ident.family:
+            by_family.setdefault(ident.family, []).append(ident.name)
+    if len(by_family) > 1:
+        which = "; ".join(
+            f"{families.get(f).title if f in families.FAMILIES else f}: {', '.join(names)}"
+            for f, names in by_family.items()
+        )
+        raise CrossinitError(
+            f"identities of different model families cannot be combined in one prompt or run ({which}); "
+            "generate each family's identities in a run of their own"
+        )
+
+
+def model_origin(run: RunOptions, identities: Iterable[Identity] = ()) -> str:
+    """Where the model a run uses came from, and the command that changes it (config.identities_model's
+    order: --model, the config, the identities' records, the built-in default)."""
+    if run.explicit_model:
+        return "the model comes from --model"
+    if run.configured_model:
+        return (
+            "the model comes from your config (`crossinit config set model ...`, `crossinit config unset model`); "
+            "pass --model to override"
+        )
+    named = [ident.name for ident in identities if ident.base_model]
+    if named:
+        return (
+            f"the model is the one {', '.join(named)} was learned on (its identity record's base_model: "
+            f"`crossinit edit {named[0]}`); pass --model to override"
+        )
+    return "the model is the built-in default; pass --model, or set one with `crossinit config set model ...`"
+
+
+@contextmanager
+def naming_origin(origin: str) -> Iterator[None]:
+    """A model error raised inside ends with where the model came from (`origin`, model_origin)."""
+    try:
+        yield
+    except CrossinitError as exc:
+        if not origin or origin in str(exc):
+            raise
+        raise CrossinitError(f"{exc}; {origin}") from None
 
 
 def warn_other_model(identities: Iterable[Identity], model: str, warn: Callable[[str], None] | None) -> None:
@@ -223,13 +278,14 @@ def _jobs(
     texts = prompt_texts(prompt, prompts, hooks.read)
     if not texts and default is None:
         raise CrossinitError("no prompt given; pass a prompt, --prompts FILE (or - for stdin), or --identity NAME")
-    texts = [apply_template(t, default) for t in texts] or [apply_template("", default)]
+    written = texts or [""]
+    texts = [apply_template(t, default) for t in written]
     known = resolve_identities(library, [*texts, negative])
     hint_plain_names(library, texts, hooks.hint)
     jobs = []
-    for text in texts:
+    for text, own in zip(texts, written):
         named = [known[sample.ref_key(r)] for r in sample.identity_refs(text)]
-        jobs.append(PromptJob(text, named, pngfiles.file_slug(text, named)))
+        jobs.append(PromptJob(text, named, pngfiles.file_slug(own, named)))  # named by the user's words
     return jobs, known
 
 
@@ -391,23 +447,33 @@ class LoadRequest:
     vectors: dict[str, Any]  # name -> effective vectors, one array per text encoder (Library.effective_parts)
     identities: tuple[Identity, ...] = ()  # checked against the model before its weights move (sample.load)
     clip_skip: int | None = None  # checked against the loaded text encoder when given
+    model_origin: str = ""  # where the model came from, added to an error about it (model_origin)
 
 
 def load_run(request: LoadRequest, hooks: GenerateHooks = GenerateHooks()) -> LoadedRun:
     """The pipeline loaded once, with every identity added once."""
     placement = request.placement
     message = f"loading {request.model} on {placement.device} ({placement.dtype})"
-    with hooks.loading(message) if hooks.loading is not None else nullcontext(), hooks.held("model load"):
+    loading = hooks.loading(message) if hooks.loading is not None else nullcontext()
+    with loading, hooks.held("model load"), naming_origin(request.model_origin):
         pipe = sample.load(request.model, placement, request.identities)
     if request.clip_skip is not None:
-        sample.check_clip_skip(request.model, request.clip_skip, pipe)
+        with naming_origin(request.model_origin):
+            sample.check_clip_skip(request.model, request.clip_skip, pipe)
     mapping = sample.add_identities(pipe, request.vectors, model=request.model)
     return LoadedRun(pipe, mapping, request.model, placement)
 
 
 def load_plan(plan: Plan, hooks: GenerateHooks = GenerateHooks()) -> LoadedRun:
     """The pipeline for a planned run, with its identities."""
-    request = LoadRequest(plan.model, plan.placement, plan.vectors, tuple(plan.identities), plan.choices.clip_skip)
+    request = LoadRequest(
+        plan.model,
+        plan.placement,
+        plan.vectors,
+        tuple(plan.identities),
+        plan.choices.clip_skip,
+        model_origin=plan.model_origin,
+    )
     return load_run(request, hooks)
 
 

@@ -73,8 +73,13 @@ def require_hub(repo_id: str, what: str = "model") -> None:
     if reason is not None:
         raise HubUnreachable(
             f"{what} {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached ({reason}); "
-            f"download it once with `hf download {repo_id}` on a machine with network, or use a local folder"
+            f"download it once with `hf download {repo_id}` on a machine with network, or pass "
+            f"{FLAGS.get(what, '--model')} with a local folder"
         )
+
+
+FLAGS = {"model": "--model", "CLIP model": "--clip-model"}
+"""The flag that names each kind of hub download, for the message that offers a local folder instead."""
 
 
 def _hub_unreachable(repo_id: str) -> str | None:

@@ -163,9 +163,9 @@ def learn_identity(library: Library, photos: list[Path], request: LearnRequest, 
     train_config = _train_config(request)
     model_id = request.model
     gathered = faces.gather_photos(photos)
+    with hooks.phase("face detection and alignment"):  # a folder's unusable files are skipped, with why
+        crops, gathered = faces.align_gathered(gathered, ALIGN_SIZE, align=request.align, warn=hooks.warn)
     paths = gathered.photos
-    with hooks.phase("face detection and alignment"):
-        crops = faces.align_faces(paths, ALIGN_SIZE, align=request.align, warn=hooks.warn)
     odd_faces = check_photos(crops, align=request.align, strict=request.strict, hooks=hooks)
     # Photos first (a bad photo is named whatever the model), then the model, still before heavy imports.
     check_model_reference(model_id)
@@ -188,9 +188,17 @@ def learn_identity(library: Library, photos: list[Path], request: LearnRequest, 
     return replace(learned, identity=library.get(name))
 
 
-def resume(library: Library, name: str, *, micro_batch: int | None = None, hooks: LearnHooks = SILENT) -> Learned:
+def resume(
+    library: Library,
+    name: str,
+    *,
+    micro_batch: int | None = None,
+    steps: int | None = None,
+    hooks: LearnHooks = SILENT,
+) -> Learned:
     """Continue an interrupted run from its checkpoint, with its own settings (the micro-batch is chosen
-    again: it changes how much memory a step takes, not the result)."""
+    again: it changes how much memory a step takes, not the result). `steps` is a new total, at least the
+    steps already done (the schedule is constant, so the steps before are the same either way)."""
     from crossinit_cli import checkpoint, devices
     from crossinit_cli.train import TrainConfig
 
@@ -202,6 +210,8 @@ def resume(library: Library, name: str, *, micro_batch: int | None = None, hooks
     if library.exists(name) and not saved.get("force"):
         raise CrossinitError(f"identity {name!r} already exists; `crossinit remove {name}` first, or learn --force")
     state = run.load_state()
+    if steps is not None and steps != run.steps:
+        _set_total(run, state, steps)
     crops = run.crops()
     model_id = saved["model"]
     check_model_reference(model_id)
@@ -233,6 +243,17 @@ def resume(library: Library, name: str, *, micro_batch: int | None = None, hooks
     )
     learned = train_and_store(library, trainer, job, hooks)
     return replace(learned, identity=library.get(name))
+
+
+def _set_total(run: Any, state: dict[str, Any] | None, steps: int) -> None:
+    """`learn --resume --steps`: a new total for the run, kept in its checkpoint; at least the steps done."""
+    done = int(state["step"]) if state else 0
+    if steps < done:
+        raise CrossinitError(
+            f"--steps {steps} is fewer than the {done} steps {run.name!r} has done; give at least {done} "
+            f"(the run's total is {run.steps})"
+        )
+    run.set_steps(steps)
 
 
 def check_peeked_clip_skip(model_id: str, clip_skip: int) -> None:
@@ -437,6 +458,8 @@ class LearnJob:
 def train_and_store(library: Library, trainer: Trainer, job: LearnJob, hooks: LearnHooks = SILENT) -> Learned:
     """Train one identity on a loaded model and store it: the library is written once, atomically."""
     trainer = trainer.at(job.train_config.clip_skip)  # its start at the job's clip skip
+    if job.resume is None:
+        check_model_resolution(job.train_config.resolution, trainer.resolution)
     images = _training_images(trainer, job)
     run, state = job.resume if job.resume is not None else (None, None)
     if hooks.on_start is not None:
@@ -452,6 +475,21 @@ def train_and_store(library: Library, trainer: Trainer, job: LearnJob, hooks: Le
     if run is not None:
         run.discard()  # after the write: killed in between, the run is still there and the entry is whole
     return Learned(identity, result, target, trainer.model_id)
+
+
+def min_resolution(native: int) -> int:
+    """The least `--resolution` a model takes: half its own size, in multiples of 64 (256 for SD 1.x and
+    2.x-base, 384 for SD 2.x-768, 512 for SDXL, 64 for the tiny test models)."""
+    return max(64, native // 2 // 64 * 64)
+
+
+def check_model_resolution(resolution: int | None, native: int) -> None:
+    """Refuse, in one line, a `--resolution` below what the loaded model takes (min_resolution)."""
+    least = min_resolution(native)
+    if resolution is not None and resolution < least:
+        raise CrossinitError(
+            f"--resolution {resolution} is too small for this model: at least {least} (half its own {native} px)"
+        )
 
 
 def _start(trainer: Trainer, job: LearnJob, photos: int, state: dict[str, Any] | None) -> Start:

@@ -61,14 +61,30 @@ class Written:
 
 
 def file_slug(prompt: str, identities: list[Identity]) -> str:
-    """The identities' names (joined by '+'), or else a short ASCII slug of the prompt."""
-    if identities:
-        return "+".join(i.name for i in identities)[:80]
-    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower()
+    """The file-name stem before `-<seed>-<index>`: the identities' names (joined by '+'), then a short ASCII
+    slug of the prompt's own words (its `<name>`s left out, as they lead already), so prompts sampled with one
+    seed stay apart: `alice-on-the-beach`. A prompt of nothing but names gives the names alone."""
+    names = "+".join(i.name for i in identities)[:80]
+    words = _words_slug(_refs_removed(prompt) if identities else prompt)
+    if names:
+        return f"{names}-{words}" if words else names
+    return words or "image"
+
+
+def _refs_removed(prompt: str) -> str:
+    """`prompt` without its `<name>` references."""
+    from crossinit_cli.sample import IDENTITY_REF
+
+    return IDENTITY_REF.sub(" ", prompt)
+
+
+def _words_slug(text: str) -> str:
+    """Lower-case ASCII words joined by '-', cut at a word boundary to SLUG_CHARS."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")
     if len(slug) > SLUG_CHARS:
         slug = slug[:SLUG_CHARS].rsplit("-", 1)[0]
-    return slug or "image"
+    return slug
 
 
 # ---- metadata -----------------------------------------------------------------------------------

@@ -207,10 +207,10 @@ def _start_results(
                 if references[key]:
                     result.reference = reference_of(references[key])
                 if not references[key]:
-                    result.identity_note = (
-                        f"no face found in the {len(crops)} stored crop(s) of {ident.name!r} (learned with "
-                        "--no-align?), so identity similarity cannot be measured"
-                    )
+                    from crossinit_cli.faces import no_face_reason
+
+                    why = no_face_reason(ident.name, [c.size for c in crops], ident.training.get("aligned"))
+                    result.identity_note = f"{why}, so identity similarity cannot be measured"
         if result.identity_note:
             hooks.say(result.identity_note)
         results[key] = result

@@ -118,9 +118,10 @@ class TrainConfig:
 
 
 def check_resolution(resolution: int | None) -> None:
-    """`--resolution`: a multiple of 64 (the VAE's 8x times the UNet's 8x), at least MIN_RESOLUTION."""
-    if resolution is not None and (resolution < MIN_RESOLUTION or resolution % 64):
-        raise CrossinitError(f"--resolution must be a multiple of 64 and at least {MIN_RESOLUTION}, not {resolution}")
+    """`--resolution`: a multiple of 64 (the VAE's 8x times the UNet's 8x); the least a model takes is
+    checked once it is loaded (learning.check_model_resolution)."""
+    if resolution is not None and (resolution < 64 or resolution % 64):
+        raise CrossinitError(f"--resolution must be a multiple of 64, not {resolution}")
 
 
 def scaled_lr(batch_size: int) -> float:

@@ -97,7 +97,7 @@ def test_identities_on_different_models_are_one_line_naming_them(
 
 
 def test_manifest_and_eval_default_to_the_identities_model_and_a_configured_one_wins(
-    cli, tiny_model: Path, tmp_path: Path, add_identity, library: Library, loads: list
+    cli, tiny_model: Path, tiny_clip: Path, tmp_path: Path, add_identity, library: Library, loads: list
 ) -> None:
     add_identity("alice", seed=1, scale=5, base_model=str(tiny_model))
     manifest = tmp_path / "jobs.jsonl"
@@ -107,14 +107,15 @@ def test_manifest_and_eval_default_to_the_identities_model_and_a_configured_one_
     assert json.loads(result.stdout.splitlines()[0])["model"] == str(tiny_model)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of {}\n", encoding="utf-8")
-    evaluated = cli("eval", "alice", "--prompts", prompts, "--steps", "2", "-n", "1", "--quiet", "--json")
+    clip = ("--clip-model", tiny_clip)  # something measured (alice has no crops): eval exits 0
+    evaluated = cli("eval", "alice", "--prompts", prompts, "--steps", "2", "-n", "1", "--quiet", "--json", *clip)
     assert evaluated.exit_code == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)[0]["settings"]["model"] == str(tiny_model)
 
     configured = tmp_path / "configured"
     configured.symlink_to(tiny_model, target_is_directory=True)
     assert cli("config", "set", "model", configured).exit_code == 0
-    again = cli("eval", "alice", "--prompts", prompts, "--steps", "2", "-n", "1", "--quiet", "--json")
+    again = cli("eval", "alice", "--prompts", prompts, "--steps", "2", "-n", "1", "--quiet", "--json", *clip)
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)[0]["settings"]["model"] == str(configured)
     image = cli("generate", "<alice>", *QUICK, "-o", tmp_path / "out", "--json")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -33,3 +35,25 @@ def test_edit_and_remove_from_python(stocked: Library, capsys: pytest.CaptureFix
     assert editing.remove(stocked, ["alicia", "Bob"]) == [editing.Removed("alicia"), editing.Removed("Bob")]
     assert stocked.list() == []
     assert capsys.readouterr() == ("", "")
+
+
+def test_an_invalid_editor_result_is_kept_in_a_file_the_error_names(stocked: Library) -> None:
+    editor = 'sh -c \'printf "notes = \\"my long note\\"\\nbroken = = \\n" > "$0"\''
+    with pytest.raises(CrossinitError, match="not valid TOML") as refused:
+        editing.edit_in_editor(stocked, "alice", editor=editor)
+    message = str(refused.value)
+    assert "nothing changed" in message and "your edit is kept in " in message
+    kept = Path(message.rsplit("your edit is kept in ", 1)[1])
+    try:
+        assert "my long note" in kept.read_text(encoding="utf-8")
+    finally:
+        kept.unlink()
+    assert stocked.get("alice").notes == ""
+
+
+def test_tags_and_untags_apply_in_command_line_order(stocked: Library, cli) -> None:
+    assert cli("edit", "alice", "--tag", "x", "--tag", "y", "--untag", "x").exit_code == 0
+    assert stocked.get("alice").tags == ["fam", "y"]
+    assert cli("edit", "alice", "--untag", "y", "--tag=y", "--untag", "fam").exit_code == 0
+    assert stocked.get("alice").tags == ["y"]
+    assert editing.tag_order(["--tag", "a", "--note", "n", "--untag=a"]) == [("tag", "a"), ("untag", "a")]

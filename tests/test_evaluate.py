@@ -206,7 +206,7 @@ def test_identities_of_different_base_models_load_one_pipeline_each(
     tiny_model: Path,
     tmp_path: Path,
     prompts_file: Path,
-    no_clip: str,
+    tiny_clip: Path,
     loads: list[str],
     add_identity,
 ) -> None:
@@ -215,7 +215,7 @@ def test_identities_of_different_base_models_load_one_pipeline_each(
     add_identity("a", seed=1, scale=5, base_model=str(tiny_model))
     add_identity("b", seed=2, scale=5, base_model=str(other))
     add_identity("c", seed=3, scale=5, base_model=str(tiny_model))
-    result = cli("eval", "a", "b", "c", "--compare", "--prompts", prompts_file, *FAST)
+    result = cli("eval", "a", "b", "c", "--compare", "--prompts", prompts_file, "--clip-model", tiny_clip, *FAST)
     assert result.exit_code == 0, result.stderr
     assert sorted(loads) == sorted([str(tiny_model), str(other)])
     assert [library.get(n).evaluation["settings"]["model"] for n in "abc"] == [
@@ -267,3 +267,46 @@ def test_an_evaluation_is_not_stored_on_an_identity_relearned_meanwhile(
         engine.save(library, stale)
     assert library.get("alice").evaluation == {}
     assert not (library.path_of("alice") / "eval").exists()
+
+
+def test_a_model_of_another_family_is_refused_naming_where_it_came_from(
+    cli, library: Library, tiny_model: Path, tiny_sdxl: Path, prompts_file: Path, no_clip: str
+) -> None:
+    from crossinit_cli.store import Identity
+
+    rng = np.random.default_rng(0)
+    parts = {"clip_l": rng.standard_normal((2, 32)), "clip_g": rng.standard_normal((2, 64))}
+    library.add(Identity(name="xl", tokens=2, width=32, family="sdxl", base_model=str(tiny_sdxl)), parts)
+    assert cli("config", "set", "model", tiny_model).exit_code == 0
+    configured = cli("eval", "xl", "--prompts", prompts_file, *FAST)
+    assert configured.exit_code == 1 and len(configured.stderr.strip().splitlines()) == 1, configured.stderr
+    assert "the model comes from your config (`crossinit config set model ...`" in configured.stderr
+    assert "pass --model to override" in configured.stderr
+    flag = cli("eval", "xl", "--model", tiny_model, "--prompts", prompts_file, *FAST)
+    assert flag.exit_code == 1 and "the model comes from --model" in flag.stderr
+
+
+def test_crops_too_small_to_measure_say_so_and_exit_1_and_pick_best_checks_before_generating(
+    cli, library: Library, tiny_model: Path, astronaut_crop: Image.Image, prompts_file: Path, no_clip: str, loads
+) -> None:
+    tiny = astronaut_crop.resize((24, 24))  # an aligned face, far too small for the detector
+    assert not engine.reference_descriptors([tiny])
+    training = {"mode": "full", "steps": 4, "aligned": True}
+    from crossinit_cli.store import Identity
+
+    rows = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    library.add(Identity(name="small", tokens=2, width=32, base_model=str(tiny_model), training=training), rows,
+                crops=[tiny])  # fmt: skip
+    result = cli("eval", "small", "--prompts", prompts_file, *FAST, "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)[0]["name"] == "small"  # the report is still printed
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: nothing could be measured: the face detector finds no face in the 1 stored crop")
+    assert "24x24 px the face is too small" in last and "--no-align" not in result.stderr
+
+    loads.clear()
+    library.modify("small", lambda ident: setattr(ident, "snapshots", [{"step": 2, "loss": 0.1}]))
+    best = cli("eval", "small", "--pick-best", "--prompts", prompts_file, *FAST)
+    assert best.exit_code == 1 and len(best.stderr.strip().splitlines()) == 1, best.stderr
+    assert "too small" in best.stderr and "--pick-best has nothing to pick on" in best.stderr
+    assert loads == []  # refused before any model was loaded or any image generated

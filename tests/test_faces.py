@@ -430,3 +430,22 @@ def test_odd_faces_costs_nothing_for_one_photo_and_skips_crops_without_a_face(mo
     assert faces.odd_faces([crop]) == [] and calls == []
     blank = faces.FaceCrop(HOPPER, _gradient().resize((512, 512)), (0, 0, 1, 1), 0)
     assert faces.odd_faces([crop, blank]) == [] and len(calls) == 2  # one face: nothing to compare it with
+
+
+def test_a_folder_skips_unusable_photos_with_why_but_a_named_photo_fails(tmp_path: Path) -> None:
+    folder = tmp_path / "me"
+    folder.mkdir()
+    Image.open(ASTRONAUT).convert("RGB").save(folder / "eileen.png")
+    Image.new("RGB", (200, 200), "grey").save(folder / "wall.png")
+    (folder / "broken.jpg").write_bytes(b"not a picture at all")
+    crops, used = faces.align_gathered(faces.gather_photos([folder]), 64)
+    assert [c.source.name for c in crops] == ["eileen.png"] and used.photos == [folder / "eileen.png"]
+    assert [p.name for p, _ in used.skipped] == ["broken.jpg", "wall.png"]
+    assert dict((p.name, why) for p, why in used.skipped)["wall.png"] == "no face found"
+    assert str(folder) not in " ".join(why for _, why in used.skipped)  # short reasons, beside the names
+
+    with pytest.raises(CrossinitError, match="no face found in .*wall.png"):  # named: loud
+        faces.align_gathered(faces.gather_photos([folder, folder / "wall.png"]), 64)
+    (folder / "eileen.png").unlink()
+    with pytest.raises(CrossinitError, match=r"none of the 2 photos is usable \(broken.jpg: .*; wall.png: no face"):
+        faces.align_gathered(faces.gather_photos([folder]), 64)

@@ -588,3 +588,27 @@ def test_the_sdxl_note_for_diffusers_users_moves_the_pooled_output_to_the_end_to
     assert "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id" in formats.REGISTRY[
         "diffusers"
     ].usage(Path("x"), "alice", "x", 2)
+
+
+def test_import_checks_the_vectors_against_model_and_infers_the_family_from_widths(
+    cli, library: Library, tiny_sdxl: Path, tmp_path: Path
+) -> None:
+    official = OFFICIAL[0]  # one SD 2.x encoder, 1024 wide
+    wrong = cli("import", official, "--name", "o3", "--model", tiny_sdxl)
+    assert wrong.exit_code == 1 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+    assert "width 1024" in wrong.stderr and "is SDXL" in wrong.stderr and "--model" in wrong.stderr
+    assert not library.exists("o3")
+
+    sd1 = tmp_path / "ada.safetensors"
+    save_file({"emb_params": torch.ones(2, 768)}, str(sd1))
+    sdxl = tmp_path / "bea.safetensors"
+    save_file({"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280)}, str(sdxl))
+    odd = tmp_path / "cat.safetensors"
+    save_file({"emb_params": torch.ones(2, 640)}, str(odd))
+    for path, family, title in ((sd1, "sd1", "SD 1.x"), (sdxl, "sdxl", "SDXL")):
+        result = cli("import", path)
+        assert result.exit_code == 0, result.stderr
+        assert library.get(path.stem).family == family
+        if family == "sd1":  # told from the widths alone, and said so
+            assert f"{title} (from the vector widths)" in result.stderr
+    assert cli("import", odd).exit_code == 0 and library.get("cat").family == ""  # 640: nothing to tell

@@ -59,8 +59,8 @@ def test_prompts_from_stdin_load_the_pipeline_once_and_json_matches_disk(
     assert {r["kind"] for r in records} == {"image"}
     assert [Path(r["path"]).name for r in records] == [
         "a-red-car-at-night-3-0.png",
-        "Alice-3-0.png",
-        "Alice+bob-3-0.png",
+        "Alice-smiling-3-0.png",
+        "Alice+bob-and-at-the-beach-3-0.png",
     ]
     assert sorted(Path(r["path"]).name for r in records) == _files(gen.out)  # nothing else, no temp files
     for record in records:
@@ -98,7 +98,7 @@ def test_same_seed_same_pixels_different_seed_different(gen, tiny_model: Path, a
         arrays.append(np.asarray(Image.open(json.loads(result.stdout)[0]["path"])))
     np.testing.assert_array_equal(arrays[0], arrays[1])
     assert not np.array_equal(arrays[0], arrays[2])
-    assert _files(gen.out) == ["alice-11-0-1.png", "alice-11-0.png", "alice-12-0.png"]
+    assert _files(gen.out) == ["alice-smiling-11-0-1.png", "alice-smiling-11-0.png", "alice-smiling-12-0.png"]
 
 
 def test_n_images_are_one_batched_call(
@@ -155,6 +155,28 @@ def test_the_pipeline_sees_the_vectors_at_the_stored_strength(
     assert len(rows) == 2
     expected = vectors.init + 0.5 * (vectors.learned - vectors.init)
     np.testing.assert_allclose(torch.stack(rows).numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_file_names_tell_prompts_of_one_seed_apart_and_json_keeps_prompt_and_seed(
+    gen, tiny_model: Path, add_identity
+) -> None:
+    """A shell loop of prompts with one --seed: each name carries the prompt's words (A1111's default pattern)."""
+    add_identity("alice", seed=1, scale=5, base_model=str(tiny_model))
+    prompts = ["<alice> on the beach", "<alice> in Paris, oil painting", "a portrait of <alice> smiling"]
+    records = []
+    for prompt in prompts:
+        result = gen(prompt, "--seed", "11", "--json")
+        assert result.exit_code == 0, result.stderr
+        records += json.loads(result.stdout)
+    names = [
+        "alice-on-the-beach-11-0.png",
+        "alice-in-paris-oil-painting-11-0.png",
+        "alice-a-portrait-of-smiling-11-0.png",
+    ]
+    assert [Path(r["path"]).name for r in records] == names and _files(gen.out) == sorted(names)
+    assert [(r["prompt"], r["seed"]) for r in records] == [(p, 11) for p in prompts]
+    result = gen("-i", "alice", "at night", "--seed", "11", "--json")  # --identity: named by the user's own words
+    assert Path(json.loads(result.stdout)[0]["path"]).name == "alice-at-night-11-0.png"
 
 
 def test_identity_option_templates_plain_prompts(gen, tiny_model: Path, add_identity) -> None:
@@ -307,3 +329,32 @@ def test_an_unknown_name_in_brackets_suggests_the_closest_stored_ones(cli, add_i
     )
     far = cli("generate", "<2801> on a beach", "--model", "nowhere")
     assert far.stderr == 'error: no identity named <2801> (in prompt "<2801> on a beach"); see `crossinit list`\n'
+
+
+def test_model_errors_name_where_the_model_came_from_and_families_do_not_mix(
+    cli, library: Library, tiny_model: Path, tiny_sdxl: Path, tmp_path: Path, loads: list[Any]
+) -> None:
+    from crossinit_cli import families
+    from crossinit_cli.store import Identity
+
+    rng = np.random.default_rng(0)
+    parts = {"clip_l": rng.standard_normal((2, 32)), "clip_g": rng.standard_normal((2, 64))}
+    library.add(Identity(name="xl", tokens=2, width=32, family="sdxl", base_model=str(tiny_sdxl)), parts)
+    family = families.peek(str(tiny_model)).family.name
+    library.add(Identity(name="ann", tokens=2, width=32, family=family, base_model=str(tiny_model)), parts["clip_l"])
+    out = ("--out", tmp_path / "out")
+
+    assert cli("config", "set", "model", tiny_model).exit_code == 0
+    configured = cli("generate", "<xl>", *out)
+    assert configured.exit_code == 1 and len(configured.stderr.strip().splitlines()) == 1, configured.stderr
+    assert "the model comes from your config (`crossinit config set model ...`" in configured.stderr
+    assert "pass --model to override" in configured.stderr
+    flag = cli("generate", "<xl>", "--model", tiny_model, *out)
+    assert flag.exit_code == 1 and "the model comes from --model" in flag.stderr
+
+    assert cli("config", "unset", "model").exit_code == 0
+    mixed = cli("generate", "<xl> and <ann>", *out)
+    assert mixed.exit_code == 1 and len(mixed.stderr.strip().splitlines()) == 1, mixed.stderr
+    assert "cannot be combined" in mixed.stderr and "pass --model" not in mixed.stderr
+    assert f"SDXL: xl; {families.get(family).title}: ann" in mixed.stderr
+    assert loads == []

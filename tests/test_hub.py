@@ -72,7 +72,10 @@ def test_a_cached_model_and_clip_load_with_no_network_call(
 def test_without_network_an_uncached_clip_model_costs_one_attempt_and_one_line(
     cli, hub_cache: Path, network: list[Any], prompts: Path, add_identity, library: Library
 ) -> None:
-    add_identity("alice", seed=1, scale=5, base_model="tiny-org/tiny-sd")
+    from crossinit_cli import faces
+
+    face = faces.align_face(Path(__file__).parent / "data" / "astronaut.png", 256).image  # likeness is measured
+    add_identity("alice", seed=1, scale=5, base_model="tiny-org/tiny-sd", crops=[face])
     result = cli("eval", "alice", "--prompts", prompts, "--clip-model", "nobody/not-cached-clip", "--json", *FAST)
     assert result.exit_code == 0, result.stderr
     assert len(network) == 1  # one request to the Hub, no retry (before: five a file, ~45 s of "Retrying in 8s")
@@ -95,6 +98,7 @@ def test_without_network_an_uncached_base_model_fails_at_once_in_one_line(
         "error: model 'nobody/not-cached-sd' is not in the local Hugging Face cache and the Hub cannot be reached"
     )
     assert "hf download nobody/not-cached-sd" in result.stderr
+    assert "or pass --model with a local folder" in result.stderr  # names the flag that takes one
     assert len(result.stderr.strip().splitlines()) == 1 and len(network) == 1
     assert not list((tmp_path / "out").glob("*.png"))
 

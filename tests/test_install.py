@@ -60,10 +60,28 @@ def run(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeou
 
 
 def readme_first_commands() -> tuple[list[str], list[str]]:
-    """The README's first two blocks, one command a line: install and self-test, then learn from your photo."""
+    """The README's first two blocks, one command a line (a trailing `# comment` dropped): the install lines
+    (NVIDIA GPU, then CPU or Mac) and the self-test, then learn from your photo."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
     install = next(i for i, block in enumerate(blocks) if "pip install ." in block)
-    return blocks[install].strip().splitlines(), blocks[install + 1].strip().splitlines()
+
+    def lines(block: str) -> list[str]:
+        return [line.split("   # ")[0].strip() for line in block.strip().splitlines()]
+
+    return lines(blocks[install]), lines(blocks[install + 1])
+
+
+def test_the_readme_install_block_has_a_line_per_machine() -> None:
+    """The first block splits at the top: the NVIDIA GPU line (PyPI's CUDA torch), then the CPU-or-Mac line
+    (the CPU torch index first, so `pip install .` keeps that build), then the self-test."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (gpu, cpu, self_test), _ = readme_first_commands()
+    venv = "python3 -m venv .venv && . .venv/bin/activate && "
+    assert gpu == venv + "pip install ."
+    assert cpu == venv + "pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install ."
+    assert self_test == "crossinit doctor --self-test"
+    first_block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    assert "# NVIDIA GPU" in first_block.splitlines()[1] and "# CPU only, or a Mac" in first_block.splitlines()[2]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +119,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dic
     line as written from a folder outside it, then the learn line on a photo, on the tiny model.
 
     The harness only does what the environment needs and the README cannot say: the CPU build of torch is
-    put in the venv first (the command's `pip install .` then keeps it), the other dependencies are held
+    put in the venv first, offline (the CPU line's `pip install torch` then finds it installed, and its
+    `pip install .` keeps it), the other dependencies are held
     to the test pins (PIP_CONSTRAINT), the venv's bin is on PATH (what `. .venv/bin/activate` did), and
     learn's photo is a real one and its model the tiny one (`--model`) instead of a 5 GB download.
     """
@@ -125,7 +144,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dic
     python = shutil.which("python3", path=env.get("PATH")) or sys.executable
     run([python, "-m", "venv", ".venv"], cwd=source, env=env)
     run([str(source / ".venv" / "bin" / "python"), "-m", "pip", "install", "-q", TORCH], cwd=source, env=env)
-    (install, self_test), (download, learn) = readme_first_commands()
+    (_, install, self_test), (download, learn) = readme_first_commands()  # the CPU line: this machine's
     assert install.endswith("pip install .") and self_test == "crossinit doctor --self-test", (install, self_test)
     assert download.startswith("hf download ") and learn == "crossinit learn path/to/your-photo.jpg --fast", learn
     run(["bash", "-c", install], cwd=source, env=env)

@@ -339,3 +339,36 @@ def test_a_two_face_photo_keeps_its_warning_and_no_align_compares_nothing(
 
     mixed = cli("learn", ASTRONAUT, GRACE, "--name", "asis", "--no-align", "--model", tiny_sd1, *CHEAP, "-q")
     assert mixed.exit_code == 0 and "warning" not in mixed.stderr  # --no-align: no faces, nothing to compare
+
+
+def test_learn_a_folder_skips_what_is_not_usable_in_one_note(cli, library: Library, tmp_path: Path, tiny_sd1: Path):
+    folder = tmp_path / "me"
+    folder.mkdir()
+    Image.open(ASTRONAUT).convert("RGB").save(folder / "eileen.png")
+    Image.new("RGB", (200, 200), "grey").save(folder / "wall.png")
+    (folder / "broken.jpg").write_bytes(b"not a picture at all")
+    (folder / "notes.txt").write_text("not a photo")
+    result = cli("learn", folder, "--name", "me", "--model", tiny_sd1, *CHEAP)
+    assert result.exit_code == 0, result.stderr
+    [note] = [line for line in result.stderr.splitlines() if line.startswith("skipped")]
+    assert note.startswith(f"skipped 3 files: {folder / 'notes.txt'} (not a photo: .txt), {folder / 'broken.jpg'} (")
+    assert note.endswith(f"{folder / 'wall.png'} (no face found)")
+    assert library.get("me").training["photos"] == ["eileen.png"]
+    named = cli("learn", folder / "eileen.png", folder / "wall.png", "--name", "two", "--model", tiny_sd1, *CHEAP)
+    assert named.exit_code == 1 and f"no face found in {folder / 'wall.png'}" in named.stderr
+
+
+def test_the_least_resolution_comes_from_the_model(
+    cli, library: Library, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = cli("learn", ASTRONAUT, "--name", "small", "--model", tiny_model, "--resolution", "64", *CHEAP, "--quiet")
+    assert small.exit_code == 0, small.stderr  # the tiny model is 64 px: 64 is its size, not below a fixed 256
+    assert library.get("small").training["resolution"] == 64
+    from crossinit_cli import train
+
+    monkeypatch.setattr(train, "model_resolution", lambda unet, vae: 1024)  # a model of SDXL's size
+    big = cli("learn", ASTRONAUT, "--name", "big", "--model", tiny_model, "--resolution", "256", *CHEAP)
+    assert big.exit_code == 1 and big.stderr.strip().splitlines()[-1] == (
+        "error: --resolution 256 is too small for this model: at least 512 (half its own 1024 px)"
+    )
+    assert not library.exists("big")

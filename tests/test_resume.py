@@ -146,3 +146,29 @@ def test_the_checkpoint_holds_the_whole_run_state(library: Library, home: Path, 
     reference = ["learn", str(ASTRONAUT), "--name", "reference", "--model", str(tiny_model), *RUN, "--quiet"]
     assert runner.invoke(app, reference).exit_code == 0
     assert not np.array_equal(library.vectors("carol").learned, library.vectors("reference").learned)
+
+
+def test_resume_takes_a_new_total_of_steps_and_refuses_every_other_training_option(
+    cli, library: Library, home: Path, tiny_model: Path
+) -> None:
+    _kill_when_past(home, tiny_model, "dave", 10)
+    done = checkpoint.find(home, "dave").step
+    for option in (["--lr", "0.1"], ["--seed", "0"], ["--fast"], ["--model", str(tiny_model)], ["--no-align"]):
+        refused = cli("learn", "--resume", "dave", *option)
+        assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert refused.stderr.startswith(f"error: {option[0]} cannot change a resumed run"), refused.stderr
+    fewer = cli("learn", "--resume", "dave", "--steps", "1")
+    assert fewer.exit_code == 1 and f"fewer than the {done} steps" in fewer.stderr
+    assert checkpoint.find(home, "dave").steps == 100  # nothing changed by what was refused
+
+    resumed = cli("learn", "--resume", "dave", "--steps", str(done + 2), "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert f"resuming dave at step {done} of {done + 2}" in resumed.stderr
+    training = library.get("dave").training
+    assert training["steps"] == done + 2 and training["resumed_at"] == done
+    import typer
+
+    from crossinit_cli.cli import app
+
+    learn = typer.main.get_command(app).commands["learn"]
+    assert "only --steps (a new total" in next(p.help for p in learn.params if p.name == "resume")

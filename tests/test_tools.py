@@ -418,3 +418,11 @@ def test_folders_that_are_no_install_are_refused_naming_every_layout(cli, alice,
     for looked_for in ("SD.Next", "Forge Classic/Neo", "folder_paths.py", "python_embeded/", "user/", "invokeai.yaml"):
         assert looked_for in result.stderr
     assert not list(lookalike.rglob("*.safetensors"))
+
+
+def test_an_a1111_install_without_cmd_args_is_not_cited_for_it(cli, alice: np.ndarray, tmp_path: Path) -> None:
+    root = install(tmp_path / "webui", "a1111")
+    (root / "modules" / "cmd_args.py").unlink()  # an older or trimmed install: the file was never read
+    path, said = deliver(cli, root)
+    assert path == root / "embeddings" / "alice.safetensors"
+    assert "cmd_args.py" not in said and "the default; no folder set in COMMANDLINE_ARGS" in said

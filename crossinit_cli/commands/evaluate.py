@@ -25,13 +25,22 @@ def evaluate_command(library: Library, names: list[str], options: EvalOptions) -
     templates = None if options.prompts is None else _read_templates(options.prompts)
     request = evaluating.request(library, names, options, templates)
     total = evaluating.image_count(names, request)
+    origin = evaluating.model_origin(library, names, options)
     if request.snapshot_steps is not None:
         with _progress(options.quiet, total) as bar:
-            scores = evaluating.snapshots(library, names[0], request, bar.hooks(), pick_best=options.pick_best)
+            scores = evaluating.snapshots(
+                library, names[0], request, bar.hooks(), pick_best=options.pick_best, model_origin=origin
+            )
         return _snapshot_report(scores, as_json=options.as_json)
     with _progress(options.quiet, total) as bar:
-        scored = evaluating.identities(library, names, request, bar.hooks())
-    return _identity_report([s.record for s in scored], options)
+        scored = evaluating.identities(library, names, request, bar.hooks(), model_origin=origin)
+    records = [s.record for s in scored]
+    code = _identity_report(records, options)
+    unmeasured = evaluating.nothing_measured(records)
+    if code == 0 and unmeasured is not None:  # the report is printed; a script still learns nothing was measured
+        ui.error(unmeasured)
+        return 1
+    return code
 
 
 def _identity_report(records: list[dict[str, Any]], options: EvalOptions) -> int:

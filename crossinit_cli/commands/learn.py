@@ -53,9 +53,10 @@ def resume_identity(
     as_json: bool,
     configured_model: str | None = None,
     micro_batch: int | None = None,
+    steps: int | None = None,
 ) -> int:
     """`learn --resume NAME`: learning.resume, shown."""
-    learned = learning.resume(library, name, micro_batch=micro_batch, hooks=session_hooks(quiet))
+    learned = learning.resume(library, name, micro_batch=micro_batch, steps=steps, hooks=session_hooks(quiet))
     hint_model = learned.model if configured_model not in (None, learned.model) else None  # as in learn
     _report(library, learned, model=hint_model, quiet=quiet, as_json=as_json)
     return 0

@@ -154,6 +154,7 @@ def _report_file(library: Library, file: engine.ImportedFile, *, as_json: bool) 
     loaded = file.embedding
     tokens = loaded.vectors.shape[0]
     family = f", {families.get(loaded.family).title}" if loaded.family else ""
+    family += " (from the vector widths)" if family and file.family_inferred else ""
     ui.info(
         f"imported [bold]{escape(file.name)}[/] ({tokens}x{'+'.join(map(str, loaded.widths))}, {loaded.layout} "
         f"layout{family}) into {escape(str(file.target))}"
