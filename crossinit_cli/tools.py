@@ -212,8 +212,6 @@ def _webui_folder(
     if "--data-dir" in flags:
         value, where = flags["--data-dir"]
         return (root / value).joinpath(*rest), f"--data-dir in {where} + {'/'.join(rest)}"
-    if not (root / "modules" / "cmd_args.py").is_file():  # cite only a file that was read
-        default = (default or _WEBUI_DEFAULT).replace("the default in its modules/cmd_args.py", "the default")
     return root.joinpath(*rest), f"{default or _WEBUI_DEFAULT}; {_no_flags(root)}"
 
 

@@ -81,7 +81,7 @@ def test_generate_tells_the_sampling_steps_and_writes_pngs_only_when_asked(
         prompts=["<alice>", "<alice> smiling"], seed=1, steps=2, out=out, progress=heard.append
     )
     assert len(images) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["alice-1-0-1.png", "alice-1-0.png"]  # one slug: the names
+    assert sorted(p.name for p in out.iterdir()) == ["alice-1-0.png", "alice-smiling-1-0.png"]  # the prompts' slugs
     with Image.open(out / "alice-1-0.png") as png:
         np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(png.convert("RGB")))
     sampled = [(p.step, p.total) for p in heard if p.phase == "sampling" and p.step]

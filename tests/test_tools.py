@@ -425,4 +425,5 @@ def test_an_a1111_install_without_cmd_args_is_not_cited_for_it(cli, alice: np.nd
     (root / "modules" / "cmd_args.py").unlink()  # an older or trimmed install: the file was never read
     path, said = deliver(cli, root)
     assert path == root / "embeddings" / "alice.safetensors"
-    assert "cmd_args.py" not in said and "the default; no folder set in COMMANDLINE_ARGS" in said
+    assert "the default in its modules/cmd_args.py" not in said  # never cited as read
+    assert "it has no modules/cmd_args.py" in said and "; no folder set in COMMANDLINE_ARGS" in said

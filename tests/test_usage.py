@@ -23,7 +23,7 @@ USAGE_MISTAKES = [
     (("learn", PHOTO, "--resume", "alice"), "give only the name"),
     (("learn", "--resume", "alice", "--name", "bob"), "give only the name"),
     (("learn", "--resume", "alice", "--batch", "people.csv"), "give only the name"),
-    (("learn", "--resume", "alice", "--clip-skip", "2"), "give only the name"),
+    (("learn", "--resume", "alice", "--clip-skip", "2"), "--clip-skip cannot change a resumed run"),
     (("learn", PHOTO, "--batch", "people.csv"), "--batch takes its photos"),
     (("learn", "--name", "bob", "--batch", "people.csv"), "--batch takes its photos"),
     (("generate",), "no prompt given"),
