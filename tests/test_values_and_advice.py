@@ -72,6 +72,23 @@ def test_remove_of_a_name_that_is_both_an_identity_and_an_unfinished_run_refuses
     assert not library.exists("alice") and checkpoint.find(home, "alice") is not None
 
 
+def test_on_a_terminal_remove_asks_which_of_the_two_to_remove(
+    cli, add_identity, home: Path, library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    from crossinit_cli.commands import library as command
+
+    monkeypatch.setattr(command, "sys", types.SimpleNamespace(stdin=types.SimpleNamespace(isatty=lambda: True)))
+    add_identity("alice")
+    run = _run_folder(home, "alice")
+    result = cli("remove", "alice", input="run\ny\n")
+    assert result.exit_code == 0, result.stderr
+    assert "alice is both a stored identity and an unfinished run at step 3 of 40" in result.stdout
+    assert "Remove the unfinished run of alice?" in result.stdout
+    assert library.exists("alice") and not run.exists()
+
+
 def test_remove_flags_name_what_must_exist_and_both_flags_take_both(
     cli, add_identity, home: Path, library: Library
 ) -> None:

@@ -267,17 +267,19 @@ def remove_identities(
 
 
 def _which(name: str, checked: Any) -> str:
-    """Ask which of `name`'s identity and unfinished run to remove (a terminal only)."""
+    """Ask which of `name`'s identity and unfinished run to remove (a terminal only): identity, run or both."""
     import typer
 
     found = checked.runs[name]
     run = found[1] if found is not None else None
     at = f" at step {run.step} of {run.steps}" if run is not None else ""
-    answer = typer.prompt(
-        f"{name} is both a stored identity and an unfinished run{at}. Remove the identity, the run, or both?",
-        type=typer.Choice(["identity", "run", "both"]),
-    )
-    return str(answer)
+    question = f"{name} is both a stored identity and an unfinished run{at}. Remove which (identity, run, both)?"
+    while True:
+        answer = str(typer.prompt(question)).strip().lower()
+        chosen = next((what for what in ("identity", "run", "both") if what.startswith(answer)), None)
+        if answer and chosen is not None:
+            return chosen
+        ui.info("answer identity, run or both")
 
 
 def _things(things: list[tuple[str, bool]]) -> str:
