@@ -216,6 +216,19 @@ def _one_line_error_or_warned(result, model: str) -> None:
     assert all(line.startswith("warning:") for line in lines[:-1]), result.stderr
 
 
+@pytest.mark.parametrize("claimed", ["/nonexistent", "a/b c", "/models"])
+def test_an_sdxl_file_claiming_a_model_that_is_no_hub_id_imports(cli, tmp_path: Path, claimed: str) -> None:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(1)
+    parts = {"clip_l": rng.standard_normal((2, 768)), "clip_g": rng.standard_normal((2, 1280))}
+    file = tmp_path / "xl.safetensors"
+    save_file({k: v.astype(np.float32) for k, v in parts.items()}, str(file), metadata={"base_model": claimed})
+    imported = cli("import", file)
+    assert imported.exit_code == 0 and "Traceback" not in imported.stderr, imported.stderr
+    assert f"its file names base model '{claimed}'" in imported.stderr
+
+
 @pytest.mark.parametrize("told", ["²", "٣", "9" * 5000, "0"])
 def test_a_files_clip_skip_that_is_not_a_small_whole_number_is_one_line(cli, tmp_path: Path, told: str) -> None:
     file = _embedding(tmp_path / "odd.safetensors", clip_skip=told)

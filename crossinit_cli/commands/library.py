@@ -93,7 +93,7 @@ def _print_table(entries: list[Row]) -> None:
     rows: list[tuple[list[str], str]] = [(list(COLUMNS), "bold")]
     for entry in entries:
         if entry.cells is None:
-            rows.append(([entry.name, f"damaged: {_printable(entry.damaged or '')}"], "red"))
+            rows.append(([entry.name, f"damaged: {shown(entry.damaged or '')}"], "red"))
         else:
             family, *rest = entry.cells
             rows.append(([entry.name, titles.get(family) or family_title(family), *rest], ""))
@@ -117,11 +117,6 @@ def _print_table(entries: list[Row]) -> None:
         else:
             console.file.write(line + "\n")
     console.file.flush()
-
-
-def _printable(text: str) -> str:
-    """One line of text without control characters (a note could hold any)."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else " " for c in text)
 
 
 def _fit(widths: list[int], total: int) -> list[int]:
