@@ -39,6 +39,7 @@ from crossinit_cli.learning import (
     Settings,
     check_peeked_clip_skip,
     check_photos,
+    check_training_values,
     load_trainer,
     train_and_store,
 )
@@ -159,8 +160,9 @@ def read_manifest(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
 def _read_csv(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
-            fields = set(rows[0]) if rows else set()
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            fields = set(reader.fieldnames or ()) if rows else set()
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CrossinitError(f"cannot read manifest {path}: {library_text(exc)}") from None
     if not rows:
@@ -179,6 +181,9 @@ def _read_csv(path: Path, defaults: BatchEntry) -> list[BatchEntry]:
     for number, row in enumerate(rows, start=2):
         where = f"{path}:{number}"
         try:
+            if None in row:  # DictReader's key for the fields past the header's columns
+                extra = len(row[None])  # type: ignore[index]
+                raise ValueError(f"{extra} more field(s) than the header's {len(fields)} columns (a comma too many?)")
             photos = [path.parent / p.strip() for p in (row.get("photos") or "").split(";") if p.strip()]
             if not photos:
                 raise ValueError("no photos")
@@ -236,6 +241,7 @@ def _job(defaults: BatchEntry, **values: Any) -> BatchEntry:
         raise CrossinitError(f"clip_skip must be 1 (the last layer) or more, not {merged['clip_skip']}")
     if merged["micro_batch"] is not None and merged["micro_batch"] < 1:
         raise CrossinitError(f"micro_batch must be at least 1, not {merged['micro_batch']}")
+    check_training_values(lr=merged["lr"], seed=merged["seed"])
     return BatchEntry(**merged)
 
 

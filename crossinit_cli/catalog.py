@@ -330,4 +330,5 @@ def summary(record: dict[str, Any]) -> list[str]:
         ", ".join(map(str, record.get("tags", []))),
         notes.splitlines()[0] if notes else "",
     ]
-    return ["".join(c if c.isprintable() else " " for c in cell) for cell in cells]
+    # Control characters as their escapes (errors.shown's rule; this module imports nothing of crossinit's).
+    return ["".join(c if c.isprintable() else repr(c)[1:-1] for c in cell) for cell in cells]

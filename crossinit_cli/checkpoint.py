@@ -81,7 +81,7 @@ class Run:
         except Exception as exc:  # noqa: BLE001 - any unreadable pickle is the same user-facing problem
             raise CrossinitError(
                 f"the checkpoint of {self.name!r} is damaged ({type(exc).__name__}); "
-                f"`crossinit remove {self.name}` clears it"
+                f"`crossinit remove {self.name} --unfinished` clears it"
             ) from None
 
     def crops(self) -> list[Image.Image]:
@@ -92,7 +92,9 @@ class Run:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
         if not images:
-            raise CrossinitError(f"the checkpoint of {self.name!r} has no crops; `crossinit remove {self.name}`")
+            raise CrossinitError(
+                f"the checkpoint of {self.name!r} has no crops; `crossinit remove {self.name} --unfinished`"
+            )
         return images
 
     def discard(self) -> None:
@@ -130,7 +132,7 @@ def find(home: Path, name: str) -> Run | None:
         return None
     except (OSError, ValueError) as exc:
         raise CrossinitError(
-            f"the unfinished run of {name!r} is damaged ({library_text(exc)}); `crossinit remove {name}`"
+            f"the unfinished run of {name!r} is damaged ({library_text(exc)}); `crossinit remove {name} --unfinished`"
         ) from None
     return Run(path, settings)
 

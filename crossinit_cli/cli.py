@@ -7,6 +7,9 @@ mistakes (a missing argument, options that exclude each other) are `UsageError`s
 with the usage line, as docs/exit-codes.md says. How a command is declared lives in `commandline.py`.
 """
 
+from crossinit_cli import startup  # noqa: F401 - first: Ctrl-C during the imports below is one line
+
+# isort: split
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -216,6 +219,14 @@ def edit(
             help="Make the vectors of the snapshot at STEP the ones prompts use ('final': the last ones). Reversible.",
         ),
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Record the base model it runs on (hub id, diffusers folder or checkpoint): an imported identity's "
+            "own claim is not used until named here or with --model.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Change a stored identity in place; with no flags, open its metadata in $EDITOR.
@@ -225,9 +236,21 @@ def edit(
     from crossinit_cli.commands.library import Edits, edit_identity
     from crossinit_cli.editing import tag_order
 
+    if model is not None:
+        from crossinit_cli.devices import check_model_reference
+
+        model = config.model_reference(model)
+        check_model_reference(model)
     order = tag_order(ctx.meta.get("args", [])) or None
     edits = Edits(
-        rename=rename, note=note, tags=tag, untags=untag, strength=strength, use_snapshot=use_snapshot, tag_order=order
+        rename=rename,
+        note=note,
+        tags=tag,
+        untags=untag,
+        strength=strength,
+        use_snapshot=use_snapshot,
+        tag_order=order,
+        model=model,
     )
     return edit_identity(open_library(), name, edits, as_json=as_json)
 
@@ -236,14 +259,24 @@ def edit(
 def remove(
     names: Annotated[list[str], typer.Argument(help="Identity names.", autocompletion=_complete_names)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    identity: Annotated[
+        bool, typer.Option("--identity", help="Remove only the stored identity of each name (not an unfinished run).")
+    ] = False,
+    unfinished: Annotated[
+        bool,
+        typer.Option(
+            "--unfinished", help="Remove only the unfinished run of each name (`list` shows them), not the identity."
+        ),
+    ] = False,
 ) -> int:
-    """Delete identities from the library.
+    """Delete identities (or unfinished runs) from the library.
 
-    Example: crossinit remove alice --yes
+    A name that is both a stored identity and an unfinished run is asked about on a terminal; elsewhere
+    --identity, --unfinished (or both) must say which. Example: crossinit remove alice --yes
     """
     from crossinit_cli.commands.library import remove_identities
 
-    return remove_identities(open_library(), names, yes=yes)
+    return remove_identities(open_library(), names, yes=yes, identity=identity, unfinished=unfinished)
 
 
 @command(app)
@@ -316,6 +349,11 @@ def import_cmd(
     from crossinit_cli.commands.transfer import import_identity
 
     model = config.model_reference(model) if model else None
+    if model is not None:
+        from crossinit_cli import hf
+
+        if hf.is_hub_id(model):
+            hf.check_hub_id(model)  # "a/b c": one line (a path is recorded as given, even one not there yet)
     return import_identity(open_library(), path, name=name, model=model, force=force, as_json=as_json)
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from crossinit_cli import config, typerfix, ui
+from crossinit_cli import config, startup, typerfix, ui
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.typerfix import UsageError
 
@@ -72,6 +72,7 @@ def handles_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            startup.give_back()  # Ctrl-C is KeyboardInterrupt again, handled here
             code = func(*args, **kwargs)
         except CrossinitError as exc:
             ui.error(str(exc))

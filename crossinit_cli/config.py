@@ -25,20 +25,33 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 def library_home(override: Path | None = None) -> Path:
     """The library directory: --home, then CROSSINIT_HOME, then the platform's user data dir."""
     if override is not None:
-        return Path(override).expanduser()
+        return expanded(Path(override), "--home")
     env = os.environ.get("CROSSINIT_HOME")
     if env:
-        return Path(env).expanduser()
+        return expanded(Path(env), "CROSSINIT_HOME")
     import platformdirs
 
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def expanded(path: Path, given: str) -> Path:
+    """`path` with a leading `~` or `~user` expanded; a one-line refusal when it cannot be (no such user, no
+    home directory): `CROSSINIT_HOME='~nouser/x'`."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise CrossinitError(
+            f"{'--home (or CROSSINIT_HOME)' if given == '--home' else given} {str(path)!r}: cannot expand "
+            f"{path.parts[0]!r} (no such user or home directory); "
+            "give a full path"
+        ) from None
 
 
 def config_path() -> Path:
     """The config file: CROSSINIT_CONFIG, then `config.toml` in the platform's user config dir."""
     env = os.environ.get("CROSSINIT_CONFIG")
     if env:
-        return Path(env).expanduser()
+        return expanded(Path(env), "CROSSINIT_CONFIG")
     import platformdirs
 
     return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "config.toml"
@@ -79,7 +92,7 @@ def model_reference(model: str) -> str:
     """A model as crossinit stores it: a local path made absolute (so `generate` and `doctor` find it from any
     folder), a hub id as written. A path is what exists on disk or starts with `.`, `/` or `~`; `owner/name`
     that is not on disk is a hub id."""
-    path = Path(model).expanduser()
+    path = expanded(Path(model), "model")
     if path.exists() or model.startswith((".", "/", "~")):
         return os.path.abspath(path)  # not resolve(): a symlink the user named stays the name recorded
     return model
@@ -96,13 +109,20 @@ def identities_model(chosen: str | None, identities: Iterable[Any]) -> str:
     eval (per identity) and everything else that loads a model for stored identities.
 
     1. `chosen`: `--model`, else the configured model (`config set model`), when there is one;
-    2. else the base model the identities were learned on (`base_model`), when they agree; identities that
+    2. else, when an identity's base model is only what the file it was imported from claims
+       (`base_model_claimed`), a one-line refusal naming that model and how to choose it: a shared file never
+       picks what crossinit downloads;
+    3. else the base model the identities were learned on (`base_model`), when they agree; identities that
        record none (imported without --model) do not vote; several different ones are a one-line error
        naming each identity and its model;
-    3. else the built-in default, DEFAULT_MODEL.
+    4. else the built-in default, DEFAULT_MODEL.
     """
     if chosen:
         return chosen
+    identities = list(identities)
+    claimed = [i for i in identities if i.base_model and getattr(i, "base_model_claimed", None)]
+    if claimed:  # a shared file does not choose what crossinit downloads (docs/library.md)
+        raise CrossinitError(claimed_model_advice(claimed[0]))
     learned: dict[str, list[str]] = {}
     for ident in identities:
         if ident.base_model:
@@ -111,6 +131,20 @@ def identities_model(chosen: str | None, identities: Iterable[Any]) -> str:
         which = "; ".join(f"{', '.join(names)} on {model}" for model, names in learned.items())
         raise CrossinitError(f"these identities were learned on different base models ({which}); pass --model")
     return next(iter(learned), DEFAULT_MODEL)
+
+
+def claimed_model_advice(ident: Any) -> str:
+    """The line for an imported identity whose base model only its file names (`identities_model` rule 2)."""
+    import shlex
+
+    from crossinit_cli.errors import shown
+
+    model = shown(ident.base_model)
+    return (
+        f"identity {ident.name!r} was imported from a file that names base model '{model}', and crossinit loads "
+        f"no model on a file's word: to use that one, `crossinit edit {shlex.quote(ident.name)} --model "
+        f"{shlex.quote(model)}` (or pass --model MODEL, or `crossinit config set model MODEL`)"
+    )
 
 
 def _read(path: Path) -> str | None:

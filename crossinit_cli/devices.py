@@ -165,6 +165,10 @@ def check_model_reference(model: str) -> None:
         raise CrossinitError(f"{path} is a folder but not a diffusers model (no model_index.json)")
     if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
         raise CrossinitError(f"model {model!r}: no such file or folder, and not a hub id like owner/name")
+    if not path.exists():
+        from crossinit_cli import hf
+
+        hf.check_hub_id(model)
 
 
 def load_pipeline(model: str, *, torch_dtype: Any = None) -> Any:

@@ -76,10 +76,12 @@ class Edits:
     strength: float | None = None
     use_snapshot: str | None = None
     tag_order: list[tuple[str, str]] | None = None  # ("tag"|"untag", tag) as given on the command line
+    model: str | None = None  # the base model it runs on (a path made absolute): trusted from now on
 
     def none(self) -> bool:
         return (
-            self.rename is None
+            self.model is None
+            and self.rename is None
             and self.note is None
             and not self.tags
             and not self.untags
@@ -137,6 +139,8 @@ def edit(library: Library, name: str, edits: Edits) -> Identity:
             current.strength = strength
         if step is not None:
             current.active_step = step
+        if edits.model is not None:  # named by the user: no longer only what an imported file claimed
+            current.base_model, current.base_model_claimed = edits.model, None
 
     if edits.rename is not None:
         return library.rename(ident.name, edits.rename, change)
@@ -227,12 +231,37 @@ class Removed:
     steps: int | None = None
 
 
+WHAT = ("identity", "run", "both")
+"""What `remove` takes of a name: its stored identity, its unfinished run, or both."""
+
+
 @dataclass(frozen=True)
 class Removal:
-    """Names checked for removal (each an entry, an unfinished run or both); nothing is deleted yet."""
+    """Names checked for removal, and what of each goes (`what[name]`: "identity", "run" or "both"); nothing
+    is deleted yet. `ambiguous` are the names that are both an identity and an unfinished run when neither
+    --identity nor --unfinished said which: a command asks (or refuses) and sets each with `choose`."""
 
     names: list[str]
     runs: dict[str, tuple[Path, checkpoint.Run | None] | None]
+    what: dict[str, str]
+    ambiguous: list[str]
+
+    def choose(self, name: str, what: str) -> None:
+        """Take `what` of the ambiguous `name` ("identity", "run" or "both")."""
+        if what not in WHAT:
+            raise CrossinitError(f"remove takes the identity, the run or both of {name!r}, not {what!r}")
+        self.what[name] = what
+        self.ambiguous.remove(name)
+
+    def planned(self) -> list[tuple[str, bool]]:
+        """(name, run?) of every thing this removal deletes, in the order it deletes them."""
+        things = []
+        for name in self.names:
+            if self.what[name] in ("identity", "both"):
+                things.append((name, False))
+            if self.what[name] in ("run", "both"):
+                things.append((name, True))
+        return things
 
     def run(self, library: Library) -> Iterator[Removed]:
         """Delete them, one name at a time (a record as each thing is gone). Nothing but the name is needed:
@@ -240,10 +269,14 @@ class Removal:
         crops are read where they can be, only to delete the latents cached from them: latents.forget)."""
         from crossinit_cli import latents
 
-        for name in self.names:
-            if library.has_folder(name):
-                library.remove(name)
-                yield Removed(name)
+        if self.ambiguous:
+            raise CrossinitError(ambiguity(self.ambiguous[0]))
+        for name, is_run in self.planned():
+            if not is_run:
+                if library.has_folder(name):
+                    library.remove(name)
+                    yield Removed(name)
+                continue
             found = self.runs[name]
             if found is not None:
                 path, run = found
@@ -251,20 +284,64 @@ class Removal:
                 checkpoint.discard_folder(path)
                 yield Removed(name, True, *((run.step, run.steps) if run is not None else (None, None)))
 
+    def left(self, library: Library, done: list[Removed]) -> list[tuple[str, bool]]:
+        """What of this removal is still there after it stopped early (Ctrl-C): looked up again, so a thing
+        whose deletion finished without being reported counts as removed."""
+        reported = {(r.name, r.run) for r in done}
+        return [
+            (name, is_run)
+            for name, is_run in self.planned()
+            if (name, is_run) not in reported
+            and (checkpoint.leftover(library.home, name) is not None if is_run else library.has_folder(name))
+        ]
 
-def removal(library: Library, names: list[str]) -> Removal:
-    """Every name checked (an entry or an unfinished run of that name) before anything is removed."""
+
+def ambiguity(name: str) -> str:
+    """The one line for a name that is both an identity and an unfinished run, with the flags that choose."""
+    return (
+        f"{name!r} is both a stored identity and an unfinished run; say which to remove: "
+        f"`crossinit remove {name} --unfinished` (the run only), `--identity` (the identity only), or both flags"
+    )
+
+
+def removal(library: Library, names: list[str], *, identity: bool = False, unfinished: bool = False) -> Removal:
+    """Every name checked before anything is removed. `identity`/`unfinished` (--identity, --unfinished):
+    only that of each name, which must exist; neither: whatever the name is (an identity, an unfinished run),
+    a name that is both left `ambiguous` for the command to settle."""
     runs = {name: checkpoint.leftover(library.home, name) for name in names}
+    what: dict[str, str] = {}
+    ambiguous: list[str] = []
     for name in names:
-        if runs[name] is None and not library.has_folder(name):
+        has_run, has_entry = runs[name] is not None, library.has_folder(name)
+        if unfinished and not has_run and not (identity and has_entry):
+            raise CrossinitError(f"no unfinished run of {name!r}; `crossinit list` shows unfinished runs")
+        if identity and not has_entry and not (unfinished and has_run):
             raise library.unknown(name)
-    return Removal(list(names), runs)
+        if not has_run and not has_entry:
+            raise library.unknown(name)
+        if identity or unfinished:
+            take_entry, take_run = identity and has_entry, unfinished and has_run
+        elif has_run and has_entry:
+            ambiguous.append(name)
+            take_entry = take_run = True  # settled by `choose`
+        else:
+            take_entry, take_run = has_entry, has_run
+        what[name] = "both" if take_entry and take_run else ("identity" if take_entry else "run")
+    return Removal(list(names), runs, what, ambiguous)
 
 
-def remove(library: Library, names: list[str], on_removed: Callable[[Removed], None] | None = None) -> list[Removed]:
-    """`crossinit remove --yes`: delete the entries and unfinished runs of these names (all must exist)."""
+def remove(
+    library: Library,
+    names: list[str],
+    on_removed: Callable[[Removed], None] | None = None,
+    *,
+    identity: bool = False,
+    unfinished: bool = False,
+) -> list[Removed]:
+    """`crossinit remove --yes`: delete the entries and unfinished runs of these names (all must exist; a name
+    that is both needs `identity` and/or `unfinished` to say which)."""
     done = []
-    for removed in removal(library, names).run(library):
+    for removed in removal(library, names, identity=identity, unfinished=unfinished).run(library):
         done.append(removed)
         if on_removed is not None:
             on_removed(removed)

@@ -72,6 +72,9 @@ class Identity:
     active_step: int = 0  # the snapshot prompts use; 0: the final vectors
     clip_skip: int = 1  # the text-encoder layer it was learned at (A1111's Clip skip); older entries: 1
     clip_skip_unknown: bool | None = None  # True: imported from a file that cannot record it (None: known)
+    # True: base_model is only what an imported file claims; no model is loaded for it until the user names
+    # one (--model, `edit --model`, `config set model`: config.identities_model). None: learned or named.
+    base_model_claimed: bool | None = None
     schema: int = 1
 
     @property

@@ -19,6 +19,15 @@ def clean(text: str) -> str:
     return _CONTROLS.sub(" ", _ESCAPES.sub("", text)).strip()
 
 
+def shown(text: str) -> str:
+    """`text` that came from a file crossinit did not write (an imported file's base model, name or notes), fit
+    to print: every control or invisible formatting character written as its escape (`\\x1b`, `\\n`,
+    `\\u202e`), so a terminal shows it instead of acting on it (ESC]0;...BEL retitles a window, ESC[2J clears it)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def library_text(exc: BaseException | str, limit: int = 160, *, prefer: str = "") -> str:
     """What a library said, fit for one error line: the first non-empty line (or the first holding `prefer`),
     its escape codes and control characters removed, at most `limit` characters."""

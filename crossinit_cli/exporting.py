@@ -486,6 +486,7 @@ def _store(
         width=width,
         family=loaded.family,
         base_model=model or loaded.base_model or "",
+        base_model_claimed=True if not model and loaded.base_model else None,  # the file's word: not used as is
         source=f"import:{loaded.layout}:{path.resolve()}",
         training={"steps": loaded.steps} if loaded.steps else {},
         clip_skip=loaded.clip_skip or 1,

@@ -172,7 +172,9 @@ def peek(model: str) -> Peeked | None:
         return _peek_folder(lambda name: path / name, str(path))
     if path.is_file():
         return _peek_single_file(path)
-    if model.count("/") != 1:
+    from crossinit_cli import hf
+
+    if not hf.is_hub_id(model) or not hf.valid_hub_id(model):  # "/models", "a/b c": nothing to peek at
         return None
     from huggingface_hub import try_to_load_from_cache
 

@@ -442,7 +442,7 @@ def _clip_skip_of(meta: dict[str, str], family: str, path: Path) -> int | None:
     told = meta.get("clip_skip", "1").strip()
     if told == CLIP_SKIP_UNKNOWN:  # an SDXL identity takes no clip skip: nothing is unknown about it
         return 1 if family in families.FAMILIES and families.get(family).multi else None
-    if not told.isdigit() or int(told) < 1:
+    if not (told.isascii() and told.isdigit()) or len(told) > 4 or int(told) < 1:  # not "²" or 10^5000
         raise CrossinitError(f"{path}: its metadata's clip_skip must be a whole number of at least 1, not {told!r}")
     clip_skip = int(told)
     if clip_skip > 1 and family in families.FAMILIES and families.get(family).multi:

@@ -9,6 +9,7 @@ or raises; the lines then run through `generation.LoadedRun.images`, one pipelin
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,15 +66,24 @@ def manifest_lines(text: str, source: str) -> list[tuple[int, str]]:
     return found
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as the line wrote it, for an error: cut to `limit` characters (a 4,000-digit number, a list
+    of thousands); a huge integer by its size (json.dumps itself refuses one past 4,300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**limit:
+        return "a number of more than 60 digits"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _int(value: Any, key: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise CrossinitError(f"{key!r} must be a whole number from {low} to {high}, not {json.dumps(value)}")
+        raise CrossinitError(f"{key!r} must be a whole number from {low} to {high}, not {_shown(value)}")
     return value
 
 
 def _text(value: Any, key: str) -> str:
     if not isinstance(value, str):
-        raise CrossinitError(f"{key!r} must be a string, not {json.dumps(value)}")
+        raise CrossinitError(f"{key!r} must be a string, not {_shown(value)}")
     return value
 
 
@@ -82,6 +92,10 @@ def _object(text: str) -> dict[str, Any]:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CrossinitError(f"not JSON ({exc.msg} at column {exc.colno})") from None
+    except ValueError:  # an integer past Python's 4,300-digit limit for reading one
+        raise CrossinitError("a number with thousands of digits; no value here needs more than 20") from None
+    except RecursionError:
+        raise CrossinitError("nested too deeply to read") from None
     if not isinstance(raw, dict):
         raise CrossinitError('a line must be a JSON object such as {"prompt": "<alice> at the beach"}')
     unknown = sorted(set(raw) - set(KEYS))
@@ -119,8 +133,8 @@ def parse_line(number: int, text: str, context: LineContext) -> Line:
     size = raw.get("size", defaults.size)
     steps = _int(raw.get("steps", defaults.steps or sample.DEFAULT_STEPS), "steps", 1, 10_000)
     guidance = raw.get("guidance", sample.DEFAULT_GUIDANCE if defaults.guidance is None else defaults.guidance)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-        raise CrossinitError(f"'guidance' must be a number, not {json.dumps(guidance)}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise CrossinitError(f"'guidance' must be a number, not {_shown(guidance)}")
     scheduler = _text(raw.get("scheduler", defaults.scheduler or sample.DEFAULT_SCHEDULER), "scheduler")
     sample.scheduler_choice(scheduler)
     out = Path(_text(raw["out"], "out")).expanduser() if "out" in raw else defaults.out or context.fallback_out

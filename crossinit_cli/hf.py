@@ -13,6 +13,7 @@ and the commands all go through it.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,33 @@ class HubUnreachable(CrossinitError):
 def is_hub_id(model: str) -> bool:
     """`owner/name` that is not a local path (what `config.model_reference` keeps as written)."""
     return model.count("/") == 1 and not model.startswith((".", "/", "~")) and not Path(model).expanduser().exists()
+
+
+# The Hub's own rule for a repository id (huggingface_hub.utils.validate_repo_id): each part letters, digits,
+# '-', '_' and '.', not starting or ending with '-' or '.', no '--' or '..', at most 96 characters.
+_HUB_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def valid_hub_id(model: str) -> bool:
+    """Whether `owner/name` is spelled as the Hub allows (checked before huggingface_hub sees it: its own
+    check is a traceback)."""
+    parts = model.split("/")
+    return (
+        len(parts) == 2
+        and len(model) <= 96
+        and all(_HUB_PART.fullmatch(part) for part in parts)
+        and "--" not in model
+        and ".." not in model
+    )
+
+
+def check_hub_id(model: str) -> None:
+    """A one-line refusal of an `owner/name` the Hub would reject (`--model "a/b c"`)."""
+    if not valid_hub_id(model):
+        raise CrossinitError(
+            f"model {model!r} is not a valid Hugging Face hub id (owner/name: letters, digits, '-', '_' and '.'), "
+            "nor an existing file or folder"
+        )
 
 
 def offline() -> bool:

@@ -14,6 +14,7 @@ the phases and their times) and gets `Learned` back; mistakes are CrossinitError
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -208,7 +209,16 @@ def resume(
     saved = run.settings
     name = saved["name"]
     if library.exists(name) and not saved.get("force"):
-        raise CrossinitError(f"identity {name!r} already exists; `crossinit remove {name}` first, or learn --force")
+        raise CrossinitError(
+            f"identity {name!r} already exists; `crossinit remove {name} --identity` first, or learn --force"
+        )
+    train = saved["train"]
+    lr, seed = train.get("lr"), train.get("seed")
+    check_training_values(
+        lr=lr if isinstance(lr, (int, float)) else None,
+        seed=seed if isinstance(seed, int) else None,
+        where=f"the unfinished run of {name!r}: ",
+    )
     state = run.load_state()
     if steps is not None and steps != run.steps:
         _set_total(run, state, steps)
@@ -336,10 +346,25 @@ def _check_name_free(library: Library, name: str, force: bool) -> None:
         )
 
 
+MAX_SEED = 2**63 - 1
+"""The largest training seed (torch's generators take a signed 64-bit one)."""
+MAX_LR = 1e30
+"""The largest learning rate taken: finite with room to spare in float32 (AdamW overflows near 1e38);
+rates far above 1 only make training diverge, which the NaN guard then reports (as its test does at 1e30)."""
+
+
+def check_training_values(*, lr: float | None, seed: int | None, where: str = "") -> None:
+    """`--lr` finite and in (0, MAX_LR], `--seed` in 0..2^63-1: one line before any photo or model is read
+    (the same for a batch row and a checkpoint's settings, `where` saying which)."""
+    if lr is not None and not (math.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise CrossinitError(f"{where}--lr must be a positive number of at most {MAX_LR:g}, not {lr:g}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        shown = str(seed) if len(str(seed)) <= 40 else f"a number of {len(str(seed))} digits"
+        raise CrossinitError(f"{where}--seed must be a whole number from 0 to {MAX_SEED}, not {shown}")
+
+
 def _train_config(request: LearnRequest) -> TrainConfig:
-    lr = request.lr
-    if lr is not None and not lr > 0:
-        raise CrossinitError(f"--lr must be a positive number, not {lr:g}")
+    check_training_values(lr=request.lr, seed=request.seed)
     return request.train_config(request.resolution)
 
 
@@ -536,7 +561,8 @@ def _size_conditions(trainer: Trainer, job: LearnJob) -> list[SizeCondition] | N
             sizes = []
         if sizes is not None and len(sizes) != len(job.crops):
             raise CrossinitError(
-                f"the checkpoint of {job.name!r} is damaged (its size conditioning); `crossinit remove {job.name}`"
+                f"the checkpoint of {job.name!r} is damaged (its size conditioning); "
+                f"`crossinit remove {job.name} --unfinished`"
             )
         return sizes
     size = job.train_config.resolution or trainer.resolution

@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from crossinit_cli.errors import clean
+from crossinit_cli.errors import clean, shown
 
 STARTED = time.perf_counter()
 """When the CLI's modules were imported (Python's own start, ~0.1 s, comes before): `elapsed` counts from here."""
@@ -45,7 +45,9 @@ def print_json_lines(items: list[str]) -> None:
 
 
 def info(message: str) -> None:
-    err().print(message, soft_wrap=True)
+    """A message on stderr (rich markup), any control character in it written as its escape (`errors.shown`):
+    names, paths and metadata from other people's files reach it."""
+    err().print("\n".join(shown(line) for line in message.split("\n")), soft_wrap=True)
 
 
 def warn(message: str) -> None:

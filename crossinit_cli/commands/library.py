@@ -12,8 +12,17 @@ from rich.table import Table
 
 from crossinit_cli import ui
 from crossinit_cli.catalog import Query, Row
-from crossinit_cli.editing import Edits, check_query, edit, edit_in_editor, identity_record, removal
-from crossinit_cli.errors import CrossinitError
+from crossinit_cli.editing import (
+    Edits,
+    Removed,
+    ambiguity,
+    check_query,
+    edit,
+    edit_in_editor,
+    identity_record,
+    removal,
+)
+from crossinit_cli.errors import CrossinitError, shown
 from crossinit_cli.store import Library
 
 __all__ = ["Edits", "edit_identity", "identity_record", "list_identities", "remove_identities", "show_identity"]
@@ -46,7 +55,9 @@ def list_identities(library: Library, *, as_json: bool, query: Query | None = No
         _show_unfinished(library)
     damaged = sum(row.damaged is not None for row in entries)
     if damaged:
-        ui.warn(f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}; `crossinit remove NAME` deletes one")
+        ui.warn(
+            f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}; `crossinit remove NAME --identity` deletes one"
+        )
     return 0
 
 
@@ -82,7 +93,7 @@ def _print_table(entries: list[Row]) -> None:
     rows: list[tuple[list[str], str]] = [(list(COLUMNS), "bold")]
     for entry in entries:
         if entry.cells is None:
-            rows.append(([entry.name, f"damaged: {_printable(entry.damaged or '')}"], "red"))
+            rows.append(([entry.name, f"damaged: {shown(entry.damaged or '')}"], "red"))
         else:
             family, *rest = entry.cells
             rows.append(([entry.name, titles.get(family) or family_title(family), *rest], ""))
@@ -106,11 +117,6 @@ def _print_table(entries: list[Row]) -> None:
         else:
             console.file.write(line + "\n")
     console.file.flush()
-
-
-def _printable(text: str) -> str:
-    """One line of text without control characters (a note could hold any)."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else " " for c in text)
 
 
 def _fit(widths: list[int], total: int) -> list[int]:
@@ -138,7 +144,7 @@ def _show_unfinished(library: Library) -> bool:
     for run in runs:
         ui.info(
             f"unfinished run: [bold]{escape(run.name)}[/] at step {run.step} of {run.steps} "
-            f"(crossinit learn --resume {escape(run.name)}, or crossinit remove {escape(run.name)})"
+            f"(crossinit learn --resume {escape(run.name)}, or crossinit remove {escape(run.name)} --unfinished)"
         )
     return bool(runs)
 
@@ -153,18 +159,22 @@ def show_identity(library: Library, name: str, *, as_json: bool) -> int:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     record["family"] = family_title(ident.family)
+    claimed = record.pop("base_model_claimed", None)
+    # Every value as text with its control characters escaped: an imported file wrote some of them.
     for key, value in record.items():
         if key == "snapshots":
-            table.add_row(key, escape(_snapshot_summary(value, ident.active_step)))
+            table.add_row(key, escape(shown(_snapshot_summary(value, ident.active_step))))
         elif key == "clip_skip" and value is None:
             table.add_row(key, "unknown (imported from a file that cannot record it)")
+        elif key == "base_model" and claimed and value:
+            table.add_row(key, escape(f"{shown(value)} (named by the imported file; not used until you name a model)"))
         elif isinstance(value, dict):
             for sub, subvalue in value.items():
-                table.add_row(f"{key}.{sub}", escape(_nested(subvalue)))
+                table.add_row(f"{shown(key)}.{shown(str(sub))}", escape(shown(_nested(subvalue))))
         elif isinstance(value, list):
-            table.add_row(key, escape(", ".join(map(str, value))))
+            table.add_row(key, escape(shown(", ".join(map(str, value)))))
         else:
-            table.add_row(key, escape(str(value)))
+            table.add_row(shown(key), escape(shown(str(value))))
     ui.out().print(table)
     return 0
 
@@ -212,22 +222,61 @@ def _snapshot_summary(snapshots: list[dict[str, Any]], active: int) -> str:
     return ", ".join(parts)
 
 
-def remove_identities(library: Library, names: list[str], *, yes: bool) -> int:
-    """`remove`: every name checked, then (unless --yes) one question, then a line per thing removed."""
-    checked = removal(library, names)  # every name must exist before anything is removed
+def remove_identities(
+    library: Library, names: list[str], *, yes: bool, identity: bool = False, unfinished: bool = False
+) -> int:
+    """`remove`: every name checked, a name that is both an identity and an unfinished run settled (asked on a
+    terminal, else refused naming the flags), then (unless --yes) one question, then a line per thing removed.
+    Interrupted, it says exactly what went and what stayed."""
+    checked = removal(library, names, identity=identity, unfinished=unfinished)  # all exist before anything goes
+    asking = not yes and sys.stdin.isatty()
+    for name in list(checked.ambiguous):
+        if not asking:
+            raise CrossinitError(ambiguity(name))
+        checked.choose(name, _which(name, checked))
     if not yes:
         if not sys.stdin.isatty():
             raise CrossinitError("refusing to remove without confirmation; pass --yes")
         import typer
 
-        if not typer.confirm(f"Remove {', '.join(names)}? This deletes the learned vectors and crops"):
+        if not typer.confirm(f"Remove {_things(checked.planned())}? This deletes the learned vectors and crops"):
             ui.info("nothing removed")
             return 1
-    for removed in checked.run(library):
-        if not removed.run:
-            ui.info(f"removed [bold]{escape(removed.name)}[/]")
-            continue
-        where = f" (step {removed.step} of {removed.steps})" if removed.step is not None else ""
-        where = where or " (its settings were unreadable)"
-        ui.info(f"removed the unfinished run of [bold]{escape(removed.name)}[/]{where}")
+    done: list[Removed] = []
+    try:
+        for removed in checked.run(library):
+            done.append(removed)
+            if not removed.run:
+                ui.info(f"removed [bold]{escape(removed.name)}[/]")
+                continue
+            where = f" (step {removed.step} of {removed.steps})" if removed.step is not None else ""
+            where = where or " (its settings were unreadable)"
+            ui.info(f"removed the unfinished run of [bold]{escape(removed.name)}[/]{where}")
+    except KeyboardInterrupt:
+        left = checked.left(library, done)
+        gone = [thing for thing in checked.planned() if thing not in left]
+        raise KeyboardInterrupt(
+            f"interrupted: removed {_things(gone) or 'nothing'}; kept {_things(left) or 'nothing'}"
+        ) from None
     return 0
+
+
+def _which(name: str, checked: Any) -> str:
+    """Ask which of `name`'s identity and unfinished run to remove (a terminal only): identity, run or both."""
+    import typer
+
+    found = checked.runs[name]
+    run = found[1] if found is not None else None
+    at = f" at step {run.step} of {run.steps}" if run is not None else ""
+    question = f"{name} is both a stored identity and an unfinished run{at}. Remove which (identity, run, both)?"
+    while True:
+        answer = str(typer.prompt(question)).strip().lower()
+        chosen = next((what for what in ("identity", "run", "both") if what.startswith(answer)), None)
+        if answer and chosen is not None:
+            return chosen
+        ui.info("answer identity, run or both")
+
+
+def _things(things: list[tuple[str, bool]]) -> str:
+    """`alice, the unfinished run of bob` (names as typed; control characters shown escaped)."""
+    return ", ".join(f"the unfinished run of {shown(name)}" if run else shown(name) for name, run in things)

@@ -10,6 +10,7 @@ from rich.markup import escape
 from crossinit_cli import exporting as engine
 from crossinit_cli import families, readers, tools, ui
 from crossinit_cli.editing import identity_record
+from crossinit_cli.errors import shown
 from crossinit_cli.exporting import Selection
 from crossinit_cli.store import Library
 
@@ -130,7 +131,8 @@ def import_identity(
         if file.note:
             ui.warn(file.note)
         elif not as_json:
-            ui.info(f"imported [bold]{escape(file.name)}[/] from {escape(file.file.name)}")
+            ui.info(f"imported [bold]{escape(file.name)}[/] from {escape(shown(file.file.name))}")
+            _report_claim(library, file.name)
 
     done = engine.import_(library, path, name=name, model=model, force=force, on_file=each)
     if not done.folder:
@@ -159,3 +161,19 @@ def _report_file(library: Library, file: engine.ImportedFile, *, as_json: bool) 
         f"imported [bold]{escape(file.name)}[/] ({tokens}x{'+'.join(map(str, loaded.widths))}, {loaded.layout} "
         f"layout{family}) into {escape(str(file.target))}"
     )
+    _report_claim(library, file.name)
+
+
+def _report_claim(library: Library, name: str) -> None:
+    """The base model an imported file names, which nothing uses until the user names it (docs/library.md)."""
+    import shlex
+
+    ident = library.get(name)
+    if ident.base_model_claimed and ident.base_model:
+        model = shown(ident.base_model)
+        ui.info(
+            escape(
+                f"{ident.name}: its file names base model '{model}', which is not downloaded or used until you "
+                f"name it: crossinit edit {shlex.quote(ident.name)} --model {shlex.quote(model)} (or --model)"
+            )
+        )
