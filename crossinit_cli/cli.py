@@ -20,17 +20,20 @@ from crossinit_cli import catalog, config, families, formats, readers, sample, u
 from crossinit_cli._version import __version__
 from crossinit_cli.commandline import (
     VERBOSE_HELP,
+    KeepsArgs,
     State,
     UsageError,
     command,
+    complete_names,
+    complete_tags,
     exclusive,
     handles_errors,
     open_library,
     record,
+    refuse_with_resume,
     run_options,
     with_globals,
 )
-from crossinit_cli.errors import CrossinitError
 
 app = typer.Typer(
     name="crossinit",
@@ -52,17 +55,7 @@ config_app = typer.Typer(
 app.add_typer(config_app, name="config")
 
 
-def _complete_names(incomplete: str) -> list[str]:
-    """Shell completion of identity names, from the library's directory names (no metadata read)."""
-    try:
-        keys = sorted(p.name for p in open_library().entries.iterdir() if p.name.startswith(incomplete.casefold()))
-    except OSError:
-        return []
-    # Names match case-insensitively; keep what was typed so the shell accepts the candidates.
-    return [incomplete + key[len(incomplete) :] for key in keys]
-
-
-NameArg = Annotated[str, typer.Argument(help="Identity name (case-insensitive).", autocompletion=_complete_names)]
+NameArg = Annotated[str, typer.Argument(help="Identity name (case-insensitive).", autocompletion=complete_names)]
 
 
 def _version(value: bool) -> None:
@@ -137,19 +130,10 @@ _FAMILY_NAMES = " or ".join(", ".join(families.FAMILIES).rsplit(", ", 1))
 Sort = Enum("Sort", {name: name for name in catalog.SORTS}, type=str)  # type: ignore[misc]
 
 
-def _complete_tags(incomplete: str) -> list[str]:
-    """Shell completion of tags in use, from the library's catalog (one query, no folder read)."""
-    try:
-        tags = open_library().tags(incomplete)
-    except (OSError, CrossinitError):
-        return []
-    return [incomplete + tag[len(incomplete) :] for tag in tags]  # as typed, or the shell drops them
-
-
 @command(app, "list")
 def list_cmd(
     tag: Annotated[
-        str | None, typer.Option("--tag", help="Only identities with this tag.", autocompletion=_complete_tags)
+        str | None, typer.Option("--tag", help="Only identities with this tag.", autocompletion=complete_tags)
     ] = None,
     family: Annotated[str | None, typer.Option("--family", help=f"Only this model family: {_FAMILY_NAMES}.")] = None,
     model: Annotated[
@@ -186,15 +170,7 @@ def show(name: NameArg, as_json: JsonOpt = False) -> int:
     return show_identity(open_library(), name, as_json=as_json)
 
 
-class _KeepsArgs(typer.core.TyperCommand):
-    """A command that keeps its raw arguments (ctx.meta["args"]), for options whose order matters."""
-
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
-        ctx.meta["args"] = list(args)
-        return super().parse_args(ctx, args)
-
-
-@command(app, cls=_KeepsArgs)
+@command(app, cls=KeepsArgs)
 def edit(
     ctx: typer.Context,
     name: NameArg,
@@ -257,7 +233,7 @@ def edit(
 
 @command(app)
 def remove(
-    names: Annotated[list[str], typer.Argument(help="Identity names.", autocompletion=_complete_names)],
+    names: Annotated[list[str], typer.Argument(help="Identity names.", autocompletion=complete_names)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     identity: Annotated[
         bool, typer.Option("--identity", help="Remove only the stored identity of each name (not an unfinished run).")
@@ -282,11 +258,11 @@ def remove(
 @command(app)
 def export(
     names: Annotated[
-        list[str] | None, typer.Argument(help="Identity names (or --all, --tag).", autocompletion=_complete_names)
+        list[str] | None, typer.Argument(help="Identity names (or --all, --tag).", autocompletion=complete_names)
     ] = None,
     every: Annotated[bool, typer.Option("--all", help="Every identity in the library.")] = False,
     tag: Annotated[
-        str | None, typer.Option("--tag", help="Every identity with this tag.", autocompletion=_complete_tags)
+        str | None, typer.Option("--tag", help="Every identity with this tag.", autocompletion=complete_tags)
     ] = None,
     fmt: Annotated[
         Format | None,
@@ -355,22 +331,6 @@ def import_cmd(
         if hf.is_hub_id(model):
             hf.check_hub_id(model)  # "a/b c": one line (a path is recorded as given, even one not there yet)
     return import_identity(open_library(), path, name=name, model=model, force=force, as_json=as_json)
-
-
-_RESUME_TAKES = {"resume", "steps", "micro_batch", "quiet", "as_json", "photos", "name", "batch", "home", "verbose"}
-
-
-def _refuse_with_resume(ctx: typer.Context) -> None:
-    """`learn --resume` keeps the run's own settings: any other training option given with it is refused."""
-    for param in ctx.command.params:
-        if param.name in _RESUME_TAKES or param.param_type_name != "option":
-            continue
-        source = ctx.get_parameter_source(param.name)  # type: ignore[arg-type]
-        if source is not None and source.name != "DEFAULT":
-            raise UsageError(
-                f"{max(param.opts, key=len)} cannot change a resumed run (it keeps its own settings); only --steps, "
-                "--micro-batch, --quiet and --json go with --resume"
-            )
 
 
 @command(app)
@@ -444,7 +404,7 @@ def learn(
             "--resume",
             help="Continue NAME's interrupted run from its checkpoint with its own settings (`list` shows unfinished "
             "runs); only --steps (a new total, at least the steps done), --micro-batch, --quiet and --json go with it.",
-            autocompletion=_complete_names,
+            autocompletion=complete_names,
         ),
     ] = None,
     batch: Annotated[
@@ -467,7 +427,7 @@ def learn(
     if resume is not None:
         if photos or name or batch:
             raise UsageError("--resume reuses the run's photos, name and settings; give only the name")
-        _refuse_with_resume(ctx)
+        refuse_with_resume(ctx)
         from crossinit_cli.commands.learn import resume_identity
 
         configured = run_options({}).configured_model  # the next: hint names --model only if this would win
@@ -604,7 +564,7 @@ def generate(
 
 @command(app, "eval")
 def eval_cmd(
-    names: Annotated[list[str], typer.Argument(help="Identity name(s).", autocompletion=_complete_names)],
+    names: Annotated[list[str], typer.Argument(help="Identity name(s).", autocompletion=complete_names)],
     compare: Annotated[
         bool, typer.Option("--compare", help="Show several identities side by side (same prompts, same seeds).")
     ] = False,

@@ -128,3 +128,49 @@ def command(group: typer.Typer, name: str | None = None, **settings: Any) -> Cal
         return func
 
     return register
+
+
+# ---- what several declarations share: completion, a parser that keeps its arguments, --resume's rule ----
+
+
+def complete_names(incomplete: str) -> list[str]:
+    """Shell completion of identity names, from the library's directory names (no metadata read)."""
+    try:
+        keys = sorted(p.name for p in open_library().entries.iterdir() if p.name.startswith(incomplete.casefold()))
+    except OSError:
+        return []
+    # Names match case-insensitively; keep what was typed so the shell accepts the candidates.
+    return [incomplete + key[len(incomplete) :] for key in keys]
+
+
+def complete_tags(incomplete: str) -> list[str]:
+    """Shell completion of tags in use, from the library's catalog (one query, no folder read)."""
+    try:
+        tags = open_library().tags(incomplete)
+    except (OSError, CrossinitError):
+        return []
+    return [incomplete + tag[len(incomplete) :] for tag in tags]  # as typed, or the shell drops them
+
+
+class KeepsArgs(typer.core.TyperCommand):
+    """A command that keeps its raw arguments (ctx.meta["args"]), for options whose order matters."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        ctx.meta["args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+RESUME_TAKES = {"resume", "steps", "micro_batch", "quiet", "as_json", "photos", "name", "batch", "home", "verbose"}
+
+
+def refuse_with_resume(ctx: typer.Context) -> None:
+    """`learn --resume` keeps the run's own settings: any other training option given with it is refused."""
+    for param in ctx.command.params:
+        if param.name in RESUME_TAKES or param.param_type_name != "option":
+            continue
+        source = ctx.get_parameter_source(param.name)  # type: ignore[arg-type]
+        if source is not None and source.name != "DEFAULT":
+            raise UsageError(
+                f"{max(param.opts, key=len)} cannot change a resumed run (it keeps its own settings); only --steps, "
+                "--micro-batch, --quiet and --json go with --resume"
+            )
