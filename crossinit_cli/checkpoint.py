@@ -101,7 +101,9 @@ def root(home: Path) -> Path:
 def start(home: Path, settings: dict[str, Any], crops: list[Image.Image]) -> Run:
     """Begin keeping a run: its crops and settings (the state follows at the first checkpoint)."""
     path = root(home) / name_key(settings["name"])
-    if path.exists():
+    if path.is_symlink():  # not a run crossinit made: the link goes, never what it points to
+        path.unlink()
+    elif path.exists():
         shutil.rmtree(path)
     run = Run(path, {**settings, "step": 0, "started": now()})
     try:
@@ -185,8 +187,11 @@ def leftover(home: Path, name: str) -> tuple[Path, Run | None] | None:
 
 
 def discard_folder(path: Path) -> None:
-    """Delete an unfinished run's folder (and the folder of runs with its last run)."""
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete an unfinished run's folder (and the folder of runs with its last run); a link, the link only."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):
         path.parent.rmdir()
 

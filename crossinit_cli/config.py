@@ -25,13 +25,21 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 def library_home(override: Path | None = None) -> Path:
     """The library directory: --home, then CROSSINIT_HOME, then the platform's user data dir."""
     if override is not None:
-        return Path(override).expanduser()
+        return _expanded(Path(override), "--home")
     env = os.environ.get("CROSSINIT_HOME")
     if env:
-        return Path(env).expanduser()
+        return _expanded(Path(env), "CROSSINIT_HOME")
     import platformdirs
 
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def _expanded(path: Path, where: str) -> Path:
+    """`path` with a leading ~ or ~user expanded, or one line saying it cannot be (no such user, no HOME)."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise CrossinitError(f"{where} {path}: cannot expand {path.parts[0]!r} (no such user or home folder)") from None
 
 
 def config_path() -> Path:

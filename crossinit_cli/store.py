@@ -116,7 +116,7 @@ class Library(CatalogReads):
                     target.rename(old)
                     stage.rename(target)
                     atomic.fsync_dir(self.entries)  # and the rename itself, before we say it is done
-                    shutil.rmtree(old, ignore_errors=True)
+                    _delete(old)
                 else:
                     stage.rename(target)
                     atomic.fsync_dir(self.entries)
@@ -267,7 +267,7 @@ class Library(CatalogReads):
             except OSError as exc:
                 if path.is_dir():
                     raise CrossinitError(f"cannot remove identity {name!r}: {exc.strerror or exc}") from None
-            shutil.rmtree(gone, ignore_errors=True)
+            _delete(gone)
             self._index(path.name)
 
 
@@ -283,3 +283,11 @@ def _stage(stage: Path, tensors: dict[str, np.ndarray], identity: Identity, crop
         crop.save(stage / CROPS / f"{i:03d}.png")
     (stage / META).write_bytes(identity.to_toml())
     atomic.fsync_tree(stage)
+
+
+def _delete(path: Path) -> None:
+    """Delete an entry moved aside; one that was a symbolic link loses the link only, never what it points to."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -128,6 +128,10 @@ def test_an_entry_folder_that_is_a_symlink_is_not_written_through(
     before = tree(elsewhere)
     one_line_error(cli("edit", "alice", "--note", "through the link"), "symbolic link")
     assert tree(elsewhere) == before
+    assert cli("remove", "alice", "--yes").exit_code == 0  # the link goes, never what it points to
+    assert tree(elsewhere) == before
+    assert not os.path.lexists(home / "identities" / "alice")
+    assert not [p for p in (home / "identities").iterdir() if p.is_symlink()]
 
 
 # ---- problem 4: exports into the library, and vectors that no longer match their entry ---------------------
@@ -416,3 +420,9 @@ def test_the_stored_record_matches_the_file(add_identity: Any, library: Library,
     assert isinstance(library.list()[0], Identity)
     assert not isinstance(library.list()[0], Damaged)
     assert stat.S_ISREG(os.lstat(home / MARKER).st_mode)
+
+
+def test_a_home_that_cannot_be_expanded_is_one_line(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CROSSINIT_HOME", "~nouser-crossinit-test/x")
+    for command in (("list",), ("doctor",)):
+        one_line_error(cli(*command), "cannot expand")
