@@ -41,10 +41,11 @@ values = st.one_of(
     st.lists(st.dictionaries(st.sampled_from(["step", "loss", "x"]), scalars, max_size=2), max_size=2),
 )
 meta_changes = st.lists(st.tuples(st.sampled_from([*Identity.__dataclass_fields__, "extra"]), values), max_size=3)
+COLUMNS = ["stamp", "name", "damaged", "record", "summary", "likeness", "family", "record_check", "summary_check"]
 row_changes = st.lists(
     st.tuples(
         st.sampled_from(["good", "bob"]),
-        st.sampled_from(["stamp", "name", "damaged", "record", "summary", "likeness", "family", "checksum"]),
+        st.sampled_from(COLUMNS),
         st.one_of(st.none(), st.text(max_size=30), st.integers(), st.floats(), st.just('{"name": "bob"}')),
     ),
     max_size=2,
