@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sqlite3
 import stat
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CATALOG = "catalog.sqlite"
-SCHEMA = 4
-"""Bumped when a row's record gains a field that older rows lack (4: clip_skip), so they are read again."""
+SCHEMA = 5
+"""Bumped when a row's record gains a field that older rows lack (4: clip_skip; 5: the vectors' stamp and
+integrity check), so they are read again."""
 BUSY_TIMEOUT_S = 30.0
 SORTS = ("name", "created", "likeness")
 
@@ -39,7 +42,9 @@ CREATE TABLE IF NOT EXISTS entries (
     likeness REAL,
     search TEXT NOT NULL DEFAULT '',
     record TEXT,
-    summary TEXT
+    summary TEXT,
+    record_check INTEGER NOT NULL DEFAULT 0,
+    summary_check INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS tags (key TEXT NOT NULL, tag TEXT NOT NULL, folded TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS tags_by_key ON tags (key);
@@ -58,6 +63,8 @@ _EXPECTED = {
         "search",
         "record",
         "summary",
+        "record_check",
+        "summary_check",
     ],
     "tags": ["key", "tag", "folded"],
 }
@@ -107,7 +114,8 @@ class Query:
 
 
 def stamp_of(folder: Path | str, dir_fd: int | None = None) -> str | None:
-    """What changes whenever the entry at `folder` does (None: not a folder). Two stats, no read."""
+    """What changes whenever the entry at `folder` does (None: not a folder). Three stats (the folder,
+    meta.toml, the vectors), no read: a vectors file changed in place makes its row stale, so it is verified again."""
     try:
         here = os.stat(folder, dir_fd=dir_fd)
     except OSError:
@@ -118,7 +126,12 @@ def stamp_of(folder: Path | str, dir_fd: int | None = None) -> str | None:
         meta = os.stat(os.path.join(folder, "meta.toml"), dir_fd=dir_fd)
     except OSError:
         return f"{here.st_mtime_ns}:-"
-    return f"{here.st_mtime_ns}:{meta.st_mtime_ns}:{meta.st_size}:{meta.st_ino}"
+    try:
+        vectors = os.stat(os.path.join(folder, "vectors.safetensors"), dir_fd=dir_fd)
+        held = f"{vectors.st_mtime_ns}:{vectors.st_size}:{vectors.st_ino}"
+    except OSError:
+        held = "-"
+    return f"{here.st_mtime_ns}:{meta.st_mtime_ns}:{meta.st_size}:{meta.st_ino}:{held}"
 
 
 def scan(entries: Path) -> dict[str, str]:
@@ -173,6 +186,10 @@ class Catalog:
 
     def _open(self) -> sqlite3.Connection:
         where = ":memory:" if self.path is None else str(self.path)
+        if self.path is not None:  # never through a link: its tables would be another database's, dropped here
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                if os.path.islink(f"{self.path}{suffix}"):
+                    raise sqlite3.OperationalError(f"{self.path.name}{suffix} is a symbolic link")
         db = sqlite3.connect(where, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
             db.execute("PRAGMA synchronous = NORMAL")
@@ -197,7 +214,7 @@ class Catalog:
             return
         for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(OSError):
-                os.unlink(f"{self.path}{suffix}")
+                os.unlink(f"{self.path}{suffix}")  # a link's own name only, never what it points to
 
     def exists(self) -> bool:
         return self.path is None or self.path.is_file()
@@ -221,9 +238,9 @@ class Catalog:
             db.executemany("DELETE FROM tags WHERE key = ?", keys)
             db.executemany(
                 "INSERT INTO entries "
-                "(key, stamp, name, damaged, family, model, created, likeness, search, record, summary) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_columns(row) for row in rows],
+                "(key, stamp, name, damaged, family, model, created, likeness, search, record, summary, "
+                "record_check, summary_check) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_checked(columns) for columns in map(_columns, rows)],
             )
             db.executemany(
                 "INSERT INTO tags (key, tag, folded) VALUES (?, ?, ?)",
@@ -251,12 +268,8 @@ class Catalog:
         if query.search is not None:
             where.append("instr(search, ?) > 0")  # a damaged entry's search text is its key
             params.append(query.search.casefold())
-        if table:
-            sql = "SELECT key, stamp, name, damaged, summary, 1 FROM entries"
-        elif sqlite3.sqlite_version_info >= (3, 38):
-            sql = "SELECT key, stamp, name, damaged, record, json_type(record) = 'object' FROM entries"
-        else:  # pragma: no cover - SQLite without JSON functions: Identity.from_dict still checks what it gets
-            sql = "SELECT key, stamp, name, damaged, record, 1 FROM entries"
+        held = "summary" if table else "record"
+        sql = f"SELECT key, stamp, name, damaged, {held}, {held}_check FROM entries"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY {_ORDER[query.sort]}"
@@ -264,8 +277,8 @@ class Catalog:
             sql += " LIMIT ?"
             params.append(query.limit)
         rows = []
-        for key, stamp, name, damaged, value, ok in db.execute(sql, params):
-            if damaged is None and (value is None or not ok):
+        for key, stamp, name, damaged, value, check in db.execute(sql, params):
+            if check != checksum((key, stamp, name, damaged, value)) or (damaged is None and value is None):
                 raise Corrupt(f"the catalog's row for {key!r} is not one this crossinit wrote")
             if table:
                 cells = None if damaged is not None else value.split("\t")
@@ -294,11 +307,27 @@ def _has_schema(db: sqlite3.Connection) -> bool:
     return columns == _EXPECTED
 
 
+def checksum(columns: Iterable[Any]) -> int:
+    """A row's columns hashed (CRC-32): a row this crossinit wrote matches it; one edited by hand, or by
+    another program, does not, and the catalog is rebuilt from the folders instead of trusting it. Two are
+    kept, over what each kind of listing reads: the record (JSON) and the summary (the table's columns)."""
+    text = "\x1f".join("\x00" if value is None else str(value) for value in columns)
+    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+
+
+def _checked(columns: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row's columns and its two checksums (see `checksum`)."""
+    head = columns[:4]  # key, stamp, name, damaged
+    return (*columns, checksum((*head, columns[9])), checksum((*head, columns[10])))
+
+
 def _columns(row: Row) -> tuple[Any, ...]:
     record = row.record or {}
     likeness = (record.get("evaluation") or {}).get("likeness")
-    if not isinstance(likeness, (int, float)) or isinstance(likeness, bool):
+    if not isinstance(likeness, (int, float)) or isinstance(likeness, bool) or not math.isfinite(likeness):
         likeness = None
+    else:
+        likeness = float(likeness)  # as SQLite's REAL column gives it back, for the row's checksum
     return (
         row.key,
         row.stamp,
@@ -309,7 +338,7 @@ def _columns(row: Row) -> tuple[Any, ...]:
         str(record.get("created", "")),
         likeness,
         f"{row.name}\n{record.get('notes', '')}".casefold(),
-        None if row.record is None else json.dumps(row.record, ensure_ascii=False, default=str),
+        None if row.record is None else json.dumps(row.record, ensure_ascii=False, default=str, allow_nan=False),
         None if row.record is None else "\t".join(summary(row.record)),
     )
 

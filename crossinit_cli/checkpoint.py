@@ -108,7 +108,9 @@ def root(home: Path) -> Path:
 def start(home: Path, settings: dict[str, Any], crops: list[Image.Image]) -> Run:
     """Begin keeping a run: its crops and settings (the state follows at the first checkpoint)."""
     path = root(home) / name_key(settings["name"])
-    if path.exists():
+    if path.is_symlink():  # not a run crossinit made: the link goes, never what it points to
+        path.unlink()
+    elif path.exists():
         shutil.rmtree(path)
     run = Run(path, {**settings, "step": 0, "started": now()})
     try:
@@ -123,11 +125,48 @@ def start(home: Path, settings: dict[str, Any], crops: list[Image.Image]) -> Run
     return run
 
 
+MAX_RUN_BYTES = 1 << 20
+"""The largest run.json read: crossinit writes a few hundred bytes."""
+
+
+def check_settings(settings: Any) -> dict[str, Any]:
+    """A run's settings (run.json) checked against what `learn` writes, or a ValueError naming the field:
+    a table with the name as text, `train` a table whose `steps` is a whole number, `step` a whole number,
+    and every number finite (the metadata's rules, entries.check_field)."""
+    from crossinit_cli.entries import check_field
+
+    if not isinstance(settings, dict):
+        raise ValueError("run.json is not a table")
+    for key in ("name", "train"):
+        if key not in settings:
+            raise ValueError(f"field {key!r} is missing")
+    check_field("name", settings["name"])
+    train = settings["train"]
+    if not isinstance(train, dict):
+        raise ValueError("field 'train' must be a table")
+    for key, value in {**settings, "train": train}.items():
+        check_field(f"run.{key}" if key != "name" else key, value)
+    steps, step = train.get("steps"), settings.get("step", 0)
+    for key, value in (("train.steps", steps), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+            raise ValueError(f"field {key!r} must be a whole number, not {json.dumps(value, default=str)[:60]}")
+    return settings
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    """run.json of the run at `path`, parsed and checked (OSError, ValueError as json does)."""
+    with open(path / RUN, "rb") as handle:
+        data = handle.read(MAX_RUN_BYTES + 1)
+    if len(data) > MAX_RUN_BYTES:
+        raise ValueError(f"{RUN} is larger than {MAX_RUN_BYTES} bytes")
+    return check_settings(json.loads(data.decode("utf-8")))
+
+
 def find(home: Path, name: str) -> Run | None:
     """The unfinished run of `name`, or None."""
     path = root(home) / name_key(name)
     try:
-        settings = json.loads((path / RUN).read_text(encoding="utf-8"))
+        settings = _read_settings(path)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -155,8 +194,11 @@ def leftover(home: Path, name: str) -> tuple[Path, Run | None] | None:
 
 
 def discard_folder(path: Path) -> None:
-    """Delete an unfinished run's folder (and the folder of runs with its last run)."""
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete an unfinished run's folder (and the folder of runs with its last run); a link, the link only."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):
         path.parent.rmdir()
 
@@ -169,7 +211,7 @@ def unfinished(home: Path) -> list[Run]:
         return []
     for path in sorted(folder.iterdir()):
         try:
-            runs.append(Run(path, json.loads((path / RUN).read_text(encoding="utf-8"))))
+            runs.append(Run(path, _read_settings(path)))
         except (OSError, ValueError):
             continue
     return runs

@@ -137,7 +137,7 @@ def complete_names(incomplete: str) -> list[str]:
     """Shell completion of identity names, from the library's directory names (no metadata read)."""
     try:
         keys = sorted(p.name for p in open_library().entries.iterdir() if p.name.startswith(incomplete.casefold()))
-    except OSError:
+    except (OSError, CrossinitError):  # no library there, or a folder that is not one
         return []
     # Names match case-insensitively; keep what was typed so the shell accepts the candidates.
     return [incomplete + key[len(incomplete) :] for key in keys]

@@ -7,11 +7,13 @@ library (store.py) reads and writes whole entries with them. Nothing here import
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import stat
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, time, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +78,7 @@ class Identity:
     # one (--model, `edit --model`, `config set model`: config.identities_model). None: learned or named.
     base_model_claimed: bool | None = None
     schema: int = 1
+    integrity: dict[str, Any] = field(default_factory=dict)  # {"size", "sha256"} of vectors.safetensors
 
     @property
     def token(self) -> str:
@@ -94,22 +97,160 @@ class Identity:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Identity:
+        """The identity `raw` (meta.toml, a catalog row, an edit) describes, checked field by field against
+        `FIELDS`: a ValueError naming the first field that is wrong (type, finite numbers, list shape, size)."""
+        if not isinstance(raw, dict):
+            raise ValueError("the metadata is not a table")
+        for key in ("name", "tokens", "width"):
+            if key not in raw:
+                raise ValueError(f"field {key!r} is missing")
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in raw.items() if k in known}
+        for key, value in values.items():
+            check_field(key, value)
         ident = cls(**values)
-        if not isinstance(ident.name, str) or not isinstance(ident.tokens, int) or not isinstance(ident.width, int):
-            raise ValueError("name, tokens and width must be a string and two integers")
-        if not 1 <= ident.tokens <= MAX_TOKENS or ident.width < 1:
-            raise ValueError(f"tokens={ident.tokens} width={ident.width} out of range")
         if ident.schema > SCHEMA:
             raise ValueError(f"schema {ident.schema} is newer than this crossinit ({SCHEMA}); upgrade")
-        ident.tags = [str(t) for t in ident.tags]
         ident.strength = float(ident.strength)
         ident.family = str(ident.family or LEGACY_FAMILIES.get(ident.width, ""))
         ident.widths = [int(w) for w in ident.widths] or [ident.width]
-        if isinstance(ident.clip_skip, bool) or not isinstance(ident.clip_skip, int) or ident.clip_skip < 1:
-            raise ValueError(f"clip_skip must be a whole number of at least 1, not {ident.clip_skip!r}")
         return ident
+
+
+MAX_TEXT = 100_000
+"""The longest text a field may hold (notes); names, tags and the like are far shorter."""
+
+MAX_ITEMS = 10_000
+"""The most items a list or table of the metadata may hold (tags, snapshots, a training record's keys)."""
+
+MAX_DEPTH = 6
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _plain(value: Any, where: str, depth: int = 0) -> None:
+    """A value of a free-form table (training, evaluation, a snapshot): text, true/false, finite numbers,
+    and lists and tables of them, bounded in depth and size."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"field {where!r} is nested too deeply")
+    if value is None or isinstance(value, bool):  # None: a catalog row's (JSON) form of a field TOML leaves out
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"field {where!r} must be a finite number, not {value}")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"field {where!r} is a number out of range")
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise ValueError(f"field {where!r} is longer than {MAX_TEXT} characters")
+    if isinstance(value, (list, tuple, dict)) and len(value) > MAX_ITEMS:
+        raise ValueError(f"field {where!r} has more than {MAX_ITEMS} items")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _plain(item, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"field {where!r} has a key that is not text")
+            _plain(item, f"{where}.{key}", depth + 1)
+    elif not isinstance(value, (str, int, float, datetime, date, time)):  # TOML's own kinds
+        raise ValueError(f"field {where!r} holds a {type(value).__name__}, which the metadata never stores")
+
+
+def _whole(low: int, high: int) -> Any:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return f"a whole number from {low} to {high}"
+        return None
+
+    return check
+
+
+def _text(longest: int) -> Any:
+    def check(value: Any) -> str | None:
+        return None if isinstance(value, str) and len(value) <= longest else f"text of at most {longest} characters"
+
+    return check
+
+
+def _finite(value: Any) -> str | None:
+    return None if _number(value) and math.isfinite(value) else "a finite number"
+
+
+def _texts(value: Any) -> str | None:
+    ok = isinstance(value, list) and len(value) <= MAX_ITEMS
+    ok = ok and all(isinstance(t, str) and len(t) <= 1000 for t in value)
+    return None if ok else "a list of texts"
+
+
+def _widths(value: Any) -> str | None:
+    ok = isinstance(value, list) and len(value) <= 8 and all(_whole(1, 2**20)(w) is None for w in value)
+    return None if ok else "a list of at most 8 whole numbers"
+
+
+def _table(value: Any) -> str | None:
+    return None if isinstance(value, dict) else "a table"
+
+
+def _snapshots(value: Any) -> str | None:
+    if not isinstance(value, list) or len(value) > MAX_ITEMS:
+        return "a list of tables with a step each"
+    for item in value:
+        if not isinstance(item, dict) or _whole(1, 2**62)(item.get("step")) is not None:
+            return "a list of tables with a step each"
+    return None
+
+
+def _flag(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
+def _integrity(value: Any) -> str | None:
+    if not isinstance(value, dict) or not value:
+        return None if value == {} else "a table with the vectors' size and sha256"
+    size, digest = value.get("size"), value.get("sha256")
+    ok = set(value) == {"size", "sha256"} and _whole(0, 2**62)(size) is None and isinstance(digest, str)
+    ok = ok and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    return None if ok else "a table with the vectors' size and sha256"
+
+
+FIELDS: dict[str, Any] = {
+    "name": _text(200),
+    "tokens": _whole(1, MAX_TOKENS),
+    "width": _whole(1, 2**20),
+    "family": _text(32),
+    "widths": _widths,
+    "base_model": _text(4096),
+    "encoder_fingerprint": _text(4096),
+    "has_init": _flag,
+    "strength": _finite,
+    "notes": _text(MAX_TEXT),
+    "tags": _texts,
+    "source": _text(4096),
+    "created": _text(64),
+    "modified": _text(64),
+    "training": _table,
+    "evaluation": _table,
+    "snapshots": _snapshots,
+    "active_step": _whole(0, 2**62),
+    "clip_skip": _whole(1, 64),
+    "clip_skip_unknown": lambda value: None if value is None or isinstance(value, bool) else "true or false",
+    "schema": _whole(1, 2**31),
+    "integrity": _integrity,
+}
+"""The metadata's one schema: what each field of meta.toml (and of a catalog row, and of an edit) must be."""
+
+
+def check_field(key: str, value: Any) -> None:
+    """`value` fits field `key` of the metadata, or a ValueError naming the field and what it must be."""
+    import json
+
+    wrong = FIELDS[key](value) if key in FIELDS else None
+    if wrong is not None:
+        shown = json.dumps(value, default=str)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(f"field {key!r} must be {wrong}, not {shown}")
+    _plain(value, key)
 
 
 @dataclass
@@ -280,6 +421,39 @@ def read_at(folder: Path | int, file: str) -> bytes:
         with open(os.open(file, os.O_RDONLY, dir_fd=folder), "rb") as handle:
             return handle.read()
     return (folder / file).read_bytes()
+
+
+def fingerprint(data: bytes) -> dict[str, Any]:
+    """What an entry records about its vectors file: its size and SHA-256."""
+    import hashlib
+
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def mismatch(recorded: dict[str, Any], data: bytes) -> str | None:
+    """Why the vectors file's bytes `data` are not the ones the entry recorded (None: they are, or no record)."""
+    if not recorded:
+        return None
+    if len(data) != recorded["size"]:
+        return f"{VECTORS} is {len(data)} bytes, not the {recorded['size']} its entry recorded"
+    if fingerprint(data)["sha256"] != recorded["sha256"]:
+        return f"{VECTORS} is not the file its entry recorded (its sha256 differs)"
+    return None
+
+
+def read_own(folder: Path | int, file: str) -> bytes:
+    """The bytes of one of an entry's own files, never through a symbolic link (O_NOFOLLOW)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(file, flags, dir_fd=folder) if isinstance(folder, int) else os.open(folder / file, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{file} is a symbolic link, which an entry never holds") from None
+        raise
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OSError(errno.EINVAL, f"{file} is not a regular file")
+        return handle.read()
 
 
 def is_file_at(folder: Path | int, file: str) -> bool:

@@ -176,9 +176,19 @@ def plan(target: Target, chosen: Chosen) -> Plan:
     return Plan(target, idents, fmt, paths)
 
 
+def refuse_inside_library(library: Library, path: Path) -> None:
+    """An export never writes into the library itself (it would overwrite an entry's own files)."""
+    home = Path(os.path.realpath(library.home))
+    where = Path(os.path.realpath(path))
+    if where == home or home in where.parents:
+        raise CrossinitError(f"{path} is inside the library at {library.home}; export somewhere else")
+
+
 def write(library: Library, plan: Plan, on_file: Callable[[ExportedFile], None] | None = None) -> list[ExportedFile]:
     """Write a checked plan's files, handing each record to `on_file` as soon as it is done."""
     tool, fmt = plan.target.tool, plan.fmt
+    for path in [tool.embeddings] if tool is not None else plan.paths.values():
+        refuse_inside_library(library, path)
     if tool is not None:
         if tool.embeddings.is_dir():
             remove_stale_temps(tool.embeddings)  # what an earlier export killed mid-write left behind

@@ -76,16 +76,33 @@ def _model_available(model: str) -> tuple[bool, str]:
     return False, "not in the local Hugging Face cache"
 
 
-def _catalog_check(home: Path, facts: dict[str, object]) -> Check:
-    """The catalog's state. Stale, missing or damaged, it mends itself on the next `list`: only reported."""
-    from crossinit_cli.store import Library
+def _catalog_check(home: Path, facts: dict[str, object]) -> list[Check]:
+    """The catalog's state (stale, missing or damaged, it mends itself on the next `list`: only reported),
+    and the entries whose files no longer match their metadata or their vectors' record (damaged)."""
+    from crossinit_cli.store import Damaged, Library
 
-    state = Library(home).catalog_state()
+    try:
+        library = Library(home)
+    except CrossinitError as exc:  # not a library, or its own paths are links: nothing else is read
+        return [Check("catalog", False, str(exc), "pass --home or set CROSSINIT_HOME to a crossinit library")]
+    state = library.catalog_state()
     facts["catalog"] = state
     counts = f"{state['entries']} entr{'y' if state['entries'] == 1 else 'ies'}"
     if state["state"] == "stale":
         counts += f", {state['stale']} out of date"
-    return Check("catalog", True, f"{state['state']} ({counts}): {state['detail']}")
+    checks = [Check("catalog", True, f"{state['state']} ({counts}): {state['detail']}")]
+    try:
+        damaged = [entry for entry in library.list() if isinstance(entry, Damaged)]
+    except CrossinitError as exc:
+        return [*checks, Check("entries", False, str(exc))]
+    facts["damaged"] = [{"name": entry.name, "reason": entry.reason} for entry in damaged]
+    if damaged:
+        first = damaged[0]
+        detail = f"{len(damaged)} damaged: {first.name} ({first.reason})" + (" ..." if len(damaged) > 1 else "")
+        checks.append(Check("entries", False, detail, f"crossinit remove {first.name} (or restore its files)"))
+    else:
+        checks.append(Check("entries", True, f"{state['entries']} whole (vectors match their records)"))
+    return checks
 
 
 def _device_check(run: RunOptions, facts: dict[str, object]) -> Check:
@@ -162,7 +179,7 @@ def run_checks(home: Path, run: RunOptions) -> tuple[dict[str, object], list[Che
         checks.append(_device_check(run, facts))
     ok, detail = _writable(home)
     checks.append(Check("library", ok, f"{home}: {detail}", "" if ok else "pass --home or set CROSSINIT_HOME"))
-    checks.append(_catalog_check(home, facts))
+    checks.extend(_catalog_check(home, facts))
     checks.append(_model_check(run.model))
     checks.append(_face_models_check())
     return facts, checks

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli.atomic import write_atomic
+from crossinit_cli.atomic import remove_stale_temps, write_atomic
 from crossinit_cli.errors import CrossinitError
 
 if TYPE_CHECKING:
@@ -78,24 +78,43 @@ def write(file: Path, mean: torch.Tensor, std: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
     tensors = {"mean": mean.detach().float().cpu().contiguous(), "std": std.detach().float().cpu().contiguous()}
+    if Path(file).parent.is_symlink():  # the library's cache is its own folder, never written through a link
+        return
     with contextlib.suppress(CrossinitError):
         write_atomic(file, lambda tmp: save_file(tensors, str(tmp)))
 
 
-def forget(cache_dir: Path, crops: Iterable[Path]) -> None:
-    """Delete the cached latents of these crop files (an identity being removed), whatever model or
-    precision they were computed for. Best effort: an unreadable crop leaves its files, which hold no more
-    than the crop did."""
+def forget(cache_dir: Path, crops: Iterable[Path], *, keep: Iterable[Image.Image] = ()) -> None:
+    """Delete the cached latents of these crop files (an identity being removed or replaced, a failed
+    run's), whatever model or precision they were computed for, except those of the crops in `keep` (the
+    entry replacing them learned from the same photo). Also deletes the temp files an interrupted write
+    left here (older than atomic.STALE_TEMP_S: a live write takes seconds). Best effort: an unreadable crop
+    leaves its files, which hold no more than the crop did."""
     from PIL import Image, UnidentifiedImageError
 
-    if not Path(cache_dir).is_dir():
-        return
+    digests = []
     for crop in crops:
         try:
             with Image.open(crop) as image:
-                digest = crop_digest(image)
+                digests.append(crop_digest(image))
         except (OSError, UnidentifiedImageError, ValueError):
             continue
+    kept = {crop_digest(image) for image in keep}
+    _delete(cache_dir, [digest for digest in digests if digest not in kept])
+
+
+def forget_images(cache_dir: Path | None, images: Iterable[Image.Image]) -> None:
+    """Delete the cached latents of these crops (a run that failed: nothing stored keeps them)."""
+    if cache_dir is not None:
+        _delete(cache_dir, [crop_digest(image) for image in images if hasattr(image, "convert")])
+
+
+def _delete(cache_dir: Path, digests: Iterable[str]) -> None:
+    """Delete every file of these crop digests, and what interrupted writes left, in the cache folder."""
+    if not Path(cache_dir).is_dir() or Path(cache_dir).is_symlink():  # a link: never deleted through
+        return
+    remove_stale_temps(Path(cache_dir))
+    for digest in digests:
         for file in Path(cache_dir).glob(f"{digest}-*.safetensors"):
             with contextlib.suppress(OSError):
                 file.unlink(missing_ok=True)

@@ -625,6 +625,9 @@ def _train(
     except CrossinitError:
         if run is not None:  # diverged or out of memory: the same settings would fail the same way
             run.discard()
+        from crossinit_cli import latents
+
+        latents.forget_images(trainer.latent_cache, images)  # a failed run's faces leave no latents behind
         raise
     except KeyboardInterrupt:
         if run is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,45 @@ from crossinit_cli.errors import CrossinitError
 
 LOCK_TIMEOUT_S = 60.0
 
+MARKER = ".crossinit-library"
+"""The file that marks a folder as a crossinit library: written when the library is created (or adopted,
+for one made before it existed), checked before anything in the folder is written or deleted."""
+
+LAYOUT = frozenset(
+    {MARKER, "identities", ".staging", ".trash", ".lock", ".cache", ".unfinished", "catalog.sqlite"}
+    | {f"catalog.sqlite{suffix}" for suffix in ("-journal", "-wal", "-shm")}
+)
+"""What a library's home holds: a folder holding nothing else is one (adopted), whatever its age."""
+
+OWN = (".staging", ".trash", ".lock", "catalog.sqlite", ".cache", ".unfinished", "identities")
+"""The library's own paths, none of which may be a symbolic link: a delete or write there must stay inside."""
+
+
+def check_home(home: Path) -> None:
+    """Refuse a home that is not a library: a non-empty folder without the marker and not of the library's
+    layout (crossinit empties `.staging/` and `.trash/` of its library; never of a folder it did not make).
+    Also refuses one whose own paths (`.trash`, `catalog.sqlite` ...) are symbolic links."""
+    home = Path(home)
+    try:
+        found = set(os.listdir(home))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise CrossinitError(f"{home} is a file, not a crossinit library; pick a folder with --home") from None
+    except OSError as exc:
+        raise CrossinitError(f"cannot read the library at {home}: {exc.strerror or exc}") from None
+    if MARKER not in found and not found <= LAYOUT:
+        raise CrossinitError(
+            f"{home} is not a crossinit library (no {MARKER}, and it holds other files); "
+            "pick a new or empty folder with --home or CROSSINIT_HOME"
+        )
+    for name in OWN:
+        if name in found and (home / name).is_symlink():
+            raise CrossinitError(
+                f"the library's {name} at {home / name} is a symbolic link; crossinit writes and deletes "
+                "nothing through one: replace it with a real file or folder"
+            )
+
 
 class LibraryLock:
     """The library's part that keeps it whole: the library-wide write lock, the recovery of what a killed
@@ -24,6 +64,7 @@ class LibraryLock:
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home)
+        check_home(self.home)
         self.entries = self.home / "identities"
         self._staging = self.home / ".staging"
         self._trash = self.home / ".trash"
@@ -35,7 +76,11 @@ class LibraryLock:
         from filelock import FileLock, Timeout
 
         try:
+            check_home(self.home)  # again: what was checked at the start may have changed since
             self.entries.mkdir(parents=True, exist_ok=True)
+            marker = self.home / MARKER
+            if not os.path.lexists(marker):  # created, or adopted (a library made before the marker)
+                marker.write_bytes(b"crossinit library\n")
             lock = FileLock(str(self.home / ".lock"), timeout=LOCK_TIMEOUT_S)
             lock.acquire()
             self._held = True
@@ -55,21 +100,31 @@ class LibraryLock:
 
     def _recover(self) -> None:
         """Finish or undo what a killed process left: staging dirs, trashed entries, temp files."""
-        if self._staging.is_dir():
+        if _real_dir(self._staging):
             shutil.rmtree(self._staging, ignore_errors=True)
-        if self._trash.is_dir():
+        if _real_dir(self._trash):
             for item in self._trash.iterdir():
                 key = item.name.split("~")[0]
                 target = self.entries / key
-                if not target.exists() and (item / META).is_file():
+                if item.is_symlink():  # not ours: the link goes, never what it points to
+                    item.unlink()
+                elif not os.path.lexists(target) and (item / META).is_file():
                     item.rename(target)
                 else:
                     shutil.rmtree(item, ignore_errors=True)
         for gone in self.entries.glob(".removed~*"):
-            shutil.rmtree(gone, ignore_errors=True)
-        for tmp in self.entries.glob(f"*/{TEMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
+            if gone.is_symlink():
+                gone.unlink()
+            else:
+                shutil.rmtree(gone, ignore_errors=True)
+        for folder in self.entries.iterdir():
+            if folder.name.startswith(".") or not _real_dir(folder):
+                continue  # an entry that is a link is read through, never written or cleaned through
+            for tmp in folder.glob(f"{TEMP_PREFIX}*"):
+                tmp.unlink(missing_ok=True)
         for pending in self.entries.glob(f"*/{PENDING}"):
+            if not _real_dir(pending.parent):
+                continue
             # Past a rename's commit point (its key is the directory's): finish it; else drop it.
             if read_pending(pending.parent) is not None:
                 os.replace(pending, pending.parent / META)
@@ -104,3 +159,11 @@ class LibraryLock:
                 raise
         self._settle(always=True)
         return read()
+
+
+def _real_dir(path: Path) -> bool:
+    """A folder, and not a symbolic link to one (lstat: nothing is deleted through a link)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False

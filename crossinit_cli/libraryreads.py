@@ -25,7 +25,9 @@ from crossinit_cli.entries import (
     check_vectors,
     encoder_keys,
     is_file_at,
+    mismatch,
     read_at,
+    read_own,
     read_pending,
     snapshots_in,
 )
@@ -90,8 +92,8 @@ class EntryReads(LibraryLock):
         def read_once() -> tuple[Identity, Vectors]:
             path = self.path_of(name)
             if os.open not in os.supports_dir_fd:  # no directory handles (Windows): read by path
-                ident = self._read_meta(path)
-                return ident, self._read_vectors(name, path, ident.family)
+                ident = self._read_meta(path, verify=False)
+                return ident, self._read_vectors(name, path, ident)
             try:
                 folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             except (FileNotFoundError, NotADirectoryError):
@@ -99,8 +101,8 @@ class EntryReads(LibraryLock):
             except OSError as exc:
                 raise CrossinitError(f"cannot read identity {name!r}: {exc.strerror or exc}") from None
             try:
-                ident = self._read_meta(path, folder)
-                return ident, self._read_vectors(name, folder, ident.family)
+                ident = self._read_meta(path, folder, verify=False)
+                return ident, self._read_vectors(name, folder, ident)
             finally:
                 os.close(folder)
 
@@ -142,8 +144,9 @@ class EntryReads(LibraryLock):
                 found.append(Damaged(path.name, path, str(exc)))
         return found
 
-    def _read_meta(self, path: Path, folder: int | None = None) -> Identity:
-        """The metadata of the entry at `path` (read through `folder`, a handle on it, when given)."""
+    def _read_meta(self, path: Path, folder: int | None = None, *, verify: bool = True) -> Identity:
+        """The metadata of the entry at `path` (read through `folder`, a handle on it, when given); with
+        `verify`, its vectors file is checked against the size and sha256 the entry recorded."""
         where = path if folder is None else folder
         try:
             raw = tomllib.loads(read_at(where, META).decode("utf-8"))
@@ -154,6 +157,13 @@ class EntryReads(LibraryLock):
             raise CrossinitError(f"entry {path.name!r} is damaged: {library_text(exc)}") from None
         if not is_file_at(where, VECTORS):
             raise CrossinitError(f"entry {path.name!r} is damaged: {VECTORS} is missing")
+        if verify and ident.integrity:
+            try:
+                wrong = mismatch(ident.integrity, read_own(where, VECTORS))
+            except OSError as exc:
+                wrong = f"cannot read {VECTORS} ({library_text(exc)})"
+            if wrong:
+                raise CrossinitError(f"entry {path.name!r} is damaged: {wrong}")
         # The directory is the source of truth for the key. A rename that got past its commit point
         # (the directory rename) but not further left its new metadata beside the old one.
         if ident.name.casefold() != path.name:
@@ -161,7 +171,8 @@ class EntryReads(LibraryLock):
             ident.name = ident.name if ident.name.casefold() == path.name else path.name
         return ident
 
-    def _read_vectors(self, name: str, folder: Path | int, family: str = "") -> Vectors:
+    def _read_vectors(self, name: str, folder: Path | int, ident: Identity) -> Vectors:
+        """The vectors of the entry `ident`, read once: checked against its record, then parsed."""
         import numpy as np
         from safetensors import SafetensorError
         from safetensors.numpy import load
@@ -170,8 +181,16 @@ class EntryReads(LibraryLock):
             value = tensors.get(key)
             return None if value is None else check_vectors(np.asarray(value), what)
 
+        family = ident.family
         try:
-            tensors = load(read_at(folder, VECTORS))
+            data = read_own(folder, VECTORS)
+        except OSError as exc:
+            raise CrossinitError(f"identity {name!r} is damaged: cannot read {VECTORS} ({library_text(exc)})") from None
+        wrong = mismatch(ident.integrity, data)
+        if wrong:
+            raise CrossinitError(f"entry {ident.name!r} is damaged: {wrong}")
+        try:
+            tensors = load(data)
             snapshots = snapshots_in(tensors)
             if "learned" in tensors:  # one text encoder: the layout of every release so far
                 learned = check_vectors(np.asarray(tensors["learned"]), f"identity {name!r}")
@@ -276,10 +295,13 @@ class CatalogReads(EntryReads):
         return Row(key, stamp, ident.name, ident.to_dict())
 
     def _from_row(self, row: Row) -> Identity | Damaged:
-        record = row.metadata()
-        if record is None:
-            return Damaged(row.name, self.entries / row.key, row.damaged or "unreadable")
-        return Identity.from_dict(record)
+        try:
+            record = row.metadata()
+            if record is None:
+                return Damaged(row.name, self.entries / row.key, row.damaged or "unreadable")
+            return Identity.from_dict(record)
+        except (TypeError, ValueError) as exc:  # a row its checksum let through, yet not metadata: say so
+            return Damaged(row.name, self.entries / row.key, f"its catalog row is invalid ({library_text(exc)})")
 
     def _index(self, *keys: str) -> None:
         """Bring the catalog rows of `keys` up to date with their folders, inside the write's lock.

@@ -46,7 +46,9 @@ from crossinit_cli.entries import (
     Identity,
     check_field_types,
     check_vectors,
+    fingerprint,
     now,
+    read_own,
     vector_tensors,
 )
 from crossinit_cli.entries import Damaged as Damaged  # store.Damaged: what a listing hands out for a broken entry
@@ -83,7 +85,6 @@ class Library(CatalogReads):
         at some steps of its run ({step: {"learned" or encoder key: [k, width]}}), kept beside them.
         """
         from safetensors import SafetensorError
-        from safetensors.numpy import save_file
 
         identity.name = validate_name(identity.name)
         tensors, shapes = vector_tensors(identity.name, learned, init)
@@ -95,6 +96,10 @@ class Library(CatalogReads):
         identity.has_init = init is not None
         identity.schema = 2 if isinstance(learned, dict) else 1
         identity.modified = now()
+        try:  # the schema every reader checks: what would be read back as damaged is never written
+            Identity.from_dict(identity.to_dict())
+        except (TypeError, ValueError) as exc:
+            raise CrossinitError(f"identity {identity.name!r} cannot be stored: {exc}") from None
         key = name_key(identity.name)
         with self.locked():
             target = self.entries / key
@@ -103,19 +108,15 @@ class Library(CatalogReads):
             self._refuse_lookalike(identity.name)
             stage = self._staging / f"{key}~{uuid.uuid4().hex}"
             try:
-                (stage / CROPS).mkdir(parents=True)
-                save_file(tensors, str(stage / VECTORS))
-                for i, crop in enumerate(crops):
-                    crop.save(stage / CROPS / f"{i:03d}.png")
-                (stage / META).write_bytes(identity.to_toml())
-                atomic.fsync_tree(stage)  # every byte on disk before the rename publishes the entry
+                _stage(stage, tensors, identity, crops)
                 if target.exists():
+                    self._forget_replaced(identity.name, crops)
                     self._trash.mkdir(exist_ok=True)
                     old = self._trash / f"{key}~{uuid.uuid4().hex}"
                     target.rename(old)
                     stage.rename(target)
                     atomic.fsync_dir(self.entries)  # and the rename itself, before we say it is done
-                    shutil.rmtree(old, ignore_errors=True)
+                    _delete(old)
                 else:
                     stage.rename(target)
                     atomic.fsync_dir(self.entries)
@@ -125,6 +126,38 @@ class Library(CatalogReads):
                 raise CrossinitError(f"cannot write identity {identity.name!r}: {reason}") from None
             self._index(key)
         return target
+
+    def _forget_replaced(self, name: str, crops: Sequence[Image.Image]) -> None:
+        """The latents of the face an entry being replaced was learned from go with it (learn --force with
+        another photo, import --force over a learned identity); those of a crop the new entry keeps stay."""
+        from crossinit_cli import latents
+
+        latents.forget(latents.folder(self.home), self.crops(name), keep=crops)
+
+    def _own_folder(self, name: str) -> Path:
+        """The folder of entry `name`, refused when it is a symbolic link: nothing is written through one."""
+        path = self.path_of(name)
+        if path.is_symlink():
+            raise CrossinitError(
+                f"the folder of identity {name!r} ({path}) is a symbolic link; crossinit writes nothing through "
+                "one: replace it with the folder itself"
+            )
+        return path
+
+    def _checked(self, ident: Identity) -> Identity:
+        """`ident` as it will be written, checked against the metadata's schema (entries.FIELDS), with its
+        vectors' record adopted when it has none (an entry written before crossinit kept one)."""
+        try:
+            checked = Identity.from_dict(ident.to_dict())
+        except (TypeError, ValueError) as exc:
+            raise CrossinitError(f"the metadata would be invalid: {exc}; nothing changed") from None
+        if not checked.integrity:
+            with contextlib.suppress(OSError, CrossinitError):
+                folder = self._own_folder(checked.name)
+                data = read_own(folder, VECTORS)
+                self._read_vectors(checked.name, folder, checked)  # vectors that read as vectors, only
+                checked.integrity = fingerprint(data)
+        return checked
 
     def _refuse_lookalike(self, name: str) -> None:
         """Refuse a new name that would look like a stored one on screen ('аlice' beside 'alice')."""
@@ -136,11 +169,15 @@ class Library(CatalogReads):
         with self.locked():
             ident = self.get(name)
             fixed = (ident.name, ident.tokens, ident.width, ident.schema, ident.has_init)
+            recorded = dict(ident.integrity)
             change(ident)
             if (ident.name, ident.tokens, ident.width, ident.schema, ident.has_init) != fixed:
                 raise CrossinitError("name, tokens, width, schema and has_init cannot be changed this way")
+            if ident.integrity != recorded:
+                raise CrossinitError("the vectors' record (integrity) cannot be changed this way")
             ident.modified = now()
-            write_bytes_atomic(self.path_of(ident.name) / META, ident.to_toml())
+            ident = self._checked(ident)
+            write_bytes_atomic(self._own_folder(ident.name) / META, ident.to_toml())
             self._index(name_key(ident.name))
             return ident
 
@@ -153,14 +190,16 @@ class Library(CatalogReads):
                 ident = Identity.from_dict(raw)
             except (TypeError, ValueError) as exc:
                 raise CrossinitError(f"edited metadata is invalid: {exc}; nothing changed") from None
-            for fixed in ("tokens", "width", "widths", "family", "has_init", "clip_skip"):
-                if getattr(ident, fixed) != getattr(current, fixed):
+            for fixed in ("tokens", "width", "widths", "family", "has_init", "clip_skip", "integrity"):
+                if getattr(ident, fixed) != getattr(current, fixed) and (fixed != "integrity" or fixed in raw):
                     raise CrossinitError(f"{fixed!r} cannot be edited")
+            ident.integrity = current.integrity
             if ident.name.casefold() != current.name.casefold():
                 raise CrossinitError("use `crossinit edit NAME --rename NEW` to rename")
             ident.name = validate_name(ident.name)
             ident.modified = now()
-            write_bytes_atomic(self.path_of(name) / META, ident.to_toml())
+            ident = self._checked(ident)
+            write_bytes_atomic(self._own_folder(name) / META, ident.to_toml())
             self._index(name_key(name))
             return ident
 
@@ -186,6 +225,9 @@ class Library(CatalogReads):
                 raise CrossinitError("tokens, width, schema and has_init cannot be changed this way")
             ident.name = new
             ident.modified = now()
+            ident = self._checked(ident)
+            if source.is_symlink():
+                self._own_folder(old)
             if target == source:  # a change of case only: one atomic write
                 write_bytes_atomic(target / META, ident.to_toml())
                 self._index(target.name)
@@ -225,5 +267,27 @@ class Library(CatalogReads):
             except OSError as exc:
                 if path.is_dir():
                     raise CrossinitError(f"cannot remove identity {name!r}: {exc.strerror or exc}") from None
-            shutil.rmtree(gone, ignore_errors=True)
+            _delete(gone)
             self._index(path.name)
+
+
+def _stage(stage: Path, tensors: dict[str, np.ndarray], identity: Identity, crops: Sequence[Image.Image]) -> None:
+    """Assemble a new entry in `stage`: its vectors (their size and sha256 recorded in its metadata), its
+    crops and its metadata, every byte flushed to disk before the rename that publishes it."""
+    from safetensors.numpy import save_file
+
+    (stage / CROPS).mkdir(parents=True)
+    save_file(tensors, str(stage / VECTORS))
+    identity.integrity = fingerprint((stage / VECTORS).read_bytes())
+    for i, crop in enumerate(crops):
+        crop.save(stage / CROPS / f"{i:03d}.png")
+    (stage / META).write_bytes(identity.to_toml())
+    atomic.fsync_tree(stage)
+
+
+def _delete(path: Path) -> None:
+    """Delete an entry moved aside; one that was a symbolic link loses the link only, never what it points to."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

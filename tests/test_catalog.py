@@ -302,3 +302,39 @@ def test_list_fits_a_narrow_terminal_without_cutting_names(library: Library) -> 
     assert lines[1].startswith("a-long-identity-name  ") and "…" in lines[1]
     piped = subprocess.run([sys.executable, "-m", "crossinit_cli", "list"], capture_output=True, text=True)
     assert long_model in piped.stdout and "n" * 80 in piped.stdout  # piped: whole lines, for grep
+
+
+def test_a_vectors_file_changed_in_place_is_verified_again_and_unchanged_ones_are_not_hashed(
+    library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crossinit_cli import entries
+
+    _add(library, "alice")
+    _add(library, "bob")
+    assert all(isinstance(e, Identity) for e in library.list())
+    hashed: list[int] = []
+    real = entries.fingerprint
+    monkeypatch.setattr(entries, "fingerprint", lambda data: hashed.append(len(data)) or real(data))
+    assert all(isinstance(e, Identity) for e in library.list())
+    assert hashed == []  # stamps unchanged: nothing read, nothing hashed
+    vectors = library.path_of("alice") / "vectors.safetensors"
+    vectors.write_bytes(vectors.read_bytes()[:-4] + b"    ")  # same size, other bytes
+    os.utime(vectors, ns=(1, 1))
+    found = {e.name: e for e in library.list()}
+    assert isinstance(found["alice"], Damaged) and "sha256" in found["alice"].reason
+    assert isinstance(found["bob"], Identity)
+    assert len(hashed) == 1
+
+
+def test_a_row_edited_behind_the_catalogs_back_is_rebuilt_from_the_folders(library: Library) -> None:
+    import sqlite3
+
+    _add(library, "alice", notes="truth")
+    library.list()
+    db = sqlite3.connect(library.home / CATALOG)
+    db.execute("""UPDATE entries SET record = '{"name": "alice", "notes": "lie"}', name = 'mallory'""")
+    db.commit()
+    db.close()
+    (entry,) = library.list()
+    assert isinstance(entry, Identity) and entry.name == "alice" and entry.notes == "truth"
+    _same(library)
