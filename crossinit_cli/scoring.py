@@ -178,6 +178,7 @@ def _plan(library: Library, names: Sequence[str], request: EvalRequest) -> _Plan
         groups.setdefault(chosen, []).append(ident)
     together = _multi_identity_templates(request.templates, identities, groups)
     for chosen, group in groups.items():
+        devices.check_model_reference(chosen)  # a bad --model is one line before CLIP or any model loads
         sample.check_model(chosen, group)
     return _Plan(identities, vectors, library_name, step_of, groups, together)
 
