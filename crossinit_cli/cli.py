@@ -218,16 +218,7 @@ def edit(
         model = config.model_reference(model)
         check_model_reference(model)
     order = tag_order(ctx.meta.get("args", [])) or None
-    edits = Edits(
-        rename=rename,
-        note=note,
-        tags=tag,
-        untags=untag,
-        strength=strength,
-        use_snapshot=use_snapshot,
-        tag_order=order,
-        model=model,
-    )
+    edits = record(Edits, locals(), tags=tag, untags=untag, tag_order=order)
     return edit_identity(open_library(), name, edits, as_json=as_json)
 
 
