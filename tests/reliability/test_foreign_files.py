@@ -265,3 +265,31 @@ def test_settings_nested_past_pythons_recursion_limit_are_one_line(tmp_path: Pat
         config.load_config(deep)
     with pytest.raises(CrossinitError, match="cannot read config"):
         config.update_config({"device": "cpu"}, deep)
+
+
+@pytest.mark.parametrize("after_s", [0.8, 1.6, 2.4])
+def test_ctrl_c_while_a_hash_bomb_is_read_ends_the_import_at_once(
+    after_s: float, rhome: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A stuck read is never left ignoring Ctrl-C: the code before spun in C (hashing 10^12 tuples) and went on
+    after SIGINT until it was killed. Now the import ends within seconds of Ctrl-C, or has already refused the
+    file, in one line either way, the library untouched."""
+    import signal
+
+    path = tmp_path / "bomb.pt"
+    _torch_zip_with(hash_bomb(), path)
+    write_embedding(tmp_path / "alice.safetensors", 1)
+    assert crossinit("import", tmp_path / "alice.safetensors", "--name", "alice", env=env).returncode == 0
+    before = tree(rhome)
+    proc = start("import", path, "--name", "bomb", env=env)
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=QUICK_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"import still running {QUICK_S} s after Ctrl-C")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode in (130, 1) and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    assert tree(rhome) == before
