@@ -200,39 +200,15 @@ def resume(
     """Continue an interrupted run from its checkpoint, with its own settings (the micro-batch is chosen
     again: it changes how much memory a step takes, not the result). `steps` is a new total, at least the
     steps already done (the schedule is constant, so the steps before are the same either way)."""
-    from crossinit_cli import checkpoint, devices
     from crossinit_cli.train import TrainConfig
 
-    run = checkpoint.find(library.home, name)
-    if run is None:
-        raise CrossinitError(f"no unfinished run of {name!r}; `crossinit list` shows unfinished runs")
+    run, state = _resumable_run(library, name, steps)
     saved = run.settings
     name = saved["name"]
-    if library.exists(name) and not saved.get("force"):
-        raise CrossinitError(
-            f"identity {name!r} already exists; `crossinit remove {name} --identity` first, or learn --force"
-        )
-    train = saved["train"]
-    lr, seed = train.get("lr"), train.get("seed")
-    check_training_values(
-        lr=lr if isinstance(lr, (int, float)) else None,
-        seed=seed if isinstance(seed, int) else None,
-        where=f"the unfinished run of {name!r}: ",
-    )
-    state = run.load_state()
-    if steps is not None and steps != run.steps:
-        _set_total(run, state, steps)
     crops = run.crops()
     model_id = saved["model"]
     check_model_reference(model_id)
-    placement = devices.resolve(saved["device"], saved["dtype"], training=True)
-    if saved.get("dtype_reason"):  # the run's own precision continues, chosen for the reason it was then
-        placement = replace(placement, dtype_reason=saved["dtype_reason"])
-    if placement.device != saved["placed_on"]:
-        hooks.warn(
-            f"the run started on {saved['placed_on']} and continues on {placement.device}: the result will not "
-            "equal an uninterrupted run bit for bit"
-        )
+    placement = _resumed_placement(saved, hooks)
     clip_skip = int(saved["train"].get("clip_skip", 1))  # runs checkpointed before clip skip existed: 1
     trainer = load_trainer(library, model_id, placement, clip_skip=clip_skip, hooks=hooks)
     size = saved["train"].get("resolution") or trainer.resolution
@@ -253,6 +229,48 @@ def resume(
     )
     learned = train_and_store(library, trainer, job, hooks)
     return replace(learned, identity=library.get(name))
+
+
+def _resumable_run(library: Library, name: str, steps: int | None) -> tuple[Any, dict[str, Any] | None]:
+    """The unfinished run of `name` and its saved state, checked before any model: it exists, its identity's
+    name is free (unless the run was started with --force), its values are in range, `steps` applied."""
+    from crossinit_cli import checkpoint
+
+    run = checkpoint.find(library.home, name)
+    if run is None:
+        raise CrossinitError(f"no unfinished run of {name!r}; `crossinit list` shows unfinished runs")
+    saved = run.settings
+    name = saved["name"]
+    if library.exists(name) and not saved.get("force"):
+        raise CrossinitError(
+            f"identity {name!r} already exists; `crossinit remove {name} --identity` first, or learn --force"
+        )
+    train = saved["train"]
+    lr, seed = train.get("lr"), train.get("seed")
+    check_training_values(
+        lr=lr if isinstance(lr, (int, float)) else None,
+        seed=seed if isinstance(seed, int) else None,
+        where=f"the unfinished run of {name!r}: ",
+    )
+    state = run.load_state()
+    if steps is not None and steps != run.steps:
+        _set_total(run, state, steps)
+    return run, state
+
+
+def _resumed_placement(saved: dict[str, Any], hooks: LearnHooks) -> Any:
+    """Where and in what precision the run continues: its own device and dtype choice, and the reason it had."""
+    from crossinit_cli import devices
+
+    placement = devices.resolve(saved["device"], saved["dtype"], training=True)
+    if saved.get("dtype_reason"):  # the run's own precision continues, chosen for the reason it was then
+        placement = replace(placement, dtype_reason=saved["dtype_reason"])
+    if placement.device != saved["placed_on"]:
+        hooks.warn(
+            f"the run started on {saved['placed_on']} and continues on {placement.device}: the result will not "
+            "equal an uninterrupted run bit for bit"
+        )
+    return placement
 
 
 def _set_total(run: Any, state: dict[str, Any] | None, steps: int) -> None:

@@ -152,7 +152,7 @@ def test_text_from_an_imported_file_is_shown_with_its_control_characters_escaped
 
 
 def test_an_imported_files_base_model_is_reported_and_not_used_until_named(
-    cli, tmp_path: Path, library: Library, loads: list
+    cli, tmp_path: Path, library: Library, loads: list, tiny_model: Path
 ) -> None:
     file = _embedding(tmp_path / "eve.safetensors", base_model="/nonexistent")
     imported = cli("import", file)
@@ -178,9 +178,14 @@ def test_an_imported_files_base_model_is_reported_and_not_used_until_named(
     eve = library.get("eve")
     assert (eve.base_model, eve.base_model_claimed) == (str(model), None)
     assert config.identities_model(None, [eve]) == str(model)
-    # An import that names its model (--model) trusts it: nothing claimed.
-    named = cli("import", file, "--name", "eve2", "--model", model)
-    assert named.exit_code == 0 and "its file names" not in named.stderr
+    # An import that names its model (--model, checked against the vectors' width) trusts it: nothing claimed.
+    from safetensors.numpy import save_file
+
+    small = tmp_path / "eve-small.safetensors"
+    rows = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    save_file({"emb_params": rows}, str(small), metadata={"base_model": "/nonexistent"})
+    named = cli("import", small, "--name", "eve2", "--model", tiny_model)
+    assert named.exit_code == 0 and "its file names" not in named.stderr, named.stderr
     assert library.get("eve2").base_model_claimed is None
 
 
@@ -271,7 +276,8 @@ def test_learn_refuses_a_seed_or_rate_out_of_range_before_photos_or_model(
 
 def test_resume_refuses_a_checkpoints_seed_out_of_range_before_the_model(cli, home: Path, loads: list) -> None:
     _run_folder(home, "zoe", seed=99999999999999999999, lr=0.005)
-    _one_line_error(cli("learn", "--resume", "zoe"), "--seed", "unfinished run of 'zoe'")
+    # Refused by the run's own schema (a seed is a whole number in 0..2^63-1), in one line, before the model.
+    _one_line_error(cli("learn", "--resume", "zoe"), "seed", "out of range", "unfinished run of 'zoe'")
     assert loads == []
 
 
