@@ -20,16 +20,19 @@ What differs is only how fast the same numbers come out:
 - every frozen weight has requires_grad False, so backward computes no weight gradients;
 - each distinct caption of a batch goes through the text encoder once;
 - a batch that would not fit in the device's free memory goes through the UNet in micro-batches whose
-  gradients add up to the whole batch's before the one update (memory.py chooses; `--micro-batch`);
+  gradients add up to the whole batch's before the one update (memory.py chooses; `--micro-batch`), and
+  the UNet's gradient checkpointing is on only where a single image would not fit without it
+  (`--checkpointing`): it recomputes the forward in the backward, a third of a step;
 - bf16 (fp16 where bf16 is missing) autocast on CUDA with the UNet's weights in that dtype; on the CPU the
   same in bf16 where it has native bf16 (devices.cpu_bf16), fp32 elsewhere; the UNet channels-last in
   both; the rows, the loss and AdamW stay fp32; PyTorch SDPA attention in the UNet and the text encoder.
 
 SDXL (families.py) has two text encoders: each gets its own two rows and its own start, the regulariser
 is the official one per encoder, summed (`objective.regulariser_all`), and the UNet also takes encoder 2's pooled
-embedding and each photo's size/crop time ids (`condition`, `photo_time_ids`). Its 2.6B-parameter UNet runs
-with gradient checkpointing, so that batch 8 at 1024 px fits a 24 GB GPU; diffusers >= 0.32 checkpoints
-with the UNet in eval mode (0.30-0.31 only in train mode). The VAE encodes in bf16 when training in
+embedding and each photo's size/crop time ids (`condition`, `photo_time_ids`). Its 2.6B-parameter UNet holds
+~3.4x SD 2.1's activations per unit of feature map, so it is checkpointed sooner (memory.UNSPLIT_SCALE), and
+always where the free memory cannot be read; diffusers >= 0.32 checkpoints with the UNet in eval mode
+(0.30-0.31 only in train mode). The VAE encodes in bf16 when training in
 bf16 where bf16 convolutions are native, else in fp32 (it overflows in fp16).
 """
 
@@ -128,12 +131,15 @@ def scaled_lr(batch_size: int) -> float:
     return LR_PER_IMAGE * batch_size
 
 
-def oom_advice(config: TrainConfig, size: int, micro_batch: int | None = None) -> str:
+def oom_advice(
+    config: TrainConfig, size: int, micro_batch: int | None = None, *, suggest_checkpointing: bool = False
+) -> str:
     """Settings that fit in less memory: first half the micro-batch (the same result, a slower step), then a
     smaller size, or half the batch for twice the steps at the same learning rate per image (so the run sees
     as many images, each learned at the same rate)."""
     micro = config.batch_size if micro_batch is None else micro_batch
-    options = [f"--micro-batch {micro // 2} (same result)"] if micro > 1 else []
+    options = ["--checkpointing on (same result)"] if suggest_checkpointing else []
+    options += [f"--micro-batch {micro // 2} (same result)"] if micro > 1 else []
     smaller = size // 2 // 64 * 64
     options += [f"--resolution {smaller}"] if smaller >= MIN_RESOLUTION else []
     if config.batch_size > 1:
@@ -230,6 +236,7 @@ def run(
     *,
     sizes: Sequence[SizeCondition] | None = None,
     micro_batch: int | None = None,
+    checkpointing: bool | None = None,
 ) -> TrainResult:
     """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width]
     (one init per text encoder for SDXL). Each phase's docstring names its paper step
@@ -248,6 +255,11 @@ def run(
     `micro_batch` puts at most that many images through the UNet at once (None: as many as fit in the
     device's free memory, memory.py): the same step in less memory, with rows equal to the whole batch's
     within float rounding; it is not part of the result, so a run may resume with another.
+
+    `checkpointing` turns the UNet's gradient checkpointing on (True) or off (False); None: off where a
+    micro-batch fits the free memory without it, on otherwise (memory.plan). It recomputes each block's
+    forward in the backward instead of holding its activations: less memory, a slower step, the same rows
+    within float rounding; not part of the result either.
     """
     started = time.perf_counter()
     config.check()
@@ -261,7 +273,7 @@ def run(
     data = replace(data, time_ids=_time_ids_tensor(setup, sizes, len(crops)))
     encode_s = time.perf_counter() - started
     model = _model(parts, setup, init)
-    setup = replace(setup, micro=_micro_batch(parts, setup, micro_batch))  # once the weights are on the device
+    setup = replace(setup, micro=_micro_batch(parts, setup, micro_batch, checkpointing))  # once on the device
     if hooks.micro_batch is not None:
         hooks.micro_batch(setup.micro)
     optimiser = _optimiser(model.rows, config, placement, setup)
@@ -314,14 +326,20 @@ def _setup(parts: ModelParts, config: TrainConfig, placement: Placement) -> _Set
     )
 
 
-def _micro_batch(parts: ModelParts, setup: _Setup, requested: int | None) -> MicroBatch:
-    """How many images go through the UNet at once: `requested`, or what fits in the free memory now."""
+def _micro_batch(parts: ModelParts, setup: _Setup, requested: int | None, checkpointing: bool | None) -> MicroBatch:
+    """How many images go through the UNet at once, and whether it checkpoints: as asked, or what fits in
+    the free memory now (memory.plan)."""
     from crossinit_cli import memory
 
     latent_side = setup.size // 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    per_item = memory.item_bytes(parts.unet.config.block_out_channels, latent_side, setup.placement.dtype)
-    free = memory.free_bytes(str(setup.device)) if requested is None else None
-    return memory.choose(setup.config.batch_size, requested, per_item, free)
+    channels, dtype, family = parts.unet.config.block_out_channels, setup.placement.dtype, setup.family.name
+    per_item = tuple(
+        memory.item_estimate(channels, latent_side, dtype, family, checkpointing=on) for on in (False, True)
+    )
+    asked = "auto" if checkpointing is None else ("on" if checkpointing else "off")
+    needs_free = requested is None or asked == "auto"
+    free = memory.free_bytes(str(setup.device)) if needs_free else None
+    return memory.plan(setup.config.batch_size, requested, asked, per_item, free, setup.family.checkpointing)
 
 
 def _time_ids_tensor(setup: _Setup, sizes: Sequence[SizeCondition] | None, photos: int) -> torch.Tensor | None:
@@ -370,14 +388,10 @@ def _model(parts: ModelParts, setup: _Setup, init: torch.Tensor | Sequence[torch
 
 
 def _freeze_unet(unet: Any, setup: _Setup) -> None:
-    """The UNet frozen on the device in the compute dtype, with SDPA attention (and SDXL's checkpointing)."""
+    """The UNet frozen on the device in the compute dtype, with SDPA attention."""
     import torch
 
     unet.requires_grad_(False).eval().to(setup.device)
-    if setup.family.checkpointing:  # SDXL's UNet: recompute activations in backward instead of holding them all
-        # In eval mode: diffusers >= 0.32 checkpoints whenever grad is enabled (0.30-0.31 only in train mode,
-        # hence the floor in pyproject.toml; tests/test_fidelity.py counts the recomputed blocks).
-        unet.enable_gradient_checkpointing()
     if unet.dtype != setup.compute:  # frozen, so its weights can live in the compute dtype (as diffusers' example does)
         unet.to(dtype=setup.compute)
     unet.set_attn_processor(_sdpa_processor())
@@ -447,6 +461,11 @@ def _train_loop(
     becomes one line with settings that fit."""
     config = setup.config
     hooked = [splice_rows(s.text_encoder, ids, r) for s, ids, r in zip(model.slots, model.token_ids, model.rows)]
+    checkpointed = setup.micro is not None and setup.micro.checkpointing
+    if checkpointed:
+        # In eval mode: diffusers >= 0.32 checkpoints whenever grad is enabled (0.30-0.31 only in train mode,
+        # hence the floor in pyproject.toml; tests/test_fidelity.py counts the recomputed blocks).
+        model.unet.enable_gradient_checkpointing()
     try:
         for step in range(loop.done + 1, config.steps + 1):
             value = _step(loop, data, model, optimiser, setup)
@@ -466,12 +485,12 @@ def _train_loop(
         micro = f" (micro-batch {setup.micro_size})" if setup.micro_size < config.batch_size else ""
         raise CrossinitError(
             f"out of memory on {setup.placement.device} at batch size {config.batch_size}{micro} and {setup.size} "
-            f"px; {oom_advice(config, setup.size, setup.micro_size)}"
+            f"px; {oom_advice(config, setup.size, setup.micro_size, suggest_checkpointing=not checkpointed)}"
         ) from None
     finally:
         for hook in hooked:
             hook.remove()
-        if setup.family.checkpointing:
+        if checkpointed:
             model.unet.disable_gradient_checkpointing()
 
 
