@@ -43,11 +43,11 @@ def _sdxl_parts(model: Path, **family_changes: Any) -> tuple[Any, train.ModelPar
 
 def _up_block_calls(model: Path, crops: list, *, checkpointing: bool) -> tuple[int, set[bool]]:
     """How many times one up-block resnet runs in a 1-step run, and the UNet's training flag meanwhile."""
-    pipe, parts, init = _sdxl_parts(model, checkpointing=checkpointing)
+    pipe, parts, init = _sdxl_parts(model)
     calls: list[bool] = []
     resnet = pipe.unet.up_blocks[0].resnets[0]
     resnet.register_forward_pre_hook(lambda module, args: calls.append(module.training))
-    train.run(parts, crops[:1], init, train.TrainConfig(steps=1, batch_size=1), CPU)
+    train.run(parts, crops[:1], init, train.TrainConfig(steps=1, batch_size=1), CPU, checkpointing=checkpointing)
     return len(calls), set(calls)
 
 
