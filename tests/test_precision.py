@@ -205,3 +205,21 @@ def test_mps_trains_in_bf16_from_macos_14(monkeypatch: pytest.MonkeyPatch, relea
     monkeypatch.setattr(devices.platform, "mac_ver", lambda: (release, ("", "", ""), ""))
     chosen, why = devices.mps_bf16()
     assert chosen is bf16 and ("supports bf16" in why if bf16 else "from macOS 14 only" in why)
+
+
+def test_bf16_training_casts_the_text_encoder_once_to_the_same_rows(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text encoders' Linear weights are cast to bf16 once per run instead of by autocast at every call
+    (train._linears_cast_once): the same rows bit for bit, and the fp32 weights back afterwards."""
+    import contextlib
+
+    from crossinit_cli.faces import align_faces
+
+    crops = [c.image for c in align_faces([DATA / "astronaut.png"], 64)]
+    once, pipe = _learn(tiny_model, crops, "bf16")
+    assert all(p.dtype == torch.float32 for p in pipe.text_encoder.parameters())  # put back
+    monkeypatch.setattr(train, "_linears_cast_once", lambda slots, setup: contextlib.nullcontext())
+    every_call, _ = _learn(tiny_model, crops, "bf16")
+    assert np.array_equal(once.learned, every_call.learned) and once.losses == every_call.losses
+    assert not np.array_equal(once.learned, once.init)
