@@ -102,7 +102,7 @@ def main() -> None:
             config,
             placement,
             hooks,
-            checkpointing=args.checkpointing == "on",
+            memory=train.StepMemory(checkpointing=args.checkpointing),
         )
         marks[0] = started + result.encode_s  # the first step's time excludes the VAE encode and the setup
     torch.Tensor.backward = original_backward

@@ -555,17 +555,8 @@ def _train(
                 hooks.on_progress, job.snapshot_every, save, state, hooks.on_micro_batch, trainer.latent_cache
             )
             config, placement = job.train_config, trainer.placement
-            result = train.run(
-                parts,
-                images,
-                trainer.init,
-                config,
-                placement,
-                run_hooks,
-                sizes=sizes,
-                micro_batch=job.micro_batch,
-                checkpointing={"on": True, "off": False}.get(job.checkpointing),
-            )
+            memory = train.StepMemory(job.micro_batch, job.checkpointing)
+            result = train.run(parts, images, trainer.init, config, placement, run_hooks, sizes=sizes, memory=memory)
         hooks.took("VAE encode", result.encode_s)
         hooks.took(f"training steps ({result.steps_run})", result.steps_s)
         return result

@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 GIB = 1024**3
 BYTES_PER_UNIT = {"fp32": 700.0, "bf16": 500.0, "fp16": 500.0}
@@ -86,6 +87,14 @@ def item_estimate(
     return int(unsplit * share)
 
 
+def item_estimates(block_out_channels: Sequence[int], latent_side: int, dtype: str, family: Any) -> tuple[int, int]:
+    """One image's estimate for a `families.Family`, (without, with) checkpointing."""
+    return (
+        item_estimate(block_out_channels, latent_side, dtype, family.name, checkpointing=False),
+        item_estimate(block_out_channels, latent_side, dtype, family.name, checkpointing=True),
+    )
+
+
 CHECKPOINTING = ("auto", "on", "off")
 """`--checkpointing`: chosen by the free memory (`plan`), or forced."""
 
@@ -111,7 +120,7 @@ def plan(
         on, why = default, f"the free memory is unknown here: the model family's default ({'on' if default else 'off'})"
     else:
         images = min(requested or 1, batch_size)
-        need = f"{images} image{'s' if images > 1 else ''} need ~{_gb(plain * images)} without it"
+        need = f"{images} image{'s need' if images > 1 else ' needs'} ~{_gb(plain * images)} without it"
         on = plain * images > HEADROOM * free
         why = f"{need}, {_gb(free)} is free" + ("" if on else ": no recomputation")
     chosen = choose(batch_size, requested, checkpointed if on else plain, free)

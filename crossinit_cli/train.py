@@ -215,6 +215,19 @@ class ModelParts:
 
 
 @dataclass(frozen=True)
+class StepMemory:
+    """How a step holds its memory; neither changes the rows beyond float rounding.
+
+    `micro_batch`: at most that many images through the UNet at once (None: as many as fit in the device's
+    free memory, memory.py), their gradients added up to the whole batch's. `checkpointing`: the UNet's
+    gradient checkpointing (its forward recomputed in the backward), "on", "off" or "auto" (off where a
+    micro-batch fits the free memory without it, memory.plan)."""
+
+    micro_batch: int | None = None
+    checkpointing: str = "auto"
+
+
+@dataclass(frozen=True)
 class RunHooks:
     """What a caller hears and keeps of a run: progress, snapshots, checkpoints, a state to resume from, the
     micro-batch chosen (told before the first step), and where the crops' latents are cached (`encode_crops`)."""
@@ -236,8 +249,7 @@ def run(
     hooks: RunHooks = RunHooks(),
     *,
     sizes: Sequence[SizeCondition] | None = None,
-    micro_batch: int | None = None,
-    checkpointing: bool | None = None,
+    memory: StepMemory = StepMemory(),
 ) -> TrainResult:
     """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width]
     (one init per text encoder for SDXL). Each phase's docstring names its paper step
@@ -253,21 +265,15 @@ def run(
     `hooks.resume_from` (such a state) continues a run, with the same result, bit for bit on the CPU, as
     one never interrupted.
 
-    `micro_batch` puts at most that many images through the UNet at once (None: as many as fit in the
-    device's free memory, memory.py): the same step in less memory, with rows equal to the whole batch's
-    within float rounding; it is not part of the result, so a run may resume with another.
-
-    `checkpointing` turns the UNet's gradient checkpointing on (True) or off (False); None: off where a
-    micro-batch fits the free memory without it, on otherwise (memory.plan). It recomputes each block's
-    forward in the backward instead of holding its activations: less memory, a slower step, the same rows
-    within float rounding; not part of the result either.
+    `memory` says how a step holds its memory (`StepMemory`): not part of the result, so a run may resume
+    with other settings.
     """
     started = time.perf_counter()
     config.check()
     if not crops:
         raise CrossinitError("no face crops to learn from")
-    if micro_batch is not None and micro_batch < 1:
-        raise CrossinitError(f"--micro-batch must be at least 1, not {micro_batch}")
+    if memory.micro_batch is not None and memory.micro_batch < 1:
+        raise CrossinitError(f"--micro-batch must be at least 1, not {memory.micro_batch}")
     setup = _setup(parts, config, placement)
     loop = _Loop.start(config.seed, setup.device)  # seeded first; a resume restores their states
     data = encode_crops(parts.vae, crops, placement, setup.size, hooks.latent_cache)
@@ -275,7 +281,7 @@ def run(
     encode_s = time.perf_counter() - started
     model = _model(parts, setup, init)
     with _linears_cast_once(model.slots, setup):
-        setup = replace(setup, micro=_micro_batch(parts, setup, micro_batch, checkpointing))  # once on the device
+        setup = replace(setup, micro=_micro_batch(parts, setup, memory))  # once on the device
         if hooks.micro_batch is not None:
             hooks.micro_batch(setup.micro)
         optimiser = _optimiser(model.rows, config, placement, setup)
@@ -328,20 +334,17 @@ def _setup(parts: ModelParts, config: TrainConfig, placement: Placement) -> _Set
     )
 
 
-def _micro_batch(parts: ModelParts, setup: _Setup, requested: int | None, checkpointing: bool | None) -> MicroBatch:
-    """How many images go through the UNet at once, and whether it checkpoints: as asked, or what fits in
-    the free memory now (memory.plan)."""
+def _micro_batch(parts: ModelParts, setup: _Setup, asked: StepMemory) -> MicroBatch:
+    """The micro-batch and checkpointing: as asked, or what fits in the free memory now (memory.plan)."""
     from crossinit_cli import memory
 
     latent_side = setup.size // 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    channels, dtype, family = parts.unet.config.block_out_channels, setup.placement.dtype, setup.family.name
-    per_item = tuple(
-        memory.item_estimate(channels, latent_side, dtype, family, checkpointing=on) for on in (False, True)
+    per_item = memory.item_estimates(
+        parts.unet.config.block_out_channels, latent_side, setup.placement.dtype, setup.family
     )
-    asked = "auto" if checkpointing is None else ("on" if checkpointing else "off")
-    needs_free = requested is None or asked == "auto"
-    free = memory.free_bytes(str(setup.device)) if needs_free else None
-    return memory.plan(setup.config.batch_size, requested, asked, per_item, free, setup.family.checkpointing)
+    free = memory.free_bytes(str(setup.device)) if asked.micro_batch is None or asked.checkpointing == "auto" else None
+    batch, default = setup.config.batch_size, setup.family.checkpointing
+    return memory.plan(batch, asked.micro_batch, asked.checkpointing, per_item, free, default)
 
 
 def _time_ids_tensor(setup: _Setup, sizes: Sequence[SizeCondition] | None, photos: int) -> torch.Tensor | None:
@@ -391,13 +394,9 @@ def _model(parts: ModelParts, setup: _Setup, init: torch.Tensor | Sequence[torch
 
 @contextlib.contextmanager
 def _linears_cast_once(slots: Sequence[Slot], setup: _Setup) -> Iterator[None]:
-    """Under autocast the text encoders' Linear layers in the compute dtype for the run, their fp32 weights
-    put back after it (the cross init, the store and sampling read them).
-
-    Autocast casts a frozen weight again at every call (its cache keeps only weights that require grad):
-    the text encoder's ~340M (SD 2.1) to 820M (SDXL) weights converted twice a step. Casting them once
-    gives the same numbers bit for bit (autocast's cast is the same rounding; the outputs and the rows'
-    gradients compared equal on SD 2.1's text encoder) for 2 bytes a weight more memory while it trains."""
+    """Under autocast, the text encoders' Linear weights in the compute dtype for the run, the fp32 ones put
+    back after it. Autocast casts a frozen weight again at every call (its cache keeps only weights that
+    require grad); cast once, the numbers are the same bit for bit (docs/performance.md)."""
     import torch
 
     if setup.placement.dtype == "fp32":

@@ -37,7 +37,7 @@ def _run(
     crops: list,
     micro_batch: int | None,
     hooks: dict | None = None,
-    checkpointing: bool | None = None,
+    checkpointing: str = "auto",
     **overrides,
 ):
     """Train on a freshly loaded pipeline; returns (result, the batch sizes the UNet was called with)."""
@@ -48,7 +48,7 @@ def _run(
     config = train.TrainConfig(**{**SETTINGS, **overrides})
     parts = train.ModelParts.of_pipeline(pipe)
     run_hooks = train.RunHooks(**(hooks or {}))
-    result = train.run(parts, crops, init, config, CPU, run_hooks, micro_batch=micro_batch, checkpointing=checkpointing)
+    result = train.run(parts, crops, init, config, CPU, run_hooks, memory=train.StepMemory(micro_batch, checkpointing))
     return result, seen
 
 
@@ -256,17 +256,19 @@ def test_learn_resume_continues_with_another_micro_batch(cli, library: Library, 
 def test_checkpointing_learns_the_same_rows(tiny_model: Path, crops: list) -> None:
     """On and off: the same rows within float rounding, and on really recomputes (each block runs twice a step)."""
     results, block_calls = {}, {}
-    for on in (False, True):
+    for on in ("off", "on"):
         pipe = load_pipeline(str(tiny_model))
         init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, None)
         calls: list[int] = []
         pipe.unet.up_blocks[0].resnets[0].register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
         config = train.TrainConfig(**SETTINGS)
-        results[on] = train.run(train.ModelParts.of_pipeline(pipe), crops, init, config, CPU, checkpointing=on)
+        results[on] = train.run(
+            train.ModelParts.of_pipeline(pipe), crops, init, config, CPU, memory=train.StepMemory(checkpointing=on)
+        )
         block_calls[on] = len(calls)
         assert not pipe.unet.is_gradient_checkpointing  # left as it was found
-    off, on = results[False], results[True]
-    assert block_calls == {False: SETTINGS["steps"], True: 2 * SETTINGS["steps"]}
+    off, on = results["off"], results["on"]
+    assert block_calls == {"off": SETTINGS["steps"], "on": 2 * SETTINGS["steps"]}
     assert np.allclose(on.learned, off.learned, rtol=0, atol=5e-6), np.abs(on.learned - off.learned).max()
     assert not np.allclose(on.learned, on.init, atol=1e-3)  # the rows moved: the comparison means something
     assert on.losses == pytest.approx(off.losses, rel=1e-5)
@@ -278,14 +280,14 @@ def test_checkpointing_is_on_only_where_an_image_would_not_fit_without_it() -> N
     per_item = (4 * GIB, 1 * GIB)  # without, with checkpointing
     roomy = memory.plan(8, None, "auto", per_item, 40 * GIB)
     assert (roomy.checkpointing, roomy.size) == (False, 8)
-    assert roomy.checkpointing_reason == "1 image need ~4.0 GiB without it, 40.0 GiB is free: no recomputation"
+    assert roomy.checkpointing_reason == "1 image needs ~4.0 GiB without it, 40.0 GiB is free: no recomputation"
     # 10 GiB free: one image fits without it, so the batch is split instead (no compute is added).
     split = memory.plan(8, None, "auto", per_item, 10 * GIB)
     assert (split.checkpointing, split.size) == (False, 2)
     # 4 GiB free: not one image without it; with it, 3 fit in 85%, so 8 goes in 3 + 3 + 2.
     tight = memory.plan(8, None, "auto", per_item, 4 * GIB)
     assert (tight.checkpointing, tight.size) == (True, 3)
-    assert tight.checkpointing_reason == "1 image need ~4.0 GiB without it, 4.0 GiB is free"
+    assert tight.checkpointing_reason == "1 image needs ~4.0 GiB without it, 4.0 GiB is free"
     # A micro-batch asked for is what has to fit without it.
     assert memory.plan(8, 4, "auto", per_item, 10 * GIB).checkpointing is True
     assert memory.plan(8, 2, "auto", per_item, 10 * GIB).checkpointing is False
