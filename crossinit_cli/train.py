@@ -135,12 +135,12 @@ def scaled_lr(batch_size: int) -> float:
 def oom_advice(
     config: TrainConfig, size: int, micro_batch: int | None = None, *, suggest_checkpointing: bool = False
 ) -> str:
-    """Settings that fit in less memory: first half the micro-batch (the same result, a slower step), then a
-    smaller size, or half the batch for twice the steps at the same learning rate per image (so the run sees
-    as many images, each learned at the same rate)."""
+    """Settings that fit in less memory: first half the micro-batch (the same result), or `--checkpointing on`
+    at a micro-batch of 1 where it was off, then a smaller size, or half the batch for twice the steps at the
+    same learning rate per image (so the run sees as many images, each learned at the same rate)."""
     micro = config.batch_size if micro_batch is None else micro_batch
-    options = ["--checkpointing on (same result)"] if suggest_checkpointing else []
-    options += [f"--micro-batch {micro // 2} (same result)"] if micro > 1 else []
+    checkpoint = ["--checkpointing on (same result)"] if suggest_checkpointing else []
+    options = [f"--micro-batch {micro // 2} (same result)"] if micro > 1 else checkpoint
     smaller = size // 2 // 64 * 64
     options += [f"--resolution {smaller}"] if smaller >= MIN_RESOLUTION else []
     if config.batch_size > 1:

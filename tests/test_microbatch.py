@@ -177,9 +177,16 @@ def test_out_of_memory_in_a_step_names_the_micro_batch_and_the_advice(
     with pytest.raises(CrossinitError) as error:
         _run(tiny_model, crops, 2)
     assert str(error.value) == (
-        "out of memory on cpu at batch size 4 (micro-batch 2) and 64 px; try --checkpointing on (same result), "
-        "--micro-batch 1 (same result), --batch-size 2 --steps 8 --lr 0.01 (same rate per image), or --device cpu"
+        "out of memory on cpu at batch size 4 (micro-batch 2) and 64 px; try --micro-batch 1 (same result), "
+        "--batch-size 2 --steps 8 --lr 0.01 (same rate per image), or --device cpu"
     )
+    # At a micro-batch of 1 with checkpointing off, checkpointing is what is left that keeps the result.
+    with pytest.raises(CrossinitError) as error:
+        _run(tiny_model, crops, 1, checkpointing="off")
+    assert "(micro-batch 1) and 64 px; try --checkpointing on (same result), --batch-size 2" in str(error.value)
+    with pytest.raises(CrossinitError) as error:
+        _run(tiny_model, crops, 1, checkpointing="on")
+    assert "--checkpointing" not in str(error.value)
 
 
 def test_learn_records_the_micro_batch_and_says_it(cli, library: Library, tiny_model: Path) -> None:
