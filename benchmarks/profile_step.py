@@ -145,7 +145,8 @@ def _alone(pipe: Any, slots: Any, family: Any, size: int, args: Any, placement: 
     t = torch.randint(0, 1000, (b,))
     added = None
     if family.time_ids:
-        added = {"text_embeds": torch.randn(b, 1280, dtype=dtype), "time_ids": torch.full((b, 6), float(size))}
+        pooled = slots[-1].text_encoder.config.projection_dim
+        added = {"text_embeds": torch.randn(b, pooled, dtype=dtype), "time_ids": torch.full((b, 6), float(size))}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     forward, both, text = [], [], []
     for _ in range(2):
