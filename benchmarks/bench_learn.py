@@ -6,7 +6,12 @@
     python benchmarks/bench_learn.py --full-size --family sdxl   # the same on SDXL base's shapes at 1024 px
     python benchmarks/bench_learn.py --side-by-side --model /tmp/fullsize/sd21   # on the CPU: crossinit
         # (bf16) against the example loop in fp32 and under bf16 autocast, each in its own process:
-        # seconds per step, fixed cost (all but the steps) and peak RSS; add --family sdxl --resolution 512
+        # seconds per step, fixed cost (all but the steps) and peak RSS; --sdxl-model /tmp/fullsize/sdxl adds
+        # the SDXL pair (at --sdxl-resolution, 512 by default); --methods crossinit-ckpt-on,crossinit-ckpt-off
+        # the gradient checkpointing pair
+
+Per step, side by side: the median of the in-process step times after each process's first step (the
+steps' own clock, so a slow model load cannot move the ratio), beside the whole process's figures.
 
 Both loops train the same two rows from the same cross init on the same aligned photo, with the same
 batch, captions and schedule. The baseline is written the way diffusers' textual-inversion example (and
@@ -275,6 +280,8 @@ def _aligned(tmp: str, size: int) -> Path:
 # ---- side by side: crossinit and the example loop, each in its own process ----------------------
 
 LOOPS = ("loop-fp32", "loop-bf16")
+CROSSINITS = {"crossinit": "auto", "crossinit-ckpt-on": "on", "crossinit-ckpt-off": "off"}
+"""crossinit as a user runs it, with `--checkpointing` chosen by memory (auto) or forced on or off."""
 """The diffusers-style loop as the official code runs (fp32), and as accelerate's `--mixed_precision bf16`
 runs it (frozen UNet and VAE cast to bf16, as the example does, and every forward under bf16 autocast)."""
 
@@ -364,8 +371,35 @@ def example_loop_steps(
     return times
 
 
+def _crossinit_worker(args: argparse.Namespace) -> None:
+    """`crossinit LEARN_ARGS` in this process, exactly as the command runs, with each training step timed
+    (`train._step` wrapped): the step times and what the record says of checkpointing, as JSON in --out."""
+    import atexit
+
+    from crossinit_cli import train
+
+    times: list[float] = []
+    real = train._step
+
+    def timed(*step_args: Any, **kwargs: Any) -> float:
+        started = time.perf_counter()
+        value = real(*step_args, **kwargs)
+        times.append(time.perf_counter() - started)
+        return value
+
+    train._step = timed
+    atexit.register(lambda: Path(args.out).write_text(json.dumps({"steps_s": times})))
+    sys.argv = ["crossinit", *json.loads(args.learn_args)]
+    from crossinit_cli.cli import main
+
+    main()
+
+
 def _worker(args: argparse.Namespace) -> None:
     """One method in this process (`--worker`): its step times as JSON in --out."""
+    if args.worker in CROSSINITS:
+        _crossinit_worker(args)
+        return
     _quiet()
     steps_cpu: list[float] = []
     times = example_loop_steps(
@@ -415,18 +449,23 @@ def _run_method(method: str, args: argparse.Namespace, model: Path, crop: Path, 
         env["OMP_NUM_THREADS"] = str(args.threads)
     size, batch, steps = args.resolution, args.learn_batch_size, args.train_steps
     load_before = _load()
-    if method == "crossinit":
+    if method in CROSSINITS:
         home = tempfile.mkdtemp(dir=tmp)
         env.update(CROSSINIT_HOME=home, CROSSINIT_CONFIG=str(Path(home) / "c.toml"))
         # From the photo itself, as a user runs it: the face detection and alignment are part of its fixed cost.
-        command = [sys.executable, "-m", "crossinit_cli", "-v", "learn", str(PHOTO), "--steps", str(steps)]
-        command += ["--batch-size", str(batch), "--model", str(model), "--device", "cpu", "--dtype", args.dtype]
-        command += ["--resolution", str(size)] if args.given_resolution else []
-        command += ["-q", "--name", "bench"]
+        learn = ["-v", "learn", str(PHOTO), "--steps", str(steps), "--checkpointing", CROSSINITS[method]]
+        learn += ["--batch-size", str(batch), "--model", str(model), "--device", "cpu", "--dtype", args.dtype]
+        learn += ["--resolution", str(size)] if args.given_resolution else []
+        learn += ["--name", "bench"]  # not --quiet: -v then says the micro-batch and checkpointing chosen
+        out = tmp / f"{method}.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--out", str(out)]
+        command += ["--learn-args", json.dumps(learn)]
         wall, rss, stderr = _timed_process(command, env)
         steps_s = _verbose_time(stderr, f"training steps ({steps})")
-        per_step = [steps_s / steps]
+        per_step = json.loads(out.read_text())["steps_s"]
         cpu_fixed = _verbose_time(stderr, "fixed cost in CPU time")
+        checkpointed = [line for line in stderr.splitlines() if "gradient checkpointing" in line]
+        phases = {k[5:]: v for k, _, v in (line.partition(": ") for line in stderr.splitlines()) if k[:5] == "time "}
     else:
         out = tmp / f"{method}.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--model", str(model)]
@@ -435,14 +474,19 @@ def _run_method(method: str, args: argparse.Namespace, model: Path, crop: Path, 
         wall, rss, _ = _timed_process(command, env)
         done = json.loads(out.read_text())
         per_step, steps_s, cpu_fixed = done["steps_s"], sum(done["steps_s"]), done["fixed_cpu_s"]
+        checkpointed, phases = [], {}
+    after_first = per_step[1:] or per_step
     return {
         "per_step_s": round(steps_s / steps, 2),
+        "per_step_median_after_first_s": round(statistics.median(after_first), 2),
+        **({"checkpointing": checkpointed[-1].split("; ", 1)[-1]} if checkpointed else {}),
         "steps_s": [round(t, 2) for t in per_step],
         "fixed_s": round(wall - steps_s, 2),
         "fixed_cpu_s": round(cpu_fixed, 2),
         "wall_s": round(wall, 2),
         "peak_rss_gb": round(rss, 2),
         "load": f"{load_before} -> {_load()}",
+        **({"phases": phases} if phases else {}),  # crossinit -v's phase times
     }
 
 
@@ -454,11 +498,19 @@ def _native_size(model: Path) -> int:
 
 
 def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
+    """The side-by-side figures on --model and, with --sdxl-model, on it too (the SDXL pair)."""
+    report = _side_by_side(args, Path(args.model), args.resolution)
+    if args.sdxl_model:
+        report = {"sd": report, "sdxl": _side_by_side(args, Path(args.sdxl_model), args.sdxl_resolution)}
+    return report
+
+
+def _side_by_side(args: argparse.Namespace, model: Path, resolution: int) -> dict[str, Any]:
     """crossinit (`learn`, as a user runs it) and the example loop in fp32 and under bf16 autocast, one
     process each, taken in turn round after round so that load from elsewhere falls on all alike."""
-    model = Path(args.model)
-    args.given_resolution = bool(args.resolution)
-    args.resolution = args.resolution or _native_size(model)
+    args = argparse.Namespace(**vars(args))
+    args.given_resolution = bool(resolution)
+    args.resolution = resolution or _native_size(model)
     args.learn_batch_size = args.learn_batch_size or 1
     args.train_steps = args.train_steps or 3
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods.split(",")}
@@ -468,14 +520,15 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
             for method in runs:
                 runs[method].append(_run_method(method, args, model, crop, Path(tmp)))
                 print(f"round {round_ + 1} {method:10} {runs[method][-1]}", file=sys.stderr, flush=True)
-    medians = {
-        m: {k: statistics.median(r[k] for r in rs) for k in ("per_step_s", "fixed_s", "fixed_cpu_s", "peak_rss_gb")}
-        for m, rs in runs.items()
-    }
-    ours = medians["crossinit"]["per_step_s"]
-    ratios = {
-        f"per_step_x_vs_{m.replace('-', '_')}": round(medians[m]["per_step_s"] / ours, 2) for m in LOOPS if m in runs
-    }
+    keys = ("per_step_s", "per_step_median_after_first_s", "fixed_s", "fixed_cpu_s", "peak_rss_gb")
+    medians = {m: {k: statistics.median(r[k] for r in rs) for k in keys} for m, rs in runs.items()}
+    ratios: dict[str, float] = {}
+    ours = next((m for m in CROSSINITS if m in runs), None)
+    for key, suffix in (("per_step_median_after_first_s", ""), ("per_step_s", "_whole_process")):
+        for m in runs:
+            if ours is not None and m != ours:
+                name = f"per_step_x_vs_{m.replace('-', '_')}{suffix}"
+                ratios[name] = round(medians[m][key] / medians[ours][key], 2)
     return {
         "model": str(model),
         "resolution": args.resolution,
@@ -523,9 +576,13 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default="crossinit,loop-fp32,loop-bf16",
-        help="with --side-by-side: which to run, in this order each round (crossinit first)",
+        help="with --side-by-side: which to run, in this order each round (crossinit first); also "
+        "crossinit-ckpt-on and crossinit-ckpt-off (crossinit with --checkpointing forced)",
     )
-    parser.add_argument("--worker", choices=LOOPS, help=argparse.SUPPRESS)
+    parser.add_argument("--sdxl-model", help="with --side-by-side: the same methods on this SDXL folder too")
+    parser.add_argument("--sdxl-resolution", type=int, default=512, help="with --sdxl-model (default 512)")
+    parser.add_argument("--learn-args", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*LOOPS, *CROSSINITS), help=argparse.SUPPRESS)
     parser.add_argument("--crop", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -535,14 +592,16 @@ def main() -> None:
     if args.side_by_side:
         report = side_by_side(args)
         print(json.dumps(report, indent=2))
-        for loop, goal in (("loop_fp32", 3.5), ("loop_bf16", 1.5)):
-            ratio = report.get(f"per_step_x_vs_{loop}")
-            if ratio is not None:
-                verdict = "meets" if ratio >= goal else "misses"
-                print(f"crossinit ({args.dtype}) per step: {ratio}x the {loop} ({verdict} {goal}x)")
-        fixed = report["medians"]["crossinit"]["fixed_s"]
-        cpu = report["medians"]["crossinit"]["fixed_cpu_s"]
-        print(f"crossinit fixed cost: {fixed} s, {cpu} s of CPU time (the goal: <= 12 s at full SD 2.1 size)")
+        for family, part in report.items() if "sdxl" in report else [("model", report)]:
+            for loop, goal in (("loop_fp32", 3.5), ("loop_bf16", 1.5)):
+                ratio = part.get(f"per_step_x_vs_{loop}")
+                if ratio is not None:
+                    verdict = "meets" if ratio >= goal else "misses"
+                    print(f"{family}: crossinit ({args.dtype}) per step {ratio}x the {loop} ({verdict} {goal}x)")
+            ours = next((m for m in CROSSINITS if m in part["medians"]), None)
+            if ours is not None:
+                fixed, cpu = part["medians"][ours]["fixed_s"], part["medians"][ours]["fixed_cpu_s"]
+                print(f"{family}: {ours} fixed cost {fixed} s, {cpu} s of CPU time")
         return
     _quiet()
     if args.threads:

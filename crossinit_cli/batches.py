@@ -386,6 +386,7 @@ class _Learner:
                 self.trainer = load_trainer(self.library, self.model, self.placement, hooks=hooks)
             entry = LearnJob(job.name, paths, crops, train_config, job.mode, job.align, self.force)
             entry = replace(entry, snapshot_every=SNAPSHOT_EVERY[job.mode], micro_batch=job.micro_batch)
+            entry = replace(entry, checkpointing=job.checkpointing)
             result = train_and_store(self.library, self.trainer, entry, hooks).result
             return Outcome(job.name, "learned", "", time.perf_counter() - started, result.final_loss)
         except CrossinitError as exc:

@@ -126,6 +126,12 @@ class OnError(str, Enum):
     stop = "stop"
 
 
+class Checkpointing(str, Enum):  # memory.CHECKPOINTING
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 _FAMILY_NAMES = " or ".join(", ".join(families.FAMILIES).rsplit(", ", 1))
 Sort = Enum("Sort", {name: name for name in catalog.SORTS}, type=str)  # type: ignore[misc]
 
@@ -343,6 +349,14 @@ def learn(
             "(default: as many as fit in the free memory). Also with --resume.",
         ),
     ] = None,
+    checkpointing: Annotated[
+        Checkpointing,
+        typer.Option(
+            "--checkpointing",
+            help="Recompute the model's forward pass in the backward to hold less memory (same result, slower "
+            "step): auto turns it on only where one image would not fit in the free memory without it.",
+        ),
+    ] = Checkpointing.auto,
     reg_weight: Annotated[
         float | None, typer.Option("--reg-weight", help="Override λ of the regulariser (1e-5).")
     ] = None,
@@ -441,6 +455,7 @@ def learn(
         "align": not no_align,
         "clip_skip": clip_skip,
         "micro_batch": micro_batch,
+        "checkpointing": checkpointing.value,
     }
     if batch is not None and (photos or name):
         raise UsageError("--batch takes its photos and names from the manifest; drop the photos and --name")

@@ -39,7 +39,7 @@ def encode_dtype(placement: Placement) -> torch.dtype:
     AVX512-BF16 or AMX, which oneDNN uses), else in fp32: without them PyTorch runs a bf16 convolution
     through its slow reference path, ~100x an fp32 one on an AVX2 CPU (docs/performance.md), and fp16
     overflows in SD's VAE. bf16 keeps fp32's range; the latents differ from fp32's by well under the
-    sampling noise (tests/test_train.py)."""
+    sampling noise (tests/test_precision.py)."""
     import torch
 
     if placement.dtype != "bf16":

@@ -50,7 +50,7 @@ class Family:
     real_widths: tuple[int, ...]  # the released models' text widths, one per encoder
     native: int  # the released models' image size (a loaded model's own config decides: train.model_resolution)
     time_ids: bool  # the UNet takes encoder 2's pooled embedding and size/crop time ids (SDXL)
-    checkpointing: bool  # train with the UNet's gradient checkpointing (batch 8 at native size in 24 GB)
+    checkpointing: bool  # the UNet's gradient checkpointing where the free memory is unknown (memory.plan)
     checkpoints: str  # what an export fits, in words (readers.fits adds the tools that read the file)
 
     @property

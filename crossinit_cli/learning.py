@@ -58,6 +58,7 @@ class Settings:
     align: bool = True
     clip_skip: int = 1  # the text-encoder layer the identity is learned at (A1111's Clip skip; SD 1.x/2.x)
     micro_batch: int | None = None  # images through the UNet at once (None: what fits); not part of the result
+    checkpointing: str = "auto"  # the UNet's gradient checkpointing: "on", "off", "auto" (by the free memory)
 
     def train_config(self, resolution: int | None = None) -> TrainConfig:
         """The mode's TrainConfig with these overrides."""
@@ -185,6 +186,7 @@ def learn_identity(library: Library, photos: list[Path], request: LearnRequest, 
     trainer = load_trainer(library, model_id, placement, clip_skip=train_config.clip_skip, hooks=hooks)
     job = LearnJob(name, paths, crops, train_config, request.mode, request.align, request.force)
     job = replace(job, snapshot_every=snapshot_every, resumable=True, micro_batch=request.micro_batch)
+    job = replace(job, checkpointing=request.checkpointing)
     learned = train_and_store(library, trainer, job, hooks)
     return replace(learned, identity=library.get(name))
 
@@ -496,6 +498,7 @@ class LearnJob:
     resumable: bool = False
     resume: tuple[Any, dict[str, Any] | None] | None = None
     micro_batch: int | None = None  # train.run's: None picks what fits in the free memory
+    checkpointing: str = "auto"  # "on", "off", or "auto": by the free memory (memory.plan)
 
 
 def train_and_store(library: Library, trainer: Trainer, job: LearnJob, hooks: LearnHooks = SILENT) -> Learned:
@@ -634,9 +637,8 @@ def _train(
                 hooks.on_progress, job.snapshot_every, save, state, hooks.on_micro_batch, trainer.latent_cache
             )
             config, placement = job.train_config, trainer.placement
-            result = train.run(
-                parts, images, trainer.init, config, placement, run_hooks, sizes=sizes, micro_batch=job.micro_batch
-            )
+            memory = train.StepMemory(job.micro_batch, job.checkpointing)
+            result = train.run(parts, images, trainer.init, config, placement, run_hooks, sizes=sizes, memory=memory)
         hooks.took("VAE encode", result.encode_s)
         hooks.took(f"training steps ({result.steps_run})", result.steps_s)
         return result
@@ -703,9 +705,17 @@ def _identity(
 
 
 def _micro_batch_record(result: TrainResult) -> dict[str, Any]:
-    """How the steps were computed, not part of the result: the micro-batch and why it was chosen."""
+    """How the steps were computed, not part of the result: the micro-batch and the UNet's gradient
+    checkpointing, and why each was chosen."""
     micro = result.micro_batch
-    return {} if micro is None else {"micro_batch": micro.size, "micro_batch_reason": micro.reason}
+    if micro is None:
+        return {}
+    return {
+        "micro_batch": micro.size,
+        "micro_batch_reason": micro.reason,
+        "checkpointing": micro.checkpointing,
+        "checkpointing_reason": micro.checkpointing_reason,
+    }
 
 
 def _stored_vectors(family: Any, result: TrainResult) -> tuple[Any, Any]:

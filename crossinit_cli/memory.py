@@ -12,21 +12,35 @@ gradients before the one AdamW update: the same step, in the memory of the micro
   (CPU: /proc/meminfo's MemAvailable, within the process's cgroup memory limit; CUDA: `mem_get_info` plus what
   torch's caching allocator holds unused; MPS: the recommended maximum less what is allocated);
 - the choice (`choose`): the fewest micro-batches whose largest part fits in `HEADROOM` of the free memory,
-  then the parts made as even as that count allows (8 in 2 + 2 + 2 + 2, not 3 + 3 + 2).
+  then the parts made as even as that count allows (8 in 2 + 2 + 2 + 2, not 3 + 3 + 2);
+- gradient checkpointing (`plan`): off when one micro-batch (the one asked for, else a single image) fits
+  without it, since splitting a batch costs no compute and checkpointing recomputes the UNet's forward in
+  the backward (a third of a step); on otherwise, with the micro-batch then chosen on the smaller
+  checkpointed estimate. Where the free memory cannot be read, the family's own default (SDXL on).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 GIB = 1024**3
 BYTES_PER_UNIT = {"fp32": 700.0, "bf16": 500.0, "fp16": 500.0}
 """Bytes one image's step holds per unit of the UNet's feature maps (see `feature_units`): from peak RSS
 at batch 8 on SD 2.1-base's shapes at 512 px on the CPU (docs/performance.md#micro-batches); fp16 is
 taken as bf16."""
+UNSPLIT_SCALE = {"sdxl": 3.4}
+"""How many times the feature-map estimate a family's unsplit (not checkpointed) step holds an image: SDXL's
+10-deep transformer stacks keep far more per unit of feature map than SD 2.1's one-deep ones (measured:
+~5.5 GB an image at 512 px in fp32 without checkpointing, against 1.6 GB from `item_bytes`; peak RSS of the
+diffusers-style loop, 19.2 GB, less its weights, docs/performance.md)."""
+CHECKPOINTED_SHARE = {"sdxl": 1 / 3.4, "default": 0.4}
+"""What a checkpointed step holds of the unsplit one: SDXL measured (15.8 GB peak at 512 px, batch 1, fp32,
+checkpointed, against the loop's 19.2 GB: ~1.6-1.8 GB an image over ~14 GB of weights, the feature-map
+estimate); SD 1.x/2.x's taken larger than SDXL's, their blocks being shallower (an estimate)."""
 HEADROOM = 0.85
 """The share of the free memory a step may plan to use: the rest is left to the allocator's fragmentation,
 the operating system's file cache and other programs."""
@@ -39,6 +53,8 @@ class MicroBatch:
     size: int
     batch_size: int
     reason: str
+    checkpointing: bool = False  # the UNet's gradient checkpointing: its forward recomputed in the backward
+    checkpointing_reason: str = ""
 
     @property
     def split(self) -> bool:
@@ -46,7 +62,10 @@ class MicroBatch:
 
     def describe(self) -> str:
         """`micro-batch 2 of batch 8 (the whole batch needs ~13.4 GiB, 7.9 GiB is free, ...)`: the verbose line."""
-        return f"micro-batch {self.size} of batch {self.batch_size} ({self.reason})"
+        text = f"micro-batch {self.size} of batch {self.batch_size} ({self.reason})"
+        if self.checkpointing_reason:
+            text += f"; gradient checkpointing {'on' if self.checkpointing else 'off'} ({self.checkpointing_reason})"
+        return text
 
 
 def feature_units(block_out_channels: Sequence[int], latent_side: int) -> int:
@@ -57,6 +76,55 @@ def feature_units(block_out_channels: Sequence[int], latent_side: int) -> int:
 def item_bytes(block_out_channels: Sequence[int], latent_side: int, dtype: str) -> int:
     """The estimated memory one more image in a micro-batch costs a training step."""
     return int(feature_units(block_out_channels, latent_side) * BYTES_PER_UNIT[dtype])
+
+
+def item_estimate(
+    block_out_channels: Sequence[int], latent_side: int, dtype: str, family: str, *, checkpointing: bool
+) -> int:
+    """One image's estimated cost for `family` ("sd1", "sd2", "sdxl"), with or without checkpointing."""
+    unsplit = item_bytes(block_out_channels, latent_side, dtype) * UNSPLIT_SCALE.get(family, 1.0)
+    share = CHECKPOINTED_SHARE.get(family, CHECKPOINTED_SHARE["default"]) if checkpointing else 1.0
+    return int(unsplit * share)
+
+
+def item_estimates(block_out_channels: Sequence[int], latent_side: int, dtype: str, family: Any) -> tuple[int, int]:
+    """One image's estimate for a `families.Family`, (without, with) checkpointing."""
+    return (
+        item_estimate(block_out_channels, latent_side, dtype, family.name, checkpointing=False),
+        item_estimate(block_out_channels, latent_side, dtype, family.name, checkpointing=True),
+    )
+
+
+CHECKPOINTING = ("auto", "on", "off")
+"""`--checkpointing`: chosen by the free memory (`plan`), or forced."""
+
+
+def plan(
+    batch_size: int,
+    requested: int | None,
+    checkpointing: str,
+    per_item: tuple[int, int],
+    free: int | None,
+    default: bool = False,
+) -> MicroBatch:
+    """The micro-batch and gradient checkpointing of a step: `checkpointing` "on"/"off" as asked, else ("auto")
+    off when `requested` images (or one, when none is asked for) fit in `HEADROOM` of `free` without it.
+    `per_item` is one image's estimate (without, with checkpointing); `default` the family's choice when
+    `free` is unknown (None)."""
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, not {checkpointing!r}")
+    plain, checkpointed = per_item
+    if checkpointing != "auto":
+        on, why = checkpointing == "on", "asked for"
+    elif free is None:
+        on, why = default, f"the free memory is unknown here: the model family's default ({'on' if default else 'off'})"
+    else:
+        images = min(requested or 1, batch_size)
+        need = f"{images} image{'s need' if images > 1 else ' needs'} ~{_gb(plain * images)} without it"
+        on = plain * images > HEADROOM * free
+        why = f"{need}, {_gb(free)} is free" + ("" if on else ": no recomputation")
+    chosen = choose(batch_size, requested, checkpointed if on else plain, free)
+    return replace(chosen, checkpointing=on, checkpointing_reason=why)
 
 
 def choose(batch_size: int, requested: int | None, per_item: int, free: int | None) -> MicroBatch:

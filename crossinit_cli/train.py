@@ -20,25 +20,29 @@ What differs is only how fast the same numbers come out:
 - every frozen weight has requires_grad False, so backward computes no weight gradients;
 - each distinct caption of a batch goes through the text encoder once;
 - a batch that would not fit in the device's free memory goes through the UNet in micro-batches whose
-  gradients add up to the whole batch's before the one update (memory.py chooses; `--micro-batch`);
+  gradients add up to the whole batch's before the one update (memory.py chooses; `--micro-batch`), and
+  the UNet's gradient checkpointing is on only where a single image would not fit without it
+  (`--checkpointing`): it recomputes the forward in the backward, a third of a step;
 - bf16 (fp16 where bf16 is missing) autocast on CUDA with the UNet's weights in that dtype; on the CPU the
   same in bf16 where it has native bf16 (devices.cpu_bf16), fp32 elsewhere; the UNet channels-last in
   both; the rows, the loss and AdamW stay fp32; PyTorch SDPA attention in the UNet and the text encoder.
 
 SDXL (families.py) has two text encoders: each gets its own two rows and its own start, the regulariser
 is the official one per encoder, summed (`objective.regulariser_all`), and the UNet also takes encoder 2's pooled
-embedding and each photo's size/crop time ids (`condition`, `photo_time_ids`). Its 2.6B-parameter UNet runs
-with gradient checkpointing, so that batch 8 at 1024 px fits a 24 GB GPU; diffusers >= 0.32 checkpoints
-with the UNet in eval mode (0.30-0.31 only in train mode). The VAE encodes in bf16 when training in
+embedding and each photo's size/crop time ids (`condition`, `photo_time_ids`). Its 2.6B-parameter UNet holds
+~3.4x SD 2.1's activations per unit of feature map, so it is checkpointed sooner (memory.UNSPLIT_SCALE), and
+always where the free memory cannot be read; diffusers >= 0.32 checkpoints with the UNet in eval mode
+(0.30-0.31 only in train mode). The VAE encodes in bf16 when training in
 bf16 where bf16 convolutions are native, else in fp32 (it overflows in fp16).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,12 +133,15 @@ def scaled_lr(batch_size: int) -> float:
     return LR_PER_IMAGE * batch_size
 
 
-def oom_advice(config: TrainConfig, size: int, micro_batch: int | None = None) -> str:
-    """Settings that fit in less memory: first half the micro-batch (the same result, a slower step), then a
-    smaller size, or half the batch for twice the steps at the same learning rate per image (so the run sees
-    as many images, each learned at the same rate)."""
+def oom_advice(
+    config: TrainConfig, size: int, micro_batch: int | None = None, *, suggest_checkpointing: bool = False
+) -> str:
+    """Settings that fit in less memory: first half the micro-batch (the same result), or `--checkpointing on`
+    at a micro-batch of 1 where it was off, then a smaller size, or half the batch for twice the steps at the
+    same learning rate per image (so the run sees as many images, each learned at the same rate)."""
     micro = config.batch_size if micro_batch is None else micro_batch
-    options = [f"--micro-batch {micro // 2} (same result)"] if micro > 1 else []
+    checkpoint = ["--checkpointing on (same result)"] if suggest_checkpointing else []
+    options = [f"--micro-batch {micro // 2} (same result)"] if micro > 1 else checkpoint
     smaller = size // 2 // 64 * 64
     options += [f"--resolution {smaller}"] if smaller >= MIN_RESOLUTION else []
     if config.batch_size > 1:
@@ -209,6 +216,19 @@ class ModelParts:
 
 
 @dataclass(frozen=True)
+class StepMemory:
+    """How a step holds its memory; neither changes the rows beyond float rounding.
+
+    `micro_batch`: at most that many images through the UNet at once (None: as many as fit in the device's
+    free memory, memory.py), their gradients added up to the whole batch's. `checkpointing`: the UNet's
+    gradient checkpointing (its forward recomputed in the backward), "on", "off" or "auto" (off where a
+    micro-batch fits the free memory without it, memory.plan)."""
+
+    micro_batch: int | None = None
+    checkpointing: str = "auto"
+
+
+@dataclass(frozen=True)
 class RunHooks:
     """What a caller hears and keeps of a run: progress, snapshots, checkpoints, a state to resume from, the
     micro-batch chosen (told before the first step), and where the crops' latents are cached (`encode_crops`)."""
@@ -230,7 +250,7 @@ def run(
     hooks: RunHooks = RunHooks(),
     *,
     sizes: Sequence[SizeCondition] | None = None,
-    micro_batch: int | None = None,
+    memory: StepMemory = StepMemory(),
 ) -> TrainResult:
     """Learn the two placeholder rows for a face from its aligned `crops`, starting at `init` [2, width]
     (one init per text encoder for SDXL). Each phase's docstring names its paper step
@@ -246,30 +266,30 @@ def run(
     `hooks.resume_from` (such a state) continues a run, with the same result, bit for bit on the CPU, as
     one never interrupted.
 
-    `micro_batch` puts at most that many images through the UNet at once (None: as many as fit in the
-    device's free memory, memory.py): the same step in less memory, with rows equal to the whole batch's
-    within float rounding; it is not part of the result, so a run may resume with another.
+    `memory` says how a step holds its memory (`StepMemory`): not part of the result, so a run may resume
+    with other settings.
     """
     started = time.perf_counter()
     config.check()
     if not crops:
         raise CrossinitError("no face crops to learn from")
-    if micro_batch is not None and micro_batch < 1:
-        raise CrossinitError(f"--micro-batch must be at least 1, not {micro_batch}")
+    if memory.micro_batch is not None and memory.micro_batch < 1:
+        raise CrossinitError(f"--micro-batch must be at least 1, not {memory.micro_batch}")
     setup = _setup(parts, config, placement)
     loop = _Loop.start(config.seed, setup.device)  # seeded first; a resume restores their states
     data = encode_crops(parts.vae, crops, placement, setup.size, hooks.latent_cache)
     data = replace(data, time_ids=_time_ids_tensor(setup, sizes, len(crops)))
     encode_s = time.perf_counter() - started
     model = _model(parts, setup, init)
-    setup = replace(setup, micro=_micro_batch(parts, setup, micro_batch))  # once the weights are on the device
-    if hooks.micro_batch is not None:
-        hooks.micro_batch(setup.micro)
-    optimiser = _optimiser(model.rows, config, placement, setup)
-    loop.restore(hooks.resume_from, model, optimiser)
-    loop_started, loop_cpu = time.perf_counter(), time.process_time()
-    _train_loop(loop, data, model, optimiser, setup, hooks)
-    timing = _Timing(started, encode_s, time.perf_counter() - loop_started, time.process_time() - loop_cpu)
+    with _linears_cast_once(model.slots, setup):
+        setup = replace(setup, micro=_micro_batch(parts, setup, memory))  # once on the device
+        if hooks.micro_batch is not None:
+            hooks.micro_batch(setup.micro)
+        optimiser = _optimiser(model.rows, config, placement, setup)
+        loop.restore(hooks.resume_from, model, optimiser)
+        loop_started, loop_cpu = time.perf_counter(), time.process_time()
+        _train_loop(loop, data, model, optimiser, setup, hooks)
+        timing = _Timing(started, encode_s, time.perf_counter() - loop_started, time.process_time() - loop_cpu)
     return _result(loop, model, setup, timing)
 
 
@@ -315,14 +335,17 @@ def _setup(parts: ModelParts, config: TrainConfig, placement: Placement) -> _Set
     )
 
 
-def _micro_batch(parts: ModelParts, setup: _Setup, requested: int | None) -> MicroBatch:
-    """How many images go through the UNet at once: `requested`, or what fits in the free memory now."""
+def _micro_batch(parts: ModelParts, setup: _Setup, asked: StepMemory) -> MicroBatch:
+    """The micro-batch and checkpointing: as asked, or what fits in the free memory now (memory.plan)."""
     from crossinit_cli import memory
 
     latent_side = setup.size // 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    per_item = memory.item_bytes(parts.unet.config.block_out_channels, latent_side, setup.placement.dtype)
-    free = memory.free_bytes(str(setup.device)) if requested is None else None
-    return memory.choose(setup.config.batch_size, requested, per_item, free)
+    per_item = memory.item_estimates(
+        parts.unet.config.block_out_channels, latent_side, setup.placement.dtype, setup.family
+    )
+    free = memory.free_bytes(str(setup.device)) if asked.micro_batch is None or asked.checkpointing == "auto" else None
+    batch, default = setup.config.batch_size, setup.family.checkpointing
+    return memory.plan(batch, asked.micro_batch, asked.checkpointing, per_item, free, default)
 
 
 def _time_ids_tensor(setup: _Setup, sizes: Sequence[SizeCondition] | None, photos: int) -> torch.Tensor | None:
@@ -370,15 +393,36 @@ def _model(parts: ModelParts, setup: _Setup, init: torch.Tensor | Sequence[torch
     return _Model(parts.unet, noise_scheduler, slots, all_ids, captions, starts, rows)
 
 
+@contextlib.contextmanager
+def _linears_cast_once(slots: Sequence[Slot], setup: _Setup) -> Iterator[None]:
+    """Under autocast, the text encoders' Linear weights in the compute dtype for the run, the fp32 ones put
+    back after it. Autocast casts a frozen weight again at every call (its cache keeps only weights that
+    require grad); cast once, the numbers are the same bit for bit (docs/performance.md)."""
+    import torch
+
+    if setup.placement.dtype == "fp32":
+        yield
+        return
+    kept: list[tuple[Any, Any, Any]] = []
+    try:
+        for slot in slots:
+            for module in slot.text_encoder.modules():
+                if isinstance(module, torch.nn.Linear) and module.weight.dtype != setup.compute:
+                    kept.append((module, module.weight, module.bias))
+                    module.weight = torch.nn.Parameter(module.weight.to(setup.compute), requires_grad=False)
+                    if module.bias is not None:
+                        module.bias = torch.nn.Parameter(module.bias.to(setup.compute), requires_grad=False)
+        yield
+    finally:
+        for module, weight, bias in kept:
+            module.weight, module.bias = weight, bias
+
+
 def _freeze_unet(unet: Any, setup: _Setup) -> None:
-    """The UNet frozen on the device in the compute dtype, with SDPA attention (and SDXL's checkpointing)."""
+    """The UNet frozen on the device in the compute dtype, with SDPA attention."""
     import torch
 
     unet.requires_grad_(False).eval().to(setup.device)
-    if setup.family.checkpointing:  # SDXL's UNet: recompute activations in backward instead of holding them all
-        # In eval mode: diffusers >= 0.32 checkpoints whenever grad is enabled (0.30-0.31 only in train mode,
-        # hence the floor in pyproject.toml; tests/test_fidelity.py counts the recomputed blocks).
-        unet.enable_gradient_checkpointing()
     if unet.dtype != setup.compute:  # frozen, so its weights can live in the compute dtype (as diffusers' example does)
         unet.to(dtype=setup.compute)
     unet.set_attn_processor(_sdpa_processor())
@@ -448,6 +492,11 @@ def _train_loop(
     becomes one line with settings that fit."""
     config = setup.config
     hooked = [splice_rows(s.text_encoder, ids, r) for s, ids, r in zip(model.slots, model.token_ids, model.rows)]
+    checkpointed = setup.micro is not None and setup.micro.checkpointing
+    if checkpointed:
+        # In eval mode: diffusers >= 0.32 checkpoints whenever grad is enabled (0.30-0.31 only in train mode,
+        # hence the floor in pyproject.toml; tests/test_fidelity.py counts the recomputed blocks).
+        model.unet.enable_gradient_checkpointing()
     try:
         for step in range(loop.done + 1, config.steps + 1):
             value = _step(loop, data, model, optimiser, setup)
@@ -467,12 +516,12 @@ def _train_loop(
         micro = f" (micro-batch {setup.micro_size})" if setup.micro_size < config.batch_size else ""
         raise CrossinitError(
             f"out of memory on {setup.placement.device} at batch size {config.batch_size}{micro} and {setup.size} "
-            f"px; {oom_advice(config, setup.size, setup.micro_size)}"
+            f"px; {oom_advice(config, setup.size, setup.micro_size, suggest_checkpointing=not checkpointed)}"
         ) from None
     finally:
         for hook in hooked:
             hook.remove()
-        if setup.family.checkpointing:
+        if checkpointed:
             model.unet.disable_gradient_checkpointing()
 
 

@@ -43,11 +43,18 @@ def _sdxl_parts(model: Path, **family_changes: Any) -> tuple[Any, train.ModelPar
 
 def _up_block_calls(model: Path, crops: list, *, checkpointing: bool) -> tuple[int, set[bool]]:
     """How many times one up-block resnet runs in a 1-step run, and the UNet's training flag meanwhile."""
-    pipe, parts, init = _sdxl_parts(model, checkpointing=checkpointing)
+    pipe, parts, init = _sdxl_parts(model)
     calls: list[bool] = []
     resnet = pipe.unet.up_blocks[0].resnets[0]
     resnet.register_forward_pre_hook(lambda module, args: calls.append(module.training))
-    train.run(parts, crops[:1], init, train.TrainConfig(steps=1, batch_size=1), CPU)
+    train.run(
+        parts,
+        crops[:1],
+        init,
+        train.TrainConfig(steps=1, batch_size=1),
+        CPU,
+        memory=train.StepMemory(checkpointing="on" if checkpointing else "off"),
+    )
     return len(calls), set(calls)
 
 
@@ -168,7 +175,7 @@ def test_sdxl_micro_batches_carry_each_items_time_ids_and_learn_the_whole_batchs
     results = []
     for micro_batch in (4, 1):
         _, parts, init = _sdxl_parts(tiny_sdxl)
-        results.append(train.run(parts, crops, init, config, CPU, sizes=sizes, micro_batch=micro_batch))
+        results.append(train.run(parts, crops, init, config, CPU, sizes=sizes, memory=train.StepMemory(micro_batch)))
     whole, split = seen[:3], seen[3:]
     assert [len(t) for t in split] == [1] * 12  # one item a UNet call
     assert [row for call in split for row in call] == [row for call in whole for row in call]  # same items' ids

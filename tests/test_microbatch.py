@@ -32,7 +32,14 @@ def crops() -> list:
     return [c.image for c in align_faces([DATA / "astronaut.png", DATA / "grace_hopper.jpg"], 64)]
 
 
-def _run(model: Path, crops: list, micro_batch: int | None, hooks: dict | None = None, **overrides):
+def _run(
+    model: Path,
+    crops: list,
+    micro_batch: int | None,
+    hooks: dict | None = None,
+    checkpointing: str = "auto",
+    **overrides,
+):
     """Train on a freshly loaded pipeline; returns (result, the batch sizes the UNet was called with)."""
     pipe = load_pipeline(str(model))
     init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, None)
@@ -40,7 +47,8 @@ def _run(model: Path, crops: list, micro_batch: int | None, hooks: dict | None =
     pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
     config = train.TrainConfig(**{**SETTINGS, **overrides})
     parts = train.ModelParts.of_pipeline(pipe)
-    result = train.run(parts, crops, init, config, CPU, train.RunHooks(**(hooks or {})), micro_batch=micro_batch)
+    run_hooks = train.RunHooks(**(hooks or {}))
+    result = train.run(parts, crops, init, config, CPU, run_hooks, memory=train.StepMemory(micro_batch, checkpointing))
     return result, seen
 
 
@@ -172,6 +180,13 @@ def test_out_of_memory_in_a_step_names_the_micro_batch_and_the_advice(
         "out of memory on cpu at batch size 4 (micro-batch 2) and 64 px; try --micro-batch 1 (same result), "
         "--batch-size 2 --steps 8 --lr 0.01 (same rate per image), or --device cpu"
     )
+    # At a micro-batch of 1 with checkpointing off, checkpointing is what is left that keeps the result.
+    with pytest.raises(CrossinitError) as error:
+        _run(tiny_model, crops, 1, checkpointing="off")
+    assert "(micro-batch 1) and 64 px; try --checkpointing on (same result), --batch-size 2" in str(error.value)
+    with pytest.raises(CrossinitError) as error:
+        _run(tiny_model, crops, 1, checkpointing="on")
+    assert "--checkpointing" not in str(error.value)
 
 
 def test_learn_records_the_micro_batch_and_says_it(cli, library: Library, tiny_model: Path) -> None:
@@ -240,3 +255,85 @@ def test_learn_resume_continues_with_another_micro_batch(cli, library: Library, 
     one, two = library.vectors("alice"), library.vectors("reference")
     assert np.allclose(one.learned, two.learned, rtol=0, atol=5e-6)
     assert library.get("alice").training["final_loss"] == pytest.approx(library.get("reference").training["final_loss"])
+
+
+# ---- gradient checkpointing, chosen by memory (issue 31) -------------------------------------------
+
+
+def test_checkpointing_learns_the_same_rows(tiny_model: Path, crops: list) -> None:
+    """On and off: the same rows within float rounding, and on really recomputes (each block runs twice a step)."""
+    results, block_calls = {}, {}
+    for on in ("off", "on"):
+        pipe = load_pipeline(str(tiny_model))
+        init = crossinit.cross_init(pipe.tokenizer, pipe.text_encoder, None)
+        calls: list[int] = []
+        pipe.unet.up_blocks[0].resnets[0].register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
+        config = train.TrainConfig(**SETTINGS)
+        results[on] = train.run(
+            train.ModelParts.of_pipeline(pipe), crops, init, config, CPU, memory=train.StepMemory(checkpointing=on)
+        )
+        block_calls[on] = len(calls)
+        assert not pipe.unet.is_gradient_checkpointing  # left as it was found
+    off, on = results["off"], results["on"]
+    assert block_calls == {"off": SETTINGS["steps"], "on": 2 * SETTINGS["steps"]}
+    assert np.allclose(on.learned, off.learned, rtol=0, atol=5e-6), np.abs(on.learned - off.learned).max()
+    assert not np.allclose(on.learned, on.init, atol=1e-3)  # the rows moved: the comparison means something
+    assert on.losses == pytest.approx(off.losses, rel=1e-5)
+    assert (on.micro_batch.checkpointing, on.micro_batch.checkpointing_reason) == (True, "asked for")
+    assert (off.micro_batch.checkpointing, off.micro_batch.checkpointing_reason) == (False, "asked for")
+
+
+def test_checkpointing_is_on_only_where_an_image_would_not_fit_without_it() -> None:
+    per_item = (4 * GIB, 1 * GIB)  # without, with checkpointing
+    roomy = memory.plan(8, None, "auto", per_item, 40 * GIB)
+    assert (roomy.checkpointing, roomy.size) == (False, 8)
+    assert roomy.checkpointing_reason == "1 image needs ~4.0 GiB without it, 40.0 GiB is free: no recomputation"
+    # 10 GiB free: one image fits without it, so the batch is split instead (no compute is added).
+    split = memory.plan(8, None, "auto", per_item, 10 * GIB)
+    assert (split.checkpointing, split.size) == (False, 2)
+    # 4 GiB free: not one image without it; with it, 3 fit in 85%, so 8 goes in 3 + 3 + 2.
+    tight = memory.plan(8, None, "auto", per_item, 4 * GIB)
+    assert (tight.checkpointing, tight.size) == (True, 3)
+    assert tight.checkpointing_reason == "1 image needs ~4.0 GiB without it, 4.0 GiB is free"
+    # A micro-batch asked for is what has to fit without it.
+    assert memory.plan(8, 4, "auto", per_item, 10 * GIB).checkpointing is True
+    assert memory.plan(8, 2, "auto", per_item, 10 * GIB).checkpointing is False
+    # Forced either way, whatever the memory; unknown memory: the family's default.
+    assert memory.plan(8, None, "on", per_item, 40 * GIB).checkpointing is True
+    assert memory.plan(8, None, "off", per_item, 1 * GIB).checkpointing is False
+    assert memory.plan(8, None, "auto", per_item, None, default=True).checkpointing is True
+    assert memory.plan(8, None, "auto", per_item, None, default=False).checkpointing is False
+    assert "gradient checkpointing on (asked for)" in memory.plan(8, 2, "on", per_item, None).describe()
+
+
+def test_sdxl_without_checkpointing_costs_its_measured_5_gb_an_image() -> None:
+    """SDXL at 512 px in fp32: ~5.5 GB an image unsplit (measured), 1.6 GB checkpointed; SD 2.1's is unchanged."""
+    sdxl = (320, 640, 1280)
+    plain = memory.item_estimate(sdxl, 64, "fp32", "sdxl", checkpointing=False)
+    checkpointed = memory.item_estimate(sdxl, 64, "fp32", "sdxl", checkpointing=True)
+    assert 5.0e9 < plain < 6.0e9 and 1.4e9 < checkpointed < 1.8e9
+    assert memory.item_estimate(SD21_UNET, 64, "fp32", "sd2", checkpointing=False) == memory.item_bytes(
+        SD21_UNET, 64, "fp32"
+    )
+    assert memory.item_estimate(SD21_UNET, 64, "fp32", "sd2", checkpointing=True) < memory.item_bytes(
+        SD21_UNET, 64, "fp32"
+    )
+
+
+def test_learn_records_whether_it_checkpointed_and_why(cli, library: Library, tiny_model: Path) -> None:
+    common = ("--steps", "2", "--batch-size", "2", "--model", tiny_model)
+    forced = cli("-v", "learn", ASTRONAUT, *common, "--checkpointing", "on", "--json")
+    assert forced.exit_code == 0, forced.stderr
+    assert "gradient checkpointing on (asked for)" in forced.stderr
+    training = json.loads(forced.stdout)["training"]
+    assert (training["checkpointing"], training["checkpointing_reason"]) == (True, "asked for")
+    auto = cli("learn", ASTRONAUT, "--name", "auto", *common)
+    assert auto.exit_code == 0, auto.stderr
+    record = library.get("auto").training
+    assert record["checkpointing"] is False and record["checkpointing_reason"].endswith("no recomputation")
+    shown = cli("show", "auto", "--json")
+    assert json.loads(shown.stdout)["training"]["checkpointing"] is False
+    one, two = library.vectors("astronaut"), library.vectors("auto")
+    assert np.allclose(one.learned, two.learned, rtol=0, atol=5e-6)
+    wrong = cli("learn", ASTRONAUT, "--checkpointing", "sometimes", "--model", tiny_model)
+    assert wrong.exit_code == 2 and "--checkpointing" in wrong.stderr

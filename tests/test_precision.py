@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossinit_cli import crossinit, devices, sample, train
+from crossinit_cli import crossinit, devices, encoding, sample, train
 from crossinit_cli.devices import Placement, load_pipeline
 from crossinit_cli.errors import CrossinitError
 
@@ -23,6 +23,8 @@ DATA = Path(__file__).parent / "data"
 XEON_FLAGS = "fpu vme sse sse2 avx avx2 avx512f avx512bw avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8"
 ZEN4_FLAGS = "fpu vme sse sse2 avx avx2 avx512f avx512bw avx512_bf16"
 AVX2_FLAGS = "fpu vme sse sse2 avx avx2 fma f16c"
+# A Skylake-X/Cascade Lake Xeon: AVX512 (oneDNN calls bf16 "supported" there) but no native bf16.
+SKYLAKE_FLAGS = "fpu vme sse sse2 avx avx2 avx512f avx512bw avx512dq avx512vl avx512_vnni"
 
 
 @pytest.fixture()
@@ -133,6 +135,56 @@ def test_bf16_learns_the_same_identity_as_fp32(tiny_model: Path) -> None:
     assert loss_gap(full, other) > 0.002 and row_gap(full, other) > 0.10  # the tolerances can fail
 
 
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [(XEON_FLAGS, True), (ZEN4_FLAGS, True), (AVX2_FLAGS, False), (SKYLAKE_FLAGS, False), (None, False)],
+)
+def test_vae_encodes_in_bf16_exactly_where_the_cpu_trains_in_bf16(cpu_with, flags: str | None, native: bool) -> None:
+    """bf16 training encodes in bf16 where bf16 convolutions are native (CUDA; a CPU with AVX512-BF16 or AMX-BF16,
+    devices.cpu_bf16) and in fp32 elsewhere, by the same rule `--dtype auto` follows, on any machine.
+
+    Not by oneDNN's own `torch.ops.mkldnn._is_mkldnn_bf16_supported()`: that is true on any AVX512 CPU (Skylake-X
+    runs bf16 through avx512_core conversions, not natively), and the rest of the suite pins CROSSINIT_CPU_BF16=0,
+    so on an AVX512-BF16 CPU it disagreed with the rule the code follows (the test failed on such a machine)."""
+    cpu_with(flags)
+    bf16 = Placement("cpu", "bf16", "t")
+    chosen = native and torch.backends.mkldnn.is_available()
+    assert encoding.encode_dtype(bf16) == (torch.bfloat16 if chosen else torch.float32)
+    assert devices.cpu_bf16()[0] is chosen  # the VAE follows the training precision's own rule
+    assert encoding.encode_dtype(Placement("cpu", "fp32", "t")) == torch.float32  # fp32 training: always fp32
+    assert encoding.encode_dtype(Placement("cuda", "bf16", "t")) == torch.bfloat16
+    assert encoding.encode_dtype(Placement("cuda", "fp16", "t")) == torch.float32  # SD's VAE overflows in fp16
+
+
+def test_vae_encodes_in_bf16_when_training_in_bf16_within_a_stated_tolerance_of_fp32(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the VAE encodes in bf16 (the test above), bf16 keeps 8 bits of mantissa: the latent means move by
+    about 1% of their size on average (at most 0.02 here), far less than the VAE's own sampling noise (its std)
+    that every step adds to them."""
+    from crossinit_cli.faces import align_faces
+
+    crops = [c.image for c in align_faces([DATA / "astronaut.png", DATA / "grace_hopper.jpg"], 64)]
+    latents = {}
+    for dtype in ("fp32", "bf16"):
+        pipe = load_pipeline(str(tiny_model))
+        # The encode as it runs where bf16 is native (CUDA, AVX512-BF16), on this CPU: the numbers are the same.
+        placement = Placement("cpu", dtype, "tests")
+        setup = train._setup(train.ModelParts.of_pipeline(pipe), train.TrainConfig(), placement)
+        monkeypatch.setattr(
+            encoding, "encode_dtype", lambda p: {"fp32": torch.float32, "bf16": torch.bfloat16}[p.dtype]
+        )
+        latents[dtype] = encoding.encode_crops(pipe.vae, crops, setup.placement, setup.size)
+        assert pipe.vae.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        assert latents[dtype].mean.dtype == latents[dtype].std.dtype == torch.float32  # sampled in fp32
+    full, half = latents["fp32"], latents["bf16"]
+    moved = (half.mean - full.mean).abs()
+    assert moved.mean().item() < 0.02 * full.mean.abs().mean().item()
+    assert moved.max().item() < 0.05 * full.std.median().item()
+    assert torch.allclose(half.std, full.std, rtol=0.03)
+    assert not torch.equal(half.mean, full.mean)  # it did encode in bf16
+
+
 def test_sampling_follows_the_rule(tiny_model: Path, cpu_with) -> None:
     """generate on a CPU with native bf16 runs the whole pipeline in bf16 (UNet channels-last); its images stay
     close to fp32's (the tiny model's are compared here, the full-size ones in docs/performance.md)."""
@@ -153,3 +205,21 @@ def test_mps_trains_in_bf16_from_macos_14(monkeypatch: pytest.MonkeyPatch, relea
     monkeypatch.setattr(devices.platform, "mac_ver", lambda: (release, ("", "", ""), ""))
     chosen, why = devices.mps_bf16()
     assert chosen is bf16 and ("supports bf16" in why if bf16 else "from macOS 14 only" in why)
+
+
+def test_bf16_training_casts_the_text_encoder_once_to_the_same_rows(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text encoders' Linear weights are cast to bf16 once per run instead of by autocast at every call
+    (train._linears_cast_once): the same rows bit for bit, and the fp32 weights back afterwards."""
+    import contextlib
+
+    from crossinit_cli.faces import align_faces
+
+    crops = [c.image for c in align_faces([DATA / "astronaut.png"], 64)]
+    once, pipe = _learn(tiny_model, crops, "bf16")
+    assert all(p.dtype == torch.float32 for p in pipe.text_encoder.parameters())  # put back
+    monkeypatch.setattr(train, "_linears_cast_once", lambda slots, setup: contextlib.nullcontext())
+    every_call, _ = _learn(tiny_model, crops, "bf16")
+    assert np.array_equal(once.learned, every_call.learned) and once.losses == every_call.losses
+    assert not np.array_equal(once.learned, once.init)
