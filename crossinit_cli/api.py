@@ -225,13 +225,21 @@ class Library:
         return self._entry(learned.identity)
 
     def resume(
-        self, name: str, *, micro_batch: int | None = None, progress: ProgressCallback | None = None
+        self,
+        name: str,
+        *,
+        steps: int | None = None,
+        micro_batch: int | None = None,
+        progress: ProgressCallback | None = None,
     ) -> Identity:
-        """Continue `name`'s interrupted run from its checkpoint, with its own settings (`learn --resume`)."""
-        from crossinit_cli import learning
+        """Continue `name`'s interrupted run from its checkpoint, with its own settings (`learn --resume`);
+        `steps` is a new total, at least the steps already done."""
+        from crossinit_cli import resuming
 
+        _at_least("steps", steps, 1)
         _at_least("micro_batch", micro_batch, 1)
-        learned = learning.resume(self._store(), name, micro_batch=micro_batch, hooks=_learn_hooks(progress))
+        hooks = _learn_hooks(progress)
+        learned = resuming.resume(self._store(), name, micro_batch=micro_batch, steps=steps, hooks=hooks)
         return self._entry(learned.identity)
 
     # ---- generating ---------------------------------------------------------------------------------

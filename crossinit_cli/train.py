@@ -421,11 +421,12 @@ def _linears_cast_once(slots: Sequence[Slot], setup: _Setup) -> Iterator[None]:
 def _freeze_unet(unet: Any, setup: _Setup) -> None:
     """The UNet frozen on the device in the compute dtype, with SDPA attention."""
     import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.requires_grad_(False).eval().to(setup.device)
     if unet.dtype != setup.compute:  # frozen, so its weights can live in the compute dtype (as diffusers' example does)
         unet.to(dtype=setup.compute)
-    unet.set_attn_processor(_sdpa_processor())
+    unet.set_attn_processor(AttnProcessor2_0())
     if setup.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -693,9 +694,3 @@ def _snapshot_due(step: int, every: int | None, steps: int) -> bool:
 def _window_mean(losses: list[float]) -> float:
     window = losses[-FINAL_LOSS_WINDOW:]
     return round(float(sum(window) / len(window)), 6)
-
-
-def _sdpa_processor() -> Any:
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    return AttnProcessor2_0()

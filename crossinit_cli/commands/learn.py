@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from crossinit_cli import learning, ui
+from crossinit_cli import learning, resuming, ui
 from crossinit_cli.commands.common import stderr_progress
 from crossinit_cli.learning import LearnHooks, LearnRequest
 
@@ -55,8 +55,8 @@ def resume_identity(
     micro_batch: int | None = None,
     steps: int | None = None,
 ) -> int:
-    """`learn --resume NAME`: learning.resume, shown."""
-    learned = learning.resume(library, name, micro_batch=micro_batch, steps=steps, hooks=session_hooks(quiet))
+    """`learn --resume NAME`: resuming.resume, shown."""
+    learned = resuming.resume(library, name, micro_batch=micro_batch, steps=steps, hooks=session_hooks(quiet))
     hint_model = learned.model if configured_model not in (None, learned.model) else None  # as in learn
     _report(library, learned, model=hint_model, quiet=quiet, as_json=as_json)
     return 0
