@@ -176,6 +176,7 @@ class Library:
         lr: float | None = None,
         batch_size: int | None = None,
         micro_batch: int | None = None,
+        checkpointing: str = "auto",
         reg_weight: float | None = None,
         model: str | None = None,
         resolution: int | None = None,
@@ -198,6 +199,8 @@ class Library:
             _at_least(flag, value, 1)
         _at_least("clip_skip", clip_skip, 1)
         _at_least("snapshot_every", snapshot_every, 0)
+        if checkpointing not in ("auto", "on", "off"):
+            raise CrossinitError(f"checkpointing must be 'auto', 'on' or 'off', not {checkpointing!r}")
         paths = [Path(photos)] if isinstance(photos, (str, Path)) else [Path(p) for p in photos]
         if not paths:
             raise CrossinitError("give one or more photos (or a folder)")
@@ -213,6 +216,7 @@ class Library:
             align=not no_align,
             clip_skip=clip_skip,
             micro_batch=micro_batch,
+            checkpointing=checkpointing,
             model=run.model,
             device=run.device,
             dtype=run.dtype,
