@@ -195,12 +195,9 @@ class Library:
 
         if fast and full:
             raise CrossinitError("choose one of fast and full")
-        for flag, value in (("steps", steps), ("batch_size", batch_size), ("micro_batch", micro_batch)):
-            _at_least(flag, value, 1)
-        _at_least("clip_skip", clip_skip, 1)
+        _at_least_each(1, steps=steps, batch_size=batch_size, micro_batch=micro_batch, clip_skip=clip_skip)
         _at_least("snapshot_every", snapshot_every, 0)
-        if checkpointing not in ("auto", "on", "off"):
-            raise CrossinitError(f"checkpointing must be 'auto', 'on' or 'off', not {checkpointing!r}")
+        _one_of("checkpointing", checkpointing, ("auto", "on", "off"))
         paths = [Path(photos)] if isinstance(photos, (str, Path)) else [Path(p) for p in photos]
         if not paths:
             raise CrossinitError("give one or more photos (or a folder)")
@@ -389,6 +386,17 @@ def _at_least(keyword: str, value: int | None, low: int) -> None:
     """The range check the CLI's flags get from Typer (`min=`)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
         raise CrossinitError(f"{keyword} must be a whole number of at least {low}, not {value!r}")
+
+
+def _at_least_each(low: int, **values: int | None) -> None:
+    for keyword, value in values.items():
+        _at_least(keyword, value, low)
+
+
+def _one_of(keyword: str, value: str, choices: Sequence[str]) -> None:
+    """The choice check the CLI's flags get from Typer (an Enum)."""
+    if value not in choices:
+        raise CrossinitError(f"{keyword} must be one of {', '.join(map(repr, choices))}, not {value!r}")
 
 
 def _strings(value: str | Sequence[str] | None) -> list[str] | None:

@@ -213,7 +213,10 @@ def test_out_of_memory_says_what_to_change(cli, home: Path, tiny_sdxl: Path, mon
     monkeypatch.setattr(UNet2DConditionModel, "forward", exhausted)
     message = _one_line_error(cli("learn", ASTRONAUT, "--resolution", "512", "--model", tiny_sdxl, *CHEAP))
     # At batch 1 there is no smaller batch to suggest: the size, or the CPU.
-    assert "out of memory on cpu at batch size 1 and 512 px; try --resolution 256, or --device cpu" in message
+    assert (
+        "out of memory on cpu at batch size 1 and 512 px; try --checkpointing on (same result), --resolution 256, "
+        "or --device cpu" in message
+    )
     assert not (home / "identities").exists() or not list((home / "identities").iterdir())
 
 

@@ -396,6 +396,7 @@ def test_a_failed_training_run_forgets_its_latents(monkeypatch: pytest.MonkeyPat
         snapshot_every = None
         train_config = None
         micro_batch = None
+        checkpointing = "auto"
 
     from contextlib import nullcontext
 

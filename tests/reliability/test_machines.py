@@ -24,6 +24,9 @@ from tests.reliability.harness import DATA, fault_env
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
+LONG_STEPS = 80
+"""Machine 1's share: long enough that machine 0 waits past SHORT on a fast CPU too (25 steps took 3.9 s of
+waiting on a Zen 5 core in bf16, under the 4 s the test needs)."""
 SHORT = 2.0  # seconds: torch's default collective timeout (30 minutes) in the machines' processes, shortened
 
 
@@ -96,10 +99,10 @@ def _outcome_lines(machine: Machine) -> list[str]:
 def test_learn_batch_on_two_machines_with_uneven_shares(
     tiny_model: Path, rhome: Path, env: dict[str, str], tmp_path: Path
 ) -> None:
-    """Machine 0's share (one step) ends long before machine 1's (25 steps): machine 0 waits for it at the
+    """Machine 0's share (one step) ends long before machine 1's (LONG_STEPS steps): machine 0 waits for it at the
     end, longer than torch's default timeout, shortened here, would allow (that ended such batches after 30
     minutes). Both finish, each identity is in the library once, and the summary says which did which."""
-    manifest = _manifest(tmp_path / "people", long_steps=25)
+    manifest = _manifest(tmp_path / "people", long_steps=LONG_STEPS)
     people = manifest.parent
     args = ["learn", "--batch", str(manifest), "--fast", "--model", str(tiny_model), "--json"]
     short = fault_env(env, f"collective-timeout:{SHORT}", rhome)
@@ -122,7 +125,7 @@ def test_learn_batch_on_two_machines_with_uneven_shares(
     print(f"\ntwo machines: quick {results['quick']['seconds']:.1f} s, long {results['long']['seconds']:.1f} s")
     library = Library(rhome)
     assert sorted(e.name for e in library.list()) == ["long", "quick"]
-    assert [library.get(n).training["steps"] for n in ("long", "quick")] == [25, 1]
+    assert [library.get(n).training["steps"] for n in ("long", "quick")] == [LONG_STEPS, 1]
 
     # A failure on one machine: the batch ends with exit status 4 in each process; accelerate reports it.
     Image.new("RGB", (256, 256), (90, 120, 200)).save(people / "sky.png")
