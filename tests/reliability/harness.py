@@ -142,8 +142,9 @@ def snapshot(home: Path, *, times: bool = False) -> dict[str, Any]:
         if not times:
             record.pop("created")
             record.pop("modified")
-            # the machine's, not the run's: the seconds, and the free memory the micro-batch was chosen by
-            for key in ("per_step_s", "total_s", "micro_batch_reason"):
+            # the machine's, not the run's: the seconds, and the free memory the micro-batch and checkpointing
+            # were chosen by
+            for key in ("per_step_s", "total_s", "micro_batch_reason", "checkpointing_reason"):
                 record["training"].pop(key, None)
         vectors = library.vectors(entry.name)
         record["learned"] = _digest(vectors.learned)
