@@ -376,9 +376,11 @@ class _Learner:
         started = time.perf_counter()
         try:
             train_config = job.train_config()
-            gathered = faces.gather_photos(job.photos)
+            gathered = faces.gather_photos(job.photos)  # a folder's unusable files are skipped, as in `learn`
+            crops, gathered = faces.align_gathered(gathered, ALIGN_SIZE, align=job.align, warn=hooks.warn)
             paths = gathered.photos
-            crops = faces.align_faces(paths, ALIGN_SIZE, align=job.align, warn=hooks.warn)
+            if gathered.skipped:
+                hooks.warn(f"{job.name}: {faces.listed('skipped', *zip(*gathered.skipped))}")
             odd_faces = check_photos(crops, align=job.align, strict=self.strict, hooks=hooks)
             if odd_faces:
                 hooks.warn(odd_faces)

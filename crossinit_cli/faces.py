@@ -17,7 +17,7 @@ import io
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -288,6 +288,19 @@ def align_gathered(
         raise CrossinitError(f"none of the {len(unusable)} photos is usable ({listed})")
     used = [crop.source for crop in crops]
     return crops, Gathered(used, [*gathered.skipped, *unusable], gathered.named)
+
+
+PHOTOS_LISTED = 8
+
+
+def listed(verb: str, paths: Sequence[Path], reasons: Sequence[str] = ()) -> str:
+    """`using 3 photos: a.jpg, b.jpg, c.jpg` (`skipped 1 file: notes.txt (not a photo: .txt)`), shortened to
+    PHOTOS_LISTED names. Not escaped: the names are the user's files."""
+    kind = "photo" if verb == "using" else "file"
+    shown = [f"{p} ({why})" for p, why in zip(paths, reasons)] if reasons else [str(p) for p in paths]
+    more = len(shown) - PHOTOS_LISTED
+    listing = ", ".join(shown[:PHOTOS_LISTED]) + (f", and {more} more" if more > 0 else "")
+    return f"{verb} {len(paths)} {kind}{'s' if len(paths) != 1 else ''}: {listing}"
 
 
 def _unusable_reason(path: Path, exc: CrossinitError) -> str:

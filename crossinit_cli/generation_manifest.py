@@ -26,6 +26,7 @@ from crossinit_cli.generation import (
     PromptJob,
     SamplingFlags,
     apply_template,
+    check_one_family,
     choose_clip_skip,
     hint_plain_names,
     resolve_identities,
@@ -126,6 +127,7 @@ def parse_line(number: int, text: str, context: LineContext) -> Line:
         raise CrossinitError("'prompt' is empty")
     negative = _text(raw.get("negative", defaults.negative or ""), "negative")
     known = resolve_identities(library, [prompt, negative])
+    check_one_family(known.values())
     named = [known[sample.ref_key(r)] for r in sample.identity_refs(prompt)]
     n = _int(raw.get("n", defaults.n), "n", 1, 10_000)
     seed = raw.get("seed", defaults.seed)
@@ -159,6 +161,7 @@ def plan_manifest(
     `on_bad` (which skips it or raises). A CrossinitError when none can run."""
     context = LineContext(flags, library, Path(run.output_dir).expanduser(), hooks.warn)
     lines, skipped = _parsed_lines(manifest_lines(text, source), context, hooks, on_bad)
+    check_one_family(_named(library, lines))  # one model for every line, as for generate's prompts
     model = run.model_for(_named(library, lines))
     total = len(lines) + skipped
     devices.check_model_reference(model)

@@ -70,10 +70,13 @@ def test_batch_in_one_process_learns_skips_and_reports(cli, tiny_model: Path, li
     people = _people(tmp_path / "people", {"astro": "astronaut.png", "grace": "grace_hopper.jpg"})
     (people / "blank").mkdir()
     Image.new("RGB", (256, 256), (90, 120, 200)).save(people / "blank" / "sky.png")
+    Image.new("RGB", (256, 256), "grey").save(people / "astro" / "wall.png")  # beside a usable photo: skipped
     args = ["learn", "--batch", people, "--fast", "--steps", "2", "--model", tiny_model, "--quiet", "--json"]
     first = cli(*args)
     assert first.exit_code == 4  # one identity failed, the others were learned (docs/exit-codes.md)
     assert "warning: 1 of 3 identities failed (exit status 4" in first.stderr
+    assert "warning: astro: skipped 1 file: " in first.stderr and "wall.png (no face found)" in first.stderr
+    assert len(library.crops("astro")) == 1  # the usable photo alone
     results = {r["name"]: r for r in json.loads(first.stdout)}
     assert results["astro"]["status"] == results["grace"]["status"] == "learned"
     assert results["blank"]["status"] == "failed" and "no face found" in results["blank"]["detail"]

@@ -357,4 +357,12 @@ def test_model_errors_name_where_the_model_came_from_and_families_do_not_mix(
     assert mixed.exit_code == 1 and len(mixed.stderr.strip().splitlines()) == 1, mixed.stderr
     assert "cannot be combined" in mixed.stderr and "pass --model" not in mixed.stderr
     assert f"SDXL: xl; {families.get(family).title}: ann" in mixed.stderr
+    manifest = tmp_path / "prompts.jsonl"  # --manifest: a line that mixes is a bad line; lines that mix, a bad run
+    manifest.write_text('{"prompt": "<xl> and <ann>"}\n')
+    line = cli("generate", "--manifest", manifest, "--model", tiny_model, *out)
+    assert line.exit_code == 1 and "line 1: identities of different model families cannot be combined" in line.stderr
+    manifest.write_text('{"prompt": "<xl> on a beach"}\n{"prompt": "<ann> on a beach"}\n')
+    lines = cli("generate", "--manifest", manifest, "--model", tiny_model, *out)
+    assert lines.exit_code == 1 and len(lines.stderr.strip().splitlines()) == 1, lines.stderr
+    assert f"cannot be combined in one prompt or run (SDXL: xl; {families.get(family).title}: ann)" in lines.stderr
     assert loads == []

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from crossinit_cli.store import Library
     from crossinit_cli.train import TrainResult
 
-PHOTOS_LISTED = 8
 """How many photo names the "using N photos" line shows before "and N more"."""
 
 
@@ -90,18 +89,11 @@ def report_fixed_cost(result: TrainResult) -> None:
 def report_photos(gathered: faces.Gathered) -> None:
     """Which photos are used and which files were skipped (and why). Said once every cheap check has passed:
     until then stderr holds nothing but the one-line error."""
-    ui.info(escape(_listed("using", gathered.photos, [])))
+    from crossinit_cli import faces
+
+    ui.info(escape(faces.listed("using", gathered.photos)))
     if gathered.skipped:
-        ui.info(escape(_listed("skipped", [p for p, _ in gathered.skipped], [why for _, why in gathered.skipped])))
-
-
-def _listed(verb: str, paths: list[Path], reasons: list[str]) -> str:
-    """`using 3 photos: a.jpg, b.jpg, c.jpg` (`skipped 1 file: notes.txt (not a photo: .txt)`), shortened."""
-    kind = "photo" if verb == "using" else "file"
-    shown = [f"{p} ({why})" if reasons else str(p) for p, why in zip(paths, reasons or paths)]
-    more = len(shown) - PHOTOS_LISTED
-    listing = ", ".join(shown[:PHOTOS_LISTED]) + (f", and {more} more" if more > 0 else "")
-    return f"{verb} {len(paths)} {kind}{'s' if len(paths) != 1 else ''}: {listing}"
+        ui.info(escape(faces.listed("skipped", *zip(*gathered.skipped))))
 
 
 def _announce(start: learning.Start) -> None:
