@@ -14,6 +14,7 @@ same table in milliseconds.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -22,7 +23,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 PHOTO = ROOT / "tests" / "data" / "astronaut.png"
+
+from bench_learn import AVX2_ONLY  # noqa: E402
 
 
 def _labelled(module: Any, method: str, label: str) -> None:
@@ -46,7 +50,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--checkpointing", default="off", choices=("on", "off"))
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--cpu-isa", choices=("native", "avx2"), default="native", help="avx2: as bench_learn's")
     args = parser.parse_args()
+    if args.cpu_isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})  # read as torch loads
 
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function

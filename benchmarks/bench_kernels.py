@@ -1,0 +1,148 @@
+"""What the CPU's kernels cost under a learn step's shapes, and whether another layout or attention kernel is faster.
+
+    python benchmarks/bench_kernels.py --model /tmp/speed/sd21                  # this CPU as it is
+    python benchmarks/bench_kernels.py --model /tmp/speed/sd21 --cpu-isa avx2   # as an AVX2-only CPU would run
+
+Three parts, each run in turn round after round (medians reported, so that load from elsewhere falls on all
+alike):
+- the ISA check: a 1024x1024 matmul in fp32 and bf16 and a 320-channel 3x3 convolution at 64x64, which shows
+  what `--cpu-isa avx2` took away (bf16 then runs emulated, orders of magnitude slower);
+- the UNet's forward + backward with input gradients only (what a training step needs: only the two new rows
+  learn) in fp32, NCHW against channels-last and SDPA's default kernel against its math kernel, with the
+  gradient each gives against the first's;
+- the VAE encoding a crop and its mirror image (a first learn's largest fixed cost), NCHW against channels-last.
+
+`--cpu-isa avx2` limits ATen, oneDNN and MKL to AVX2 for this process (re-run with the variables set, since they
+are read when torch loads), as `bench_learn.py --cpu-isa avx2` does for its processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_learn import AVX2_ONLY  # noqa: E402
+
+
+def _timed(work: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = work()
+    return time.perf_counter() - started, result
+
+
+def _rounds(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, tuple[list[float], Any]]:
+    """Each variant once per round, in turn: its times and its last result."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    results: dict[str, Any] = {}
+    for _ in range(rounds):
+        for name, work in variants.items():
+            seconds, results[name] = _timed(work)
+            times[name].append(round(seconds, 3))
+            print(f"  {name:28} {seconds:8.3f} s", file=sys.stderr, flush=True)
+    return {name: (times[name], results[name]) for name in variants}
+
+
+def isa_check(rounds: int) -> dict[str, tuple[list[float], Any]]:
+    import torch
+
+    x, w = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    conv, image = torch.nn.Conv2d(320, 320, 3, padding=1).requires_grad_(False), torch.randn(1, 320, 64, 64)
+    warm = [x @ w, xb @ wb, conv(image)]  # noqa: F841 (the first call of each builds its kernels)
+    variants = {"matmul fp32": lambda: x @ w, "matmul bf16": lambda: xb @ wb, "conv 3x3 fp32": lambda: conv(image)}
+    return _rounds(variants, rounds)
+
+
+def unet_variants(model: Path, rounds: int) -> dict[str, tuple[list[float], Any]]:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(model / "unet").requires_grad_(False).eval()
+    unet.set_attn_processor(AttnProcessor2_0())
+    side = unet.config.sample_size
+    width = unet.config.cross_attention_dim
+    noisy, t = torch.randn(1, unet.config.in_channels, side, side), torch.tensor([500])
+    states = torch.randn(1, 77, width)
+
+    def step(channels_last: bool, math: bool) -> Any:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        unet.to(memory_format=layout)
+        rows = states.clone().requires_grad_(True)
+        backends = [SDPBackend.MATH] if math else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+        with sdpa_kernel(backends):
+            unet(noisy.contiguous(memory_format=layout), t, rows).sample.square().mean().backward()
+        return rows.grad
+
+    variants = {
+        "NCHW, SDPA flash": lambda: step(False, False),
+        "channels-last, SDPA flash": lambda: step(True, False),
+        "NCHW, SDPA math": lambda: step(False, True),
+        "channels-last, SDPA math": lambda: step(True, True),
+    }
+    return _rounds(variants, rounds)
+
+
+def vae_variants(model: Path, rounds: int) -> dict[str, tuple[list[float], Any]]:
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model / "vae").requires_grad_(False).eval()
+    size = vae.config.sample_size
+    pixels = torch.randn(1, 3, size, size)
+    pixels = torch.cat([pixels, pixels.flip(-1)])  # the crop and its mirror image, as encoding.py sends them
+
+    def encode(channels_last: bool) -> Any:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        vae.to(memory_format=layout)
+        with torch.inference_mode():
+            return vae.encode(pixels.contiguous(memory_format=layout)).latent_dist.mean.clone()
+
+    return _rounds({"NCHW": lambda: encode(False), "channels-last": lambda: encode(True)}, rounds)
+
+
+def _report(title: str, runs: dict[str, tuple[list[float], Any]]) -> None:
+    first = next(iter(runs.values()))[1]
+    print(title)
+    for name, (times, result) in runs.items():
+        line = f"  {name:28} median {statistics.median(times):8.3f} s   runs {times}"
+        if first is not None and hasattr(result, "shape") and result.shape == first.shape and result.dim() > 2:
+            scale = float(first.abs().max())
+            line += f"   max |diff| vs the first {float((result - first).abs().max()):.1e} (of max {scale:.1e})"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="an SD 1.x/2.x diffusers folder")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cpu-isa", choices=("native", "avx2"), default="native")
+    parser.add_argument("--parts", default="isa,unet,vae", help="which parts, comma-separated")
+    args = parser.parse_args()
+    if args.cpu_isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ATen {capability}, CPU ISA {args.cpu_isa}")
+    model, rounds = args.model, args.rounds
+    parts = {"isa": ("the ISA check", lambda: isa_check(rounds))}
+    parts["unet"] = ("UNet forward + backward, input gradients only, fp32", lambda: unet_variants(model, rounds))
+    parts["vae"] = ("VAE encode of a crop and its mirror image, fp32", lambda: vae_variants(model, rounds))
+    for name in args.parts.split(","):
+        title, run = parts[name]
+        _report(title, run())
+
+
+if __name__ == "__main__":
+    main()
