@@ -291,6 +291,7 @@ def align_gathered(
 
 
 PHOTOS_LISTED = 8
+"""How many file names `listed` shows ("using N photos: ...") before "and N more"."""
 
 
 def listed(verb: str, paths: Sequence[Path], reasons: Sequence[str] = ()) -> str:

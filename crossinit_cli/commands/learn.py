@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from crossinit_cli.store import Library
     from crossinit_cli.train import TrainResult
 
-"""How many photo names the "using N photos" line shows before "and N more"."""
-
 
 def learn(
     library: Library,
