@@ -449,3 +449,12 @@ def test_a_folder_skips_unusable_photos_with_why_but_a_named_photo_fails(tmp_pat
     (folder / "eileen.png").unlink()
     with pytest.raises(CrossinitError, match=r"none of the 2 photos is usable \(broken.jpg: .*; wall.png: no face"):
         faces.align_gathered(faces.gather_photos([folder]), 64)
+
+
+def test_listed_names_the_first_files_with_why_and_counts_the_rest() -> None:
+    photos = [Path(f"p{i}.jpg") for i in range(10)]
+    assert faces.listed("using", photos[:1]) == "using 1 photo: p0.jpg"
+    text = faces.listed("using", photos)
+    assert text.startswith("using 10 photos: p0.jpg, p1.jpg") and text.endswith("p7.jpg, and 2 more")
+    skipped = faces.listed("skipped", [Path("notes.txt"), Path("wall.png")], ["not a photo: .txt", "no face found"])
+    assert skipped == "skipped 2 files: notes.txt (not a photo: .txt), wall.png (no face found)"
