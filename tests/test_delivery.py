@@ -15,21 +15,17 @@ from safetensors.numpy import save_file
 from crossinit_cli import formats
 from crossinit_cli.store import Identity, Library
 from tests.conftest import OFFICIAL
+from tests.factories import random_vectors, stock_alice_and_bob
 from tests.test_formats import a1111_read, comfyui_read, invokeai_read
 from tests.test_tools import install
 
 WIDTH = 32
 
 
-def _vectors(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((2, WIDTH)).astype(np.float32)
-
-
 @pytest.fixture()
 def stocked(library: Library) -> Library:
-    library.add(Identity(name="alice", tokens=2, width=WIDTH, tags=["fam"], family="sd2"), _vectors(1), _vectors(2))
-    library.add(Identity(name="Bob", tokens=2, width=WIDTH, family="sd1"), _vectors(3))
-    library.add(Identity(name="carol", tokens=2, width=WIDTH, tags=["fam"], family="sd2"), _vectors(4))
+    stock_alice_and_bob(library, WIDTH)
+    library.add(Identity(name="carol", tokens=2, width=WIDTH, tags=["fam"], family="sd2"), random_vectors(4))
     return library
 
 
@@ -120,7 +116,7 @@ def test_a_file_crossinit_did_not_write_is_kept_unless_force(cli, stocked: Libra
     assert "skipped alice" in result.stderr and "not crossinit's export" in result.stderr
     assert theirs.read_bytes() == kept and (root / "embeddings" / "carol.safetensors").is_file()
     assert cli("export", "alice", "--to", root, "--force").exit_code == 0
-    np.testing.assert_array_equal(a1111_read(theirs).numpy(), _vectors(1))
+    np.testing.assert_array_equal(a1111_read(theirs).numpy(), random_vectors(1))
 
 
 def test_each_family_goes_in_the_layout_the_tool_reads_or_is_skipped_with_a_reason(
@@ -132,8 +128,8 @@ def test_each_family_goes_in_the_layout_the_tool_reads_or_is_skipped_with_a_reas
     xl = {"clip_l": rng.standard_normal((2, 768)).astype(np.float32), "clip_g": rng.standard_normal((2, 1280))}
     xl["clip_g"] = xl["clip_g"].astype(np.float32)
     library.add(Identity(name="xl", tokens=2, width=768, family="sdxl"), xl)
-    library.add(Identity(name="one", tokens=2, width=WIDTH, family="sd1"), _vectors(6))
-    library.add(Identity(name="odd", tokens=2, width=WIDTH), _vectors(7))  # no family known
+    library.add(Identity(name="one", tokens=2, width=WIDTH, family="sd1"), random_vectors(6))
+    library.add(Identity(name="odd", tokens=2, width=WIDTH), random_vectors(7))  # no family known
     comfy = _install(tmp_path / "ComfyUI", "comfyui")
     records = {r["name"]: r for r in json.loads(cli("export", "--all", "--to", comfy, "--json").stdout)}
     assert records["one"]["status"] == records["xl"]["status"] == "written"
@@ -207,14 +203,14 @@ def test_export_of_several_names_a_tag_or_all_into_a_folder(cli, stocked: Librar
 def test_import_of_a_folder_says_what_it_skipped_and_why(cli, library: Library, tmp_path: Path) -> None:
     folder = tmp_path / "downloads"
     folder.mkdir()
-    save_file({"emb_params": _vectors(7)}, str(folder / "dave.safetensors"))
+    save_file({"emb_params": random_vectors(7)}, str(folder / "dave.safetensors"))
     shutil.copy(OFFICIAL[0], folder / OFFICIAL[0].name)
     (folder / "readme.txt").write_text("hello")
     (folder / "broken.pt").write_bytes(b"\x80garbage")
     (folder / "nested").mkdir()
     (folder / ".hidden.safetensors").write_bytes(b"")
-    library.add(Identity(name="eve", tokens=2, width=WIDTH), _vectors(8))
-    save_file({"emb_params": _vectors(9)}, str(folder / "eve.safetensors"))
+    library.add(Identity(name="eve", tokens=2, width=WIDTH), random_vectors(8))
+    save_file({"emb_params": random_vectors(9)}, str(folder / "eve.safetensors"))
     result = cli("import", folder)
     assert result.exit_code == 0, result.stderr
     skipped = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
@@ -223,9 +219,9 @@ def test_import_of_a_folder_says_what_it_skipped_and_why(cli, library: Library, 
     assert "not a readable torch file" in reasons["broken.pt"]
     assert "already exists" in reasons["eve.safetensors"]
     assert "not an embedding file" in reasons["readme.txt"] and "folder" in reasons["nested"]
-    np.testing.assert_array_equal(library.vectors("dave").learned, _vectors(7))
+    np.testing.assert_array_equal(library.vectors("dave").learned, random_vectors(7))
     assert library.get(OFFICIAL[0].stem).width == 1024
-    np.testing.assert_array_equal(library.vectors("eve").learned, _vectors(8))  # kept
+    np.testing.assert_array_equal(library.vectors("eve").learned, random_vectors(8))  # kept
     assert "imported 2, skipped 4" in result.stderr
 
     document = json.loads(cli("import", folder, "--force", "--json").stdout)

@@ -12,20 +12,16 @@ from safetensors.numpy import save_file
 from crossinit_cli import exporting
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.exporting import Selection
-from crossinit_cli.store import Identity, Library
+from crossinit_cli.store import Library
+from tests.factories import random_vectors, stock_alice_and_bob
 from tests.test_tools import install
 
 WIDTH = 32
 
 
-def _vectors(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((2, WIDTH)).astype(np.float32)
-
-
 @pytest.fixture()
 def stocked(library: Library) -> Library:
-    library.add(Identity(name="alice", tokens=2, width=WIDTH, tags=["fam"], family="sd2"), _vectors(1), _vectors(2))
-    library.add(Identity(name="Bob", tokens=2, width=WIDTH, family="sd1"), _vectors(3))
+    stock_alice_and_bob(library, WIDTH)
     return library
 
 
@@ -71,13 +67,13 @@ def test_import_of_a_folder_returns_a_record_per_file_and_nothing_imported_is_an
 ) -> None:
     folder = tmp_path / "embeddings"
     folder.mkdir()
-    save_file({"emb_params": _vectors(5)}, str(folder / "dora.safetensors"))
+    save_file({"emb_params": random_vectors(5)}, str(folder / "dora.safetensors"))
     (folder / "notes.txt").write_text("not an embedding")
     done = exporting.import_(library, folder)
     assert capsys.readouterr() == ("", "")
     assert done.folder and [f.name for f in done.imported] == ["dora"]
     assert [(f.file.name, f.reason is not None) for f in done.skipped] == [("notes.txt", True)]
-    np.testing.assert_array_equal(library.effective_vectors("dora"), _vectors(5))
+    np.testing.assert_array_equal(library.effective_vectors("dora"), random_vectors(5))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("x")
