@@ -16,6 +16,7 @@ Silent, as learning.py: `learn_batch` tells a caller through `BatchHooks` and re
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import os
@@ -306,11 +307,25 @@ def _process_state(*, cpu: bool) -> Any:
             "launched with (that takes mpirun), so each would learn the whole batch; launch with --multi_gpu "
             "instead (on a machine without GPUs its processes run on the CPU), or run crossinit without it"
         )
+    if state.num_processes > 1:
+        atexit.unregister(_leave_the_group)  # once, however many batches this process runs
+        atexit.register(_leave_the_group)
     if state.num_processes > 1 and state.device.type == "cuda":
         import torch
 
         torch.cuda.set_device(state.device)  # one GPU per process, as accelerate assigned them
     return state
+
+
+def _leave_the_group() -> None:
+    """Destroy the process group before the process exits (registered at exit, so that a script may run
+    several batches in one process): left to the interpreter's teardown, gloo's threads could still be
+    running when their objects went, and the process ended on SIGABRT ("terminate called without an active
+    exception") instead of with its exit status."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _launched_for_several() -> bool:
