@@ -196,3 +196,42 @@ def test_accelerate_launch_cpu_on_two_machines_is_refused(
         "(on a machine without GPUs its processes run on the CPU), or run crossinit without it"
     ]
     assert not (rhome / "identities").exists() or Library(rhome).list() == []
+
+
+LEAVES_THE_GROUP = """
+import atexit, runpy, sys
+import torch.distributed as dist
+
+sys.argv = ["crossinit", *sys.argv[1:]]
+try:
+    runpy.run_module("crossinit_cli", run_name="__main__", alter_sys=True)
+except SystemExit as end:
+    code = end.code
+joined = dist.is_initialized()
+atexit._run_exitfuncs()  # what the interpreter runs first as it exits
+print(f"exit {code}; in a group {joined}; after the exit handlers {dist.is_initialized()}", file=sys.stderr)
+"""
+
+
+def test_each_process_leaves_the_process_group_before_the_interpreter_exits(
+    tiny_model: Path, rhome: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A batch process that exits with torch's process group still formed can end on SIGABRT instead of its
+    exit status (gloo's threads outlive the interpreter: "terminate called without an active exception", seen
+    in CI): crossinit destroys the group in an exit handler, which has run before the interpreter goes."""
+    people = tmp_path / "people"
+    people.mkdir()
+    Image.new("RGB", (256, 256), (90, 120, 200)).save(people / "sky.png")  # no face: the batch ends quickly
+    manifest = people / "people.csv"
+    manifest.write_text("name,photos,steps\nblank,sky.png,1\n")
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVES_THE_GROUP)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(accelerate), "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", "2",
+        "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(script), "learn", "--batch", str(manifest), "--fast", "--model", str(tiny_model),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    ends = re.findall(r"exit \d+; in a group \w+; after the exit handlers \w+", done.stderr)  # lines may interleave
+    assert ends == ["exit 1; in a group True; after the exit handlers False"] * 2, done.stderr[-3000:]
