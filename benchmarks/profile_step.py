@@ -1,6 +1,7 @@
 """Where a training step's time goes: `train.run` under torch.profiler, and the UNet's own cost beside it.
 
     python benchmarks/profile_step.py --model /tmp/fullsize/sd21 --dtype fp32 --steps 3
+    python benchmarks/profile_step.py --model /tmp/fullsize/sd21 --steps 5 --no-profiler   # wall clock only
 
 Prints, for the steps after the first (the profiler's warm-up): the top operators by self CPU time, and
 the step split into labelled parts (record_function around the UNet's forward, each text encoder's
@@ -9,12 +10,18 @@ forward, and its forward + backward with input gradients only, as a step needs) 
 forward + backward through the two rows alone, so that "the step beyond the UNet" can be read off.
 Built for the full-size random models (`synthetic.build_full_size_sd21`); on the tiny model it shows the
 same table in milliseconds.
+
+Every step's parts are also timed by the wall clock (seconds, and the process's system CPU time and minor
+page faults: memory the step touched afresh). With --no-profiler that is all it measures, so that the
+profiler's own cost (thousands of operator records a step) is not in the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import statistics
 import sys
 import time
@@ -28,18 +35,31 @@ PHOTO = ROOT / "tests" / "data" / "astronaut.png"
 
 from bench_learn import AVX2_ONLY  # noqa: E402
 
+CLOCKED: dict[str, float] = {}
+"""Wall seconds of each labelled part since the last step ended."""
+
 
 def _labelled(module: Any, method: str, label: str) -> None:
-    """Wrap `module.method` in a profiler label."""
+    """Wrap `module.method` in a profiler label, and add its wall time to CLOCKED[label]."""
     import torch
 
     original = getattr(module, method)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with torch.profiler.record_function(label):
-            return original(*args, **kwargs)
+        started = time.perf_counter()
+        try:
+            with torch.profiler.record_function(label):
+                return original(*args, **kwargs)
+        finally:
+            CLOCKED[label] = CLOCKED.get(label, 0.0) + time.perf_counter() - started
 
     setattr(module, method, wrapped)
+
+
+def _usage() -> tuple[float, int]:
+    """This process's system CPU seconds and minor page faults so far."""
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_stime, used.ru_minflt
 
 
 def main() -> None:
@@ -50,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--checkpointing", default="off", choices=("on", "off"))
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--no-profiler", action="store_true", help="time the parts by the wall clock only")
     parser.add_argument("--cpu-isa", choices=("native", "avx2"), default="native", help="avx2: as bench_learn's")
     args = parser.parse_args()
     if args.cpu_isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
@@ -77,17 +98,30 @@ def main() -> None:
     _labelled(torch.optim.AdamW, "step", "optimiser step")
     step_times: list[float] = []
     marks = [time.perf_counter()]
+    clock_rows: list[str] = []
+    usage = [_usage()]
 
     def progress(step: int, total: int, loss: float) -> None:
         marks.append(time.perf_counter())
         step_times.append(marks[-1] - marks[-2])
-        if step == 1:
+        usage.append(_usage())
+        (system, faults), (system_before, faults_before) = usage[-1], usage[-2]
+        parts = "  ".join(f"{label} {seconds:6.2f}" for label, seconds in CLOCKED.items())
+        clock_rows.append(
+            f"  step {step}: {step_times[-1]:6.2f} s  ({parts}); system {system - system_before:5.2f} s, "
+            f"{(faults - faults_before) * resource.getpagesize() / 2**20:6.0f} MiB faulted in"
+        )
+        CLOCKED.clear()
+        if step == 1 and prof is not None:
             prof.step()  # the first step is the warm-up: `schedule` records from the second
 
     hooks = train.RunHooks(progress=progress, save_state=lambda state: None)
     original_step = train._step
 
     def step(*a: Any, **k: Any) -> float:
+        if len(step_times) == 0 and len(usage) == 1:  # the first step's figures exclude the VAE encode and setup
+            marks[0], usage[0] = time.perf_counter(), _usage()
+            CLOCKED.clear()
         with record_function("train step"):
             return original_step(*a, **k)
 
@@ -95,13 +129,16 @@ def main() -> None:
     original_backward = torch.Tensor.backward
 
     def backward(self: Any, *a: Any, **k: Any) -> Any:
+        started = time.perf_counter()
         with record_function("backward (UNet and text encoder)"):
-            return original_backward(self, *a, **k)
+            result = original_backward(self, *a, **k)
+        CLOCKED["backward"] = CLOCKED.get("backward", 0.0) + time.perf_counter() - started
+        return result
 
     torch.Tensor.backward = backward
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=10**6)
-    started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], schedule=schedule) as prof:
+    profiler = profile(activities=[ProfilerActivity.CPU], schedule=schedule)
+    with contextlib.nullcontext() if args.no_profiler else profiler as prof:
         result = train.run(
             parts,
             crops,
@@ -111,13 +148,17 @@ def main() -> None:
             hooks,
             memory=train.StepMemory(checkpointing=args.checkpointing),
         )
-        marks[0] = started + result.encode_s  # the first step's time excludes the VAE encode and the setup
     torch.Tensor.backward = original_backward
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.dtype}, batch {args.batch_size}, "
         f"{size} px, checkpointing {args.checkpointing}"
     )
     print(f"VAE encode and setup {result.encode_s:.2f} s; steps {[round(t, 2) for t in step_times]}")
+    print("\neach step by the wall clock" + ("" if args.no_profiler else " (under the profiler)") + ":")
+    print("\n".join(clock_rows))
+    if prof is None:
+        _alone(pipe, slots, family, size, args, placement)
+        return
     averages = prof.key_averages()
     measured = max(1, len(step_times) - 1)
     print(f"\nlabelled parts, seconds per step over the {measured} steps after the first (inclusive):")
