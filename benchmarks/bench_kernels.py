@@ -10,7 +10,12 @@ alike):
 - the UNet's forward + backward with input gradients only (what a training step needs: only the two new rows
   learn) in fp32, NCHW against channels-last and SDPA's default kernel against its math kernel, with the
   gradient each gives against the first's;
-- the VAE encoding a crop and its mirror image (a first learn's largest fixed cost), NCHW against channels-last.
+- the VAE encoding a crop and its mirror image (a first learn's largest fixed cost), NCHW against channels-last;
+- pre-packed convolution weights: oneDNN reorders a convolution's weights into its blocked layout at every
+  call; packed once (`mkldnn_reorder_conv2d_weight`, as torch's inductor does for inference) and run through
+  `mkldnn._convolution_pointwise`, forward and backward (input gradients: the same kind of convolution with
+  the weights transposed and flipped), alone on single convolutions (`--parts conv`) and on every stride-1
+  convolution of the UNet (the "packed" row of `--parts unet`).
 
 `--cpu-isa avx2` limits ATen, oneDNN and MKL to AVX2 for this process (re-run with the variables set, since they
 are read when torch loads), as `bench_learn.py --cpu-isa avx2` does for its processes.
@@ -75,21 +80,80 @@ def unet_variants(model: Path, rounds: int) -> dict[str, tuple[list[float], Any]
     noisy, t = torch.randn(1, unet.config.in_channels, side, side), torch.tensor([500])
     states = torch.randn(1, 77, width)
 
-    def step(channels_last: bool, math: bool) -> Any:
+    def step(channels_last: bool, math: bool, packed: bool = False) -> Any:
         layout = torch.channels_last if channels_last else torch.contiguous_format
         unet.to(memory_format=layout)
         rows = states.clone().requires_grad_(True)
         backends = [SDPBackend.MATH] if math else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+        for module, forward in packs.items():
+            module.forward = forward if packed else type(module).forward.__get__(module)
         with sdpa_kernel(backends):
             unet(noisy.contiguous(memory_format=layout), t, rows).sample.square().mean().backward()
         return rows.grad
 
+    packs = {m: _packed_forward(m, side) for m in unet.modules() if _packable(m)}  # packed once, not timed
     variants = {
         "NCHW, SDPA flash": lambda: step(False, False),
         "channels-last, SDPA flash": lambda: step(True, False),
         "NCHW, SDPA math": lambda: step(False, True),
         "channels-last, SDPA math": lambda: step(True, True),
+        "NCHW, SDPA flash, packed": lambda: step(False, False, packed=True),
     }
+    return _rounds(variants, rounds)
+
+
+def _packable(module: Any) -> bool:
+    import torch
+
+    plain = getattr(module, "padding_mode", "") == "zeros" and getattr(module, "groups", 0) == 1
+    return isinstance(module, torch.nn.Conv2d) and plain and module.stride == (1, 1) and module.dilation == (1, 1)
+
+
+def _packed_forward(conv: Any, side: int) -> Callable[[Any], Any]:
+    """`conv`'s forward with its weights packed once for oneDNN, and its backward (input gradients) likewise."""
+    import torch
+
+    pad = list(conv.padding)
+    back_pad = [k - 1 - p for k, p in zip(conv.kernel_size, pad)]
+    ones = [1, 1]
+    reorder = torch._C._nn.mkldnn_reorder_conv2d_weight
+    ahead = reorder(conv.weight.to_mkldnn(), pad, ones, ones, 1, [1, conv.in_channels, side, side])
+    flipped = conv.weight.transpose(0, 1).flip(2, 3).contiguous()
+    back = reorder(flipped.to_mkldnn(), back_pad, ones, ones, 1, [1, conv.out_channels, side, side])
+
+    def run(x: Any, weight: Any, bias: Any, padding: list[int]) -> Any:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, ones, ones, 1, "none", [], "")
+
+    class Packed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any) -> Any:
+            return run(x, ahead, conv.bias, pad).contiguous()
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            return run(grad.contiguous(), back, None, back_pad).contiguous()
+
+    return Packed.apply
+
+
+def conv_variants(rounds: int) -> dict[str, tuple[list[float], Any]]:
+    """Single convolutions of the UNet's shapes (input channels, output channels, side), stock against packed."""
+    import torch
+
+    torch.manual_seed(0)
+    variants: dict[str, Callable[[], Any]] = {}
+    for cin, cout, side in ((320, 320, 64), (1280, 1280, 16), (1280, 1280, 8), (2560, 1280, 8)):
+        conv = torch.nn.Conv2d(cin, cout, 3, padding=1).requires_grad_(False)
+        x = torch.randn(1, cin, side, side)
+        packed = _packed_forward(conv, side)
+
+        def both(forward: Callable[[Any], Any], x: Any = x) -> Any:
+            inputs = x.clone().requires_grad_(True)
+            forward(inputs).square().sum().backward()
+            return inputs.grad
+
+        variants[f"{cin}->{cout} at {side}, stock"] = lambda both=both, conv=conv: both(conv)
+        variants[f"{cin}->{cout} at {side}, packed"] = lambda both=both, packed=packed: both(packed)
     return _rounds(variants, rounds)
 
 
@@ -127,7 +191,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="an SD 1.x/2.x diffusers folder")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cpu-isa", choices=("native", "avx2"), default="native")
-    parser.add_argument("--parts", default="isa,unet,vae", help="which parts, comma-separated")
+    parser.add_argument("--parts", default="isa,unet,vae,conv", help="which parts, comma-separated")
     args = parser.parse_args()
     if args.cpu_isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
@@ -139,6 +203,7 @@ def main() -> None:
     parts = {"isa": ("the ISA check", lambda: isa_check(rounds))}
     parts["unet"] = ("UNet forward + backward, input gradients only, fp32", lambda: unet_variants(model, rounds))
     parts["vae"] = ("VAE encode of a crop and its mirror image, fp32", lambda: vae_variants(model, rounds))
+    parts["conv"] = ("single convolutions, forward + backward (input gradients), fp32", lambda: conv_variants(rounds))
     for name in args.parts.split(","):
         title, run = parts[name]
         _report(title, run())
