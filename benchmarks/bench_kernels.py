@@ -154,7 +154,12 @@ def conv_variants(rounds: int) -> dict[str, tuple[list[float], Any]]:
 
         variants[f"{cin}->{cout} at {side}, stock"] = lambda both=both, conv=conv: both(conv)
         variants[f"{cin}->{cout} at {side}, packed"] = lambda both=both, packed=packed: both(packed)
-    return _rounds(variants, rounds)
+    runs = _rounds(variants, rounds)
+    names = list(runs)
+    for stock, packed in zip(names[::2], names[1::2]):  # each packed input gradient against its stock one
+        expected, got = runs[stock][1], runs[packed][1]
+        print(f"  {packed}: max |diff| {float((got - expected).abs().max()):.1e} of {float(expected.abs().max()):.1e}")
+    return runs
 
 
 def vae_variants(model: Path, rounds: int) -> dict[str, tuple[list[float], Any]]:
