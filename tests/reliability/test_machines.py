@@ -199,9 +199,11 @@ def test_accelerate_launch_cpu_on_two_machines_is_refused(
 
 
 LEAVES_THE_GROUP = """
-import atexit, runpy, sys
+import atexit, os, runpy, sys
+from pathlib import Path
 import torch.distributed as dist
 
+report = Path(os.environ["LEAVE_REPORTS"]) / os.environ["RANK"]  # one file a process: stderr lines interleave
 sys.argv = ["crossinit", *sys.argv[1:]]
 try:
     runpy.run_module("crossinit_cli", run_name="__main__", alter_sys=True)
@@ -209,7 +211,7 @@ except SystemExit as end:
     code = end.code
 joined = dist.is_initialized()
 atexit._run_exitfuncs()  # what the interpreter runs first as it exits
-print(f"exit {code}; in a group {joined}; after the exit handlers {dist.is_initialized()}", file=sys.stderr)
+report.write_text(f"exit {code}; in a group {joined}; after the exit handlers {dist.is_initialized()}")
 """
 
 
@@ -232,6 +234,9 @@ def test_each_process_leaves_the_process_group_before_the_interpreter_exits(
         "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
         str(script), "learn", "--batch", str(manifest), "--fast", "--model", str(tiny_model),
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    ends = re.findall(r"exit \d+; in a group \w+; after the exit handlers \w+", done.stderr)  # lines may interleave
-    assert ends == ["exit 1; in a group True; after the exit handlers False"] * 2, done.stderr[-3000:]
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    launched = {**env, "LEAVE_REPORTS": str(reports)}
+    done = subprocess.run(command, env=launched, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    ends = {p.name: p.read_text() for p in reports.iterdir()}
+    assert ends == {r: "exit 1; in a group True; after the exit handlers False" for r in "01"}, done.stderr[-3000:]
