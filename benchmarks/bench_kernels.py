@@ -66,7 +66,7 @@ def isa_check(rounds: int) -> dict[str, tuple[list[float], Any]]:
     return _rounds(variants, rounds)
 
 
-def unet_variants(model: Path, rounds: int) -> dict[str, tuple[list[float], Any]]:
+def unet_variants(model: Path, rounds: int, only: str = "") -> dict[str, tuple[list[float], Any]]:
     import torch
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -91,7 +91,14 @@ def unet_variants(model: Path, rounds: int) -> dict[str, tuple[list[float], Any]
             unet(noisy.contiguous(memory_format=layout), t, rows).sample.square().mean().backward()
         return rows.grad
 
-    packs = {m: _packed_forward(m, side) for m in unet.modules() if _packable(m)}  # packed once, not timed
+    convs = [m for m in unet.modules() if _packable(m)]
+    sides: dict[Any, int] = {}  # each convolution's input side: a weight packed for another size is reordered again
+    hooks = [m.register_forward_pre_hook(lambda m, args: sides.__setitem__(m, args[0].shape[-1])) for m in convs]
+    with torch.no_grad():
+        unet(noisy, t, states)
+    for hook in hooks:
+        hook.remove()
+    packs = {m: _packed_forward(m, sides[m]) for m in convs}  # packed once, not timed
     variants = {
         "NCHW, SDPA flash": lambda: step(False, False),
         "channels-last, SDPA flash": lambda: step(True, False),
@@ -99,6 +106,8 @@ def unet_variants(model: Path, rounds: int) -> dict[str, tuple[list[float], Any]
         "channels-last, SDPA math": lambda: step(True, True),
         "NCHW, SDPA flash, packed": lambda: step(False, False, packed=True),
     }
+    if only:
+        variants = {name: work for name, work in variants.items() if name in only.split(";")}
     return _rounds(variants, rounds)
 
 
@@ -197,6 +206,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cpu-isa", choices=("native", "avx2"), default="native")
     parser.add_argument("--parts", default="isa,unet,vae,conv", help="which parts, comma-separated")
+    parser.add_argument("--unet-variants", default="", help="only these UNet variants (names, ;-separated)")
     args = parser.parse_args()
     if args.cpu_isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
@@ -206,7 +216,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ATen {capability}, CPU ISA {args.cpu_isa}")
     model, rounds = args.model, args.rounds
     parts = {"isa": ("the ISA check", lambda: isa_check(rounds))}
-    parts["unet"] = ("UNet forward + backward, input gradients only, fp32", lambda: unet_variants(model, rounds))
+    title = "UNet forward + backward, input gradients only, fp32"
+    parts["unet"] = (title, lambda: unet_variants(model, rounds, args.unet_variants))
     parts["vae"] = ("VAE encode of a crop and its mirror image, fp32", lambda: vae_variants(model, rounds))
     parts["conv"] = ("single convolutions, forward + backward (input gradients), fp32", lambda: conv_variants(rounds))
     for name in args.parts.split(","):
