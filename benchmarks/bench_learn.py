@@ -289,9 +289,8 @@ def _aligned(tmp: str, size: int) -> Path:
 # ---- side by side: crossinit and the example loop, each in its own process ----------------------
 
 LOOPS = ("loop-fp32", "loop-bf16")
-CROSSINITS = {"crossinit": "auto", "crossinit-ckpt-on": "on", "crossinit-ckpt-off": "off", "crossinit-unpacked": "auto"}
-"""crossinit as a user runs it, with `--checkpointing` chosen by memory (auto) or forced on or off; unpacked: with
-CROSSINIT_PACKED_CONVOLUTIONS=0 (the UNet's convolutions on their stock weights, packedconv.py)."""
+CROSSINITS = {"crossinit": "auto", "crossinit-ckpt-on": "on", "crossinit-ckpt-off": "off"}
+"""crossinit as a user runs it, with `--checkpointing` chosen by memory (auto) or forced on or off."""
 """The diffusers-style loop as the official code runs (fp32), and as accelerate's `--mixed_precision bf16`
 runs it (frozen UNet and VAE cast to bf16, as the example does, and every forward under bf16 autocast)."""
 
@@ -462,8 +461,6 @@ def _run_method(method: str, args: argparse.Namespace, model: Path, crop: Path, 
     if method in CROSSINITS:
         home = tempfile.mkdtemp(dir=tmp)
         env.update(CROSSINIT_HOME=home, CROSSINIT_CONFIG=str(Path(home) / "c.toml"))
-        if method == "crossinit-unpacked":
-            env["CROSSINIT_PACKED_CONVOLUTIONS"] = "0"
         # From the photo itself, as a user runs it: the face detection and alignment are part of its fixed cost.
         learn = ["-v", "learn", str(PHOTO), "--steps", str(steps), "--checkpointing", CROSSINITS[method]]
         learn += ["--batch-size", str(batch), "--model", str(model), "--device", "cpu", "--dtype", args.dtype]
@@ -605,8 +602,7 @@ def main() -> None:
         "--methods",
         default="crossinit,loop-fp32,loop-bf16",
         help="with --side-by-side: which to run, in this order each round (crossinit first); also "
-        "crossinit-ckpt-on and crossinit-ckpt-off (crossinit with --checkpointing forced), crossinit-unpacked "
-        "(its convolutions on their stock weights: CROSSINIT_PACKED_CONVOLUTIONS=0)",
+        "crossinit-ckpt-on and crossinit-ckpt-off (crossinit with --checkpointing forced)",
     )
     parser.add_argument("--sdxl-model", help="with --side-by-side: the same methods on this SDXL folder too")
     parser.add_argument("--sdxl-resolution", type=int, default=512, help="with --sdxl-model (default 512)")

@@ -18,23 +18,15 @@ gradient is ever computed (the UNet is frozen), and the modules are as before on
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
 ONES = [1, 1]
 
 
-ENV = "CROSSINIT_PACKED_CONVOLUTIONS"
-"""`0` turns the packing off (to compare, or where a oneDNN build misbehaves)."""
-
-
 def available() -> bool:
-    """Whether this torch build has the oneDNN operators the packing uses, and it is not turned off (`ENV`)."""
+    """Whether this torch build has the oneDNN operators the packing uses."""
     import torch
-
-    if os.environ.get(ENV, "").strip() == "0":
-        return False
 
     ops = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
     return bool(torch.backends.mkldnn.is_available()) and ops

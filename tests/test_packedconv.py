@@ -55,13 +55,6 @@ def test_a_packed_convolution_gives_the_stock_output_and_input_gradient(channels
     assert torch.equal(output_and_gradient()[1], stock[1])  # unpacked: the stock numbers, bit for bit
 
 
-def test_packing_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(packedconv.ENV, "0")
-    assert not packedconv.available()
-    monkeypatch.setenv(packedconv.ENV, "1")
-    assert packedconv.available()
-
-
 def test_only_plain_stride_1_convolutions_are_packed() -> None:
     assert packedconv.packable(torch.nn.Conv2d(4, 4, 3, padding=1))
     assert packedconv.packable(torch.nn.Conv2d(4, 4, 1))
