@@ -620,7 +620,6 @@ def _micro_batch_record(result: TrainResult) -> dict[str, Any]:
         "micro_batch_reason": micro.reason,
         "checkpointing": micro.checkpointing,
         "checkpointing_reason": micro.checkpointing_reason,
-        "packed_convolutions": micro.packed,
     }
 
 

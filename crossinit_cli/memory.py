@@ -55,8 +55,6 @@ class MicroBatch:
     reason: str
     checkpointing: bool = False  # the UNet's gradient checkpointing: its forward recomputed in the backward
     checkpointing_reason: str = ""
-    packed: bool = False  # the UNet's convolution weights packed once for oneDNN (packedconv.py): CPU, fp32
-    packed_reason: str = ""
 
     @property
     def split(self) -> bool:
@@ -67,8 +65,6 @@ class MicroBatch:
         text = f"micro-batch {self.size} of batch {self.batch_size} ({self.reason})"
         if self.checkpointing_reason:
             text += f"; gradient checkpointing {'on' if self.checkpointing else 'off'} ({self.checkpointing_reason})"
-        if self.packed_reason:
-            text += f"; convolution weights {'packed' if self.packed else 'not packed'} ({self.packed_reason})"
         return text
 
 
@@ -129,17 +125,6 @@ def plan(
         why = f"{need}, {_gb(free)} is free" + ("" if on else ": no recomputation")
     chosen = choose(batch_size, requested, checkpointed if on else plain, free)
     return replace(chosen, checkpointing=on, checkpointing_reason=why)
-
-
-def with_packing(chosen: MicroBatch, per_item: tuple[int, int], packs: int, free: int | None) -> MicroBatch:
-    """`chosen` with the UNet's convolution weights packed (packedconv.py) where the `packs` bytes fit beside
-    its step in `HEADROOM` of `free`; not where the free memory is unknown. `per_item` as for `plan`."""
-    if free is None:
-        return replace(chosen, packed=False, packed_reason="the free memory is unknown here")
-    step = (per_item[1] if chosen.checkpointing else per_item[0]) * chosen.size
-    fits = step + packs <= HEADROOM * free
-    why = f"~{_gb(packs)} of packs beside a step of ~{_gb(step)}, {_gb(free)} is free"
-    return replace(chosen, packed=fits, packed_reason=why)
 
 
 def choose(batch_size: int, requested: int | None, per_item: int, free: int | None) -> MicroBatch:

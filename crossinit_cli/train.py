@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossinit_cli import families, objective, packedconv, runstate
+from crossinit_cli import families, objective, runstate
 from crossinit_cli.captions import TEMPLATES, caption_ids, condition, gather, splice_rows
 from crossinit_cli.crossinit import add_placeholder_tokens
 from crossinit_cli.encoding import Latents, encode_crops, photo_time_ids
@@ -336,19 +336,16 @@ def _setup(parts: ModelParts, config: TrainConfig, placement: Placement) -> _Set
 
 
 def _micro_batch(parts: ModelParts, setup: _Setup, asked: StepMemory) -> MicroBatch:
-    """Micro-batch, checkpointing, packed convolutions (CPU, fp32: packedconv.py): as asked or as fit (memory.py)."""
+    """The micro-batch and checkpointing: as asked, or what fits in the free memory now (memory.plan)."""
     from crossinit_cli import memory
 
     latent_side = setup.size // 2 ** (len(parts.vae.config.block_out_channels) - 1)
     per_item = memory.item_estimates(
         parts.unet.config.block_out_channels, latent_side, setup.placement.dtype, setup.family
     )
-    packing = setup.placement.device == "cpu" and setup.placement.dtype == "fp32" and packedconv.available()
-    measure = asked.micro_batch is None or asked.checkpointing == "auto" or packing
-    free = memory.free_bytes(str(setup.device)) if measure else None
+    free = memory.free_bytes(str(setup.device)) if asked.micro_batch is None or asked.checkpointing == "auto" else None
     batch, default = setup.config.batch_size, setup.family.checkpointing
-    chosen = memory.plan(batch, asked.micro_batch, asked.checkpointing, per_item, free, default)
-    return memory.with_packing(chosen, per_item, packedconv.pack_bytes(parts.unet), free) if packing else chosen
+    return memory.plan(batch, asked.micro_batch, asked.checkpointing, per_item, free, default)
 
 
 def _time_ids_tensor(setup: _Setup, sizes: Sequence[SizeCondition] | None, photos: int) -> torch.Tensor | None:
@@ -501,33 +498,32 @@ def _train_loop(
         # In eval mode: diffusers >= 0.32 checkpoints whenever grad is enabled (0.30-0.31 only in train mode,
         # hence the floor in pyproject.toml; tests/test_fidelity.py counts the recomputed blocks).
         model.unet.enable_gradient_checkpointing()
-    with packedconv.packed(model.unet, setup.micro is not None and setup.micro.packed):
-        try:
-            for step in range(loop.done + 1, config.steps + 1):
-                value = _step(loop, data, model, optimiser, setup)
-                if not math.isfinite(value):
-                    raise CrossinitError(
-                        f"training diverged at step {step} (loss is {value}); try --dtype fp32 or a lower --lr"
-                    )
-                _keep(step, value, loop, model, optimiser, config, hooks)
-            _check_final(model, optimiser, setup)
-        except KeyboardInterrupt:
-            if hooks.save_state is not None and loop.state is not None:
-                hooks.save_state(loop.state)
+    try:
+        for step in range(loop.done + 1, config.steps + 1):
+            value = _step(loop, data, model, optimiser, setup)
+            if not math.isfinite(value):
+                raise CrossinitError(
+                    f"training diverged at step {step} (loss is {value}); try --dtype fp32 or a lower --lr"
+                )
+            _keep(step, value, loop, model, optimiser, config, hooks)
+        _check_final(model, optimiser, setup)
+    except KeyboardInterrupt:
+        if hooks.save_state is not None and loop.state is not None:
+            hooks.save_state(loop.state)
+        raise
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError, MPS's and the CPU allocator's are RuntimeErrors
+        if not _out_of_memory(exc):
             raise
-        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError, MPS's and the CPU allocator's are RuntimeErrors
-            if not _out_of_memory(exc):
-                raise
-            micro = f" (micro-batch {setup.micro_size})" if setup.micro_size < config.batch_size else ""
-            raise CrossinitError(
-                f"out of memory on {setup.placement.device} at batch size {config.batch_size}{micro} and {setup.size} "
-                f"px; {oom_advice(config, setup.size, setup.micro_size, suggest_checkpointing=not checkpointed)}"
-            ) from None
-        finally:
-            for hook in hooked:
-                hook.remove()
-            if checkpointed:
-                model.unet.disable_gradient_checkpointing()
+        micro = f" (micro-batch {setup.micro_size})" if setup.micro_size < config.batch_size else ""
+        raise CrossinitError(
+            f"out of memory on {setup.placement.device} at batch size {config.batch_size}{micro} and {setup.size} "
+            f"px; {oom_advice(config, setup.size, setup.micro_size, suggest_checkpointing=not checkpointed)}"
+        ) from None
+    finally:
+        for hook in hooked:
+            hook.remove()
+        if checkpointed:
+            model.unet.disable_gradient_checkpointing()
 
 
 def _out_of_memory(exc: RuntimeError) -> bool:
