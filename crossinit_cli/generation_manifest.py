@@ -161,8 +161,9 @@ def plan_manifest(
     `on_bad` (which skips it or raises). A CrossinitError when none can run."""
     context = LineContext(flags, library, Path(run.output_dir).expanduser(), hooks.warn)
     lines, skipped = _parsed_lines(manifest_lines(text, source), context, hooks, on_bad)
-    check_one_family(_named(library, lines))  # one model for every line, as for generate's prompts
-    model = run.model_for(_named(library, lines))
+    named = _named(library, lines)
+    check_one_family(named)  # one model for every line, as for generate's prompts
+    model = run.model_for(named)
     total = len(lines) + skipped
     devices.check_model_reference(model)
     placement = devices.resolve(run.device, run.dtype)
