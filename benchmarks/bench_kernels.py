@@ -91,11 +91,15 @@ def unet_variants(model: Path, rounds: int, only: str = "") -> dict[str, tuple[l
             unet(noisy.contiguous(memory_format=layout), t, rows).sample.square().mean().backward()
         return rows.grad
 
-    convs = [m for m in unet.modules() if _packable(m)]
+    def wanted(name: str) -> bool:
+        return not only or name in only.split(";")
+
+    convs = [m for m in unet.modules() if _packable(m)] if wanted("NCHW, SDPA flash, packed") else []
     sides: dict[Any, int] = {}  # each convolution's input side: a weight packed for another size is reordered again
     hooks = [m.register_forward_pre_hook(lambda m, args: sides.__setitem__(m, args[0].shape[-1])) for m in convs]
-    with torch.no_grad():
-        unet(noisy, t, states)
+    if convs:
+        with torch.no_grad():
+            unet(noisy, t, states)
     for hook in hooks:
         hook.remove()
     packs = {m: _packed_forward(m, sides[m]) for m in convs}  # packed once, not timed
@@ -106,9 +110,7 @@ def unet_variants(model: Path, rounds: int, only: str = "") -> dict[str, tuple[l
         "channels-last, SDPA math": lambda: step(True, True),
         "NCHW, SDPA flash, packed": lambda: step(False, False, packed=True),
     }
-    if only:
-        variants = {name: work for name, work in variants.items() if name in only.split(";")}
-    return _rounds(variants, rounds)
+    return _rounds({name: work for name, work in variants.items() if wanted(name)}, rounds)
 
 
 def _packable(module: Any) -> bool:

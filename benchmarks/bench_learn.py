@@ -554,17 +554,13 @@ def _side_by_side(args: argparse.Namespace, model: Path, resolution: int) -> dic
 def _goals(args: argparse.Namespace, family: str) -> dict[str, float]:
     """Issue 31's per-step goals against each loop: SDXL 1.4x the fp32 loop; SD 1.x/2.x 2.0x the fp32 loop
     where crossinit trains in fp32 (a CPU without native bf16), else 3.5x the fp32 and 1.5x the bf16 loop."""
-    from crossinit_cli import devices
+    from crossinit_cli import devices, families
 
-    if family == "sdxl" or (family == "model" and _is_sdxl(Path(args.model))):
+    peeked = families.peek(args.model) if family == "model" else None
+    if family == "sdxl" or (peeked is not None and peeked.family.name == "sdxl"):
         return {"loop_fp32": 1.4}
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and devices.cpu_bf16()[0])
     return {"loop_fp32": 3.5, "loop_bf16": 1.5} if bf16 else {"loop_fp32": 2.0, "loop_bf16": 1.5}
-
-
-def _is_sdxl(model: Path) -> bool:
-    """Whether a diffusers folder holds SDXL (a second text encoder)."""
-    return (model / "text_encoder_2").is_dir()
 
 
 def main() -> None:

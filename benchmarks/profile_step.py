@@ -119,7 +119,7 @@ def main() -> None:
     original_step = train._step
 
     def step(*a: Any, **k: Any) -> float:
-        if len(step_times) == 0 and len(usage) == 1:  # the first step's figures exclude the VAE encode and setup
+        if not step_times:  # the first step's figures exclude the VAE encode and the setup
             marks[0], usage[0] = time.perf_counter(), _usage()
             CLOCKED.clear()
         with record_function("train step"):
