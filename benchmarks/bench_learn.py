@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,7 +296,15 @@ runs it (frozen UNet and VAE cast to bf16, as the example does, and every forwar
 
 
 def example_loop_steps(
-    model: Path, crop_path: Path, *, steps: int, batch_size: int, size: int, bf16: bool, cpu: list[float]
+    model: Path,
+    crop_path: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    size: int,
+    bf16: bool,
+    cpu: list[float],
+    after_step: Callable[[], None] = lambda: None,
 ) -> list[float]:
     """The example's loop on any family (SDXL: its textual_inversion_sdxl variant, both tables trained, the
     UNet fed hidden_states[-2] of both encoders, encoder 2's pooled output and the time ids); seconds per step."""
@@ -377,6 +385,7 @@ def example_loop_steps(
         loss.item()
         times.append(time.perf_counter() - started)
         cpu.append(time.process_time() - started_cpu)
+        after_step()
     return times
 
 
