@@ -270,8 +270,8 @@ def export(
         typer.Option(
             "--output",
             "-o",
-            help="File to write, its suffix picking the format (.safetensors, .pt, .bin, .png), or folder (existing "
-            "or ending in /) (default: ./<name>.<ext>); a folder for several.",
+            help="File to write, its suffix picking the format (.safetensors, .pt, .bin, .png; a name without one "
+            "gets the format's), or folder (existing or ending in /) (default: ./<name>.<ext>); a folder for several.",
         ),
     ] = None,
     to: Annotated[

@@ -334,9 +334,9 @@ def format_for_file(path: Path, fmt: str | None) -> str:
     """The format an export to the file `path` is written in: the one its name's suffix names (`.pt`:
     a1111-pt, `.bin`: official, `.safetensors`: a1111, `.diffusers.safetensors`: diffusers, `.png`:
     a1111-png), or `fmt` when given, which must write files of that extension. A name without an
-    extension takes `fmt` (default a1111); any other extension is refused, so no tool is handed a file its
-    name misdescribes."""
-    name, ext = path.name.lower(), _extension(path.name) if "." in path.name.lstrip(".") else ""
+    extension takes `fmt` (default a1111) and its suffix (`export_path`); any other extension is refused,
+    so no tool is handed a file its name misdescribes."""
+    name, ext = path.name.lower(), _extension(path.name) if _has_extension(path.name) else ""
     named = next(
         (f.name for f in sorted(REGISTRY.values(), key=lambda f: -len(f.suffix)) if name.endswith(f.suffix)), None
     )
@@ -356,6 +356,17 @@ def format_for_file(path: Path, fmt: str | None) -> str:
             f"drop --format{f' (the name picks {named})' if named else ''} or name it *{wanted}"
         )
     return fmt
+
+
+def _has_extension(name: str) -> bool:
+    return "." in name.lstrip(".")
+
+
+def export_path(path: Path, fmt: str) -> Path:
+    """The file an export to `-o path` writes: `path`, or with `fmt`'s suffix added when its name has no
+    extension (`-o alice` writes `alice.safetensors`). No tool reads an embedding file without one:
+    A1111, Forge and SD.Next pick their files by extension, and ComfyUI reads any other name as a pickle."""
+    return path if _has_extension(path.name) else path.with_name(path.name + REGISTRY[fmt].suffix)
 
 
 def names_a_file(output: str) -> bool:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from crossinit_cli import formats
 from crossinit_cli.errors import CrossinitError
 from crossinit_cli.store import Identity, Library
+from tests import test_readers
 from tests.conftest import OFFICIAL
 
 WIDTH = 32
@@ -431,8 +432,23 @@ def test_a_format_of_the_same_kind_may_be_named(cli, alice, tmp_path: Path) -> N
     """--format diffusers or invokeai into a .safetensors file: the kind matches, the layout is the format's."""
     assert cli("export", "alice", "--format", "diffusers", "-o", tmp_path / "d.safetensors").exit_code == 0
     assert list(load_file(str(tmp_path / "d.safetensors"))) == ["<alice>"]
-    assert cli("export", "alice", "-o", tmp_path / "noext").exit_code == 0  # no extension: the default layout
-    assert list(load_file(str(tmp_path / "noext"))) == ["emb_params"]
+
+
+def test_a_file_name_without_an_extension_gets_its_formats(cli, alice, tmp_path: Path) -> None:
+    """`-o noext`: the default layout, in `noext.safetensors`, which A1111's own loader reads (it skips a
+    file without an embedding extension); `-f a1111-pt -o noext` writes `noext.pt`. The message names it."""
+    result = cli("export", "alice", "-o", tmp_path / "noext")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.glob("noext*")) == ["noext.safetensors"]
+    assert list(load_file(str(tmp_path / "noext.safetensors"))) == ["emb_params"]
+    assert f"to {tmp_path / 'noext.safetensors'}" in result.stderr + result.stdout
+    assert "write `noext` in a prompt" in result.stderr + result.stdout
+    rows = test_readers.LOADERS["a1111"](tmp_path / "noext.safetensors")
+    assert [tuple(r.shape) for r in rows] == [(2, WIDTH)]
+    assert cli("export", "alice", "-f", "a1111-pt", "-o", tmp_path / "noext").exit_code == 0
+    assert sorted(p.name for p in tmp_path.glob("noext*")) == ["noext.pt", "noext.safetensors"]
+    again = cli("export", "alice", "-o", tmp_path / "noext")  # the file it would write exists
+    assert again.exit_code == 1 and "noext.safetensors already exists" in again.stderr
 
 
 def test_several_identities_and_one_file_name_are_refused(cli, alice, library: Library, tmp_path: Path) -> None:
