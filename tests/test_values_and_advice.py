@@ -158,7 +158,7 @@ def test_an_imported_files_base_model_is_reported_and_not_used_until_named(
     imported = cli("import", file)
     assert imported.exit_code == 0, imported.stderr
     assert "its file names base model '/nonexistent'" in imported.stderr
-    assert "crossinit edit eve --model /nonexistent" in imported.stderr
+    assert "crossinit edit eve --model /nonexistent (or generate and eval with --model)" in imported.stderr
     assert library.get("eve").base_model_claimed is True
 
     result = cli("generate", "<eve> on a beach", "--out", tmp_path / "out")

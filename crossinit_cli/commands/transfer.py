@@ -174,6 +174,7 @@ def _report_claim(library: Library, name: str) -> None:
         ui.info(
             escape(
                 f"{ident.name}: its file names base model '{model}', which is not downloaded or used until you "
-                f"name it: crossinit edit {shlex.quote(ident.name)} --model {shlex.quote(model)} (or --model)"
+                f"name it: crossinit edit {shlex.quote(ident.name)} --model {shlex.quote(model)} (or generate and eval "
+                "with --model)"
             )
         )
