@@ -3,7 +3,8 @@
     python benchmarks/count_flops.py --model /tmp/fullsize/sd21              # SD 2.1-base shapes, 512 px
     python benchmarks/count_flops.py --model /tmp/fullsize/sdxl --resolution 512 --cpu-isa avx2
 
-Counts (torch.utils.flop_counter: matrix products, convolutions and attention, forward and backward) what
+Counts (torch.utils.flop_counter: matrix products, convolutions and attention, forward and backward; the
+CPU's flash attention added to what it knows) what
 one training step of each actually runs: crossinit's `train._step` inside `train.run`, and a step of
 bench_learn's example loop (its own VAE encode, the text encoder with the whole table trainable, the
 UNet). Also the VAE encode that `train.run` does once per run (a first learn's largest fixed cost).
@@ -37,6 +38,26 @@ def _gflop(counter: Any) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def _counter() -> Any:
+    """A FlopCounterMode that also counts the CPU's flash attention, forward and backward, as torch counts
+    the other SDPA kernels (2 matrix products forward, 5 backward; its registry leaves the CPU's out)."""
+    import torch
+    from torch.utils import flop_counter
+
+    def forward(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return flop_counter.sdpa_flop_count(q, k, v)
+
+    def backward(grad: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad, q, k, v)
+
+    aten = torch.ops.aten  # the counter hands the formulas each tensor's shape
+    cpu = {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
+    return flop_counter.FlopCounterMode(display=False, custom_mapping=cpu)
+
+
 def sgemm_rate() -> float:
     """GFLOP/s of a 2048³ fp32 matrix product on this machine, the best of 3."""
     import torch
@@ -53,8 +74,6 @@ def sgemm_rate() -> float:
 
 def crossinit_counts(model: str, steps: int, resolution: int | None) -> dict[str, float]:
     """GFLOP of train.run's VAE encode and of its last step; seconds of the step before it (uncounted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from crossinit_cli import crossinit, families, train
     from crossinit_cli.devices import Placement, load_pipeline
     from crossinit_cli.faces import align_faces
@@ -67,7 +86,7 @@ def crossinit_counts(model: str, steps: int, resolution: int | None) -> dict[str
     inits = crossinit.cross_init_slots(slots)
     parts = train.ModelParts.of_pipeline(pipe, family, slots)
     config = train.TrainConfig(steps=steps, batch_size=1, resolution=size)
-    encode, counted = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    encode, counted = _counter(), _counter()
     figures: dict[str, float] = {"size": size}
     done: list[float] = []  # each step's seconds
     original_step = train._step
@@ -105,9 +124,7 @@ def crossinit_counts(model: str, steps: int, resolution: int | None) -> dict[str
 
 def loop_counts(model: str, steps: int, size: int) -> dict[str, float]:
     """GFLOP of the example loop's last step; seconds of the step before it (uncounted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counted = FlopCounterMode(display=False)
+    counted = _counter()
     ended: list[int] = []
 
     def after_step() -> None:  # the next step starts as this returns: count the last one only
