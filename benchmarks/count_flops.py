@@ -4,10 +4,10 @@
     python benchmarks/count_flops.py --model /tmp/fullsize/sdxl --resolution 512 --cpu-isa avx2
 
 Counts (torch.utils.flop_counter: matrix products, convolutions and attention, forward and backward; the
-CPU's flash attention added to what it knows) what
-one training step of each actually runs: crossinit's `train._step` inside `train.run`, and a step of
-bench_learn's example loop (its own VAE encode, the text encoder with the whole table trainable, the
-UNet). Also the VAE encode that `train.run` does once per run (a first learn's largest fixed cost).
+CPU's flash attention added to what it knows) what one training step of each actually runs: crossinit's
+`train._step` inside `train.run`, and a step of bench_learn's example loop (its own VAE encode, the text
+encoder with the whole table trainable, the UNet). Also the VAE encode that `train.run` does once per run
+(a first learn's largest fixed cost).
 
 The counter slows the many small operators it intercepts, so the seconds beside each count are those of
 the step before it, run uncounted (the VAE encode's, which has few operators, are taken under it).
@@ -92,7 +92,7 @@ def crossinit_counts(model: str, steps: int, resolution: int | None) -> dict[str
     original_step = train._step
 
     def step(*a: Any, **k: Any) -> float:
-        if not done and "encode_s" not in figures:  # all before the first step: the VAE encode and setup
+        if "encode_s" not in figures:  # all before the first step: the VAE encode and setup
             encode.__exit__(None, None, None)
             figures["encode_s"] = time.perf_counter() - started
         if len(done) == steps - 1:
@@ -118,6 +118,8 @@ def crossinit_counts(model: str, steps: int, resolution: int | None) -> dict[str
         )
     finally:
         train._step = original_step
+        if "encode_s" not in figures:  # it failed before its first step
+            encode.__exit__(None, None, None)
     figures.update(encode_gflop=_gflop(encode), step_gflop=_gflop(counted), step_s=done[-1])
     return figures
 
