@@ -12,6 +12,7 @@ Silent: warnings, hints and progress go to the `GenerateHooks` a caller gives; e
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
@@ -297,6 +298,8 @@ def _sampling_choices(flags: SamplingFlags) -> tuple[list[int], int, str, tuple[
     steps = sample.DEFAULT_STEPS if flags.steps is None else flags.steps
     if steps < 1:
         raise CrossinitError(f"--steps must be at least 1, not {steps}")
+    if flags.guidance is not None and not math.isfinite(flags.guidance):  # NaN latents: black images
+        raise CrossinitError(f"--guidance must be a finite number, not {flags.guidance}")
     scheduler = (flags.scheduler or sample.DEFAULT_SCHEDULER).strip().lower()
     sample.scheduler_choice(scheduler)
     size = sample.parse_size(flags.size) if flags.size is not None else None

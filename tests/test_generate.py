@@ -234,6 +234,8 @@ def test_ctrl_c_keeps_finished_files_and_leaves_no_partial_one(
         ("out-under-file", "cannot write images to"),
         ("empty-prompts", "no prompts in stdin"),
         ("scheduler", "unknown scheduler 'lms'"),
+        ("guidance-nan", "--guidance must be a finite number, not nan"),
+        ("guidance-inf", "--guidance must be a finite number, not -inf"),
     ],
 )
 def test_user_errors_exit_1_with_one_line_and_no_file(
@@ -268,6 +270,8 @@ def test_user_errors_exit_1_with_one_line_and_no_file(
         args, stdin = ["--prompts", "-"], "\n# only a comment\n"
     elif case == "scheduler":
         args += ["--scheduler", "lms"]
+    elif case.startswith("guidance"):  # a NaN or infinite scale makes NaN latents: black images, no error
+        args += ["--guidance", "nan" if case == "guidance-nan" else "-inf"]
     result = cli("generate", *args, "--model", str(tiny_model), "--out", str(out), *STEPS, input=stdin)
     assert result.exit_code == 1
     assert result.stdout == ""
