@@ -5,6 +5,7 @@ Layout, under the library home but outside `identities/` (so a run is never take
     .unfinished/<key>/run.json     the settings (name, model, mode, steps, lr, seed, ...) and the last step saved
     .unfinished/<key>/crops/*.png  the aligned crops the run trains on (lossless: the same pixels on resume)
     .unfinished/<key>/state.pt     the run's state (runstate.capture_run): rows, AdamW, every RNG, step, losses
+    .running/<key>.lock            held while a process trains the run (`running`): one learner per name
 
 Each file is written atomically (temp file, fsync, rename); state.pt is written before run.json names its
 step, so a kill at any moment leaves a state that matches or is newer than what `list` shows. The folder
@@ -17,6 +18,7 @@ import contextlib
 import io
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 FOLDER = ".unfinished"
+RUNNING = ".running"
 RUN = "run.json"
 STATE = "state.pt"
 CROPS = "crops"
@@ -103,6 +106,33 @@ class Run:
 
 def root(home: Path) -> Path:
     return Path(home) / FOLDER
+
+
+@contextlib.contextmanager
+def running(home: Path, name: str) -> Iterator[None]:
+    """Hold `name`'s run lock while this process trains it (a new run or a resume). A second `learn` of
+    the same name in the same library is refused at once, instead of starting over the first one's
+    checkpoint under it. The OS releases the lock if the process dies; the small lock file stays."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(home) / RUNNING
+    if folder.is_symlink():
+        raise CrossinitError(f"{folder} is a link; crossinit does not write through links in a library")
+    try:
+        folder.mkdir(exist_ok=True)
+        lock = FileLock(str(folder / f"{name_key(name)}.lock"), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise CrossinitError(
+            f"another crossinit process is learning {name!r} in this library right now; "
+            "wait for it to finish, or pick another --name"
+        ) from None
+    except OSError as exc:
+        raise CrossinitError(f"cannot write to the library at {home}: {library_text(exc)}") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def start(home: Path, settings: dict[str, Any], crops: list[Image.Image]) -> Run:

@@ -261,14 +261,18 @@ def _check_name_free(library: Library, name: str, force: bool) -> None:
     """Without --force, neither a stored identity nor an unfinished run may already have the name."""
     from crossinit_cli import checkpoint
 
-    if library.exists(name) and not force:
-        raise CrossinitError(f"identity {name!r} already exists; pass --force to replace it, or --name")
+    check_not_stored(library, name, force)
     unfinished = checkpoint.find(library.home, name)
     if unfinished is not None and not force:
         raise CrossinitError(
             f"{name!r} has an unfinished run (step {unfinished.step} of {unfinished.steps}); continue it with "
             f"`crossinit learn --resume {name}`, or pass --force to start over"
         )
+
+
+def check_not_stored(library: Library, name: str, force: bool) -> None:
+    if library.exists(name) and not force:
+        raise CrossinitError(f"identity {name!r} already exists; pass --force to replace it, or --name")
 
 
 MAX_SEED = 2**63 - 1
@@ -407,7 +411,18 @@ class LearnJob:
 
 
 def train_and_store(library: Library, trainer: Trainer, job: LearnJob, hooks: LearnHooks = SILENT) -> Learned:
-    """Train one identity on a loaded model and store it: the library is written once, atomically."""
+    """Train one identity on a loaded model and store it: the library is written once, atomically. One
+    process at a time trains a name (checkpoint.running); the name is checked again once that is held, so
+    an identity stored meanwhile by another `learn` is refused before training, leaving nothing behind."""
+    from crossinit_cli import checkpoint
+
+    with checkpoint.running(library.home, job.name):
+        if job.resume is None:
+            check_not_stored(library, job.name, job.force)
+        return _train_and_store(library, trainer, job, hooks)
+
+
+def _train_and_store(library: Library, trainer: Trainer, job: LearnJob, hooks: LearnHooks) -> Learned:
     trainer = trainer.at(job.train_config.clip_skip)  # its start at the job's clip skip
     if job.resume is None:
         check_model_resolution(job.train_config.resolution, trainer.resolution)

@@ -23,12 +23,12 @@ MARKER = ".crossinit-library"
 for one made before it existed), checked before anything in the folder is written or deleted."""
 
 LAYOUT = frozenset(
-    {MARKER, "identities", ".staging", ".trash", ".lock", ".cache", ".unfinished", "catalog.sqlite"}
+    {MARKER, "identities", ".staging", ".trash", ".lock", ".cache", ".unfinished", ".running", "catalog.sqlite"}
     | {f"catalog.sqlite{suffix}" for suffix in ("-journal", "-wal", "-shm")}
 )
 """What a library's home holds: a folder holding nothing else is one (adopted), whatever its age."""
 
-OWN = (".staging", ".trash", ".lock", "catalog.sqlite", ".cache", ".unfinished", "identities")
+OWN = (".staging", ".trash", ".lock", "catalog.sqlite", ".cache", ".unfinished", ".running", "identities")
 """The library's own paths, none of which may be a symbolic link: a delete or write there must stay inside."""
 
 

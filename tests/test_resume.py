@@ -172,3 +172,55 @@ def test_resume_takes_a_new_total_of_steps_and_refuses_every_other_training_opti
 
     learn = typer.main.get_command(app).commands["learn"]
     assert "only --steps (a new total" in next(p.help for p in learn.params if p.name == "resume")
+
+
+def test_a_second_learn_of_a_name_in_training_is_refused_and_the_first_goes_on(
+    cli, library: Library, home: Path, tiny_model: Path
+) -> None:
+    """Two `learn`s of one name in one library: the second (even with --force, which starts an unfinished run
+    over) is refused in one line while the first trains; it no longer deletes the first's checkpoint."""
+    first = _start(home, tiny_model, "alice")
+    try:
+        _wait_for_checkpoint(home, "alice", first, 5)
+        first.send_signal(signal.SIGSTOP)  # frozen mid-run: its checkpoint and its run lock held
+        saved = checkpoint.find(home, "alice")
+        assert saved is not None
+        second = cli("learn", ASTRONAUT, "--name", "alice", "--model", tiny_model, *RUN, "--force")
+        assert second.exit_code == 1 and second.stderr.count("error:") == 1, second.stderr
+        last = second.stderr.splitlines()[-1]
+        assert last.startswith("error: another crossinit process is learning 'alice' in this library right now")
+        after = checkpoint.find(home, "alice")
+        assert after is not None and after.settings["started"] == saved.settings["started"]
+        assert (after.path / checkpoint.STATE).is_file() and after.step == saved.step
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=180)
+        assert first.returncode == 0, err
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+    assert library.get("alice").training["steps"] == 100 and checkpoint.find(home, "alice") is None
+
+
+def test_a_name_stored_while_the_model_loads_is_refused_before_training(
+    cli, library: Library, home: Path, tiny_model: Path, add_identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`learn` checks the name first, loads the model for seconds, then trains: an identity of that name
+    stored meanwhile (another `learn`, an `import`) is refused once the run is held, before any training,
+    with no unfinished run left behind; the stored one is untouched."""
+    from crossinit_cli import learning
+
+    real = learning.load_trainer
+
+    def loading_while_another_stores(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        add_identity("bob", seed=7)
+        return trainer
+
+    monkeypatch.setattr(learning, "load_trainer", loading_while_another_stores)
+    assert not library.exists("bob")
+    result = cli("learn", ASTRONAUT, "--name", "bob", "--model", tiny_model, "--steps", "2", "--batch-size", "1")
+    assert result.exit_code == 1 and result.stderr.count("error:") == 1, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: identity 'bob' already exists; pass --force")
+    assert checkpoint.find(home, "bob") is None and not (home / checkpoint.FOLDER).exists()
+    assert library.get("bob").training == {"mode": "fast", "steps": 25}  # the one stored meanwhile

@@ -179,13 +179,14 @@ def leftovers(home: Path) -> list[str]:
 
 
 def tree(home: Path) -> dict[str, str]:
-    """Every file under `home` (but the lock file) and a digest of its bytes: 'byte-identical' means equal."""
+    """Every file under `home` (but the lock files: the library's, and `.running/`'s one per name learned)
+    and a digest of its bytes: 'byte-identical' means equal."""
     if not home.exists():
         return {}
     return {
         str(p.relative_to(home)): hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else "dir"
         for p in sorted(home.rglob("*"))
-        if p.name != ".lock"
+        if p.name != ".lock" and p.relative_to(home).parts[0] != ".running"
     }
 
 
