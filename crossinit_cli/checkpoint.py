@@ -119,7 +119,7 @@ def running(home: Path, name: str) -> Iterator[None]:
     if folder.is_symlink():
         raise CrossinitError(f"{folder} is a link; crossinit does not write through links in a library")
     try:
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder / f"{name_key(name)}.lock"), timeout=0)
         lock.acquire()
     except Timeout:
