@@ -24,7 +24,6 @@ are read when torch loads), as `bench_learn.py --cpu-isa avx2` does for its proc
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_learn import AVX2_ONLY  # noqa: E402
+from bench_learn import run_as_isa  # noqa: E402
 
 
 def _timed(work: Callable[[], Any]) -> tuple[float, Any]:
@@ -210,8 +209,7 @@ def main() -> None:
     parser.add_argument("--parts", default="isa,unet,vae,conv", help="which parts, comma-separated")
     parser.add_argument("--unet-variants", default="", help="only these UNet variants (names, ;-separated)")
     args = parser.parse_args()
-    if args.cpu_isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
+    run_as_isa(args.cpu_isa)
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()

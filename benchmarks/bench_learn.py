@@ -49,6 +49,13 @@ AVX2_ONLY = {
 }
 
 
+def run_as_isa(isa: str) -> None:
+    """`--cpu-isa avx2` of a script that measures in its own process: run it again with AVX2_ONLY set,
+    since ATen, oneDNN and MKL read those variables as torch loads (before torch is imported)."""
+    if isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
+
+
 def _quiet() -> None:
     import diffusers
     import transformers

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_learn import AVX2_ONLY, PHOTO, _aligned, example_loop_steps  # noqa: E402
+from bench_learn import PHOTO, _aligned, example_loop_steps, run_as_isa  # noqa: E402
 
 
 def _gflop(counter: Any) -> float:
@@ -160,8 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 3:
         parser.error("--steps must be at least 3: a first, one timed, and the last counted")
-    if args.cpu_isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})  # read as torch loads
+    run_as_isa(args.cpu_isa)
     import torch
 
     rate = sgemm_rate()

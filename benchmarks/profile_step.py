@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import resource
 import statistics
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 PHOTO = ROOT / "tests" / "data" / "astronaut.png"
 
-from bench_learn import AVX2_ONLY  # noqa: E402
+from bench_learn import run_as_isa  # noqa: E402
 
 CLOCKED: dict[str, float] = {}
 """Wall seconds of each labelled part since the last step ended."""
@@ -73,8 +72,7 @@ def main() -> None:
     parser.add_argument("--no-profiler", action="store_true", help="time the parts by the wall clock only")
     parser.add_argument("--cpu-isa", choices=("native", "avx2"), default="native", help="avx2: as bench_learn's")
     args = parser.parse_args()
-    if args.cpu_isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})  # read as torch loads
+    run_as_isa(args.cpu_isa)
 
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
