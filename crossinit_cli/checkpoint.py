@@ -115,9 +115,10 @@ def running(home: Path, name: str) -> Iterator[None]:
     checkpoint under it. The OS releases the lock if the process dies; the small lock file stays."""
     from filelock import FileLock, Timeout
 
+    from crossinit_cli.librarylock import check_home
+
+    check_home(home)  # again, as the library's own lock does: `.running` is one of its own paths, never a link
     folder = Path(home) / RUNNING
-    if folder.is_symlink():
-        raise CrossinitError(f"{folder} is a link; crossinit does not write through links in a library")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder / f"{name_key(name)}.lock"), timeout=0)

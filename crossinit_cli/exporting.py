@@ -157,8 +157,9 @@ def plan(target: Target, chosen: Chosen) -> Plan:
             folder = Path.cwd() if output is None else Path(output).expanduser()
             path = folder / formats.default_filename(ident.name, fmt)
         else:
-            fmt = formats.format_for_file(Path(output).expanduser(), target.fmt)
-            path = formats.export_path(Path(output).expanduser(), fmt)
+            named = Path(output).expanduser()
+            fmt = formats.format_for_file(named, target.fmt)
+            path = formats.export_path(named, fmt)
         formats.check_format(fmt, ident.family)
         if path.exists() and not target.force:
             raise CrossinitError(f"{path} already exists; pass --force to overwrite it")
